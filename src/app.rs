@@ -1,0 +1,89 @@
+//! Wiring: builds the running service from [`Settings`] — store, clock, admin token, HTTP
+//! listener — and runs it until a shutdown signal, letting in-flight requests finish.
+
+use crate::clock::{Clock, ManualClock, SystemClock};
+use crate::config::{ClockMode, Settings};
+use crate::http;
+use crate::ids::{hash_token, new_token};
+use crate::store::Store;
+use anyhow::Context;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// What every request handler and job can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub clock: Arc<dyn Clock>,
+    /// SHA-256 of the admin bearer token.
+    pub admin_token_hash: Arc<str>,
+    pub settings: Arc<Settings>,
+}
+
+/// A service that is bound and migrated, ready to run.
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+    /// The address actually bound (the port is chosen by the OS when configured as 0).
+    pub addr: SocketAddr,
+    /// The admin token, when it was generated for this run rather than configured.
+    pub generated_admin_token: Option<String>,
+}
+
+impl App {
+    /// Opens and migrates the database, then binds the listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let store = Store::connect(&settings.database).await?;
+        store.migrate().await?;
+        let clock: Arc<dyn Clock> = match settings.clock {
+            ClockMode::System => Arc::new(SystemClock),
+            ClockMode::Manual => Arc::new(ManualClock::new(
+                settings.clock_start.unwrap_or_else(|| SystemClock.now()),
+            )),
+        };
+        let (admin_token_hash, generated_admin_token) = match &settings.admin_token {
+            Some(token) => (hash_token(token), None),
+            None => {
+                let token = new_token("pld_admin");
+                (hash_token(&token), Some(token))
+            }
+        };
+        let listener = TcpListener::bind(&settings.bind)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.bind))?;
+        let addr = listener.local_addr()?;
+        http::observe::prometheus();
+        Ok(App {
+            listener,
+            state: AppState {
+                store,
+                clock,
+                admin_token_hash: admin_token_hash.into(),
+                settings: Arc::new(settings),
+            },
+            addr,
+            generated_admin_token,
+        })
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then waits for in-flight requests and closes the
+    /// database.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let store = self.state.store.clone();
+        axum::serve(self.listener, http::router(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("the HTTP server failed")?;
+        store.close().await;
+        Ok(())
+    }
+}

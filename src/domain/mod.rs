@@ -1,0 +1,6 @@
+//! The rules of the business as plain functions over plain data.
+//!
+//! Nothing in here is async, touches SQL or HTTP, or reads the clock: instants arrive as
+//! arguments. This is where the property tests live.
+
+pub mod identity;

@@ -1,0 +1,193 @@
+//! Extractors: JSON bodies with problem+json rejections, field validation, and the caller's
+//! identity from the bearer token (the one place roles are checked).
+
+use super::error::{ApiError, FieldError};
+use crate::app::AppState;
+use crate::domain::identity::Principal;
+use crate::ids::hash_token;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use serde::de::DeserializeOwned;
+
+/// A JSON request body. Wrong content type → 415, unparseable → 400, wrong shape → 422 naming
+/// the field, too large → 413; all as problem+json.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|mime| {
+                let mime = mime.trim().to_ascii_lowercase();
+                mime == "application/json" || mime.ends_with("+json")
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with Content-Type: application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| match e {
+            BytesRejection::FailedToBufferBody(_)
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                too_large()
+            }
+            other => ApiError::new(other.status(), "bad_request", other.body_text()),
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+pub fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("the body exceeds {} bytes", super::BODY_LIMIT),
+    )
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "body".to_owned() } else { path };
+        let message = e.into_inner().to_string();
+        ApiError::validation(vec![FieldError { field, message }])
+    })
+}
+
+/// Collects per-field problems so a client sees all of them at once.
+#[derive(Default)]
+pub struct Validation(Vec<FieldError>);
+
+impl Validation {
+    /// Records `result`'s error under `field` and passes its value on.
+    pub fn check<T>(&mut self, field: &str, result: Result<T, &str>) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(message) => {
+                self.error(field, message);
+                None
+            }
+        }
+    }
+
+    pub fn error(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// `Err` with every recorded problem, or `Ok` when there were none.
+    pub fn finish(self) -> Result<(), ApiError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::validation(self.0))
+        }
+    }
+}
+
+/// The authenticated caller. Missing or unknown token → 401.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer_token(parts).ok_or_else(ApiError::unauthorized)?;
+        let hash = hash_token(token);
+        // Compared as hashes so the comparison doesn't leak the admin token's prefix by timing.
+        if hash == *state.admin_token_hash {
+            return Ok(Caller(Principal::Admin));
+        }
+        state
+            .store
+            .token_subject(&hash)
+            .await?
+            .map(Caller)
+            .ok_or_else(ApiError::unauthorized)
+    }
+}
+
+fn bearer_token(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+impl Caller {
+    /// Ops only; any other role → 403.
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        match self.0 {
+            Principal::Admin => Ok(()),
+            _ => Err(ApiError::forbidden()),
+        }
+    }
+
+    /// The shopper's id; other roles → 403.
+    pub fn require_shopper(&self) -> Result<&str, ApiError> {
+        match &self.0 {
+            Principal::Shopper(id) => Ok(id),
+            _ => Err(ApiError::forbidden()),
+        }
+    }
+
+    /// The manufacturer's id; other roles → 403.
+    pub fn require_manufacturer(&self) -> Result<&str, ApiError> {
+        match &self.0 {
+            Principal::Manufacturer(id) => Ok(id),
+            _ => Err(ApiError::forbidden()),
+        }
+    }
+
+    /// Whether the caller may read resources owned by this shopper (they or ops). Callers that
+    /// may not get a 404, never a 403, so ids can't be probed.
+    pub fn may_see_shopper(&self, shopper_id: &str) -> Result<(), ApiError> {
+        match &self.0 {
+            Principal::Admin => Ok(()),
+            Principal::Shopper(id) if id == shopper_id => Ok(()),
+            _ => Err(ApiError::not_found("no such shopper")),
+        }
+    }
+
+    /// Whether the caller may read this manufacturer's resources (they or ops).
+    pub fn may_see_manufacturer(&self, manufacturer_id: &str) -> Result<(), ApiError> {
+        match &self.0 {
+            Principal::Admin => Ok(()),
+            Principal::Manufacturer(id) if id == manufacturer_id => Ok(()),
+            _ => Err(ApiError::not_found("no such manufacturer")),
+        }
+    }
+}
+
+/// The part of the Authorization header that scopes idempotency keys: callers never share
+/// keys, and anonymous callers share the `public` scope.
+pub fn idempotency_scope(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(hash_token)
+        .unwrap_or_else(|| "public".to_owned())
+}

@@ -1,0 +1,132 @@
+//! `Idempotency-Key` for every POST, implemented once as a layer.
+//!
+//! Same key and same request → the first response again (with `Idempotent-Replayed: true`);
+//! same key, different request → 422 `idempotency_key_reused`; same key while the first is still
+//! running → 409 `conflict`. Responses that may change on retry (5xx, 409, 429) are not kept,
+//! so the client can retry them with the same key.
+
+use super::error::ApiError;
+use super::extract::{idempotency_scope, too_large};
+use crate::app::AppState;
+use crate::store::IdempotencyBegin;
+use axum::body::{Body, to_bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// A claim older than this is taken to belong to a request that died mid-way.
+fn abandon_after() -> chrono::Duration {
+    chrono::Duration::minutes(5)
+}
+
+pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let Some(key) = req.headers().get(&IDEMPOTENCY_KEY) else {
+        return next.run(req).await;
+    };
+    match run_once(&state, key.clone(), req, next).await {
+        Ok(response) | Err(response) => response,
+    }
+}
+
+async fn run_once(
+    state: &AppState,
+    key: HeaderValue,
+    req: Request,
+    next: Next,
+) -> Result<Response, Response> {
+    let key = key
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::field("Idempotency-Key", "must be 1–255 visible ASCII characters")
+                .into_response()
+        })?
+        .to_owned();
+    let scope = idempotency_scope(req.headers());
+    let (parts, body) = req.into_parts();
+    let body = to_bytes(body, super::BODY_LIMIT)
+        .await
+        .map_err(|_| too_large().into_response())?;
+    let request_hash = {
+        let mut h = Sha256::new();
+        h.update(parts.method.as_str());
+        h.update([0]);
+        h.update(parts.uri.path_and_query().map_or("", |p| p.as_str()));
+        h.update([0]);
+        h.update(&body);
+        hex::encode(h.finalize())
+    };
+    let store = &state.store;
+    let now = state.clock.now();
+    let begin = store
+        .idempotency_begin(&scope, &key, &request_hash, now, abandon_after())
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    match begin {
+        IdempotencyBegin::Run => {}
+        IdempotencyBegin::Replay {
+            status,
+            content_type,
+            body,
+        } => {
+            let mut response = Response::new(Body::from(body));
+            *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            if let Some(ct) = content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                response.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            response
+                .headers_mut()
+                .insert(REPLAYED, HeaderValue::from_static("true"));
+            return Ok(response);
+        }
+        IdempotencyBegin::InFlight => {
+            return Err(ApiError::conflict(
+                "conflict",
+                "a request with this Idempotency-Key is still being processed; retry shortly",
+            )
+            .into_response());
+        }
+        IdempotencyBegin::Mismatch => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used with a different request",
+            )
+            .into_response());
+        }
+    }
+
+    let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+    let status = response.status();
+    let remember = !(status.is_server_error()
+        || status == StatusCode::CONFLICT
+        || status == StatusCode::TOO_MANY_REQUESTS);
+    if !remember {
+        if let Err(e) = store.idempotency_release(&scope, &key).await {
+            tracing::warn!(error = %e, "could not release an idempotency key");
+        }
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let body = to_bytes(body, usize::MAX)
+        .await
+        .map_err(|e| ApiError::internal(&e).into_response())?;
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    store
+        .idempotency_complete(&scope, &key, status.as_u16(), content_type, &body)
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    Ok(Response::from_parts(parts, Body::from(body)))
+}

@@ -1,0 +1,75 @@
+//! The HTTP adapter: the JSON API under `/api/v1`, health and metrics, the OpenAPI document.
+//!
+//! Each submodule owns its routes and DTOs; this module only merges them and adds the layers
+//! every request passes through (tracing, metrics, body limit, idempotency, problem+json
+//! fallbacks).
+
+pub mod error;
+pub mod extract;
+mod idempotency;
+mod identity;
+pub mod observe;
+mod ops;
+
+use crate::app::AppState;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Uri};
+use axum::{Json, Router, middleware, routing::get};
+use error::ApiError;
+use std::sync::Arc;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+/// Largest request body accepted (JSON bodies are small; 1 MiB is generous).
+pub const BODY_LIMIT: usize = 1 << 20;
+
+#[derive(OpenApi)]
+#[openapi(info(
+    title = "pooled",
+    description = "Joint presales, ripening-aware subscriptions and a scheduler ops can trust."
+))]
+struct ApiDoc;
+
+/// The whole service as one router.
+pub fn router(state: AppState) -> Router {
+    let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(identity::router())
+        .merge(ops::router())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
+        .split_for_parts();
+    openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    openapi.info.license = None;
+    let openapi = Arc::new(openapi);
+    Router::new()
+        .merge(api)
+        .merge(observe::router())
+        .route(
+            "/api/openapi.json",
+            get(move || {
+                let doc = Arc::clone(&openapi);
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(observe::track))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}

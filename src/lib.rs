@@ -1,0 +1,17 @@
+//! `pooled` pools demand so suppliers can plan on it, and delivers on time.
+//!
+//! Layout (outer layers depend on inner ones, never the reverse):
+//! - [`domain`]: the business rules as pure functions over plain data (no I/O, no clock reads);
+//! - [`store`]: the one storage layer over SQLite or PostgreSQL;
+//! - [`http`]: the JSON API, health and metrics, problem+json errors;
+//! - [`app`]: wiring from [`config::Settings`] to a running service;
+//! - [`clock`]: the time source every operation reads once.
+
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod ids;
+pub mod store;
+pub mod telemetry;

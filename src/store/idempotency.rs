@@ -1,0 +1,147 @@
+//! `Idempotency-Key` records: claim a key, remember the first response, replay it.
+//!
+//! The primary key `(scope, idem_key)` decides races: of two concurrent requests with the same
+//! key, exactly one inserts the row and runs; the other sees it in flight.
+
+use super::{Store, StoreResult, micros};
+use chrono::{DateTime, Utc};
+
+/// What a request carrying an `Idempotency-Key` should do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// The key is new (or its earlier attempt was abandoned): run the request.
+    Run,
+    /// The same request already completed: send this response again.
+    Replay {
+        status: u16,
+        content_type: Option<String>,
+        body: Vec<u8>,
+    },
+    /// The same key is still being processed by another request.
+    InFlight,
+    /// The key was used with a different request.
+    Mismatch,
+}
+
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    request_hash: String,
+    status_code: Option<i64>,
+    content_type: Option<String>,
+    response_body: Option<Vec<u8>>,
+    created_at: i64,
+}
+
+impl Store {
+    /// Claims `(scope, key)` for a request whose hash is `request_hash`.
+    ///
+    /// A claim left in flight for longer than `abandon_after` (its process died between
+    /// claiming and answering) may be taken over, so a crash never blocks a key forever.
+    pub async fn idempotency_begin(
+        &self,
+        scope: &str,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+        abandon_after: chrono::Duration,
+    ) -> StoreResult<IdempotencyBegin> {
+        in_tx!(self, |tx| {
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (scope, idem_key, request_hash, created_at)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (scope, idem_key) DO NOTHING",
+            )
+            .bind(scope)
+            .bind(key)
+            .bind(request_hash)
+            .bind(micros(now))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                tx.commit().await?;
+                return Ok(IdempotencyBegin::Run);
+            }
+            let row: KeyRow = sqlx::query_as(
+                "SELECT request_hash, status_code, content_type, response_body, created_at
+                 FROM idempotency_keys WHERE scope = $1 AND idem_key = $2",
+            )
+            .bind(scope)
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
+            let outcome = if row.request_hash != request_hash {
+                IdempotencyBegin::Mismatch
+            } else if let Some(status) = row.status_code {
+                IdempotencyBegin::Replay {
+                    status: u16::try_from(status).unwrap_or(500),
+                    content_type: row.content_type,
+                    body: row.response_body.unwrap_or_default(),
+                }
+            } else if row.created_at < micros(now - abandon_after) {
+                // Guarded on the old created_at: of two takers, one wins.
+                let taken = sqlx::query(
+                    "UPDATE idempotency_keys SET created_at = $3
+                     WHERE scope = $1 AND idem_key = $2 AND status_code IS NULL AND created_at = $4",
+                )
+                .bind(scope)
+                .bind(key)
+                .bind(micros(now))
+                .bind(row.created_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if taken == 1 {
+                    IdempotencyBegin::Run
+                } else {
+                    IdempotencyBegin::InFlight
+                }
+            } else {
+                IdempotencyBegin::InFlight
+            };
+            tx.commit().await?;
+            Ok(outcome)
+        })
+    }
+
+    /// Records the response of a request that ran under `(scope, key)`.
+    pub async fn idempotency_complete(
+        &self,
+        scope: &str,
+        key: &str,
+        status: u16,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE idempotency_keys SET status_code = $3, content_type = $4, response_body = $5
+                 WHERE scope = $1 AND idem_key = $2",
+            )
+            .bind(scope)
+            .bind(key)
+            .bind(i64::from(status))
+            .bind(content_type)
+            .bind(body)
+            .execute(pool)
+            .await
+            .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// Forgets an in-flight claim whose outcome should not be replayed (a server error, a
+    /// conflict that may clear), so the client may retry with the same key.
+    pub async fn idempotency_release(&self, scope: &str, key: &str) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2 AND status_code IS NULL",
+            )
+            .bind(scope)
+            .bind(key)
+            .execute(pool)
+            .await
+            .map(|_| ())
+        })?;
+        Ok(())
+    }
+}

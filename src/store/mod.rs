@@ -1,0 +1,240 @@
+//! Storage: one [`Store`] over SQLite or PostgreSQL that the rest of the service uses without
+//! knowing which.
+//!
+//! sqlx's `Any` driver cannot carry decimals or timestamps, so each backend keeps its native
+//! pool and every query is written once as SQL both dialects read the same way (`$1…$N`
+//! placeholders, `ON CONFLICT`, `RETURNING`), expanded for both pools by [`on_pool!`] and
+//! [`in_tx!`]. Columns are restricted to TEXT, BIGINT/INTEGER, BOOLEAN and bytes, which both
+//! backends decode into the same Rust types; instants are microseconds since the Unix epoch
+//! and money is minor units (see the first migration). Dialect differences, when a query needs
+//! one, live in the module that owns the query, side by side, named by backend.
+
+use crate::config::DatabaseUrl;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Runs `$body` once per backend with `$pool` bound to that backend's pool.
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.db {
+            $crate::store::Db::Sqlite($pool) => $body,
+            $crate::store::Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` inside a write transaction bound to `$tx`; the body commits it.
+///
+/// SQLite transactions start with `BEGIN IMMEDIATE` so the write lock is taken up front and
+/// two writers never deadlock upgrading a read lock (they queue on `busy_timeout` instead).
+macro_rules! in_tx {
+    ($store:expr, |$tx:ident| $body:expr) => {
+        match &$store.db {
+            $crate::store::Db::Sqlite(pool) => {
+                #[allow(unused_mut)]
+                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                $body
+            }
+            $crate::store::Db::Postgres(pool) => {
+                #[allow(unused_mut)]
+                let mut $tx = pool.begin().await?;
+                $body
+            }
+        }
+    };
+}
+
+mod idempotency;
+mod identity;
+
+pub use idempotency::IdempotencyBegin;
+pub use identity::TokenSubject;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("{0}")]
+    Conflict(String),
+    #[error(
+        "the database {0} is in use by another pooled process (lock file {1}); stop it first or choose another POOLED_DATA_DIR"
+    )]
+    Locked(String, String),
+    #[error("cannot open the database {url}: {message}")]
+    Open { url: String, message: String },
+    #[error("migrating the database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The backend's pool. Matched only through [`on_pool!`] and [`in_tx!`].
+#[derive(Clone)]
+pub(crate) enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) db: Db,
+    /// Held for the life of the process: a second `pooled` on the same SQLite file is refused.
+    _lock: Option<Arc<File>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database named by `url`; does not migrate.
+    pub async fn connect(url: &DatabaseUrl) -> StoreResult<Store> {
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+            url: url.redacted(),
+            message: e.to_string(),
+        };
+        match url {
+            DatabaseUrl::Sqlite(path) => {
+                let lock = lock_sqlite_file(path)?;
+                let options = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    // Money lives here: a committed charge must survive power loss.
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(10))
+                    .foreign_keys(true);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(8)
+                    .connect_with(options)
+                    .await
+                    .map_err(|e| open_err(&e))?;
+                Ok(Store {
+                    db: Db::Sqlite(pool),
+                    _lock: Some(Arc::new(lock)),
+                })
+            }
+            DatabaseUrl::Postgres(raw) => {
+                let options = PgConnectOptions::from_str(raw).map_err(|e| open_err(&e))?;
+                let pool = match pg_pool(options.clone()).await {
+                    Err(e) if is_missing_database(&e) => {
+                        create_pg_database(&options)
+                            .await
+                            .map_err(|e| open_err(&e))?;
+                        pg_pool(options).await
+                    }
+                    other => other,
+                }
+                .map_err(|e| open_err(&e))?;
+                Ok(Store {
+                    db: Db::Postgres(pool),
+                    _lock: None,
+                })
+            }
+        }
+    }
+
+    /// Applies the backend's migrations (`migrations/sqlite` or `migrations/postgres`).
+    pub async fn migrate(&self) -> StoreResult<()> {
+        match &self.db {
+            Db::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await?,
+            Db::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.db {
+            Db::Sqlite(_) => "sqlite",
+            Db::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Round-trips a trivial query (readiness).
+    pub async fn ping(&self) -> StoreResult<()> {
+        on_pool!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Closes every connection; the store is unusable afterwards.
+    pub async fn close(&self) {
+        on_pool!(self, |pool| pool.close().await)
+    }
+}
+
+/// Takes an exclusive lock on `<db>.lock`, released by the OS when the process ends (even on
+/// SIGKILL), so a stale lock never needs cleaning up by hand.
+fn lock_sqlite_file(path: &Path) -> StoreResult<File> {
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let open = |e: std::io::Error| StoreError::Open {
+        url: format!("sqlite://{}", path.display()),
+        message: e.to_string(),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(open)?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(open)?;
+    file.try_lock().map_err(|_| {
+        StoreError::Locked(
+            format!("sqlite://{}", path.display()),
+            lock_path.display().to_string(),
+        )
+    })?;
+    Ok(file)
+}
+
+async fn pg_pool(options: PgConnectOptions) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+}
+
+fn is_missing_database(e: &sqlx::Error) -> bool {
+    // 3D000 invalid_catalog_name: "database … does not exist".
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"))
+}
+
+/// Creates the database named in `options` from the server's maintenance database, so that
+/// `DATABASE_URL=postgres://…/newdb cargo run` works as the SQLite default does.
+async fn create_pg_database(options: &PgConnectOptions) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let name = options.get_database().unwrap_or("pooled").to_owned();
+    let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await?;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    // An identifier can't be bound as a parameter; it is quoted above.
+    let sql = sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}"));
+    match sqlx::query(sql).execute(&mut admin).await {
+        // 42P04 duplicate_database: another instance created it first.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// An instant as stored: microseconds since the Unix epoch.
+pub(crate) fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// A stored instant back as UTC.
+pub(crate) fn instant(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}

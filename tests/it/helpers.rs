@@ -1,0 +1,245 @@
+//! Test harness: a fresh database per test on either backend, the real server on a random
+//! port, and an HTTP client.
+//!
+//! PostgreSQL tests need `POOLED_TEST_POSTGRES_URL` (a server URL whose database may be the
+//! maintenance one); each test creates its own database and drops it afterwards. Without the
+//! variable the PostgreSQL half is skipped locally; under `CI=true` it fails instead.
+
+use chrono::{DateTime, Utc};
+use pooled::app::App;
+use pooled::config::{ClockMode, DatabaseUrl, Settings};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const ADMIN_TOKEN: &str = "pld_admin_test_token_0123456789";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Declares a test that runs once per backend, as `<name>::sqlite` and `<name>::postgres`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($(#[$meta:meta])* async fn $name:ident($backend:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            async fn run($backend: $crate::helpers::Backend) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                run($crate::helpers::Backend::Sqlite).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if $crate::helpers::postgres_server().is_some() {
+                    run($crate::helpers::Backend::Postgres).await
+                }
+            }
+        }
+    };
+}
+
+/// The PostgreSQL server for tests, or `None` to skip (never under CI).
+pub fn postgres_server() -> Option<String> {
+    match std::env::var("POOLED_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
+            panic!("CI=true but POOLED_TEST_POSTGRES_URL is not set: the PostgreSQL half must run")
+        }
+        _ => {
+            eprintln!("POOLED_TEST_POSTGRES_URL unset: skipping the PostgreSQL half");
+            None
+        }
+    }
+}
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub url: DatabaseUrl,
+    pub dir: TempDir,
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub fn new(backend: Backend) -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        match backend {
+            Backend::Sqlite => TestDb {
+                url: DatabaseUrl::Sqlite(dir.path().join("pooled.db")),
+                dir,
+                pg: None,
+            },
+            Backend::Postgres => {
+                let server = postgres_server().expect("PostgreSQL tests need a server");
+                let name = format!("pooled_test_{}", uuid::Uuid::new_v4().simple());
+                let (prefix, _) = server.rsplit_once('/').expect("URL with a database path");
+                TestDb {
+                    // The store creates a missing database on connect.
+                    url: DatabaseUrl::Postgres(format!("{prefix}/{name}")),
+                    dir,
+                    pg: Some((server, name)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((server, name)) = self.pg.take() else {
+            return;
+        };
+        // Drop runs outside async; a private runtime on its own thread does the cleanup.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&server).await {
+                    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Settings for a test service on `db`, bound to a random port, with a known admin token.
+pub fn settings(db: &TestDb) -> Settings {
+    Settings {
+        database: db.url.clone(),
+        data_dir: db.dir.path().to_owned(),
+        bind: "127.0.0.1:0".into(),
+        admin_token: Some(ADMIN_TOKEN.into()),
+        clock: ClockMode::System,
+        clock_start: None,
+        time_zone: chrono_tz::UTC,
+        smtp_url: None,
+        instance_id: "test".into(),
+        ops_email: None,
+    }
+}
+
+/// The real service, serving HTTP on a random port for the length of a test.
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    // Declared last: the database outlives the server using it.
+    _db: TestDb,
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_with(backend, |_| {}).await
+    }
+
+    /// A service on the manual clock, starting at `start`.
+    pub async fn spawn_manual(backend: Backend, start: DateTime<Utc>) -> TestApp {
+        Self::spawn_with(backend, |s| {
+            s.clock = ClockMode::Manual;
+            s.clock_start = Some(start);
+        })
+        .await
+    }
+
+    pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+        let db = TestDb::new(backend);
+        let mut s = settings(&db);
+        adjust(&mut s);
+        let app = App::build(s).await.expect("service starts");
+        let base = format!("http://{}", app.addr);
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        TestApp {
+            base,
+            client: reqwest::Client::new(),
+            shutdown: Some(tx),
+            server: Some(server),
+            _db: db,
+        }
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server result");
+        }
+    }
+
+    /// Sends a JSON request; `token` is the bearer, if any.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("request sent");
+        let status = res.status();
+        let text = res.text().await.expect("body");
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        self.call(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, token, Some(body)).await
+    }
+
+    /// Signs up a shopper with a payment method; returns (id, token).
+    pub async fn shopper(&self, name: &str, payment_token: &str) -> (String, String) {
+        let (status, body) = self
+            .post(
+                "/api/v1/shoppers",
+                None,
+                serde_json::json!({"name": name, "email": format!("{}@example.com", name.to_lowercase()), "payment_token": payment_token}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        (str_of(&body["id"]), str_of(&body["token"]))
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn str_of(v: &Value) -> String {
+    v.as_str()
+        .unwrap_or_else(|| panic!("expected a string, got {v}"))
+        .to_owned()
+}

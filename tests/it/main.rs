@@ -1,0 +1,7 @@
+//! One integration test binary: the real service over HTTP, on SQLite and PostgreSQL.
+
+mod helpers;
+
+mod api;
+mod cli;
+mod store;

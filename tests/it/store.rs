@@ -1,0 +1,96 @@
+//! The store on both backends: migrations, token hashing, the SQLite single-process lock.
+
+use crate::helpers::{Backend, TestDb};
+use crate::on_both_backends;
+use chrono::{TimeZone, Utc};
+use pooled::domain::identity::{Principal, Shopper};
+use pooled::ids::hash_token;
+use pooled::store::{IdempotencyBegin, Store, StoreError};
+use std::collections::BTreeSet;
+
+fn versions(dir: &str) -> BTreeSet<String> {
+    std::fs::read_dir(format!("{}/migrations/{dir}", env!("CARGO_MANIFEST_DIR")))
+        .expect("migrations dir")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".sql"))
+        .collect()
+}
+
+#[test]
+fn both_backends_have_the_same_migrations() {
+    let sqlite = versions("sqlite");
+    assert!(!sqlite.is_empty());
+    assert_eq!(
+        sqlite,
+        versions("postgres"),
+        "migrations/sqlite and migrations/postgres differ"
+    );
+}
+
+async fn open(db: &TestDb) -> Store {
+    let store = Store::connect(&db.url).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+on_both_backends! {
+    async fn migrations_apply_twice_and_tokens_are_stored_hashed(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        store.migrate().await.expect("migrating again is a no-op");
+        let now = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+        let shopper = Shopper {
+            id: "shp_1".into(),
+            name: "Ana".into(),
+            email: "ana@example.com".into(),
+            time_zone: chrono_tz::Europe::Berlin,
+            payment_token: None,
+            created_at: now,
+        };
+        store.create_shopper(&shopper, &hash_token("secret-token")).await.unwrap();
+        assert_eq!(store.shopper("shp_1").await.unwrap(), shopper);
+        assert_eq!(
+            store.token_subject(&hash_token("secret-token")).await.unwrap(),
+            Some(Principal::Shopper("shp_1".into()))
+        );
+        assert_eq!(store.token_subject("secret-token").await.unwrap(), None, "raw tokens are not stored");
+        assert!(matches!(store.shopper("shp_2").await, Err(StoreError::NotFound)));
+        assert!(matches!(store.set_payment_token("shp_2", "pm_ok").await, Err(StoreError::NotFound)));
+        store.close().await;
+    }
+}
+
+on_both_backends! {
+    async fn an_abandoned_idempotency_claim_can_be_taken_over_once(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        let t0 = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+        let five = chrono::Duration::minutes(5);
+        assert_eq!(store.idempotency_begin("s", "k", "h", t0, five).await.unwrap(), IdempotencyBegin::Run);
+        assert_eq!(store.idempotency_begin("s", "k", "h", t0, five).await.unwrap(), IdempotencyBegin::InFlight);
+        assert_eq!(store.idempotency_begin("s", "k", "other", t0, five).await.unwrap(), IdempotencyBegin::Mismatch);
+        let later = t0 + chrono::Duration::minutes(6);
+        assert_eq!(store.idempotency_begin("s", "k", "h", later, five).await.unwrap(), IdempotencyBegin::Run);
+        assert_eq!(store.idempotency_begin("s", "k", "h", later, five).await.unwrap(), IdempotencyBegin::InFlight);
+        store.idempotency_complete("s", "k", 201, Some("application/json"), b"{}").await.unwrap();
+        assert_eq!(
+            store.idempotency_begin("s", "k", "h", later, five).await.unwrap(),
+            IdempotencyBegin::Replay { status: 201, content_type: Some("application/json".into()), body: b"{}".to_vec() }
+        );
+        // Another scope is another key.
+        assert_eq!(store.idempotency_begin("t", "k", "other", later, five).await.unwrap(), IdempotencyBegin::Run);
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_second_process_on_one_sqlite_file_is_refused() {
+    let db = TestDb::new(Backend::Sqlite);
+    let first = open(&db).await;
+    match Store::connect(&db.url).await {
+        Err(StoreError::Locked(..)) => {}
+        Err(other) => panic!("expected Locked, got {other}"),
+        Ok(_) => panic!("a second store opened the same SQLite file"),
+    }
+    first.close().await;
+}
