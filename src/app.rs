@@ -3,8 +3,10 @@
 
 use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::config::{ClockMode, Settings};
+use crate::email::mailer::Mailer;
 use crate::http;
 use crate::ids::{hash_token, new_token};
+use crate::scheduler::{JobEnv, Scheduler, jobs};
 use crate::store::Store;
 use anyhow::Context;
 use std::future::Future;
@@ -20,6 +22,7 @@ pub struct AppState {
     /// SHA-256 of the admin bearer token.
     pub admin_token_hash: Arc<str>,
     pub settings: Arc<Settings>,
+    pub scheduler: Arc<Scheduler>,
 }
 
 /// A service that is bound and migrated, ready to run.
@@ -50,6 +53,23 @@ impl App {
                 (hash_token(&token), Some(token))
             }
         };
+        let mut job_specs = jobs::defaults(settings.time_zone);
+        if let Some(overrides) = &settings.job_overrides {
+            jobs::apply_overrides(&mut job_specs, overrides).map_err(anyhow::Error::msg)?;
+        }
+        let mailer = Mailer::new(
+            settings.smtp_url.as_deref(),
+            &settings.data_dir.join("outbox"),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let settings = Arc::new(settings);
+        let env = JobEnv {
+            store: store.clone(),
+            clock: Arc::clone(&clock),
+            mailer,
+            settings: Arc::clone(&settings),
+        };
+        let scheduler = Scheduler::start(env, job_specs, settings.instance_id.clone()).await?;
         let listener = TcpListener::bind(&settings.bind)
             .await
             .with_context(|| format!("cannot listen on {}", settings.bind))?;
@@ -61,7 +81,8 @@ impl App {
                 store,
                 clock,
                 admin_token_hash: admin_token_hash.into(),
-                settings: Arc::new(settings),
+                settings,
+                scheduler,
             },
             addr,
             generated_admin_token,
@@ -79,11 +100,25 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let store = self.state.store.clone();
-        axum::serve(self.listener, http::router(self.state))
+        // The manual clock moves only through the ops API; the system clock needs a ticker.
+        let mut ticker = match self.state.clock.as_manual() {
+            Some(_) => None,
+            None => Some(
+                self.state
+                    .scheduler
+                    .spawn_ticker()
+                    .await
+                    .context("starting the scheduler")?,
+            ),
+        };
+        let served = axum::serve(self.listener, http::router(self.state))
             .with_graceful_shutdown(shutdown)
             .await
-            .context("the HTTP server failed")?;
+            .context("the HTTP server failed");
+        if let Some(ticker) = ticker.as_mut() {
+            let _ = ticker.shutdown().await;
+        }
         store.close().await;
-        Ok(())
+        served
     }
 }

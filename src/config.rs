@@ -72,6 +72,9 @@ pub struct ServeArgs {
     /// Where job-failure alerts go.
     #[arg(long, env = "POOLED_OPS_EMAIL")]
     pub ops_email: Option<String>,
+    /// Per-job schedule and policy overrides: `job.key=value;…` (see README).
+    #[arg(long, env = "POOLED_JOB_OVERRIDES")]
+    pub job_overrides: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -177,6 +180,7 @@ pub struct Settings {
     pub smtp_url: Option<String>,
     pub instance_id: String,
     pub ops_email: Option<String>,
+    pub job_overrides: Option<String>,
 }
 
 impl DatabaseArgs {
@@ -229,6 +233,10 @@ impl ServeArgs {
                 "must be at least 16 characters",
             ));
         }
+        if let Some(email) = &self.ops_email {
+            crate::domain::identity::parse_email(email)
+                .map_err(|m| ConfigError::new("POOLED_OPS_EMAIL", m))?;
+        }
         let instance_id = self.instance_id.unwrap_or_else(default_instance_id);
         Ok(Settings {
             database,
@@ -241,6 +249,7 @@ impl ServeArgs {
             smtp_url: self.smtp_url,
             instance_id,
             ops_email: self.ops_email,
+            job_overrides: self.job_overrides,
         })
     }
 }

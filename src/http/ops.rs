@@ -1,20 +1,33 @@
-//! Ops API: the clock (and, with the scheduler, jobs, runs and the outbox). Admin only.
+//! Ops API: the clock, jobs and their runs, scheduler instances, the email outbox. Admin only.
 
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller};
+use super::extract::{ApiJson, Caller, parse_json};
 use crate::app::AppState;
+use crate::clock::Clock;
+use crate::scheduler::jobs::JobSpec;
+use crate::scheduler::schedule::UpcomingSlot;
+use crate::scheduler::{AdvanceError, RunReport};
+use crate::store::{JobRunRow, RunFilter, instant};
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(get_clock))
         .routes(routes!(advance_clock))
+        .routes(routes!(list_jobs))
+        .routes(routes!(run_job))
+        .routes(routes!(pause_job))
+        .routes(routes!(resume_job))
+        .routes(routes!(backfill_job))
+        .routes(routes!(list_runs))
+        .routes(routes!(list_instances))
+        .routes(routes!(list_outbox))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -53,7 +66,8 @@ pub struct AdvanceIn {
 pub struct AdvanceOut {
     now: DateTime<Utc>,
     /// Runs executed on the way, in order.
-    runs: Vec<serde_json::Value>,
+    #[schema(value_type = Vec<Object>)]
+    runs: Vec<RunReport>,
 }
 
 /// Move the manual clock forward (manual mode only).
@@ -72,11 +86,452 @@ async fn advance_clock(
             "the clock follows the system time; start with POOLED_CLOCK=manual to move it",
         )
     })?;
-    manual
-        .set(input.to)
-        .map_err(|e| ApiError::field("to", e.to_string()))?;
+    if input.to < manual.now() {
+        return Err(ApiError::field(
+            "to",
+            format!("is before the current time {}", manual.now().to_rfc3339()),
+        ));
+    }
+    let runs = state
+        .scheduler
+        .advance_to(input.to)
+        .await
+        .map_err(advance_error)?;
     Ok(Json(AdvanceOut {
         now: state.clock.now(),
-        runs: Vec::new(),
+        runs,
     }))
+}
+
+fn advance_error(e: AdvanceError) -> ApiError {
+    match e {
+        AdvanceError::NotManual => {
+            ApiError::conflict("clock_not_manual", "the clock is not manual")
+        }
+        AdvanceError::Backwards(m) => ApiError::field("to", m),
+        AdvanceError::Invalid(m) => ApiError::field("to", m),
+        AdvanceError::Store(e) => e.into(),
+    }
+}
+
+/// A run as ops see it.
+#[derive(Serialize, ToSchema)]
+pub struct RunOut {
+    id: String,
+    job: String,
+    scheduled_for: DateTime<Utc>,
+    trigger: String,
+    state: String,
+    attempt: i64,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    duration_ms: Option<i64>,
+    /// Start lag: how long after its slot the last attempt started.
+    lag_ms: Option<i64>,
+    #[schema(value_type = Object)]
+    result: Option<serde_json::Value>,
+    last_error: Option<String>,
+    skip_reason: Option<String>,
+    /// Older slots folded into this one.
+    coalesced: i64,
+    instance: Option<String>,
+}
+
+impl From<JobRunRow> for RunOut {
+    fn from(r: JobRunRow) -> Self {
+        RunOut {
+            id: r.id.to_string(),
+            job: r.job_name,
+            scheduled_for: instant(r.scheduled_for),
+            trigger: r.trigger,
+            state: r.state,
+            attempt: r.attempt,
+            started_at: r.started_at.map(instant),
+            finished_at: r.finished_at.map(instant),
+            duration_ms: r.duration_ms,
+            lag_ms: r.started_at.map(|s| (s - r.scheduled_for) / 1000),
+            result: r.result.and_then(|j| serde_json::from_str(&j).ok()),
+            last_error: r.last_error,
+            skip_reason: r.skip_reason,
+            coalesced: r.coalesced,
+            instance: r.lease_owner,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobOut {
+    name: String,
+    /// The schedule in words.
+    schedule: String,
+    /// The schedule as configured (cron or `every …`).
+    spec: String,
+    time_zone: String,
+    catchup_policy: String,
+    paused: bool,
+    paused_note: Option<String>,
+    next_run_at: Option<DateTime<Utc>>,
+    #[schema(value_type = Vec<Object>)]
+    upcoming: Vec<UpcomingSlot>,
+    last_run: Option<RunOut>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Page<T> {
+    items: Vec<T>,
+    next: Option<String>,
+}
+
+/// Every job with its schedule, next slots (local and UTC, DST changes marked) and last run.
+#[utoipa::path(get, path = "/api/v1/ops/jobs", tag = "ops",
+    responses((status = 200, body = Page<JobOut>)))]
+async fn list_jobs(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Page<JobOut>>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(Page {
+        items: job_views(&state).await?,
+        next: None,
+    }))
+}
+
+pub(super) async fn job_views(state: &AppState) -> Result<Vec<JobOut>, ApiError> {
+    let now = state.clock.now();
+    let defs = state.store.job_defs().await?;
+    let mut items = Vec::new();
+    for spec in state.scheduler.jobs() {
+        let Some(def) = defs.iter().find(|d| d.name == spec.name) else {
+            continue;
+        };
+        let schedule = spec.parsed_schedule().map_err(|e| ApiError::internal(&e))?;
+        let upcoming = schedule.upcoming(now, 5);
+        let last_run = state
+            .store
+            .runs(&RunFilter {
+                job: Some(spec.name.clone()),
+                state: None,
+                before_id: None,
+                limit: 1,
+            })
+            .await?
+            .into_iter()
+            .next()
+            .map(RunOut::from);
+        items.push(JobOut {
+            name: spec.name.clone(),
+            schedule: schedule.describe(),
+            spec: spec.schedule.clone(),
+            time_zone: schedule.zone().name().to_owned(),
+            catchup_policy: def.catchup_policy.clone(),
+            paused: def.paused_at.is_some(),
+            paused_note: def.paused_note.clone(),
+            next_run_at: if def.paused_at.is_some() {
+                None
+            } else {
+                upcoming.first().map(|u| u.utc)
+            },
+            upcoming,
+            last_run,
+        });
+    }
+    Ok(items)
+}
+
+fn known_job<'a>(state: &'a AppState, name: &str) -> Result<&'a JobSpec, ApiError> {
+    state
+        .scheduler
+        .job(name)
+        .ok_or_else(|| ApiError::not_found(format!("no job named {name}")))
+}
+
+/// Run a job now (`trigger=manual`). On the manual clock it has run when this answers.
+#[utoipa::path(post, path = "/api/v1/ops/jobs/{name}/run", tag = "ops",
+    responses((status = 202, body = RunOut), (status = 404, body = super::error::Problem)))]
+async fn run_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<RunOut>), ApiError> {
+    caller.require_admin()?;
+    known_job(&state, &name)?;
+    let report = state.scheduler.run_now(&name).await?;
+    let run = state
+        .store
+        .run(report.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("run vanished"))?;
+    Ok((StatusCode::ACCEPTED, Json(run.into())))
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PauseIn {
+    note: Option<String>,
+}
+
+/// Pause a job: it plans and runs nothing until resumed.
+#[utoipa::path(post, path = "/api/v1/ops/jobs/{name}/pause", tag = "ops", request_body = Option<PauseIn>,
+    responses((status = 200, body = JobOut)))]
+async fn pause_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<JobOut>, ApiError> {
+    caller.require_admin()?;
+    known_job(&state, &name)?;
+    // The body is optional: none means no note.
+    let note = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        parse_json::<PauseIn>(&body)?.note
+    };
+    if note.as_ref().is_some_and(|n| n.chars().count() > 500) {
+        return Err(ApiError::field("note", "must be at most 500 characters"));
+    }
+    state
+        .store
+        .pause_job(&name, note.as_deref(), state.clock.now().timestamp_micros())
+        .await?;
+    one_job(&state, &name).await
+}
+
+/// Resume a paused job from now: slots that fell in the pause are not run.
+#[utoipa::path(post, path = "/api/v1/ops/jobs/{name}/resume", tag = "ops",
+    responses((status = 200, body = JobOut)))]
+async fn resume_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<JobOut>, ApiError> {
+    caller.require_admin()?;
+    known_job(&state, &name)?;
+    state
+        .store
+        .resume_job(&name, state.clock.now().timestamp_micros())
+        .await?;
+    one_job(&state, &name).await
+}
+
+async fn one_job(state: &AppState, name: &str) -> Result<Json<JobOut>, ApiError> {
+    job_views(state)
+        .await?
+        .into_iter()
+        .find(|j| j.name == name)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no job named {name}")))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackfillIn {
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BackfillOut {
+    /// Slots of the range that had not run and now will.
+    scheduled: u64,
+}
+
+/// Run the slots of a range that have not run (`trigger=backfill`).
+#[utoipa::path(post, path = "/api/v1/ops/jobs/{name}/backfill", tag = "ops", request_body = BackfillIn,
+    responses((status = 200, body = BackfillOut)))]
+async fn backfill_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(input): ApiJson<BackfillIn>,
+) -> Result<Json<BackfillOut>, ApiError> {
+    caller.require_admin()?;
+    let job = known_job(&state, &name)?.clone();
+    if input.to < input.from {
+        return Err(ApiError::field("to", "must not be before from"));
+    }
+    if input.to > state.clock.now() {
+        return Err(ApiError::field("to", "must not be in the future"));
+    }
+    let scheduled = state
+        .scheduler
+        .backfill(&job, input.from, input.to)
+        .await
+        .map_err(advance_error)?;
+    Ok(Json(BackfillOut { scheduled }))
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct RunsQuery {
+    job: Option<String>,
+    state: Option<String>,
+    limit: Option<i64>,
+    after: Option<String>,
+}
+
+/// The run ledger, newest first.
+#[utoipa::path(get, path = "/api/v1/ops/runs", tag = "ops", params(RunsQuery),
+    responses((status = 200, body = Page<RunOut>)))]
+async fn list_runs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<RunsQuery>,
+) -> Result<Json<Page<RunOut>>, ApiError> {
+    caller.require_admin()?;
+    let limit = page_limit(q.limit)?;
+    let before_id = cursor(q.after.as_deref())?;
+    if let Some(s) = &q.state
+        && ![
+            "pending",
+            "running",
+            "retrying",
+            "succeeded",
+            "failed",
+            "skipped",
+        ]
+        .contains(&s.as_str())
+    {
+        return Err(ApiError::field(
+            "state",
+            "must be pending, running, retrying, succeeded, failed or skipped",
+        ));
+    }
+    let rows = state
+        .store
+        .runs(&RunFilter {
+            job: q.job,
+            state: q.state,
+            before_id,
+            limit: limit + 1,
+        })
+        .await?;
+    Ok(Json(paginate(rows, limit, |r| r.id, RunOut::from)))
+}
+
+/// Validates `?limit=` (default 50, 1–500).
+pub(super) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit {
+        None => Ok(50),
+        Some(n) if (1..=500).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::field("limit", "must be between 1 and 500")),
+    }
+}
+
+/// Decodes `?after=` (an id-based cursor).
+pub(super) fn cursor(after: Option<&str>) -> Result<Option<i64>, ApiError> {
+    after
+        .map(|a| {
+            a.parse::<i64>()
+                .map_err(|_| ApiError::field("after", "is not a cursor from a previous page"))
+        })
+        .transpose()
+}
+
+/// Cuts `rows` (fetched with one extra) into a page and the cursor of the next.
+pub(super) fn paginate<R, T>(
+    mut rows: Vec<R>,
+    limit: i64,
+    id: impl Fn(&R) -> i64,
+    view: impl Fn(R) -> T,
+) -> Page<T> {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next = if more {
+        rows.last().map(|r| id(r).to_string())
+    } else {
+        None
+    };
+    Page {
+        items: rows.into_iter().map(view).collect(),
+        next,
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InstanceOut {
+    id: String,
+    version: String,
+    started_at: DateTime<Utc>,
+    heartbeat_at: DateTime<Utc>,
+    clock_skew_ms: i64,
+}
+
+/// Scheduler instances with their heartbeat and clock skew against the database.
+#[utoipa::path(get, path = "/api/v1/ops/instances", tag = "ops",
+    responses((status = 200, body = Page<InstanceOut>)))]
+async fn list_instances(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Page<InstanceOut>>, ApiError> {
+    caller.require_admin()?;
+    let items = state
+        .store
+        .instances()
+        .await?
+        .into_iter()
+        .map(|i| InstanceOut {
+            id: i.id,
+            version: i.version,
+            started_at: instant(i.started_at),
+            heartbeat_at: instant(i.heartbeat_at),
+            clock_skew_ms: i.clock_skew_ms,
+        })
+        .collect();
+    Ok(Json(Page { items, next: None }))
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct OutboxQuery {
+    to: Option<String>,
+    limit: Option<i64>,
+    after: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct EmailOut {
+    id: String,
+    to: String,
+    subject: String,
+    template: String,
+    entity: String,
+    event: String,
+    status: String,
+    attempts: i64,
+    last_error: Option<String>,
+    created_at: DateTime<Utc>,
+    sent_at: Option<DateTime<Utc>>,
+}
+
+/// The email outbox, newest first.
+#[utoipa::path(get, path = "/api/v1/ops/outbox", tag = "ops", params(OutboxQuery),
+    responses((status = 200, body = Page<EmailOut>)))]
+async fn list_outbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<OutboxQuery>,
+) -> Result<Json<Page<EmailOut>>, ApiError> {
+    caller.require_admin()?;
+    let limit = page_limit(q.limit)?;
+    let rows = state
+        .store
+        .outbox(q.to.as_deref(), limit + 1, cursor(q.after.as_deref())?)
+        .await?;
+    Ok(Json(paginate(
+        rows,
+        limit,
+        |r| r.id,
+        |r| EmailOut {
+            id: r.id.to_string(),
+            to: r.to_addr,
+            subject: r.subject,
+            template: r.template,
+            entity: r.entity,
+            event: r.event,
+            status: r.status,
+            attempts: r.attempts,
+            last_error: r.last_error,
+            created_at: instant(r.created_at),
+            sent_at: r.sent_at.map(instant),
+        },
+    )))
 }

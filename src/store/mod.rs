@@ -52,11 +52,89 @@ macro_rules! in_tx {
     };
 }
 
+/// Inserts a pending run of sweep job `$job` at the instant `$at` (µs), inside the caller's
+/// transaction (`$exec` is `&mut *tx`), so a business deadline fires on time rather than at the
+/// next poll. Equal instants merge on `(job_name, scheduled_for)`.
+#[allow(unused_macros)]
+macro_rules! schedule_timer {
+    ($exec:expr, $job:expr, $at:expr, $now:expr) => {
+        sqlx::query(
+            "INSERT INTO job_runs (job_name, scheduled_for, trigger, state, exclusive, due_at, created_at)
+             SELECT name, $2, 'timer', 'pending', overlap_policy = 'skip', $2, $3
+             FROM job_defs WHERE name = $1
+             ON CONFLICT (job_name, scheduled_for) DO NOTHING",
+        )
+        .bind($job)
+        .bind($at)
+        .bind($now)
+        .execute($exec)
+    };
+}
+
+/// Writes an email to the outbox inside the caller's transaction (`$tx`), with its
+/// attachments, and wakes `outbox-deliver` unless a pending run will already see it. Evaluates
+/// to whether the email is new (its `(template, entity, event)` key had not been used).
+macro_rules! enqueue_email {
+    ($tx:ident, $email:expr, $now:expr) => {{
+        let email: &$crate::store::NewEmail = $email;
+        let now: i64 = $now;
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO outbox (template, entity, event, to_addr, subject, text_body, html_body,
+                                 status, next_attempt_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8, $8)
+             ON CONFLICT (template, entity, event) DO NOTHING
+             RETURNING id",
+        )
+        .bind(&email.template)
+        .bind(&email.entity)
+        .bind(&email.event)
+        .bind(&email.to)
+        .bind(&email.subject)
+        .bind(&email.text)
+        .bind(&email.html)
+        .bind(now)
+        .fetch_optional(&mut *$tx)
+        .await?;
+        if let Some(id) = id {
+            for a in &email.attachments {
+                sqlx::query(
+                    "INSERT INTO outbox_attachments (outbox_id, filename, content_type, content)
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(id)
+                .bind(&a.filename)
+                .bind(&a.content_type)
+                .bind(&a.content)
+                .execute(&mut *$tx)
+                .await?;
+            }
+            // Wake the deliverer now, unless a pending run that will see this row exists.
+            sqlx::query(
+                "INSERT INTO job_runs (job_name, scheduled_for, trigger, state, exclusive, due_at, created_at)
+                 SELECT name, $2, 'timer', 'pending', overlap_policy = 'skip', $2, $2
+                 FROM job_defs WHERE name = $1 AND NOT EXISTS (
+                     SELECT 1 FROM job_runs r
+                     WHERE r.job_name = $1 AND r.state = 'pending' AND r.due_at <= $2)
+                 ON CONFLICT (job_name, scheduled_for) DO NOTHING",
+            )
+            .bind($crate::store::OUTBOX_JOB)
+            .bind(now)
+            .execute(&mut *$tx)
+            .await?;
+        }
+        id.is_some()
+    }};
+}
+
 mod idempotency;
 mod identity;
+mod outbox;
+mod scheduler;
 
 pub use idempotency::IdempotencyBegin;
 pub use identity::TokenSubject;
+pub use outbox::{NewAttachment, NewEmail, OUTBOX_JOB, OutboxRow};
+pub use scheduler::{Claimed, JobDefRow, JobRunRow, NewRun, RunFilter, SchedulerInstanceRow};
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -230,11 +308,11 @@ async fn create_pg_database(options: &PgConnectOptions) -> Result<(), sqlx::Erro
 }
 
 /// An instant as stored: microseconds since the Unix epoch.
-pub(crate) fn micros(t: DateTime<Utc>) -> i64 {
+pub fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
 
 /// A stored instant back as UTC.
-pub(crate) fn instant(us: i64) -> DateTime<Utc> {
+pub fn instant(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }

@@ -130,6 +130,7 @@ pub fn settings(db: &TestDb) -> Settings {
         smtp_url: None,
         instance_id: "test".into(),
         ops_email: None,
+        job_overrides: None,
     }
 }
 

@@ -1,0 +1,282 @@
+//! The jobs of DESIGN.md's table: their default schedules and policies, configuration
+//! overrides, and their bodies. Each body is one callable step shared by the scheduler, the ops
+//! "run now" button and the tests.
+
+use super::schedule::{CatchUp, Schedule};
+use super::{JobBody, JobError, RunCtx};
+use crate::store::{OUTBOX_JOB, StoreError};
+use chrono::Duration;
+use chrono_tz::Tz;
+use serde_json::json;
+use std::sync::Arc;
+
+/// A job: what it runs and when.
+#[derive(Clone)]
+pub struct JobSpec {
+    pub name: String,
+    /// `every <n>s|m|h` or cron.
+    pub schedule: String,
+    pub zone: Tz,
+    pub catchup: CatchUp,
+    pub catchup_window: Duration,
+    pub start_grace: Duration,
+    /// `true`: at most one running attempt; a slot due while one runs is skipped.
+    pub exclusive: bool,
+    pub max_attempts: i64,
+    pub lease: Duration,
+    /// Chaos testing only: wait this long before the body runs.
+    pub debug_delay: Option<Duration>,
+    /// Chaos testing only: fail every attempt.
+    pub debug_fail: bool,
+    pub body: JobBody,
+}
+
+impl JobSpec {
+    fn new(name: &str, schedule: &str, zone: Tz, catchup: CatchUp, body: JobBody) -> JobSpec {
+        JobSpec {
+            name: name.to_owned(),
+            schedule: schedule.to_owned(),
+            zone,
+            catchup,
+            catchup_window: Duration::days(3),
+            start_grace: Duration::minutes(5),
+            exclusive: true,
+            max_attempts: 5,
+            lease: Duration::seconds(60),
+            debug_delay: None,
+            debug_fail: false,
+            body,
+        }
+    }
+
+    pub fn parsed_schedule(&self) -> Result<Schedule, JobError> {
+        Schedule::parse(&self.schedule, self.zone).map_err(|e| JobError(e.to_string()))
+    }
+}
+
+/// A body for work that later issues fill in: the sweep finds nothing yet, and the run is
+/// recorded all the same.
+fn nothing_due() -> JobBody {
+    Arc::new(|_ctx| Box::pin(async { Ok(json!({"swept": 0})) }))
+}
+
+/// The nine jobs with their default schedules, in the shop zone `shop`.
+pub fn defaults(shop: Tz) -> Vec<JobSpec> {
+    let utc = chrono_tz::UTC;
+    let mut reminders = JobSpec::new(
+        "presale-reminders",
+        "0 * * * *",
+        utc,
+        CatchUp::Skip,
+        nothing_due(),
+    );
+    reminders.start_grace = Duration::hours(2);
+    let mut outbox = JobSpec::new(
+        OUTBOX_JOB,
+        "every 10s",
+        utc,
+        CatchUp::Latest,
+        Arc::new(|ctx| Box::pin(deliver_outbox(ctx))),
+    );
+    outbox.start_grace = Duration::seconds(30);
+    vec![
+        JobSpec::new(
+            "presale-close",
+            "every 15m",
+            utc,
+            CatchUp::Latest,
+            nothing_due(),
+        ),
+        JobSpec::new(
+            "presale-balances",
+            "every 15m",
+            utc,
+            CatchUp::Latest,
+            nothing_due(),
+        ),
+        reminders,
+        JobSpec::new(
+            "subscription-plan",
+            "0 6 * * 3",
+            shop,
+            CatchUp::All,
+            nothing_due(),
+        ),
+        JobSpec::new(
+            "subscription-renew",
+            "every 15m",
+            utc,
+            CatchUp::Latest,
+            nothing_due(),
+        ),
+        JobSpec::new(
+            "billing-dunning",
+            "0 * * * *",
+            utc,
+            CatchUp::Latest,
+            nothing_due(),
+        ),
+        JobSpec::new(
+            "grower-orders",
+            "0 5 * * *",
+            shop,
+            CatchUp::All,
+            nothing_due(),
+        ),
+        outbox,
+        JobSpec::new(
+            "maintenance-prune",
+            "0 3 * * *",
+            shop,
+            CatchUp::Latest,
+            Arc::new(|ctx| Box::pin(prune(ctx))),
+        ),
+    ]
+}
+
+/// Applies `POOLED_JOB_OVERRIDES`: `;`-separated `job.key=value` with keys `schedule`,
+/// `catchup` (all|latest|skip), `window`, `grace`, `lease` (durations such as 90s, 5m, 2h, 3d),
+/// `max_attempts`, `overlap` (skip|allow), and for chaos tests `debug_delay`, `debug_fail`.
+pub fn apply_overrides(jobs: &mut [JobSpec], spec: &str) -> Result<(), String> {
+    for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let bad = |why: &str| format!("POOLED_JOB_OVERRIDES: '{entry}': {why}");
+        let (lhs, value) = entry
+            .split_once('=')
+            .ok_or_else(|| bad("expected job.key=value"))?;
+        let (job, key) = lhs
+            .trim()
+            .split_once('.')
+            .ok_or_else(|| bad("expected job.key=value"))?;
+        let value = value.trim();
+        let spec = jobs
+            .iter_mut()
+            .find(|j| j.name == job)
+            .ok_or_else(|| bad("no such job"))?;
+        match key {
+            "schedule" => {
+                Schedule::parse(value, spec.zone).map_err(|e| bad(&e.message))?;
+                spec.schedule = value.to_owned();
+            }
+            "catchup" => {
+                spec.catchup =
+                    CatchUp::parse(value).ok_or_else(|| bad("expected all, latest or skip"))?
+            }
+            "window" => {
+                spec.catchup_window =
+                    parse_duration(value).ok_or_else(|| bad("expected a duration such as 3d"))?
+            }
+            "grace" => {
+                spec.start_grace =
+                    parse_duration(value).ok_or_else(|| bad("expected a duration such as 5m"))?
+            }
+            "lease" => {
+                spec.lease =
+                    parse_duration(value).ok_or_else(|| bad("expected a duration such as 60s"))?
+            }
+            "max_attempts" => {
+                spec.max_attempts = value
+                    .parse()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| bad("expected a whole number ≥ 1"))?
+            }
+            "overlap" => {
+                spec.exclusive = match value {
+                    "skip" => true,
+                    "allow" => false,
+                    _ => return Err(bad("expected skip or allow")),
+                }
+            }
+            "debug_delay" => {
+                spec.debug_delay =
+                    Some(parse_duration(value).ok_or_else(|| bad("expected a duration"))?)
+            }
+            "debug_fail" => spec.debug_fail = value == "true",
+            _ => return Err(bad("unknown key")),
+        }
+    }
+    Ok(())
+}
+
+/// `90s`, `5m`, `2h`, `3d`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let (n, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: i64 = n.parse().ok().filter(|n| *n >= 0)?;
+    match unit {
+        "s" => Some(Duration::seconds(n)),
+        "m" => Some(Duration::minutes(n)),
+        "h" => Some(Duration::hours(n)),
+        "d" => Some(Duration::days(n)),
+        _ => None,
+    }
+}
+
+/// How many times an email is tried before it is marked failed.
+const EMAIL_MAX_ATTEMPTS: i64 = 8;
+
+/// Sends due outbox emails. A transient failure is retried with backoff (and a timer wakes
+/// this job then); a permanent one, or the last attempt, marks the email failed.
+async fn deliver_outbox(ctx: RunCtx) -> Result<serde_json::Value, JobError> {
+    let store = &ctx.env.store;
+    let now = ctx.now.timestamp_micros();
+    let (mut sent, mut retrying, mut failed) = (0, 0, 0);
+    loop {
+        let batch = store.due_emails(now, 100).await?;
+        if batch.is_empty() {
+            break;
+        }
+        for email in batch {
+            let attachments = store.email_attachments(email.id).await?;
+            match ctx.env.mailer.send(&email, &attachments).await {
+                Ok(()) => {
+                    store.mark_email_sent(email.id, now).await?;
+                    sent += 1;
+                }
+                Err(e) => {
+                    let attempt = email.attempts + 1;
+                    let retry_at = (e.transient && attempt < EMAIL_MAX_ATTEMPTS).then(|| {
+                        let delay = super::schedule::retry_delay(
+                            attempt as u32,
+                            Duration::seconds(30),
+                            Duration::hours(1),
+                            rand::random::<f64>(),
+                        );
+                        (ctx.now + delay).timestamp_micros()
+                    });
+                    store
+                        .mark_email_attempt_failed(email.id, &e.message, retry_at)
+                        .await?;
+                    if let Some(at) = retry_at {
+                        store.add_timer(OUTBOX_JOB, at, now).await?;
+                        retrying += 1;
+                    } else {
+                        failed += 1;
+                    }
+                    tracing::warn!(email = email.id, error = %e, "email delivery failed");
+                }
+            }
+        }
+    }
+    let backlog = store.outbox_backlog().await?;
+    metrics::gauge!("outbox_backlog").set(backlog as f64);
+    Ok(json!({"sent": sent, "retrying": retrying, "failed": failed}))
+}
+
+/// Prunes finished runs older than 90 days and idempotency records older than a day.
+async fn prune(ctx: RunCtx) -> Result<serde_json::Value, JobError> {
+    let (runs, keys) = ctx
+        .env
+        .store
+        .prune(
+            (ctx.now - Duration::days(90)).timestamp_micros(),
+            (ctx.now - Duration::days(1)).timestamp_micros(),
+        )
+        .await?;
+    Ok(json!({"runs_pruned": runs, "idempotency_keys_pruned": keys}))
+}
+
+impl From<StoreError> for JobError {
+    fn from(e: StoreError) -> Self {
+        JobError(e.to_string())
+    }
+}

@@ -1,0 +1,542 @@
+//! The time math of the scheduler, pure: when a job's slots fall, how a catch-up policy treats
+//! the slots missed while no instance ran, and how long to wait before a retry.
+//!
+//! Wall-clock jobs are a cron expression read in an IANA zone (croner handles DST the way ops
+//! expect: a time that doesn't exist runs once right after the gap, a time that occurs twice runs
+//! once, at its first occurrence). Interval jobs ("every 15m") are counted in UTC from the Unix
+//! epoch, so every instance agrees on their slots without talking to the others.
+
+use chrono::{DateTime, Duration, Offset, TimeZone, Utc};
+use chrono_tz::Tz;
+use croner::Cron;
+use croner::parser::{CronParser, Seconds};
+use std::collections::VecDeque;
+
+/// When a job's slots fall.
+#[derive(Debug, Clone)]
+pub enum Schedule {
+    Cron {
+        cron: Box<Cron>,
+        expr: String,
+        zone: Tz,
+    },
+    Every {
+        period: Duration,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("schedule '{spec}': {message}")]
+pub struct ScheduleError {
+    pub spec: String,
+    pub message: String,
+}
+
+/// The most slots the planner materialises at once; older ones are counted, not listed.
+pub const MAX_SLOTS: usize = 500;
+
+impl Schedule {
+    /// `every <n>s|m|h` (UTC) or a 5- or 6-field cron expression read in `zone`.
+    pub fn parse(spec: &str, zone: Tz) -> Result<Schedule, ScheduleError> {
+        let err = |message: String| ScheduleError {
+            spec: spec.to_owned(),
+            message,
+        };
+        let spec = spec.trim();
+        if let Some(rest) = spec.strip_prefix("every ") {
+            let rest = rest.trim();
+            let (digits, unit) = rest.split_at(
+                rest.find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(rest.len()),
+            );
+            let n: i64 = digits
+                .parse()
+                .map_err(|_| err("expected a whole number such as 'every 15m'".into()))?;
+            let secs = match unit {
+                "s" => n,
+                "m" => n * 60,
+                "h" => n * 3600,
+                _ => return Err(err("the unit must be s, m or h".into())),
+            };
+            if !(1..=86_400).contains(&secs) || 86_400 % secs != 0 {
+                return Err(err("the period must divide a day evenly (1s … 24h)".into()));
+            }
+            return Ok(Schedule::Every {
+                period: Duration::seconds(secs),
+            });
+        }
+        let cron = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .build()
+            .parse(spec)
+            .map_err(|e| err(format!("not a cron expression ({e})")))?;
+        Ok(Schedule::Cron {
+            cron: Box::new(cron),
+            expr: spec.to_owned(),
+            zone,
+        })
+    }
+
+    /// The first slot strictly after `t`.
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Schedule::Every { period } => {
+                let p = period.num_microseconds()?;
+                let us = t.timestamp_micros();
+                DateTime::from_timestamp_micros((us.div_euclid(p) + 1) * p)
+            }
+            Schedule::Cron { cron, zone, .. } => {
+                let mut from = t.with_timezone(zone);
+                loop {
+                    let next = cron.find_next_occurrence(&from, false).ok()?;
+                    let spurious = !self.is_frequent()
+                        && (
+                            // A wall-clock time that occurs twice (DST fall-back) runs once, at
+                            // its first occurrence; the second reads the same on the wall.
+                            next.naive_local() == from.naive_local()
+                            // croner also offers the end of every DST gap; that is an
+                            // occurrence only if the pattern matched a time inside the gap.
+                            || (!cron.is_time_matching(&next).unwrap_or(true)
+                                && !matched_in_gap(cron, next.naive_local()))
+                        );
+                    if !spurious {
+                        return Some(next.with_timezone(&Utc));
+                    }
+                    from = next;
+                }
+            }
+        }
+    }
+
+    /// Slots `s` with `after < s <= up_to`, ascending: at most the newest [`MAX_SLOTS`], with
+    /// the number of older ones left out.
+    pub fn slots_in(
+        &self,
+        after: DateTime<Utc>,
+        up_to: DateTime<Utc>,
+    ) -> (Vec<DateTime<Utc>>, u64) {
+        if up_to <= after {
+            return (Vec::new(), 0);
+        }
+        match self {
+            Schedule::Every { period } => {
+                let p = period.num_microseconds().unwrap_or(i64::MAX);
+                let first = after.timestamp_micros().div_euclid(p) + 1;
+                let last = up_to.timestamp_micros().div_euclid(p);
+                if last < first {
+                    return (Vec::new(), 0);
+                }
+                let total = (last - first + 1) as u64;
+                let kept = total.min(MAX_SLOTS as u64) as i64;
+                let slots = (last - kept + 1..=last)
+                    .filter_map(|k| DateTime::from_timestamp_micros(k * p))
+                    .collect();
+                (slots, total - kept as u64)
+            }
+            Schedule::Cron { .. } => {
+                let mut kept = VecDeque::new();
+                let mut dropped = 0;
+                let mut t = after;
+                while let Some(next) = self.next_after(t).filter(|n| *n <= up_to) {
+                    if kept.len() == MAX_SLOTS {
+                        kept.pop_front();
+                        dropped += 1;
+                    }
+                    kept.push_back(next);
+                    t = next;
+                }
+                (kept.into(), dropped)
+            }
+        }
+    }
+
+    /// Whether slots come hourly or more often. Such jobs are pollers: missed slots are folded
+    /// into a count instead of recorded one by one, and the manual clock doesn't stop at them.
+    pub fn is_frequent(&self) -> bool {
+        match self {
+            Schedule::Every { period } => *period <= Duration::hours(1),
+            Schedule::Cron { cron, .. } => {
+                matches!(cron.determine_job_type(), croner::JobType::IntervalWildcard)
+            }
+        }
+    }
+
+    /// The zone slots are read in (UTC for interval jobs).
+    pub fn zone(&self) -> Tz {
+        match self {
+            Schedule::Every { .. } => chrono_tz::UTC,
+            Schedule::Cron { zone, .. } => *zone,
+        }
+    }
+
+    /// The schedule in words, for the ops page.
+    pub fn describe(&self) -> String {
+        match self {
+            Schedule::Every { period } => {
+                let s = period.num_seconds();
+                let (n, unit) = if s % 3600 == 0 {
+                    (s / 3600, "hour")
+                } else if s % 60 == 0 {
+                    (s / 60, "minute")
+                } else {
+                    (s, "second")
+                };
+                if n == 1 {
+                    format!("every {unit} (UTC)")
+                } else {
+                    format!("every {n} {unit}s (UTC)")
+                }
+            }
+            Schedule::Cron { expr, zone, .. } => describe_cron(expr)
+                .map(|words| format!("{words} ({zone})"))
+                .unwrap_or_else(|| format!("cron `{expr}` ({zone})")),
+        }
+    }
+
+    /// The next `n` slots after `after`, in the schedule's zone and in UTC, marking where the
+    /// zone's UTC offset changes (DST) from the slot before.
+    pub fn upcoming(&self, after: DateTime<Utc>, n: usize) -> Vec<UpcomingSlot> {
+        let zone = self.zone();
+        let mut previous_offset = zone.offset_from_utc_datetime(&after.naive_utc()).fix();
+        let mut out = Vec::with_capacity(n);
+        let mut t = after;
+        while out.len() < n {
+            let Some(next) = self.next_after(t) else {
+                break;
+            };
+            let local = next.with_timezone(&zone);
+            let offset = local.offset().fix();
+            out.push(UpcomingSlot {
+                utc: next,
+                local: local.format("%a %Y-%m-%d %H:%M %Z").to_string(),
+                offset_changed: offset != previous_offset,
+            });
+            previous_offset = offset;
+            t = next;
+        }
+        out
+    }
+}
+
+/// Whether the pattern matches a wall-clock minute in the hour before `gap_end` (the minutes a
+/// DST gap skipped), read as naive time.
+fn matched_in_gap(cron: &Cron, gap_end: chrono::NaiveDateTime) -> bool {
+    (1..=60).any(|m| {
+        let naive = gap_end - Duration::minutes(m);
+        cron.is_time_matching(&Utc.from_utc_datetime(&naive))
+            .unwrap_or(false)
+    })
+}
+
+/// One future slot as shown to ops.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UpcomingSlot {
+    pub utc: DateTime<Utc>,
+    pub local: String,
+    /// The zone's UTC offset differs from the previous slot's (a DST change lies between).
+    pub offset_changed: bool,
+}
+
+fn describe_cron(expr: &str) -> Option<String> {
+    let f: Vec<&str> = expr.split_whitespace().collect();
+    let [min, hour, dom, mon, dow] = f.as_slice() else {
+        return None;
+    };
+    let min: u32 = min.parse().ok()?;
+    if *dom != "*" || *mon != "*" {
+        return None;
+    }
+    if *hour == "*" && *dow == "*" {
+        return Some(format!("hourly at minute {min}"));
+    }
+    let hour: u32 = hour.parse().ok()?;
+    let at = format!("{hour:02}:{min:02}");
+    const DAYS: [&str; 7] = [
+        "Sundays",
+        "Mondays",
+        "Tuesdays",
+        "Wednesdays",
+        "Thursdays",
+        "Fridays",
+        "Saturdays",
+    ];
+    match *dow {
+        "*" => Some(format!("daily at {at}")),
+        d => {
+            let i: usize = d.parse().ok()?;
+            Some(format!("{} at {at}", DAYS.get(i % 7)?))
+        }
+    }
+}
+
+/// What to do with slots missed while no instance ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Run every missed slot.
+    All,
+    /// Run only the newest slot; older ones are coalesced into it.
+    Latest,
+    /// Run slots that are on time; late ones are skipped.
+    Skip,
+}
+
+impl CatchUp {
+    pub fn parse(s: &str) -> Option<CatchUp> {
+        match s {
+            "all" => Some(CatchUp::All),
+            "latest" => Some(CatchUp::Latest),
+            "skip" => Some(CatchUp::Skip),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CatchUp::All => "all",
+            CatchUp::Latest => "latest",
+            CatchUp::Skip => "skip",
+        }
+    }
+}
+
+/// The planner's decision for one slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotDecision {
+    pub at: DateTime<Utc>,
+    /// `None`: run it; `Some(reason)`: record it as skipped.
+    pub skip: Option<&'static str>,
+    /// Whether it runs late (trigger `catchup`) rather than on time (`schedule`).
+    pub late: bool,
+    /// Older slots folded into this one and not recorded separately.
+    pub coalesced: u64,
+}
+
+/// Decides the fate of newly planned slots (`due`, ascending, all `<= now`).
+///
+/// A slot is late when `now − slot > grace`. `All` runs every slot. `Latest` runs only the
+/// newest slot; the others are skipped as `coalesced` (recorded one by one, or, when `fold` is
+/// set for frequent pollers, only counted on the newest). `Skip` runs on-time slots and skips
+/// late ones as `missed_grace` (folded the same way). `uncounted` older slots that were never
+/// materialised are added to the count of the first decision.
+pub fn plan_catch_up(
+    policy: CatchUp,
+    grace: Duration,
+    now: DateTime<Utc>,
+    due: &[DateTime<Utc>],
+    uncounted: u64,
+    fold: bool,
+) -> Vec<SlotDecision> {
+    let late = |s: &DateTime<Utc>| now - *s > grace;
+    let mut out: Vec<SlotDecision> = Vec::new();
+    let mut folded = uncounted;
+    let newest = due.len().saturating_sub(1);
+    for (i, at) in due.iter().enumerate() {
+        let skip = match policy {
+            CatchUp::All => None,
+            CatchUp::Latest if i == newest => None,
+            CatchUp::Latest => Some("coalesced"),
+            CatchUp::Skip if late(at) => Some("missed_grace"),
+            CatchUp::Skip => None,
+        };
+        if skip.is_some() && fold {
+            folded += 1;
+            continue;
+        }
+        out.push(SlotDecision {
+            at: *at,
+            skip,
+            late: late(at),
+            coalesced: std::mem::take(&mut folded),
+        });
+    }
+    if folded > 0 {
+        // Everything was folded (Skip with only late slots): keep one skipped row to say so.
+        if let Some(at) = due.last() {
+            out.push(SlotDecision {
+                at: *at,
+                skip: Some(if policy == CatchUp::Latest {
+                    "coalesced"
+                } else {
+                    "missed_grace"
+                }),
+                late: true,
+                coalesced: folded - 1,
+            });
+        }
+    }
+    out
+}
+
+/// The delay before retry number `attempt` (1 = the first retry): exponential from `base`,
+/// capped at `cap`, with "equal jitter" — half fixed, half scaled by `jitter` in [0, 1) — so
+/// that instances retrying the same failure spread out.
+pub fn retry_delay(attempt: u32, base: Duration, cap: Duration, jitter: f64) -> Duration {
+    let exp = base
+        .checked_mul(
+            1i32.checked_shl(attempt.saturating_sub(1).min(30))
+                .unwrap_or(i32::MAX),
+        )
+        .unwrap_or(cap)
+        .min(cap);
+    let half = exp / 2;
+    let jitter_ms = (half.num_milliseconds() as f64 * jitter.clamp(0.0, 1.0)) as i64;
+    half + Duration::milliseconds(jitter_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono_tz::Europe::Berlin;
+    use proptest::prelude::*;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn weekly_berlin_job_follows_the_wall_clock_across_dst() {
+        let s = Schedule::parse("0 6 * * 3", Berlin).unwrap();
+        let (slots, _) = s.slots_in(utc("2027-03-20T00:00:00Z"), utc("2027-04-01T00:00:00Z"));
+        assert_eq!(
+            slots,
+            [utc("2027-03-24T05:00:00Z"), utc("2027-03-31T04:00:00Z")]
+        );
+        assert_eq!(s.describe(), "Wednesdays at 06:00 (Europe/Berlin)");
+        let up = s.upcoming(utc("2027-03-20T00:00:00Z"), 3);
+        assert_eq!(
+            up.iter().map(|u| u.offset_changed).collect::<Vec<_>>(),
+            [false, true, false]
+        );
+        assert!(up[1].local.contains("CEST"), "{:?}", up[1]);
+    }
+
+    #[test]
+    fn a_daily_0230_berlin_job_runs_once_on_both_change_days() {
+        let s = Schedule::parse("30 2 * * *", Berlin).unwrap();
+        for (day, expected) in [
+            ("2027-03-28", "2027-03-28T01:00:00Z"), // 02:30 doesn't exist: right after the gap
+            ("2026-10-25", "2026-10-25T00:30:00Z"), // 02:30 happens twice: the first one
+        ] {
+            let start = Berlin
+                .from_local_datetime(&format!("{day}T00:00:00").parse().unwrap())
+                .unwrap()
+                .with_timezone(&Utc);
+            let (slots, _) = s.slots_in(start, start + Duration::hours(24));
+            assert_eq!(slots, [utc(expected)], "{day}");
+        }
+    }
+
+    #[test]
+    fn interval_slots_are_aligned_to_the_epoch_and_counted_past_the_cap() {
+        let s = Schedule::parse("every 15m", chrono_tz::UTC).unwrap();
+        let (slots, older) = s.slots_in(utc("2026-01-01T00:07:00Z"), utc("2026-01-01T01:00:00Z"));
+        assert_eq!(slots.len(), 4);
+        assert_eq!(slots[0], utc("2026-01-01T00:15:00Z"));
+        assert_eq!(older, 0);
+        let ten = Schedule::parse("every 10s", chrono_tz::UTC).unwrap();
+        let (slots, older) = ten.slots_in(utc("2026-01-01T00:00:00Z"), utc("2026-01-02T01:00:00Z"));
+        assert_eq!(slots.len(), MAX_SLOTS);
+        assert_eq!(older as usize + MAX_SLOTS, 25 * 360);
+        assert_eq!(*slots.last().unwrap(), utc("2026-01-02T01:00:00Z"));
+        assert!(ten.is_frequent() && s.is_frequent());
+        assert!(!Schedule::parse("0 5 * * *", Berlin).unwrap().is_frequent());
+        assert!(Schedule::parse("0 * * * *", Berlin).unwrap().is_frequent());
+        assert_eq!(s.describe(), "every 15 minutes (UTC)");
+        assert_eq!(
+            Schedule::parse("every 1h", Berlin).unwrap().describe(),
+            "every hour (UTC)"
+        );
+    }
+
+    #[test]
+    fn bad_schedules_say_why() {
+        for bad in [
+            "every 7m",
+            "every 0s",
+            "every 5d",
+            "every m",
+            "61 * * * *",
+            "hello",
+        ] {
+            assert!(Schedule::parse(bad, Berlin).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn catch_up_policies() {
+        let now = utc("2026-01-02T05:00:00Z");
+        let hourly: Vec<_> = (0..5).map(|h| now - Duration::hours(4 - h)).collect();
+        let grace = Duration::minutes(30);
+        let runs = |d: &[SlotDecision]| d.iter().filter(|x| x.skip.is_none()).count();
+        let all = plan_catch_up(CatchUp::All, grace, now, &hourly, 0, false);
+        assert_eq!((all.len(), runs(&all)), (5, 5));
+        assert_eq!(all.iter().filter(|d| d.late).count(), 4);
+        let latest = plan_catch_up(CatchUp::Latest, grace, now, &hourly, 0, false);
+        assert_eq!((latest.len(), runs(&latest)), (5, 1));
+        assert_eq!(latest[4].skip, None);
+        assert!(latest[..4].iter().all(|d| d.skip == Some("coalesced")));
+        let folded = plan_catch_up(CatchUp::Latest, grace, now, &hourly, 7, true);
+        assert_eq!(
+            folded,
+            [SlotDecision {
+                at: now,
+                skip: None,
+                late: false,
+                coalesced: 11
+            }]
+        );
+        let skip = plan_catch_up(CatchUp::Skip, grace, now, &hourly, 0, false);
+        assert_eq!((skip.len(), runs(&skip)), (5, 1));
+        assert!(skip[..4].iter().all(|d| d.skip == Some("missed_grace")));
+        let only_late = plan_catch_up(CatchUp::Skip, grace, now, &hourly[..3], 0, true);
+        assert_eq!(only_late.len(), 1);
+        assert_eq!(
+            (only_late[0].skip, only_late[0].coalesced),
+            (Some("missed_grace"), 2)
+        );
+        assert!(plan_catch_up(CatchUp::All, grace, now, &[], 0, true).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn interval_slots_tile(period in prop::sample::select(vec![1i64, 10, 60, 900, 3600]),
+                               start in 0i64..10_000_000, len in 0i64..200_000) {
+            let s = Schedule::Every { period: Duration::seconds(period) };
+            let after = DateTime::from_timestamp(1_700_000_000 + start, 0).unwrap();
+            let up_to = after + Duration::seconds(len);
+            let (slots, older) = s.slots_in(after, up_to);
+            prop_assert_eq!(older as i64 + slots.len() as i64, (up_to.timestamp().div_euclid(period)) - (after.timestamp().div_euclid(period)));
+            for w in slots.windows(2) { prop_assert_eq!(w[1] - w[0], Duration::seconds(period)); }
+            for x in &slots { prop_assert!(*x > after && *x <= up_to); }
+        }
+
+        #[test]
+        fn cron_slots_chain_and_never_repeat(zone in prop::sample::select(vec!["UTC", "Europe/Berlin", "America/New_York", "Australia/Sydney", "Asia/Kolkata"]),
+                                             expr in prop::sample::select(vec!["30 2 * * *", "0 6 * * 3", "0 * * * *", "15 1 * * *"]),
+                                             day in 0i64..1000) {
+            let s = Schedule::parse(expr, zone.parse().unwrap()).unwrap();
+            let after = utc("2026-01-01T00:00:00Z") + Duration::days(day);
+            let (slots, _) = s.slots_in(after, after + Duration::days(20));
+            for w in slots.windows(2) {
+                prop_assert!(w[0] < w[1]);
+                prop_assert_eq!(s.next_after(w[0]), Some(w[1]));
+            }
+            if expr.ends_with("* * *") && !expr.starts_with("0 *") {
+                // A daily job: exactly one slot per local date.
+                let tz: Tz = zone.parse().unwrap();
+                let mut dates: Vec<_> = slots.iter().map(|x| x.with_timezone(&tz).date_naive()).collect();
+                let n = dates.len();
+                dates.dedup();
+                prop_assert_eq!(dates.len(), n);
+            }
+        }
+
+        #[test]
+        fn retry_delays_stay_under_the_cap(attempt in 1u32..100, jitter in 0.0f64..1.0) {
+            let cap = Duration::minutes(30);
+            let d = retry_delay(attempt, Duration::seconds(10), cap, jitter);
+            prop_assert!(d <= cap && d >= Duration::seconds(5));
+            prop_assert!(retry_delay(attempt, Duration::seconds(10), cap, 0.0) <= retry_delay(attempt + 1, Duration::seconds(10), cap, 0.0));
+        }
+    }
+}

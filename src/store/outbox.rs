@@ -1,0 +1,166 @@
+//! The email outbox: rows written with their cause (see [`enqueue_email!`]), read and marked by
+//! the `outbox-deliver` job, listed for ops.
+
+use super::{Store, StoreResult};
+use serde::Serialize;
+
+/// The job that delivers the outbox (woken when an email is enqueued).
+pub const OUTBOX_JOB: &str = "outbox-deliver";
+
+/// An email to enqueue, already rendered.
+#[derive(Debug, Clone)]
+pub struct NewEmail {
+    pub template: String,
+    pub entity: String,
+    pub event: String,
+    pub to: String,
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+    pub attachments: Vec<NewAttachment>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAttachment {
+    pub filename: String,
+    pub content_type: String,
+    pub content: Vec<u8>,
+}
+
+/// An outbox row as stored.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub template: String,
+    pub entity: String,
+    pub event: String,
+    pub to_addr: String,
+    pub subject: String,
+    pub text_body: String,
+    pub html_body: String,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub sent_at: Option<i64>,
+}
+
+impl Store {
+    /// Enqueues one email on its own (for causes that have no other row to write, such as an
+    /// ops alert). Returns whether it was new.
+    pub async fn enqueue_email(&self, email: &NewEmail, now: i64) -> StoreResult<bool> {
+        in_tx!(self, |tx| {
+            let new = enqueue_email!(tx, email, now);
+            tx.commit().await?;
+            Ok(new)
+        })
+    }
+
+    /// Pending emails due by `now`, oldest first.
+    pub async fn due_emails(&self, now: i64, limit: i64) -> StoreResult<Vec<OutboxRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT id, template, entity, event, to_addr, subject, text_body, html_body, status,
+                        attempts, next_attempt_at, last_error, created_at, sent_at
+                 FROM outbox WHERE status = 'pending' AND next_attempt_at <= $1
+                 ORDER BY next_attempt_at, id LIMIT $2",
+            )
+            .bind(now)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// The attachments of one email.
+    pub async fn email_attachments(&self, outbox_id: i64) -> StoreResult<Vec<NewAttachment>> {
+        let rows: Vec<(String, String, Vec<u8>)> = on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT filename, content_type, content FROM outbox_attachments WHERE outbox_id = $1",
+            )
+            .bind(outbox_id)
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(filename, content_type, content)| NewAttachment {
+                filename,
+                content_type,
+                content,
+            })
+            .collect())
+    }
+
+    /// Marks a pending email sent; false if it was not pending (already handled).
+    pub async fn mark_email_sent(&self, id: i64, now: i64) -> StoreResult<bool> {
+        let n = on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE outbox SET status = 'sent', sent_at = $2, attempts = attempts + 1, last_error = NULL
+                 WHERE id = $1 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(n == 1)
+    }
+
+    /// Records a failed attempt: retried at `retry_at`, or `failed` for good when `None`.
+    pub async fn mark_email_attempt_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_at: Option<i64>,
+    ) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $2,
+                        status = CASE WHEN $3 IS NULL THEN 'failed' ELSE 'pending' END,
+                        next_attempt_at = COALESCE($3, next_attempt_at)
+                 WHERE id = $1 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(error)
+            .bind(retry_at)
+            .execute(pool)
+            .await
+            .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// Emails newest first, optionally to one address.
+    pub async fn outbox(
+        &self,
+        to: Option<&str>,
+        limit: i64,
+        before_id: Option<i64>,
+    ) -> StoreResult<Vec<OutboxRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT id, template, entity, event, to_addr, subject, text_body, html_body, status,
+                        attempts, next_attempt_at, last_error, created_at, sent_at
+                 FROM outbox WHERE ($1 IS NULL OR to_addr = $1) AND ($2 IS NULL OR id < $2)
+                 ORDER BY id DESC LIMIT $3",
+            )
+            .bind(to)
+            .bind(before_id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Emails not yet sent (pending), for the backlog metric.
+    pub async fn outbox_backlog(&self) -> StoreResult<i64> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
+                .fetch_one(pool)
+                .await?
+        }))
+    }
+}
