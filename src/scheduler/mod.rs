@@ -439,7 +439,9 @@ impl Scheduler {
     }
 
     /// The next instant after `now` at which something is due: a pending run (timer, retry,
-    /// backfill) or a slot of a job that isn't a frequent poller.
+    /// backfill) or a slot of a job that runs less often than hourly. Hourly and faster jobs are
+    /// pollers whose business instants are timers, so stopping at each of their slots would
+    /// only slow the clock down.
     async fn next_stop(&self, now: DateTime<Utc>) -> StoreResult<Option<DateTime<Utc>>> {
         let pending = self
             .env

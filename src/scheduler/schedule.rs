@@ -6,7 +6,7 @@
 //! once, at its first occurrence). Interval jobs ("every 15m") are counted in UTC from the Unix
 //! epoch, so every instance agrees on their slots without talking to the others.
 
-use chrono::{DateTime, Duration, Offset, TimeZone, Utc};
+use chrono::{DateTime, Duration, Offset, SubsecRound, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds};
@@ -86,9 +86,17 @@ impl Schedule {
                 DateTime::from_timestamp_micros((us.div_euclid(p) + 1) * p)
             }
             Schedule::Cron { cron, zone, .. } => {
+                // croner carries sub-seconds into its result; slots are whole seconds.
+                let t = t.trunc_subsecs(0);
                 let mut from = t.with_timezone(zone);
                 loop {
                     let next = cron.find_next_occurrence(&from, false).ok()?;
+                    if next <= t {
+                        // croner maps an ambiguous wall time to its first occurrence even when
+                        // that lies before `t`; the slot was then, so look past it.
+                        from = next + Duration::seconds(1);
+                        continue;
+                    }
                     let spurious = !self.is_frequent()
                         && (
                             // A wall-clock time that occurs twice (DST fall-back) runs once, at
@@ -150,15 +158,26 @@ impl Schedule {
         }
     }
 
-    /// Whether slots come hourly or more often. Such jobs are pollers: missed slots are folded
-    /// into a count instead of recorded one by one, and the manual clock doesn't stop at them.
-    pub fn is_frequent(&self) -> bool {
+    /// The usual gap between two slots (measured at a fixed reference instant).
+    pub fn period(&self) -> Duration {
         match self {
-            Schedule::Every { period } => *period <= Duration::hours(1),
+            Schedule::Every { period } => *period,
             Schedule::Cron { cron, .. } => {
-                matches!(cron.determine_job_type(), croner::JobType::IntervalWildcard)
+                // Raw croner occurrences in UTC: no DST corrections needed for an estimate.
+                let reference = DateTime::from_timestamp(946_857_600, 0).unwrap_or_default();
+                let next = |t: &DateTime<Utc>| cron.find_next_occurrence(t, false).ok();
+                match next(&reference).and_then(|a| Some((a, next(&a)?))) {
+                    Some((a, b)) => b - a,
+                    None => Duration::days(366),
+                }
             }
         }
+    }
+
+    /// Whether this is a poller (every 15 minutes or faster): missed slots are folded into a
+    /// count instead of recorded one by one.
+    pub fn is_frequent(&self) -> bool {
+        self.period() <= Duration::minutes(15)
     }
 
     /// The zone slots are read in (UTC for interval jobs).
@@ -440,7 +459,16 @@ mod tests {
         assert_eq!(*slots.last().unwrap(), utc("2026-01-02T01:00:00Z"));
         assert!(ten.is_frequent() && s.is_frequent());
         assert!(!Schedule::parse("0 5 * * *", Berlin).unwrap().is_frequent());
-        assert!(Schedule::parse("0 * * * *", Berlin).unwrap().is_frequent());
+        assert!(!Schedule::parse("0 * * * *", Berlin).unwrap().is_frequent());
+        assert!(
+            Schedule::parse("*/5 * * * *", Berlin)
+                .unwrap()
+                .is_frequent()
+        );
+        assert_eq!(
+            Schedule::parse("0 * * * *", Berlin).unwrap().period(),
+            Duration::hours(1)
+        );
         assert_eq!(s.describe(), "every 15 minutes (UTC)");
         assert_eq!(
             Schedule::parse("every 1h", Berlin).unwrap().describe(),

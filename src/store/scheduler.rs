@@ -340,7 +340,7 @@ impl Store {
         let n = on_pool!(self, |pool| {
             sqlx::query(
                 "UPDATE job_runs SET state = 'succeeded', finished_at = $3, duration_ms = $4, result = $5,
-                    lease_owner = NULL, lease_expires_at = NULL
+                    lease_expires_at = NULL
                  WHERE id = $1 AND attempt = $2 AND state = 'running'",
             )
             .bind(id)
@@ -370,7 +370,7 @@ impl Store {
     ) -> StoreResult<bool> {
         in_tx!(self, |tx| {
             let n = sqlx::query(
-                "UPDATE job_runs SET last_error = $3, lease_owner = NULL, lease_expires_at = NULL,
+                "UPDATE job_runs SET last_error = $3, lease_expires_at = NULL,
                     duration_ms = COALESCE($6, duration_ms),
                     state = CASE WHEN $4 IS NULL THEN 'failed' ELSE 'retrying' END,
                     due_at = COALESCE($4, due_at),

@@ -92,6 +92,17 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// A placeholder left behind when a database moves to a restarted service.
+    fn detached() -> TestDb {
+        TestDb {
+            url: DatabaseUrl::Sqlite("/nonexistent".into()),
+            dir: tempfile::tempdir().expect("temp dir"),
+            pg: None,
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let Some((server, name)) = self.pg.take() else {
@@ -137,6 +148,7 @@ pub fn settings(db: &TestDb) -> Settings {
 /// The real service, serving HTTP on a random port for the length of a test.
 pub struct TestApp {
     pub base: String,
+    pub state: pooled::app::AppState,
     pub client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
@@ -160,9 +172,24 @@ impl TestApp {
 
     pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
         let db = TestDb::new(backend);
+        Self::serve(db, adjust).await
+    }
+
+    /// Stops this service and starts a new one on the same database (a restart after
+    /// downtime, when the manual clock starts later).
+    pub async fn restart_with(mut self, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+        self.shutdown_and_wait().await;
+        let db = std::mem::replace(&mut self._db, TestDb::detached());
+        // Every handle on the old store (and its SQLite lock) goes before the new one opens.
+        drop(self);
+        Self::serve(db, adjust).await
+    }
+
+    async fn serve(db: TestDb, adjust: impl FnOnce(&mut Settings)) -> TestApp {
         let mut s = settings(&db);
         adjust(&mut s);
         let app = App::build(s).await.expect("service starts");
+        let state = app.state().clone();
         let base = format!("http://{}", app.addr);
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until_stopped(async move {
@@ -170,6 +197,7 @@ impl TestApp {
         }));
         TestApp {
             base,
+            state,
             client: reqwest::Client::new(),
             shutdown: Some(tx),
             server: Some(server),
@@ -179,12 +207,50 @@ impl TestApp {
 
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
+        self.shutdown_and_wait().await;
+    }
+
+    async fn shutdown_and_wait(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(server) = self.server.take() {
             server.await.expect("server task").expect("server result");
         }
+        // Release the SQLite lock and pool before the database is reused.
+        self.state.store.close().await;
+    }
+
+    /// The service's data directory (SQLite file, `.eml` outbox).
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.state.settings.data_dir.clone()
+    }
+
+    /// Moves the manual clock to `to` (RFC 3339), running what is due; returns the runs.
+    pub async fn advance(&self, to: &str) -> Vec<Value> {
+        let (status, body) = self
+            .post(
+                "/api/v1/ops/clock/advance",
+                Some(ADMIN_TOKEN),
+                serde_json::json!({"to": to}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "advance to {to}: {body}");
+        body["runs"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Every run of `job` in the ledger, oldest slot first.
+    pub async fn runs_of(&self, job: &str) -> Vec<Value> {
+        let (status, body) = self
+            .get(
+                &format!("/api/v1/ops/runs?job={job}&limit=500"),
+                Some(ADMIN_TOKEN),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let mut runs = body["items"].as_array().cloned().unwrap_or_default();
+        runs.sort_by_key(|r| str_of(&r["scheduled_for"]));
+        runs
     }
 
     /// Sends a JSON request; `token` is the bearer, if any.
