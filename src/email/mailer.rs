@@ -11,6 +11,9 @@ use std::time::Duration;
 /// The sender of every email.
 pub const FROM: &str = "pooled <noreply@pooled.invalid>";
 
+/// The longest one SMTP conversation may take.
+const SEND_DEADLINE: Duration = Duration::from_secs(20);
+
 /// Where emails go.
 #[derive(Clone)]
 pub enum Mailer {
@@ -63,10 +66,18 @@ impl Mailer {
             message,
         })?;
         match self {
-            Mailer::Smtp(t) => t.send(message).await.map(|_| ()).map_err(|e| MailError {
-                transient: !e.is_permanent(),
-                message: format!("SMTP: {e}"),
-            }),
+            // A whole-conversation deadline: a server that stops answering mid-session (seen
+            // after a 4xx to DATA) must not hold the outbox forever.
+            Mailer::Smtp(t) => match tokio::time::timeout(SEND_DEADLINE, t.send(message)).await {
+                Ok(sent) => sent.map(|_| ()).map_err(|e| MailError {
+                    transient: !e.is_permanent(),
+                    message: format!("SMTP: {e}"),
+                }),
+                Err(_) => Err(MailError {
+                    transient: true,
+                    message: format!("SMTP: no answer within {}s", SEND_DEADLINE.as_secs()),
+                }),
+            },
             Mailer::Files(t) => t.send(message).await.map(|_| ()).map_err(|e| MailError {
                 transient: true,
                 message: format!("writing the .eml file: {e}"),

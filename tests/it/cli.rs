@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn pooled(dir: &std::path::Path) -> Command {
+pub fn pooled(dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pooled"));
     cmd.current_dir(dir)
         .env_clear()
@@ -87,9 +87,9 @@ fn bad_configuration_ends_with_one_clear_line() {
 }
 
 /// A running `pooled serve`, killed on drop.
-struct Served {
-    child: Child,
-    base: String,
+pub struct Served {
+    pub child: Child,
+    pub base: String,
 }
 
 impl Drop for Served {
@@ -99,7 +99,7 @@ impl Drop for Served {
     }
 }
 
-fn serve(mut cmd: Command) -> Served {
+pub fn serve(mut cmd: Command) -> Served {
     let mut child = cmd
         .arg("serve")
         .stdout(Stdio::piped())
@@ -123,7 +123,7 @@ fn serve(mut cmd: Command) -> Served {
     }
 }
 
-fn sigterm(child: &Child) {
+pub fn sigterm(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

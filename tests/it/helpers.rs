@@ -188,6 +188,7 @@ impl TestApp {
     async fn serve(db: TestDb, adjust: impl FnOnce(&mut Settings)) -> TestApp {
         let mut s = settings(&db);
         adjust(&mut s);
+        pooled::telemetry::init();
         let app = App::build(s).await.expect("service starts");
         let state = app.state().clone();
         let base = format!("http://{}", app.addr);

@@ -4,5 +4,7 @@ mod helpers;
 
 mod api;
 mod cli;
+mod crash;
+mod email;
 mod scheduler;
 mod store;
