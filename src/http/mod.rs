@@ -10,6 +10,7 @@ mod idempotency;
 mod identity;
 pub mod observe;
 mod ops;
+mod pages;
 
 use crate::app::AppState;
 use axum::extract::DefaultBodyLimit;
@@ -47,6 +48,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .merge(observe::router())
+        .merge(pages::router())
         .route(
             "/api/openapi.json",
             get(move || {

@@ -6,5 +6,6 @@ mod api;
 mod cli;
 mod crash;
 mod email;
+mod pages;
 mod scheduler;
 mod store;
