@@ -399,16 +399,21 @@ impl Scheduler {
         })
     }
 
+    /// Everything before claiming: plan new slots, skip overlapping ones, reap dead attempts.
+    async fn prepare(&self, now: DateTime<Utc>) -> StoreResult<()> {
+        self.plan(now).await?;
+        self.env
+            .store
+            .skip_overlapping(now.timestamp_micros())
+            .await?;
+        self.reap().await
+    }
+
     /// Plans, reaps and runs everything due at `now`, one run at a time, until nothing is due.
     pub async fn run_until_idle(&self, now: DateTime<Utc>) -> StoreResult<Vec<RunReport>> {
         let mut reports = Vec::new();
         loop {
-            self.plan(now).await?;
-            self.env
-                .store
-                .skip_overlapping(now.timestamp_micros())
-                .await?;
-            self.reap().await?;
+            self.prepare(now).await?;
             match self.run_one(now).await? {
                 Some(report) => reports.push(report),
                 None => return Ok(reports),
@@ -477,12 +482,7 @@ impl Scheduler {
     async fn tick_once(self: &Arc<Self>) -> StoreResult<()> {
         self.heartbeat().await?;
         let now = self.env.clock.now();
-        self.plan(now).await?;
-        self.env
-            .store
-            .skip_overlapping(now.timestamp_micros())
-            .await?;
-        self.reap().await?;
+        self.prepare(now).await?;
         while let Some(claimed) = self
             .env
             .store
