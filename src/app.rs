@@ -6,6 +6,8 @@ use crate::config::{ClockMode, Settings};
 use crate::email::mailer::Mailer;
 use crate::http;
 use crate::ids::{hash_token, new_token};
+use crate::payments::Payments;
+use crate::payments::sandbox::SandboxGateway;
 use crate::scheduler::{JobEnv, Scheduler, jobs};
 use crate::store::Store;
 use anyhow::Context;
@@ -23,6 +25,7 @@ pub struct AppState {
     pub admin_token_hash: Arc<str>,
     pub settings: Arc<Settings>,
     pub scheduler: Arc<Scheduler>,
+    pub payments: Payments,
 }
 
 /// A service that is bound and migrated, ready to run.
@@ -62,11 +65,22 @@ impl App {
             &settings.data_dir.join("outbox"),
         )
         .map_err(anyhow::Error::msg)?;
+        let gateway = Arc::new(SandboxGateway::new(store.clone(), Arc::clone(&clock)));
+        let payments = Payments::new(store.clone(), gateway, settings.crash_after_gateway_call);
+        // Intents a previous process sent but never recorded are resolved before serving.
+        match payments.sweep(clock.now(), true).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(intents = n, "resent payment intents left pending"),
+            Err(e) => {
+                tracing::warn!(error = %e, "start-up payment sweep failed; the payment-retry job will retry")
+            }
+        }
         let settings = Arc::new(settings);
         let env = JobEnv {
             store: store.clone(),
             clock: Arc::clone(&clock),
             mailer,
+            payments: payments.clone(),
             settings: Arc::clone(&settings),
         };
         let scheduler = Scheduler::start(env, job_specs, settings.instance_id.clone()).await?;
@@ -83,6 +97,7 @@ impl App {
                 admin_token_hash: admin_token_hash.into(),
                 settings,
                 scheduler,
+                payments,
             },
             addr,
             generated_admin_token,

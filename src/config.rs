@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP service and the scheduler (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate(DatabaseArgs),
 }
@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Per-job schedule and policy overrides: `job.key=value;…` (see README).
     #[arg(long, env = "POOLED_JOB_OVERRIDES")]
     pub job_overrides: Option<String>,
+    /// Crash tests only: `after-gateway-call` aborts the process right after the payment
+    /// gateway answers and before its result is recorded.
+    #[arg(long, env = "POOLED_DEBUG_CRASH", hide = true)]
+    pub debug_crash: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -181,6 +185,8 @@ pub struct Settings {
     pub instance_id: String,
     pub ops_email: Option<String>,
     pub job_overrides: Option<String>,
+    /// Abort right after a gateway call, before recording it (crash tests only).
+    pub crash_after_gateway_call: bool,
 }
 
 impl DatabaseArgs {
@@ -237,6 +243,16 @@ impl ServeArgs {
             crate::domain::identity::parse_email(email)
                 .map_err(|m| ConfigError::new("POOLED_OPS_EMAIL", m))?;
         }
+        let crash_after_gateway_call = match self.debug_crash.as_deref() {
+            None => false,
+            Some("after-gateway-call") => true,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "POOLED_DEBUG_CRASH",
+                    format!("unknown crash point '{other}' (expected after-gateway-call)"),
+                ));
+            }
+        };
         let instance_id = self.instance_id.unwrap_or_else(default_instance_id);
         Ok(Settings {
             database,
@@ -250,6 +266,7 @@ impl ServeArgs {
             instance_id,
             ops_email: self.ops_email,
             job_overrides: self.job_overrides,
+            crash_after_gateway_call,
         })
     }
 }
@@ -271,7 +288,7 @@ mod tests {
         let mut argv = vec!["pooled", "serve"];
         argv.extend_from_slice(extra);
         match Cli::parse_from(argv).command {
-            Some(Command::Serve(args)) => args,
+            Some(Command::Serve(args)) => *args,
             other => panic!("expected serve, got {other:?}"),
         }
     }

@@ -4,3 +4,5 @@
 //! arguments. This is where the property tests live.
 
 pub mod identity;
+pub mod ledger;
+pub mod money;

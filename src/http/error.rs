@@ -4,6 +4,7 @@
 //! idempotency layer and the fallbacks. Each carries a stable `code` from API.md; server errors
 //! are logged with their cause and shown without it.
 
+use crate::payments::PaymentsError;
 use crate::store::StoreError;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -114,6 +115,15 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => ApiError::not_found("no such resource"),
             StoreError::Conflict(detail) => ApiError::conflict("conflict", detail),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<PaymentsError> for ApiError {
+    fn from(e: PaymentsError) -> Self {
+        match e {
+            PaymentsError::Store(e) => e.into(),
             other => ApiError::internal(&other),
         }
     }

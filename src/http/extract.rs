@@ -80,7 +80,7 @@ pub struct Validation(Vec<FieldError>);
 
 impl Validation {
     /// Records `result`'s error under `field` and passes its value on.
-    pub fn check<T>(&mut self, field: &str, result: Result<T, &str>) -> Option<T> {
+    pub fn check<T, E: Into<String>>(&mut self, field: &str, result: Result<T, E>) -> Option<T> {
         match result {
             Ok(v) => Some(v),
             Err(message) => {

@@ -11,6 +11,7 @@ mod identity;
 pub mod observe;
 mod ops;
 mod pages;
+mod payments;
 
 use crate::app::AppState;
 use axum::extract::DefaultBodyLimit;
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router {
     let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(identity::router())
         .merge(ops::router())
+        .merge(payments::router())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,

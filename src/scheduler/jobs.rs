@@ -3,7 +3,8 @@
 //! "run now" button and the tests.
 
 use super::schedule::{CatchUp, Schedule};
-use super::{JobBody, JobError, RunCtx};
+use super::{JobBody, JobError, JobResult, RunCtx};
+use crate::payments::PAYMENT_RETRY_JOB;
 use crate::store::{OUTBOX_JOB, StoreError};
 use chrono::Duration;
 use chrono_tz::Tz;
@@ -60,7 +61,7 @@ fn nothing_due() -> JobBody {
     Arc::new(|_ctx| Box::pin(async { Ok(json!({"swept": 0})) }))
 }
 
-/// The nine jobs with their default schedules, in the shop zone `shop`.
+/// The jobs with their default schedules, in the shop zone `shop`.
 pub fn defaults(shop: Tz) -> Vec<JobSpec> {
     let utc = chrono_tz::UTC;
     let mut reminders = JobSpec::new(
@@ -125,6 +126,13 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
         ),
         outbox,
         JobSpec::new(
+            PAYMENT_RETRY_JOB,
+            "every 1m",
+            utc,
+            CatchUp::Latest,
+            Arc::new(|ctx| Box::pin(retry_payments(ctx))),
+        ),
+        JobSpec::new(
             "maintenance-prune",
             "0 3 * * *",
             shop,
@@ -132,6 +140,17 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             Arc::new(|ctx| Box::pin(prune(ctx))),
         ),
     ]
+}
+
+/// Resends payment intents whose retry time has come (and any a crashed sender left behind).
+async fn retry_payments(ctx: RunCtx) -> JobResult {
+    let attempted = ctx
+        .env
+        .payments
+        .sweep(ctx.now, false)
+        .await
+        .map_err(|e| JobError(e.to_string()))?;
+    Ok(json!({ "attempted": attempted }))
 }
 
 /// Applies `POOLED_JOB_OVERRIDES`: `;`-separated `job.key=value` with keys `schedule`,

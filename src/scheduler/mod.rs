@@ -19,6 +19,7 @@ pub mod schedule;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::email::{self, mailer::Mailer};
+use crate::payments::Payments;
 use crate::store::{Claimed, JobDefRow, NewRun, Store, StoreResult};
 use chrono::{DateTime, Duration, Utc};
 use jobs::JobSpec;
@@ -44,6 +45,7 @@ pub struct JobEnv {
     pub store: Store,
     pub clock: Arc<dyn Clock>,
     pub mailer: Mailer,
+    pub payments: Payments,
     pub settings: Arc<Settings>,
 }
 

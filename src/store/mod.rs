@@ -126,14 +126,130 @@ macro_rules! enqueue_email {
     }};
 }
 
+/// Posts a balanced [`JournalEntry`](crate::domain::ledger::JournalEntry) inside the caller's
+/// transaction (`$tx`): lines first, then the entry row, which the database refuses unless its
+/// lines sum to zero. Posts nothing when the entry's `(cause, event)` was already booked.
+macro_rules! post_entry {
+    ($tx:ident, $entry:expr, $now:expr) => {{
+        let entry: &$crate::domain::ledger::JournalEntry = $entry;
+        let booked: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM ledger_entries WHERE cause_type = $1 AND cause_id = $2 AND event = $3",
+        )
+        .bind(entry.cause_type)
+        .bind(&entry.cause_id)
+        .bind(entry.event)
+        .fetch_optional(&mut *$tx)
+        .await?;
+        if booked.is_none() {
+            let id = $crate::ids::new_id("je");
+            for (line_no, line) in entry.lines.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO ledger_lines (entry_id, line_no, account, shopper_id, amount_minor)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&id)
+                .bind(line_no as i64)
+                .bind(line.account.as_str())
+                .bind(&line.shopper_id)
+                .bind(line.amount_minor)
+                .execute(&mut *$tx)
+                .await?;
+            }
+            sqlx::query(
+                "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event, memo, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&id)
+            .bind(entry.currency.code())
+            .bind(entry.cause_type)
+            .bind(&entry.cause_id)
+            .bind(entry.event)
+            .bind(&entry.memo)
+            .bind($now)
+            .execute(&mut *$tx)
+            .await?;
+        }
+    }};
+}
+
+/// Commits a payment intent ([`NewIntent`]) inside the caller's transaction, pending, to be
+/// sent after the commit. Evaluates to `false` when its idempotency key already names one.
+macro_rules! insert_intent {
+    ($tx:ident, $intent:expr, $now:expr) => {{
+        let intent: &$crate::store::NewIntent = $intent;
+        sqlx::query(
+            "INSERT INTO payment_intents (id, idempotency_key, kind, purpose, subject_id, shopper_id,
+                 amount_minor, currency, account, refund_of, status, next_attempt_at, memo, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'pending', $11, $12, $13)
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(&intent.id)
+        .bind(&intent.idempotency_key)
+        .bind(intent.kind)
+        .bind(intent.purpose)
+        .bind(&intent.subject_id)
+        .bind(&intent.shopper_id)
+        .bind(intent.amount.minor())
+        .bind(intent.amount.currency().code())
+        .bind(intent.account.as_str())
+        .bind(&intent.refund_of)
+        .bind(intent.first_sweep_at)
+        .bind(&intent.memo)
+        .bind($now)
+        .execute(&mut *$tx)
+        .await?
+        .rows_affected()
+            == 1
+    }};
+}
+
+/// Decides a refund inside the caller's transaction: takes its amount off the charge intent
+/// named by `refund_of` (guarded, so refunds never exceed the charge), commits the refund
+/// intent and books the decision (debit the intent's account, credit `refunds`). Evaluates to
+/// `false`, changing nothing, when the charge has not succeeded or has too little left.
+macro_rules! decide_refund {
+    ($tx:ident, $intent:expr, $now:expr) => {{
+        let intent: &$crate::store::NewIntent = $intent;
+        let taken = sqlx::query(
+            "UPDATE payment_intents SET refunded_minor = refunded_minor + $2
+             WHERE id = $1 AND kind = 'charge' AND status = 'succeeded' AND currency = $3
+               AND refunded_minor + $2 <= amount_minor",
+        )
+        .bind(&intent.refund_of)
+        .bind(intent.amount.minor())
+        .bind(intent.amount.currency().code())
+        .execute(&mut *$tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if taken && insert_intent!($tx, intent, $now) {
+            let entry = $crate::domain::ledger::JournalEntry::transfer(
+                ("payment_intent", &intent.id, "refund_decided"),
+                format!("{} refund decided", intent.purpose),
+                intent.account,
+                $crate::domain::ledger::Account::Refunds,
+                intent.amount,
+                Some(&intent.shopper_id),
+            )
+            .map_err(|e| $crate::store::StoreError::Inconsistent(e.to_string()))?;
+            post_entry!($tx, &entry, $now);
+        }
+        taken
+    }};
+}
+
 mod idempotency;
 mod identity;
 mod outbox;
+mod payments;
+mod sandbox;
 mod scheduler;
 
 pub use idempotency::IdempotencyBegin;
 pub use identity::TokenSubject;
 pub use outbox::{NewAttachment, NewEmail, OUTBOX_JOB, OutboxRow};
+pub use payments::{AccountBalance, IntentFilter, IntentResult, IntentRow, LedgerCheck, NewIntent};
+pub use sandbox::{SandboxPaymentRow, SandboxRefund};
 pub use scheduler::{Claimed, JobDefRow, JobRunRow, NewRun, RunFilter, SchedulerInstanceRow};
 
 /// Errors of the storage layer.
@@ -151,6 +267,8 @@ pub enum StoreError {
     Open { url: String, message: String },
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is inconsistent: {0}")]
+    Inconsistent(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }

@@ -92,7 +92,24 @@ impl TestDb {
     }
 }
 
+/// The backends to run on here: SQLite, and PostgreSQL when configured (always under CI).
+pub fn backends() -> Vec<Backend> {
+    let mut all = vec![Backend::Sqlite];
+    if postgres_server().is_some() {
+        all.push(Backend::Postgres);
+    }
+    all
+}
+
 impl TestDb {
+    /// The database as a `DATABASE_URL` for a child process.
+    pub fn url_string(&self) -> String {
+        match &self.url {
+            DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+            DatabaseUrl::Postgres(url) => url.clone(),
+        }
+    }
+
     /// A placeholder left behind when a database moves to a restarted service.
     fn detached() -> TestDb {
         TestDb {
@@ -142,6 +159,7 @@ pub fn settings(db: &TestDb) -> Settings {
         instance_id: "test".into(),
         ops_email: None,
         job_overrides: None,
+        crash_after_gateway_call: false,
     }
 }
 
@@ -295,6 +313,44 @@ impl TestApp {
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         (str_of(&body["id"]), str_of(&body["token"]))
+    }
+}
+
+/// Money helpers.
+impl TestApp {
+    /// POSTs with an `Idempotency-Key`.
+    pub async fn post_keyed(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+        let res = self
+            .client
+            .request(Method::POST, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = res.status();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn ledger_check(&self) -> Value {
+        let (status, body) = self
+            .get("/api/v1/ops/ledger/check", Some(ADMIN_TOKEN))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// The balance of one ledger account in EUR, as the API's decimal string.
+    pub async fn account_balance(&self, account: &str) -> String {
+        let check = self.ledger_check().await;
+        check["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["account"] == account)
+            .map(|a| str_of(&a["balance"]))
+            .unwrap_or_else(|| "0.00".into())
     }
 }
 

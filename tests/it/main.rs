@@ -7,5 +7,6 @@ mod cli;
 mod crash;
 mod email;
 mod pages;
+mod payments;
 mod scheduler;
 mod store;

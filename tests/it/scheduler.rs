@@ -231,7 +231,7 @@ on_both_backends! {
 
         let (_, jobs) = app.get("/api/v1/ops/jobs", Some(ADMIN_TOKEN)).await;
         let names: Vec<String> = jobs["items"].as_array().unwrap().iter().map(|j| str_of(&j["name"])).collect();
-        assert_eq!(names.len(), 9, "{names:?}");
+        assert_eq!(names.len(), 10, "{names:?}");
         for j in jobs["items"].as_array().unwrap() {
             assert_eq!(j["upcoming"].as_array().unwrap().len(), 5, "{j}");
         }

@@ -1,0 +1,526 @@
+//! Payment intents (every charge or refund, committed before it is sent and resolved after)
+//! and the double-entry ledger they post to, with the reconciliation check against the
+//! gateway's record.
+//!
+//! Business transactions create intents with [`insert_intent!`] / [`decide_refund!`] beside the
+//! state change that causes them; [`crate::payments::Payments`] sends them and records the
+//! result here, posting the ledger in the same transaction as the result.
+
+use super::{Store, StoreError, StoreResult};
+use crate::domain::ledger::{Account, JournalEntry};
+use crate::domain::money::{Currency, Money};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// A charge or refund to commit before sending.
+#[derive(Debug, Clone)]
+pub struct NewIntent {
+    pub id: String,
+    pub idempotency_key: String,
+    /// `charge` or `refund`.
+    pub kind: &'static str,
+    /// Whose state the result moves: `deposit`, `balance`, `renewal`, `adjustment`, `refund`.
+    pub purpose: &'static str,
+    pub subject_id: String,
+    pub shopper_id: String,
+    pub amount: Money,
+    /// Charge: credited when it succeeds. Refund: debited when the refund is decided.
+    pub account: Account,
+    /// Refund: the charge intent it returns money from.
+    pub refund_of: Option<String>,
+    pub memo: String,
+    /// When a sweep may first pick it up (the caller sends it itself before then).
+    pub first_sweep_at: i64,
+}
+
+/// An intent as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
+pub struct IntentRow {
+    pub seq: i64,
+    pub id: String,
+    pub idempotency_key: String,
+    pub kind: String,
+    pub purpose: String,
+    pub subject_id: String,
+    pub shopper_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub account: String,
+    pub refund_of: Option<String>,
+    pub refunded_minor: i64,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub gateway_ref: Option<String>,
+    pub payment_method: Option<String>,
+    pub decline_reason: Option<String>,
+    pub last_error: Option<String>,
+    pub memo: String,
+    pub created_at: i64,
+    pub resolved_at: Option<i64>,
+}
+
+macro_rules! intent_columns {
+    () => {
+        "seq, id, idempotency_key, kind, purpose, subject_id, shopper_id, amount_minor, currency,
+         account, refund_of, refunded_minor, status, attempts, next_attempt_at, gateway_ref,
+         payment_method, decline_reason, last_error, memo, created_at, resolved_at"
+    };
+}
+
+/// How a sent intent ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntentResult {
+    Succeeded {
+        gateway_ref: String,
+        payment_method: Option<String>,
+    },
+    Declined {
+        gateway_ref: Option<String>,
+        payment_method: Option<String>,
+        reason: String,
+    },
+    /// The gateway refused the request itself; retrying cannot help.
+    Failed { error: String },
+}
+
+/// Filters of the intent listing.
+#[derive(Debug, Default, Clone)]
+pub struct IntentFilter {
+    pub shopper_id: Option<String>,
+    pub status: Option<String>,
+    pub subject_id: Option<String>,
+}
+
+/// One account's balance in one currency (debits positive).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccountBalance {
+    pub account: String,
+    pub currency: String,
+    pub balance_minor: i64,
+}
+
+/// The ledger compared with itself and with the gateway's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerCheck {
+    /// Every entry has two or more lines summing to zero, and no line is outside an entry.
+    pub balanced: bool,
+    pub entries: i64,
+    /// Per shopper and currency, gateway clearing equals the gateway's net (charges − refunds),
+    /// and every succeeded intent has its succeeded gateway movement and vice versa.
+    pub gateway_matches: bool,
+    pub accounts: Vec<AccountBalance>,
+    /// What disagrees, in words, for ops.
+    pub mismatches: Vec<String>,
+}
+
+impl Store {
+    /// Commits a charge intent on its own (for causes with no other row to write). A key used
+    /// before returns the intent it already names.
+    pub async fn create_intent(&self, intent: &NewIntent, now: i64) -> StoreResult<IntentRow> {
+        in_tx!(self, |tx| {
+            // An existing key is fine: the intent it names is returned below.
+            let _new = insert_intent!(tx, intent, now);
+            tx.commit().await?;
+        });
+        self.intent_by_key(&intent.idempotency_key)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// Commits a refund intent on its own: `None` when its charge has not succeeded or has less
+    /// left than `intent.amount`. A key used before returns the intent it already names.
+    pub async fn create_refund_intent(
+        &self,
+        intent: &NewIntent,
+        now: i64,
+    ) -> StoreResult<Option<IntentRow>> {
+        if let Some(existing) = self.intent_by_key(&intent.idempotency_key).await? {
+            return Ok(Some(existing));
+        }
+        let decided = in_tx!(self, |tx| {
+            let decided = decide_refund!(tx, intent, now);
+            if decided {
+                tx.commit().await?;
+            }
+            decided
+        });
+        if !decided {
+            return Ok(None);
+        }
+        self.intent_by_key(&intent.idempotency_key).await
+    }
+
+    pub async fn intent(&self, id: &str) -> StoreResult<Option<IntentRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                intent_columns!(),
+                " FROM payment_intents WHERE id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+        }))
+    }
+
+    pub async fn intent_by_key(&self, key: &str) -> StoreResult<Option<IntentRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                intent_columns!(),
+                " FROM payment_intents WHERE idempotency_key = $1"
+            ))
+            .bind(key)
+            .fetch_optional(pool)
+            .await?
+        }))
+    }
+
+    /// Takes a pending intent for one gateway call: counts the attempt and holds the intent
+    /// away from sweeps until `hold_until`. `None` when it is no longer pending.
+    pub async fn begin_intent_attempt(
+        &self,
+        id: &str,
+        hold_until: i64,
+    ) -> StoreResult<Option<IntentRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "UPDATE payment_intents SET attempts = attempts + 1, next_attempt_at = $2
+                 WHERE id = $1 AND status = 'pending' RETURNING ",
+                intent_columns!()
+            ))
+            .bind(id)
+            .bind(hold_until)
+            .fetch_optional(pool)
+            .await?
+        }))
+    }
+
+    /// Records how a sent intent ended and books it, once: `false` when another caller
+    /// recorded it first (its result stands).
+    pub async fn record_intent_result(
+        &self,
+        id: &str,
+        result: &IntentResult,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let (status, gateway_ref, method, reason, error) = match result {
+            IntentResult::Succeeded {
+                gateway_ref,
+                payment_method,
+            } => (
+                "succeeded",
+                Some(gateway_ref.as_str()),
+                payment_method.as_deref(),
+                None,
+                None,
+            ),
+            IntentResult::Declined {
+                gateway_ref,
+                payment_method,
+                reason,
+            } => (
+                "declined",
+                gateway_ref.as_deref(),
+                payment_method.as_deref(),
+                Some(reason.as_str()),
+                None,
+            ),
+            IntentResult::Failed { error } => ("failed", None, None, None, Some(error.as_str())),
+        };
+        in_tx!(self, |tx| {
+            let row: Option<IntentRow> = sqlx::query_as(concat!(
+                "UPDATE payment_intents
+                 SET status = $2, gateway_ref = COALESCE($3, gateway_ref), payment_method = $4,
+                     decline_reason = $5, last_error = COALESCE($6, last_error), resolved_at = $7
+                 WHERE id = $1 AND status = 'pending' RETURNING ",
+                intent_columns!()
+            ))
+            .bind(id)
+            .bind(status)
+            .bind(gateway_ref)
+            .bind(method)
+            .bind(reason)
+            .bind(error)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                return Ok(false);
+            };
+            let entry = match (row.kind.as_str(), status) {
+                ("charge", "succeeded") => Some(intent_entry(
+                    &row,
+                    "succeeded",
+                    Account::GatewayClearing,
+                    parse_account(&row.account)?,
+                )?),
+                ("refund", "succeeded") => Some(intent_entry(
+                    &row,
+                    "succeeded",
+                    Account::Refunds,
+                    Account::GatewayClearing,
+                )?),
+                // A refund that can never be paid is undone: its charge gets the amount back
+                // and the decision is reversed in the ledger.
+                ("refund", _) => {
+                    sqlx::query(
+                        "UPDATE payment_intents SET refunded_minor = refunded_minor - $2
+                         WHERE id = $1",
+                    )
+                    .bind(&row.refund_of)
+                    .bind(row.amount_minor)
+                    .execute(&mut *tx)
+                    .await?;
+                    Some(intent_entry(
+                        &row,
+                        "refund_undone",
+                        Account::Refunds,
+                        parse_account(&row.account)?,
+                    )?)
+                }
+                _ => None,
+            };
+            if let Some(entry) = entry {
+                post_entry!(tx, &entry, now);
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Leaves an intent pending after a transient failure, to be resent at `retry_at` (a timer
+    /// wakes `job` then).
+    pub async fn record_intent_retry(
+        &self,
+        id: &str,
+        error: &str,
+        retry_at: i64,
+        job: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            sqlx::query(
+                "UPDATE payment_intents SET last_error = $2, next_attempt_at = $3
+                 WHERE id = $1 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(error)
+            .bind(retry_at)
+            .execute(&mut *tx)
+            .await?;
+            schedule_timer!(&mut *tx, job, retry_at, now).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Puts a declined charge back to pending (a dunning retry, or a card update), keeping its
+    /// key: the gateway decides a declined key afresh. `false` if it was not declined.
+    pub async fn retry_declined_intent(&self, id: &str, now: i64) -> StoreResult<bool> {
+        let done = on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE payment_intents
+                 SET status = 'pending', next_attempt_at = $2, resolved_at = NULL
+                 WHERE id = $1 AND status = 'declined' AND kind = 'charge'",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(done == 1)
+    }
+
+    /// Pending intents a sweep should send, in `seq` order after `after_seq`: due by `now`,
+    /// or every pending one when `include_held` (at start-up, when no call of this process can
+    /// be in flight).
+    pub async fn pending_intents(
+        &self,
+        now: i64,
+        include_held: bool,
+        after_seq: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<IntentRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                intent_columns!(),
+                " FROM payment_intents
+                 WHERE status = 'pending' AND ($2 OR next_attempt_at <= $1) AND seq > $3
+                 ORDER BY seq LIMIT $4"
+            ))
+            .bind(now)
+            .bind(include_held)
+            .bind(after_seq)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Intents, newest first; `after` is a `seq`.
+    pub async fn intents(
+        &self,
+        filter: &IntentFilter,
+        after: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<IntentRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                intent_columns!(),
+                " FROM payment_intents
+                 WHERE ($1 IS NULL OR shopper_id = $1) AND ($2 IS NULL OR status = $2)
+                   AND ($3 IS NULL OR subject_id = $3) AND ($4 IS NULL OR seq < $4)
+                 ORDER BY seq DESC LIMIT $5"
+            ))
+            .bind(&filter.shopper_id)
+            .bind(&filter.status)
+            .bind(&filter.subject_id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Compares the ledger with itself and with the gateway's record.
+    pub async fn ledger_check(&self) -> StoreResult<LedgerCheck> {
+        type Sums = Vec<(Option<String>, String, i64)>;
+        let (entries, unbalanced, orphans, accounts, clearing, gateway, unmatched) =
+            on_pool!(self, |pool| {
+                let entries: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_entries")
+                    .fetch_one(pool)
+                    .await?;
+                let unbalanced: Vec<String> = sqlx::query_scalar(
+                    "SELECT e.id FROM ledger_entries e
+                     LEFT JOIN ledger_lines l ON l.entry_id = e.id
+                     GROUP BY e.id
+                     HAVING COUNT(l.entry_id) < 2 OR COALESCE(SUM(l.amount_minor), 0) <> 0",
+                )
+                .fetch_all(pool)
+                .await?;
+                let orphans: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM ledger_lines l
+                     WHERE NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.id = l.entry_id)",
+                )
+                .fetch_one(pool)
+                .await?;
+                let accounts: Vec<(String, String, i64)> = sqlx::query_as(
+                    "SELECT l.account, e.currency, CAST(SUM(l.amount_minor) AS BIGINT)
+                     FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id
+                     GROUP BY l.account, e.currency ORDER BY l.account, e.currency",
+                )
+                .fetch_all(pool)
+                .await?;
+                let clearing: Sums = sqlx::query_as(
+                    "SELECT l.shopper_id, e.currency, CAST(SUM(l.amount_minor) AS BIGINT)
+                     FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id
+                     WHERE l.account = 'gateway_clearing'
+                     GROUP BY l.shopper_id, e.currency",
+                )
+                .fetch_all(pool)
+                .await?;
+                let gateway: Sums = sqlx::query_as(
+                    "SELECT customer, currency, CAST(SUM(CASE WHEN kind = 'charge'
+                         THEN amount_minor ELSE -amount_minor END) AS BIGINT)
+                     FROM sandbox_payments WHERE status = 'succeeded'
+                     GROUP BY customer, currency",
+                )
+                .fetch_all(pool)
+                .await?;
+                let unmatched: Vec<String> = sqlx::query_scalar(
+                    "SELECT 'intent ' || i.id || ' succeeded without its gateway movement'
+                     FROM payment_intents i
+                     WHERE i.status = 'succeeded' AND NOT EXISTS (
+                         SELECT 1 FROM sandbox_payments p
+                         WHERE p.kind = i.kind AND p.idempotency_key = i.idempotency_key
+                           AND p.status = 'succeeded' AND p.amount_minor = i.amount_minor
+                           AND p.currency = i.currency)
+                     UNION ALL
+                     SELECT 'gateway ' || p.kind || ' ' || p.id || ' (key ' || p.idempotency_key
+                            || ') has no succeeded intent'
+                     FROM sandbox_payments p
+                     WHERE p.status = 'succeeded' AND NOT EXISTS (
+                         SELECT 1 FROM payment_intents i
+                         WHERE i.kind = p.kind AND i.idempotency_key = p.idempotency_key
+                           AND i.status = 'succeeded')",
+                )
+                .fetch_all(pool)
+                .await?;
+                (
+                    entries, unbalanced, orphans, accounts, clearing, gateway, unmatched,
+                )
+            });
+        let mut mismatches: Vec<String> = unbalanced
+            .iter()
+            .map(|id| format!("entry {id} does not sum to zero"))
+            .collect();
+        if orphans > 0 {
+            mismatches.push(format!("{orphans} ledger lines belong to no entry"));
+        }
+        let balanced = mismatches.is_empty();
+        // Gateway clearing per (shopper, currency) against the gateway's net per customer.
+        let mut nets: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+        for (shopper, currency, sum) in clearing {
+            nets.entry((shopper.unwrap_or_default(), currency))
+                .or_default()
+                .0 += sum;
+        }
+        for (customer, currency, sum) in gateway {
+            nets.entry((customer.unwrap_or_default(), currency))
+                .or_default()
+                .1 += sum;
+        }
+        for ((shopper, currency), (ledger, gateway)) in &nets {
+            if ledger != gateway {
+                mismatches.push(format!(
+                    "shopper {shopper}: gateway clearing {ledger} {currency} minor units, gateway net {gateway}"
+                ));
+            }
+        }
+        mismatches.extend(unmatched);
+        let gateway_matches = balanced && mismatches.is_empty();
+        Ok(LedgerCheck {
+            balanced,
+            entries,
+            gateway_matches,
+            accounts: accounts
+                .into_iter()
+                .map(|(account, currency, balance_minor)| AccountBalance {
+                    account,
+                    currency,
+                    balance_minor,
+                })
+                .collect(),
+            mismatches,
+        })
+    }
+}
+
+fn parse_account(name: &str) -> StoreResult<Account> {
+    Account::parse(name).ok_or_else(|| StoreError::Inconsistent(format!("unknown account {name}")))
+}
+
+/// The two-line entry of an intent's event, on behalf of its shopper.
+fn intent_entry(
+    row: &IntentRow,
+    event: &'static str,
+    debit: Account,
+    credit: Account,
+) -> StoreResult<JournalEntry> {
+    let inconsistent = |e: &dyn std::fmt::Display| StoreError::Inconsistent(e.to_string());
+    let currency = Currency::parse(&row.currency).map_err(|e| inconsistent(&e))?;
+    JournalEntry::transfer(
+        ("payment_intent", &row.id, event),
+        format!("{} {} {}", row.purpose, row.kind, event),
+        debit,
+        credit,
+        Money::from_minor(row.amount_minor, currency),
+        Some(&row.shopper_id),
+    )
+    .map_err(|e| inconsistent(&e))
+}

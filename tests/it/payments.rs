@@ -1,0 +1,461 @@
+//! Money on both backends: the sandbox gateway's idempotency (across restarts and races),
+//! intents with retries, ops charges and refunds over HTTP, the ledger's database checks, and a
+//! process killed between the gateway's answer and its recording.
+
+use crate::cli::{pooled, serve};
+use crate::helpers::{ADMIN_TOKEN, TestApp, TestDb, str_of};
+use crate::on_both_backends;
+use pooled::config::DatabaseUrl;
+use pooled::domain::ledger::Account;
+use pooled::domain::money::{Currency, Money};
+use pooled::payments::gateway::{
+    ChargeRequest, GatewayError, GatewayFuture, GatewayOutcome, PaymentGateway, RefundRequest,
+};
+use pooled::payments::sandbox::SandboxGateway;
+use pooled::payments::{Outcome, Payments};
+use pooled::store::{IntentFilter, NewIntent, Store, micros};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+fn eur(minor: i64) -> Money {
+    Money::from_minor(minor, Currency::parse("EUR").unwrap())
+}
+
+fn charge(customer: &str, method: &str, minor: i64, key: &str) -> ChargeRequest {
+    ChargeRequest {
+        customer: customer.into(),
+        payment_method: method.into(),
+        amount: eur(minor),
+        idempotency_key: key.into(),
+    }
+}
+
+fn reference(outcome: Result<GatewayOutcome, GatewayError>) -> String {
+    match outcome {
+        Ok(GatewayOutcome::Succeeded { reference }) => reference,
+        other => panic!("expected success, got {other:?}"),
+    }
+}
+
+on_both_backends! {
+    async fn the_sandbox_never_charges_a_key_twice(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let sandbox = SandboxGateway::new(app.state.store.clone(), Arc::clone(&app.state.clock));
+        let first = reference(sandbox.charge(&charge("sh_1", "pm_ok", 1000, "k1")).await);
+        let again = reference(sandbox.charge(&charge("sh_1", "pm_ok", 1000, "k1")).await);
+        assert_eq!(first, again, "a repeat answers with the first charge");
+        assert!(matches!(
+            sandbox.charge(&charge("sh_1", "pm_ok", 999, "k1")).await,
+            Err(GatewayError::Rejected(_))
+        ), "the same key for another amount is refused");
+
+        // Declines carry their reason; a declined key is decided afresh after a card update.
+        assert!(matches!(
+            sandbox.charge(&charge("sh_2", "pm_decline", 500, "k2")).await,
+            Ok(GatewayOutcome::Declined { reason, .. }) if reason == "card_declined"
+        ));
+        assert!(matches!(
+            sandbox.charge(&charge("sh_2", "pm_insufficient_funds", 500, "k2")).await,
+            Ok(GatewayOutcome::Declined { reason, .. }) if reason == "insufficient_funds"
+        ));
+        reference(sandbox.charge(&charge("sh_2", "pm_ok", 500, "k2")).await);
+
+        // pm_flaky fails once per key, then succeeds.
+        assert!(matches!(
+            sandbox.charge(&charge("sh_3", "pm_flaky", 700, "k3")).await,
+            Err(GatewayError::Transient(_))
+        ));
+        let flaky = reference(sandbox.charge(&charge("sh_3", "pm_flaky", 700, "k3")).await);
+
+        // Refunds never exceed what the charge has left; a refund key replays.
+        let refund = |amount, key: &str| RefundRequest {
+            charge_ref: first.clone(),
+            amount: eur(amount),
+            idempotency_key: key.into(),
+        };
+        let r1 = reference(sandbox.refund(&refund(300, "r1")).await);
+        assert_eq!(r1, reference(sandbox.refund(&refund(300, "r1")).await));
+        assert!(matches!(sandbox.refund(&refund(701, "r2")).await, Err(GatewayError::Rejected(_))));
+        reference(sandbox.refund(&refund(700, "r3")).await);
+        assert!(matches!(sandbox.refund(&refund(1, "r4")).await, Err(GatewayError::Rejected(_))));
+
+        // Durable: a new process answers the old keys the same way.
+        drop(sandbox);
+        let app = app.restart_with(|_| {}).await;
+        let sandbox = SandboxGateway::new(app.state.store.clone(), Arc::clone(&app.state.clock));
+        assert_eq!(first, reference(sandbox.charge(&charge("sh_1", "pm_ok", 1000, "k1")).await));
+        assert_eq!(flaky, reference(sandbox.charge(&charge("sh_3", "pm_flaky", 700, "k3")).await));
+        let rows = app.state.store.sandbox_payments(None, None, 100).await.unwrap();
+        let charges: Vec<_> = rows.iter().filter(|r| r.kind == "charge").collect();
+        assert_eq!(charges.len(), 3, "{rows:?}");
+        let k1 = charges.iter().find(|r| r.idempotency_key == "k1").unwrap();
+        assert_eq!((k1.calls, k1.refunded_minor, k1.status.as_str()), (3, 1000, "succeeded"));
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn racing_calls_with_one_key_charge_once(backend) {
+        let app = TestApp::spawn(backend).await;
+        let sandbox = Arc::new(SandboxGateway::new(app.state.store.clone(), Arc::clone(&app.state.clock)));
+        let calls = (0..24).map(|_| {
+            let sandbox = Arc::clone(&sandbox);
+            tokio::spawn(async move { sandbox.charge(&charge("sh_1", "pm_ok", 2500, "race")).await })
+        });
+        let mut refs = std::collections::BTreeSet::new();
+        for call in calls {
+            refs.insert(reference(call.await.unwrap()));
+        }
+        assert_eq!(refs.len(), 1, "every caller sees the one charge");
+        let rows = app.state.store.sandbox_payments(None, None, 100).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].calls, 24);
+
+        // Racing refunds of one charge never return more than it took.
+        let charge_ref = refs.into_iter().next().unwrap();
+        let refunds = (0..10).map(|i| {
+            let sandbox = Arc::clone(&sandbox);
+            let charge_ref = charge_ref.clone();
+            tokio::spawn(async move {
+                sandbox.refund(&RefundRequest {
+                    charge_ref,
+                    amount: eur(1000),
+                    idempotency_key: format!("refund-{i}"),
+                }).await
+            })
+        });
+        let mut succeeded = 0;
+        for refund in refunds {
+            if refund.await.unwrap().is_ok() {
+                succeeded += 1;
+            }
+        }
+        assert_eq!(succeeded, 2, "2 × 10.00 fit in 25.00, a third does not");
+        app.stop().await;
+    }
+}
+
+/// A gateway that is down for the first `failures` calls, then delegates to the sandbox.
+struct Outage {
+    failures: usize,
+    calls: AtomicUsize,
+    sandbox: SandboxGateway,
+}
+
+impl PaymentGateway for Outage {
+    fn charge<'a>(&'a self, request: &'a ChargeRequest) -> GatewayFuture<'a> {
+        Box::pin(async move {
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.failures {
+                return Err(GatewayError::Transient("connection reset".into()));
+            }
+            self.sandbox.charge(request).await
+        })
+    }
+
+    fn refund<'a>(&'a self, request: &'a RefundRequest) -> GatewayFuture<'a> {
+        self.sandbox.refund(request)
+    }
+}
+
+fn intent(id: &str, shopper: &str, minor: i64, now: i64) -> NewIntent {
+    NewIntent {
+        id: id.into(),
+        idempotency_key: format!("test:{id}"),
+        kind: "charge",
+        purpose: "adjustment",
+        subject_id: id.into(),
+        shopper_id: shopper.into(),
+        amount: eur(minor),
+        account: Account::Adjustments,
+        refund_of: None,
+        memo: "test".into(),
+        first_sweep_at: now + 60_000_000,
+    }
+}
+
+on_both_backends! {
+    async fn transient_errors_are_retried_with_backoff_and_declines_are_not(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let store: &Store = &app.state.store;
+        let clock = Arc::clone(&app.state.clock);
+        let (shopper, _) = app.shopper("Ana", "pm_ok").await;
+        let outage = Arc::new(Outage {
+            failures: 3,
+            calls: AtomicUsize::new(0),
+            sandbox: SandboxGateway::new(store.clone(), Arc::clone(&clock)),
+        });
+        let payments = Payments::new(store.clone(), outage.clone(), false);
+        let now = clock.now();
+        store.create_intent(&intent("pi_t1", &shopper, 1234, micros(now)), micros(now)).await.unwrap();
+
+        // Two quick tries within the request, then it is left to the retry job.
+        let first = payments.send_now("pi_t1", now).await.unwrap();
+        assert!(matches!(first, Outcome::Pending { .. }), "{first:?}");
+        let row = store.intent("pi_t1").await.unwrap().unwrap();
+        assert_eq!((row.status.as_str(), row.attempts), ("pending", 3));
+        assert!(row.next_attempt_at > micros(now), "a backoff was set");
+        assert_eq!(payments.sweep(now, false).await.unwrap(), 0, "not due yet");
+
+        // The payment-retry timer fires at the retry time and the charge goes through once.
+        let due = pooled::store::instant(row.next_attempt_at);
+        assert_eq!(payments.sweep(due, false).await.unwrap(), 1);
+        let row = store.intent("pi_t1").await.unwrap().unwrap();
+        assert_eq!((row.status.as_str(), row.attempts), ("succeeded", 4));
+        assert_eq!(outage.calls.load(Ordering::SeqCst), 4);
+
+        // A decline is final: no retry, no ledger entry.
+        let (declined, _) = app.shopper("Bo", "pm_decline").await;
+        store.create_intent(&intent("pi_t2", &declined, 500, micros(now)), micros(now)).await.unwrap();
+        assert_eq!(
+            payments.send_now("pi_t2", due).await.unwrap(),
+            Outcome::Declined { reason: "card_declined".into() }
+        );
+        let later = due + chrono::Duration::days(1);
+        assert_eq!(payments.sweep(later, false).await.unwrap(), 0);
+        let pending = store
+            .intents(&IntentFilter { status: Some("pending".into()), ..Default::default() }, None, 10)
+            .await
+            .unwrap();
+        assert!(pending.is_empty());
+        let check = store.ledger_check().await.unwrap();
+        assert!(check.balanced && check.gateway_matches, "{check:?}");
+        assert_eq!(check.entries, 1);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn ops_charges_and_refunds_reconcile_with_the_gateway(backend) {
+        let app = TestApp::spawn(backend).await;
+        let (ana, _) = app.shopper("Ana", "pm_ok").await;
+        let (bo, _) = app.shopper("Bo", "pm_decline").await;
+        let (cy, _) = app.shopper("Cy", "pm_flaky").await;
+        let charge = |shopper: &str, amount: &str| json!({
+            "shopper_id": shopper, "amount": amount, "currency": "EUR", "memo": "goodwill correction"
+        });
+
+        let (status, body) = app.post_keyed("/api/v1/ops/payments/charges", "c-ana", charge(&ana, "40.00")).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!((body["status"].as_str(), body["amount"].as_str()), (Some("succeeded"), Some("40.00")));
+        let ana_charge = str_of(&body["id"]);
+        // The same request again answers the same intent; nothing moves twice.
+        let (status, again) = app.post_keyed("/api/v1/ops/payments/charges", "c-ana", charge(&ana, "40.00")).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(again["id"], body["id"]);
+
+        let (status, body) = app.post_keyed("/api/v1/ops/payments/charges", "c-bo", charge(&bo, "5.00")).await;
+        assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+        assert_eq!(body["code"], "payment_declined");
+
+        let (status, body) = app.post_keyed("/api/v1/ops/payments/charges", "c-cy", charge(&cy, "7.25")).await;
+        assert_eq!(status, StatusCode::CREATED, "pm_flaky succeeds on the retry: {body}");
+        assert_eq!(body["attempts"], 2);
+
+        // Bad input changes nothing.
+        for (i, (bad, field)) in [
+            (charge(&ana, "1.001"), "amount"),
+            (charge(&ana, "0"), "amount"),
+            (json!({"shopper_id": ana, "amount": "1", "currency": "eur", "memo": "x"}), "currency"),
+            (charge(&ana, "-3"), "amount"),
+            (json!({"shopper_id": ana, "amount": "1", "currency": "EUR", "memo": " "}), "memo"),
+        ].into_iter().enumerate() {
+            let (status, body) = app.post_keyed("/api/v1/ops/payments/charges", &format!("bad-{i}"), bad).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+            assert_eq!(body["errors"][0]["field"], field, "{body}");
+        }
+        let (status, _) = app.post("/api/v1/ops/payments/charges", Some(ADMIN_TOKEN), charge(&ana, "1.00")).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "money moves only with an Idempotency-Key");
+
+        // Refunds: partial, then the rest, then nothing left.
+        let refund = |amount: Option<&str>| match amount {
+            Some(a) => json!({"amount": a, "memo": "returned item"}),
+            None => json!({"memo": "returned item"}),
+        };
+        let path = format!("/api/v1/ops/payment-intents/{ana_charge}/refund");
+        let (status, body) = app.post_keyed(&path, "r1", refund(Some("15.00"))).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["kind"], "refund");
+        let (status, body) = app.post_keyed(&path, "r2", refund(Some("25.01"))).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        let (status, body) = app.post_keyed(&path, "r3", refund(None)).await;
+        assert_eq!((status, body["amount"].as_str()), (StatusCode::CREATED, Some("25.00")));
+        let (status, _) = app.post_keyed(&path, "r4", refund(None)).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+
+        let (_, payments) = app.get(&format!("/api/v1/ops/payments?shopper_id={ana}"), Some(ADMIN_TOKEN)).await;
+        let items = payments["items"].as_array().unwrap();
+        assert_eq!(items.len(), 3, "one charge, two refunds: {payments}");
+        assert!(items.iter().all(|p| p["status"] == "succeeded"));
+        let (_, payments) = app.get(&format!("/api/v1/ops/payments?shopper_id={bo}"), Some(ADMIN_TOKEN)).await;
+        assert_eq!(payments["items"][0]["decline_reason"], "card_declined");
+
+        let check = app.ledger_check().await;
+        assert_eq!((check["balanced"].as_bool(), check["gateway_matches"].as_bool()), (Some(true), Some(true)), "{check}");
+        // Ana: 40.00 in and out; Cy: 7.25 in.
+        assert_eq!(app.account_balance("gateway_clearing").await, "7.25");
+        assert_eq!(app.account_balance("refunds").await, "0.00");
+        assert_eq!(app.account_balance("adjustments").await, "-7.25");
+        assert_eq!(check["entries"], 2 + 2 * 2, "{check}");
+        app.stop().await;
+    }
+}
+
+/// Runs raw statements in one transaction on a connection of our own, past the store's checks.
+async fn raw_tx(db: &TestDb, statements: &[&'static str]) -> Result<(), sqlx::Error> {
+    use sqlx::{Connection, Executor};
+    async fn run<C>(conn: &mut C, statements: &[&'static str]) -> Result<(), sqlx::Error>
+    where
+        C: Connection,
+        for<'c> &'c mut <C::Database as sqlx::Database>::Connection:
+            Executor<'c, Database = C::Database>,
+    {
+        let mut tx = conn.begin().await?;
+        for sql in statements {
+            tx.execute(*sql).await?;
+        }
+        tx.commit().await
+    }
+    match &db.url {
+        DatabaseUrl::Sqlite(path) => {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(path)
+                .foreign_keys(true);
+            run(
+                &mut sqlx::SqliteConnection::connect_with(&options).await?,
+                statements,
+            )
+            .await
+        }
+        DatabaseUrl::Postgres(url) => {
+            run(&mut sqlx::PgConnection::connect(url).await?, statements).await
+        }
+    }
+}
+
+on_both_backends! {
+    async fn the_database_refuses_unbalanced_or_edited_entries(backend) {
+        let db = TestDb::new(backend);
+        let store = Store::connect(&db.url).await.unwrap();
+        store.migrate().await.unwrap();
+        let lines = "INSERT INTO ledger_lines (entry_id, line_no, account, amount_minor)
+                     VALUES ('je_x', 0, 'gateway_clearing', 100), ('je_x', 1, 'deposits_held', -99)";
+        let entry = "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event, memo, created_at)
+                     VALUES ('je_x', 'EUR', 'test', 'x', 'posted', 'x', 0)";
+        let balanced = "INSERT INTO ledger_lines (entry_id, line_no, account, amount_minor)
+                        VALUES ('je_y', 0, 'gateway_clearing', 100), ('je_y', 1, 'deposits_held', -100)";
+        let entry_y = "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event, memo, created_at)
+                       VALUES ('je_y', 'EUR', 'test', 'y', 'posted', 'y', 0)";
+        assert!(raw_tx(&db, &[lines, entry]).await.is_err(), "an unbalanced entry is refused");
+        raw_tx(&db, &[balanced, entry_y]).await.expect("a balanced entry is accepted");
+        for sql in [
+            "UPDATE ledger_lines SET amount_minor = 5 WHERE entry_id = 'je_y'",
+            "DELETE FROM ledger_entries WHERE id = 'je_y'",
+            "INSERT INTO ledger_lines (entry_id, line_no, account, amount_minor) VALUES ('je_y', 2, 'refunds', 1)",
+        ] {
+            assert!(raw_tx(&db, &[sql]).await.is_err(), "refused: {sql}");
+        }
+        let check = store.ledger_check().await.unwrap();
+        assert_eq!((check.balanced, check.entries), (true, 1), "{check:?}");
+        store.close().await;
+    }
+}
+
+/// SIGKILL-equivalent between the gateway's answer and its recording: the restarted process
+/// resends the same key and records the one charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_charge_and_record_charges_once() {
+    for backend in crate::helpers::backends() {
+        let db = TestDb::new(backend);
+        let start = |crash: bool| {
+            let mut cmd = pooled(db.dir.path());
+            cmd.env("POOLED_CLOCK", "manual")
+                .env("POOLED_CLOCK_START", "2026-06-01T00:00:00Z")
+                .env("POOLED_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("DATABASE_URL", db.url_string());
+            if crash {
+                cmd.env("POOLED_DEBUG_CRASH", "after-gateway-call");
+            }
+            serve(cmd)
+        };
+        let client = reqwest::Client::new();
+        let mut first = start(true);
+        let res: Value = client
+            .post(format!("{}/api/v1/shoppers", first.base))
+            .json(&json!({"name": "Ana", "email": "ana@example.com", "payment_token": "pm_ok"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let shopper = str_of(&res["id"]);
+        let charge = |base: &str| {
+            client
+                .post(format!("{base}/api/v1/ops/payments/charges"))
+                .bearer_auth(ADMIN_TOKEN)
+                .header("Idempotency-Key", "crash-1")
+                .json(&json!({"shopper_id": shopper, "amount": "19.90", "currency": "EUR", "memo": "crash test"}))
+                .send()
+        };
+        assert!(
+            charge(&first.base).await.is_err(),
+            "the process died mid-request"
+        );
+        let status = first.child.wait().unwrap();
+        assert!(!status.success(), "aborted: {status:?}");
+
+        let second = start(false);
+        let get = |path: &'static str| {
+            let url = format!("{}{path}", second.base);
+            let client = client.clone();
+            async move {
+                client
+                    .get(url)
+                    .bearer_auth(ADMIN_TOKEN)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<Value>()
+                    .await
+                    .unwrap()
+            }
+        };
+        let payments = get("/api/v1/ops/payments").await;
+        let items = payments["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "exactly one charge: {payments}");
+        assert_eq!(
+            (items[0]["status"].as_str(), items[0]["calls"].as_i64()),
+            (Some("succeeded"), Some(2))
+        );
+        let intents = get("/api/v1/ops/payment-intents").await;
+        assert_eq!(intents["items"][0]["status"], "succeeded", "{intents}");
+        let check = get("/api/v1/ops/ledger/check").await;
+        assert_eq!(
+            (
+                check["balanced"].as_bool(),
+                check["entries"].as_i64(),
+                check["gateway_matches"].as_bool()
+            ),
+            (Some(true), Some(1), Some(true)),
+            "{check}"
+        );
+        // The client's retry with the same key, once the dead request's claim has lapsed,
+        // finds the same charge.
+        let res = client
+            .post(format!("{}/api/v1/ops/clock/advance", second.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"to": "2026-06-01T00:06:00Z"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let res = charge(&second.base).await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["id"], intents["items"][0]["id"]);
+        let payments = get("/api/v1/ops/payments").await;
+        assert_eq!(payments["items"].as_array().unwrap().len(), 1);
+    }
+}
