@@ -142,6 +142,36 @@ fn parse_plain_decimal(raw: &str) -> Result<Decimal, MoneyError> {
     raw.parse::<Decimal>().map_err(|_| not())
 }
 
+/// Splits `total` (≥ 0) over `weights` by largest remainder: each part is the floor of its
+/// exact share, and what is left goes one unit each to the largest remainders (ties to the
+/// lower index). Parts sum exactly to `total`. `None` when every weight is zero.
+pub fn allocate_units(total: i64, weights: &[u64]) -> Option<Vec<i64>> {
+    let sum: i128 = weights.iter().map(|&w| i128::from(w)).sum();
+    if sum == 0 {
+        return None;
+    }
+    let whole = i128::from(total.max(0));
+    let mut parts: Vec<i128> = Vec::with_capacity(weights.len());
+    let mut remainders: Vec<(i128, usize)> = Vec::with_capacity(weights.len());
+    for (i, &w) in weights.iter().enumerate() {
+        let exact = whole * i128::from(w);
+        parts.push(exact / sum);
+        remainders.push((exact % sum, i));
+    }
+    let mut left = whole - parts.iter().sum::<i128>();
+    // Largest remainder first; equal remainders keep index order (stable sort).
+    remainders.sort_by_key(|&(remainder, _)| std::cmp::Reverse(remainder));
+    for &(_, i) in &remainders {
+        if left == 0 {
+            break;
+        }
+        parts[i] += 1;
+        left -= 1;
+    }
+    // Each part is at most `total`, so it fits.
+    Some(parts.into_iter().map(|p| p as i64).collect())
+}
+
 /// An amount in one currency, as an integer count of minor units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Money {
@@ -243,41 +273,16 @@ impl Money {
         Money::from_minor(-self.minor, self.currency)
     }
 
-    /// Splits the amount over `weights` by largest remainder: each part is the floor of its
-    /// exact share, and the minor units left over go one each to the largest remainders
-    /// (ties to the lower index). Parts sum exactly to the whole.
+    /// Splits the amount over `weights` by largest remainder ([`allocate_units`]); parts sum
+    /// exactly to the whole, and a negative amount splits into negative parts.
     pub fn allocate(self, weights: &[u64]) -> Result<Vec<Money>, MoneyError> {
-        let total: i128 = weights.iter().map(|&w| i128::from(w)).sum();
-        if total == 0 {
-            return Err(MoneyError::NoWeights);
-        }
-        let sign: i128 = if self.minor < 0 { -1 } else { 1 };
-        let whole = i128::from(self.minor).abs();
-        let mut parts: Vec<i128> = Vec::with_capacity(weights.len());
-        let mut remainders: Vec<(i128, usize)> = Vec::with_capacity(weights.len());
-        for (i, &w) in weights.iter().enumerate() {
-            let exact = whole * i128::from(w);
-            parts.push(exact / total);
-            remainders.push((exact % total, i));
-        }
-        let mut left = whole - parts.iter().sum::<i128>();
-        // Largest remainder first; equal remainders keep index order (stable sort).
-        remainders.sort_by_key(|&(remainder, _)| std::cmp::Reverse(remainder));
-        for &(_, i) in &remainders {
-            if left == 0 {
-                break;
-            }
-            parts[i] += 1;
-            left -= 1;
-        }
-        parts
+        let sign = if self.minor < 0 { -1 } else { 1 };
+        let parts = allocate_units(self.minor.unsigned_abs().min(i64::MAX as u64) as i64, weights)
+            .ok_or(MoneyError::NoWeights)?;
+        Ok(parts
             .into_iter()
-            .map(|p| {
-                i64::try_from(sign * p)
-                    .map(|minor| Money::from_minor(minor, self.currency))
-                    .map_err(|_| MoneyError::Overflow)
-            })
-            .collect()
+            .map(|p| Money::from_minor(sign * p, self.currency))
+            .collect())
     }
 
     /// A percentage of the amount (a 10% deposit), rounded half-even.
@@ -288,6 +293,13 @@ impl Money {
             .and_then(|d| d.checked_div(Decimal::ONE_HUNDRED))
             .ok_or(MoneyError::Overflow)?;
         Money::round(exact, self.currency)
+    }
+}
+
+/// Amounts compare only within one currency.
+impl PartialOrd for Money {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        (self.currency == other.currency).then(|| self.minor.cmp(&other.minor))
     }
 }
 
