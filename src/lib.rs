@@ -3,6 +3,7 @@
 //! Layout (outer layers depend on inner ones, never the reverse):
 //! - [`domain`]: the business rules as pure functions over plain data (no I/O, no clock reads);
 //! - [`store`]: the one storage layer over SQLite or PostgreSQL;
+//! - [`presales`]: joining, closing and settling presale campaigns;
 //! - [`payments`]: payment intents sent through a [`payments::gateway::PaymentGateway`];
 //! - [`http`]: the JSON API, health and metrics, problem+json errors;
 //! - [`app`]: wiring from [`config::Settings`] to a running service;
@@ -16,6 +17,7 @@ pub mod email;
 pub mod http;
 pub mod ids;
 pub mod payments;
+pub mod presales;
 pub mod scheduler;
 pub mod store;
 pub mod telemetry;

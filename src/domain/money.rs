@@ -277,8 +277,11 @@ impl Money {
     /// exactly to the whole, and a negative amount splits into negative parts.
     pub fn allocate(self, weights: &[u64]) -> Result<Vec<Money>, MoneyError> {
         let sign = if self.minor < 0 { -1 } else { 1 };
-        let parts = allocate_units(self.minor.unsigned_abs().min(i64::MAX as u64) as i64, weights)
-            .ok_or(MoneyError::NoWeights)?;
+        let parts = allocate_units(
+            self.minor.unsigned_abs().min(i64::MAX as u64) as i64,
+            weights,
+        )
+        .ok_or(MoneyError::NoWeights)?;
         Ok(parts
             .into_iter()
             .map(|p| Money::from_minor(sign * p, self.currency))

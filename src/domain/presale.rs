@@ -392,7 +392,12 @@ mod tests {
         let q = quote(&[(100, "300"), (1000, "280")], Some(5000));
         let a = award(std::slice::from_ref(&q), 950).unwrap();
         assert_eq!((a.ordered, a.cost), (1000, Decimal::from(280_000)));
-        assert_eq!(price_at(&[q.clone()], 950, eur()).unwrap().to_string(), "294.74");
+        assert_eq!(
+            price_at(std::slice::from_ref(&q), 950, eur())
+                .unwrap()
+                .to_string(),
+            "294.74"
+        );
         assert_eq!(ceiling(&[q], eur()).unwrap().to_string(), "300.00");
     }
 
@@ -406,13 +411,17 @@ mod tests {
             .collect();
         assert_eq!(
             shown,
-            [(100, "180.00".into()), (500, "160.00".into()), (1000, "140.00".into())]
+            [
+                (100, "180.00".into()),
+                (500, "160.00".into()),
+                (1000, "140.00".into())
+            ]
         );
         let p = progress(std::slice::from_ref(&q), 480, eur());
         // Ordering 500 × 160 beats 480 × 180: 80,000 / 480.
         assert_eq!(p.current.unwrap().to_string(), "166.67");
         assert_eq!((p.next.unwrap().min_qty, p.units_to_next), (500, Some(20)));
-        assert_eq!(progress(&[q.clone()], 99, eur()).current, None);
+        assert_eq!(progress(std::slice::from_ref(&q), 99, eur()).current, None);
         assert_eq!(progress(&[q], 1200, eur()).next, None);
     }
 
@@ -423,7 +432,11 @@ mod tests {
         let award = award(&[a, b], 450).unwrap();
         assert_eq!(award.ordered, 450);
         assert_eq!(
-            award.lines.iter().map(|l| (l.quote, l.qty)).collect::<Vec<_>>(),
+            award
+                .lines
+                .iter()
+                .map(|l| (l.quote, l.qty))
+                .collect::<Vec<_>>(),
             [(0, 250), (1, 200)]
         );
     }
@@ -451,7 +464,12 @@ mod tests {
         let lines = purchase_order_lines(&award, &demand);
         assert_eq!(lines[0].iter().map(|l| l.1).sum::<i64>(), 250);
         assert_eq!(lines[1].iter().map(|l| l.1).sum::<i64>(), 200);
-        let m: i64 = lines.iter().flatten().filter(|l| l.0 == "M").map(|l| l.1).sum();
+        let m: i64 = lines
+            .iter()
+            .flatten()
+            .filter(|l| l.0 == "M")
+            .map(|l| l.1)
+            .sum();
         assert_eq!(m, 250);
     }
 
@@ -475,25 +493,27 @@ mod tests {
     }
 
     fn arb_quote() -> impl Strategy<Value = Quote> {
-        (1usize..4, 1i64..8, 2i64..40, 1i64..30).prop_flat_map(|(n, first, cap_extra, top_price)| {
-            proptest::collection::vec((1i64..6, 1i64..4), n).prop_map(move |steps| {
-                let mut tiers = Vec::new();
-                let (mut min_qty, mut price) = (first, top_price * 4 + 20);
-                for (dq, dp) in steps {
-                    tiers.push(Tier {
-                        min_qty,
-                        unit_price: UnitPrice::from_scaled(price * 10_000),
-                    });
-                    min_qty += dq;
-                    price -= dp;
-                }
-                Quote {
-                    capacity: Some(tiers.last().unwrap().min_qty + cap_extra),
-                    tiers,
-                    lead_time_days: 10,
-                }
-            })
-        })
+        (1usize..4, 1i64..8, 2i64..40, 1i64..30).prop_flat_map(
+            |(n, first, cap_extra, top_price)| {
+                proptest::collection::vec((1i64..6, 1i64..4), n).prop_map(move |steps| {
+                    let mut tiers = Vec::new();
+                    let (mut min_qty, mut price) = (first, top_price * 4 + 20);
+                    for (dq, dp) in steps {
+                        tiers.push(Tier {
+                            min_qty,
+                            unit_price: UnitPrice::from_scaled(price * 10_000),
+                        });
+                        min_qty += dq;
+                        price -= dp;
+                    }
+                    Quote {
+                        capacity: Some(tiers.last().unwrap().min_qty + cap_extra),
+                        tiers,
+                        lead_time_days: 10,
+                    }
+                })
+            },
+        )
     }
 
     proptest! {

@@ -57,6 +57,65 @@ pub fn job_failed(
     }
 }
 
+#[derive(Template)]
+#[template(path = "email/notice.txt")]
+struct NoticeText<'a> {
+    greeting: &'a str,
+    paragraphs: &'a [String],
+    facts: &'a [(String, String)],
+}
+
+#[derive(Template)]
+#[template(path = "email/notice.html")]
+struct NoticeHtml<'a> {
+    heading: &'a str,
+    greeting: &'a str,
+    paragraphs: &'a [String],
+    facts: &'a [(String, String)],
+}
+
+/// A notice to a shopper or a manufacturer: a heading (the subject), a greeting, paragraphs
+/// and a table of facts, in text and HTML. One layout serves every business email; each
+/// email's wording is written where it is sent.
+pub struct Notice {
+    /// Outbox key: which email, about what, at which moment (sent once per key).
+    pub template: &'static str,
+    pub entity: String,
+    pub event: String,
+    pub to: String,
+    pub subject: String,
+    pub greeting: String,
+    pub paragraphs: Vec<String>,
+    pub facts: Vec<(String, String)>,
+    pub attachments: Vec<crate::store::NewAttachment>,
+}
+
+impl Notice {
+    pub fn render(self) -> NewEmail {
+        let text = NoticeText {
+            greeting: &self.greeting,
+            paragraphs: &self.paragraphs,
+            facts: &self.facts,
+        };
+        let html = NoticeHtml {
+            heading: &self.subject,
+            greeting: &self.greeting,
+            paragraphs: &self.paragraphs,
+            facts: &self.facts,
+        };
+        NewEmail {
+            template: self.template.into(),
+            entity: self.entity,
+            event: self.event,
+            to: self.to,
+            subject: format!("[pooled] {}", self.subject),
+            text: render(&text),
+            html: render(&html),
+            attachments: self.attachments,
+        }
+    }
+}
+
 fn render(t: &impl Template) -> String {
     // Templates are checked at compile time; rendering only fails on a formatter error.
     t.render()

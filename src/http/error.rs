@@ -5,6 +5,7 @@
 //! are logged with their cause and shown without it.
 
 use crate::payments::PaymentsError;
+use crate::presales::PresaleError;
 use crate::store::StoreError;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -125,6 +126,25 @@ impl From<PaymentsError> for ApiError {
         match e {
             PaymentsError::Store(e) => e.into(),
             other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<PresaleError> for ApiError {
+    fn from(e: PresaleError) -> Self {
+        match e {
+            PresaleError::NotFound(detail) => ApiError::not_found(detail),
+            PresaleError::NotOpen(detail) => ApiError::conflict("campaign_not_open", detail),
+            PresaleError::SoldOut(detail) => ApiError::conflict("sold_out", detail),
+            PresaleError::Conflict(detail) => ApiError::conflict("conflict", detail),
+            PresaleError::Declined(reason) => ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "payment_declined",
+                format!("the payment was declined: {reason}"),
+            ),
+            PresaleError::Invalid { field, message } => ApiError::field(field, message),
+            PresaleError::Payments(e) => e.into(),
+            PresaleError::Store(e) => e.into(),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod observe;
 mod ops;
 mod pages;
 mod payments;
+mod presales;
 
 use crate::app::AppState;
 use axum::extract::DefaultBodyLimit;
@@ -39,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .merge(identity::router())
         .merge(ops::router())
         .merge(payments::router())
+        .merge(presales::router())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,

@@ -5,6 +5,7 @@
 use super::schedule::{CatchUp, Schedule};
 use super::{JobBody, JobError, JobResult, RunCtx};
 use crate::payments::PAYMENT_RETRY_JOB;
+use crate::presales;
 use crate::store::{OUTBOX_JOB, StoreError};
 use chrono::Duration;
 use chrono_tz::Tz;
@@ -69,7 +70,13 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
         "0 * * * *",
         utc,
         CatchUp::Skip,
-        nothing_due(),
+        Arc::new(|ctx| {
+            Box::pin(async move {
+                presales::run_reminders(&ctx.env.store, ctx.now)
+                    .await
+                    .map_err(|e| JobError(e.to_string()))
+            })
+        }),
     );
     reminders.start_grace = Duration::hours(2);
     let mut outbox = JobSpec::new(
@@ -82,18 +89,30 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
     outbox.start_grace = Duration::seconds(30);
     vec![
         JobSpec::new(
-            "presale-close",
+            presales::CLOSE_JOB,
             "every 15m",
             utc,
             CatchUp::Latest,
-            nothing_due(),
+            Arc::new(|ctx| {
+                Box::pin(async move {
+                    presales::run_close(&ctx.env.store, &ctx.env.payments, ctx.now)
+                        .await
+                        .map_err(|e| JobError(e.to_string()))
+                })
+            }),
         ),
         JobSpec::new(
-            "presale-balances",
+            presales::BALANCES_JOB,
             "every 15m",
             utc,
             CatchUp::Latest,
-            nothing_due(),
+            Arc::new(|ctx| {
+                Box::pin(async move {
+                    presales::run_balances(&ctx.env.store, &ctx.env.payments, ctx.now)
+                        .await
+                        .map_err(|e| JobError(e.to_string()))
+                })
+            }),
         ),
         reminders,
         JobSpec::new(

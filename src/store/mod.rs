@@ -242,6 +242,7 @@ mod idempotency;
 mod identity;
 mod outbox;
 mod payments;
+mod presale;
 mod sandbox;
 mod scheduler;
 
@@ -249,6 +250,10 @@ pub use idempotency::IdempotencyBegin;
 pub use identity::TokenSubject;
 pub use outbox::{NewAttachment, NewEmail, OUTBOX_JOB, OutboxRow};
 pub use payments::{AccountBalance, IntentFilter, IntentResult, IntentRow, LedgerCheck, NewIntent};
+pub use presale::{
+    CampaignRow, JoinRefusal, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow, QuoteRow,
+    Settlement,
+};
 pub use sandbox::{SandboxPaymentRow, SandboxRefund};
 pub use scheduler::{Claimed, JobDefRow, JobRunRow, NewRun, RunFilter, SchedulerInstanceRow};
 

@@ -249,6 +249,13 @@ impl Store {
             let Some(row) = row else {
                 return Ok(false);
             };
+            for sql in intent_effects(&row.purpose, status) {
+                sqlx::query(*sql)
+                    .bind(&row.subject_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let entry = match (row.kind.as_str(), status) {
                 ("charge", "succeeded") => Some(intent_entry(
                     &row,
@@ -498,6 +505,27 @@ impl Store {
                 .collect(),
             mismatches,
         })
+    }
+}
+
+/// What an intent's result does to its subject, in the same transaction as the result
+/// (`$1` the subject id, `$2` now).
+fn intent_effects(purpose: &str, status: &str) -> &'static [&'static str] {
+    match (purpose, status) {
+        ("deposit", "succeeded") => &["UPDATE pledges SET status = 'active', updated_at = $2
+             WHERE id = $1 AND status = 'pending'"],
+        // A deposit that does not go through: the pledge never counted; its units go back.
+        ("deposit", _) => &[
+            "UPDATE campaigns SET pooled_qty = pooled_qty
+                 - (SELECT qty FROM pledges WHERE id = $1 AND status = 'pending')
+             WHERE id = (SELECT campaign_id FROM pledges WHERE id = $1 AND status = 'pending')",
+            "UPDATE pledges SET status = 'declined', ended_at = $2, updated_at = $2
+             WHERE id = $1 AND status = 'pending'",
+        ],
+        ("balance", "succeeded") => &["UPDATE pledges
+             SET status = 'paid', balance_paid_at = $2, updated_at = $2
+             WHERE id = $1 AND status = 'awaiting_balance'"],
+        _ => &[],
     }
 }
 

@@ -8,5 +8,6 @@ mod crash;
 mod email;
 mod pages;
 mod payments;
+mod presales;
 mod scheduler;
 mod store;

@@ -1,0 +1,880 @@
+//! Joint presales as a service: joining and cancelling pledges, and the three jobs that move
+//! campaigns through their life (`presale-close`, `presale-balances`, `presale-reminders`).
+//!
+//! The rules are in [`crate::domain::presale`]; this module reads the rows, asks the rules,
+//! and writes each step as one guarded transaction with the intents, ledger entries and
+//! emails it causes, then lets [`Payments`] send the intents. Every step can run again after a
+//! crash and changes nothing twice: pledges move only from the status a step expects.
+
+pub mod emails;
+
+use crate::domain::ledger::{Account, JournalEntry, Line};
+use crate::domain::money::{Currency, Money, UnitPrice};
+use crate::domain::presale::{self, Quote, Tier};
+use crate::payments::{Outcome, Payments, PaymentsError};
+use crate::store::{
+    CampaignRow, JoinRefusal, NewIntent, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow,
+    QuoteRow, Settlement, Store, StoreError, instant, micros,
+};
+use chrono::{DateTime, Duration, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+pub const CLOSE_JOB: &str = "presale-close";
+pub const BALANCES_JOB: &str = "presale-balances";
+
+/// Pledges moved per transaction when a campaign closes or settles.
+const CHUNK: i64 = 500;
+
+/// Balance retries during the window are this far apart (each with a reminder).
+fn retry_every() -> Duration {
+    Duration::hours(24)
+}
+
+/// Errors of the presale service.
+#[derive(Debug, thiserror::Error)]
+pub enum PresaleError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    NotOpen(String),
+    #[error("{0}")]
+    SoldOut(String),
+    #[error("the payment was declined: {0}")]
+    Declined(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Payments(#[from] PaymentsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+type Result<T> = std::result::Result<T, PresaleError>;
+
+/// A price break as stored in `quotes.tiers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredTier {
+    pub min_qty: i64,
+    pub unit_price_scaled: i64,
+}
+
+/// The rules' view of a stored quote.
+pub fn quote_of(row: &QuoteRow) -> Quote {
+    // Written by us from validated tiers; an unreadable row would be a bug, shown as no breaks.
+    let tiers: Vec<StoredTier> = serde_json::from_str(&row.tiers).unwrap_or_default();
+    Quote {
+        tiers: tiers
+            .into_iter()
+            .map(|t| Tier {
+                min_qty: t.min_qty,
+                unit_price: UnitPrice::from_scaled(t.unit_price_scaled),
+            })
+            .collect(),
+        capacity: row.capacity,
+        lead_time_days: row.lead_time_days,
+    }
+}
+
+pub fn stored_tiers(tiers: &[Tier]) -> String {
+    let stored: Vec<StoredTier> = tiers
+        .iter()
+        .map(|t| StoredTier {
+            min_qty: t.min_qty,
+            unit_price_scaled: t.unit_price.to_scaled(),
+        })
+        .collect();
+    serde_json::to_string(&stored).unwrap_or_else(|_| "[]".into())
+}
+
+/// The campaign's currency (stored only after parsing).
+pub fn currency_of(c: &CampaignRow) -> Result<Currency> {
+    Currency::parse(&c.currency).map_err(|e| StoreError::Inconsistent(e.to_string()).into())
+}
+
+pub fn zone_of(c: &CampaignRow) -> Tz {
+    c.time_zone.parse().unwrap_or(chrono_tz::UTC)
+}
+
+pub fn variants_of(c: &CampaignRow) -> Vec<String> {
+    serde_json::from_str(&c.variants).unwrap_or_default()
+}
+
+/// A campaign with its quotes in the rules' terms.
+pub struct Loaded {
+    pub campaign: CampaignRow,
+    pub quotes: Vec<(QuoteRow, Quote)>,
+    pub currency: Currency,
+}
+
+impl Loaded {
+    pub fn rules(&self) -> Vec<Quote> {
+        self.quotes.iter().map(|(_, q)| q.clone()).collect()
+    }
+}
+
+pub async fn load(store: &Store, id: &str) -> Result<Loaded> {
+    let campaign = store
+        .campaign(id)
+        .await?
+        .ok_or_else(|| PresaleError::NotFound(format!("no campaign {id}")))?;
+    let quotes = store
+        .quotes(id)
+        .await?
+        .into_iter()
+        .map(|row| {
+            let q = quote_of(&row);
+            (row, q)
+        })
+        .collect();
+    let currency = currency_of(&campaign)?;
+    Ok(Loaded {
+        campaign,
+        quotes,
+        currency,
+    })
+}
+
+/// Recomputes what the quotes imply (capacity, ceiling) after a quote changed.
+pub async fn refresh_terms(store: &Store, id: &str) -> Result<()> {
+    let l = load(store, id).await?;
+    let rules = l.rules();
+    let capacity = if rules.is_empty() {
+        Some(0)
+    } else {
+        presale::total_capacity(&rules)
+    };
+    let ceiling = presale::ceiling(&rules, l.currency).map(|m| m.minor());
+    store.set_campaign_terms(id, capacity, ceiling).await?;
+    Ok(())
+}
+
+fn intent_id(purpose: &str, pledge_id: &str) -> String {
+    format!("pi_{purpose}_{pledge_id}")
+}
+
+/// The result of a join.
+pub enum Joined {
+    /// The deposit went through; the pledge counts.
+    Active(PledgeRow),
+    /// The gateway has not answered yet; the pledge holds its units until it does.
+    Pending(PledgeRow),
+}
+
+/// Joins a campaign: the units are taken and the deposit intent committed in one guarded
+/// transaction, then the deposit is charged; a decline releases the units.
+pub async fn join(
+    store: &Store,
+    payments: &Payments,
+    campaign_id: &str,
+    shopper_id: &str,
+    qty: i64,
+    variant: Option<String>,
+    now: DateTime<Utc>,
+) -> Result<Joined> {
+    let l = load(store, campaign_id).await?;
+    let c = &l.campaign;
+    let variants = variants_of(c);
+    match (&variant, variants.is_empty()) {
+        (None, false) => {
+            return Err(PresaleError::Invalid {
+                field: "variant",
+                message: format!("must be one of {}", variants.join(", ")),
+            });
+        }
+        (Some(v), false) if !variants.contains(v) => {
+            return Err(PresaleError::Invalid {
+                field: "variant",
+                message: format!("must be one of {}", variants.join(", ")),
+            });
+        }
+        (Some(_), true) => {
+            return Err(PresaleError::Invalid {
+                field: "variant",
+                message: "this campaign has no variants".into(),
+            });
+        }
+        _ => {}
+    }
+    let Some(ceiling) = c.price_ceiling_minor else {
+        return Err(PresaleError::NotOpen(
+            "no manufacturer has quoted on this campaign yet".into(),
+        ));
+    };
+    let shopper = store.shopper(shopper_id).await?;
+    if shopper.payment_token.is_none() {
+        return Err(PresaleError::Declined(
+            "no_payment_method: save a payment method first".into(),
+        ));
+    }
+    let deposit = Money::from_minor(c.deposit_per_unit_minor, l.currency)
+        .times(qty)
+        .map_err(|_| PresaleError::Invalid {
+            field: "qty",
+            message: "is too large".into(),
+        })?;
+    let now_us = micros(now);
+    let pledge_id = crate::ids::new_id("plg");
+    let mut pledge = PledgeRow {
+        seq: 0,
+        id: pledge_id.clone(),
+        campaign_id: c.id.clone(),
+        shopper_id: shopper_id.to_owned(),
+        qty,
+        variant,
+        status: if deposit.is_positive() {
+            "pending".into()
+        } else {
+            "active".into()
+        },
+        deposit_minor: deposit.minor(),
+        price_ceiling_minor: ceiling,
+        balance_minor: None,
+        balance_paid_at: None,
+        refunded_minor: 0,
+        created_at: now_us,
+        ended_at: None,
+        updated_at: now_us,
+    };
+    let intent = deposit.is_positive().then(|| NewIntent {
+        id: intent_id("deposit", &pledge_id),
+        idempotency_key: format!("deposit:{pledge_id}"),
+        kind: "charge",
+        purpose: "deposit",
+        subject_id: pledge_id.clone(),
+        shopper_id: shopper_id.to_owned(),
+        amount: deposit,
+        account: Account::DepositsHeld,
+        refund_of: None,
+        memo: format!("deposit for {qty} × {}", c.sku),
+        first_sweep_at: micros(now + Duration::minutes(1)),
+    });
+    match store
+        .join_campaign(&pledge, intent.as_ref(), now_us)
+        .await?
+    {
+        Err(JoinRefusal::NotOpen) => {
+            return Err(PresaleError::NotOpen(format!(
+                "campaign {} is not open for pledges",
+                c.id
+            )));
+        }
+        Err(JoinRefusal::SoldOut) => {
+            return Err(PresaleError::SoldOut(format!(
+                "only {} units are left",
+                c.capacity.map_or(0, |cap| cap - c.pooled_qty).max(0)
+            )));
+        }
+        Ok(()) => {}
+    }
+    metrics::counter!("pooled_joins_total").increment(1);
+    let outcome = match &intent {
+        Some(intent) => payments.send_now(&intent.id, now).await?,
+        None => Outcome::Succeeded,
+    };
+    pledge = store.pledge(&pledge_id).await?.unwrap_or(pledge);
+    match outcome {
+        Outcome::Succeeded => {
+            let email = emails::pledge_confirmed(&l, &pledge, &shopper.email, &shopper.name);
+            store.enqueue_emails(&[email], now_us).await?;
+            Ok(Joined::Active(pledge))
+        }
+        Outcome::Pending { .. } => Ok(Joined::Pending(pledge)),
+        Outcome::Declined { reason } => Err(PresaleError::Declined(reason)),
+        Outcome::Failed { error } => Err(PresaleError::Declined(error)),
+    }
+}
+
+/// Cancels an active pledge before the deadline: its deposit is refunded when refundable,
+/// otherwise forfeited. Returns the refunded amount.
+pub async fn cancel(
+    store: &Store,
+    payments: &Payments,
+    pledge: &PledgeRow,
+    now: DateTime<Utc>,
+) -> Result<Money> {
+    let l = load(store, &pledge.campaign_id).await?;
+    let c = &l.campaign;
+    let now_us = micros(now);
+    if pledge.status != "active" || c.status != "open" || now_us >= c.closes_at {
+        return Err(PresaleError::Conflict(format!(
+            "pledge {} can no longer be cancelled (pledge {}, campaign {})",
+            pledge.id, pledge.status, c.status
+        )));
+    }
+    let deposit = Money::from_minor(pledge.deposit_minor, l.currency);
+    let (step, refunded) = if c.deposit_refundable {
+        let step = PledgeStep {
+            pledge_id: pledge.id.clone(),
+            from: "active",
+            to: "cancelled",
+            balance_minor: None,
+            refunded_minor: deposit.minor(),
+            charge: None,
+            refund: deposit_refund(pledge, deposit, "cancelled by the shopper", now),
+            entry: None,
+            email: None,
+        };
+        (step, deposit)
+    } else {
+        let entry = forfeit_entry(pledge, deposit, "cancelled")?;
+        let step = PledgeStep {
+            pledge_id: pledge.id.clone(),
+            from: "active",
+            to: "cancelled",
+            balance_minor: None,
+            refunded_minor: 0,
+            charge: None,
+            refund: None,
+            entry,
+            email: None,
+        };
+        (step, Money::zero(l.currency))
+    };
+    if !store
+        .cancel_pledge(&step, pledge.qty, &c.id, now_us)
+        .await?
+    {
+        return Err(PresaleError::Conflict(format!(
+            "pledge {} can no longer be cancelled",
+            pledge.id
+        )));
+    }
+    if let Some(refund) = &step.refund {
+        payments.send_now(&refund.id, now).await?;
+    }
+    Ok(refunded)
+}
+
+/// The refund of (part of) a pledge's deposit, if there is anything to refund.
+fn deposit_refund(
+    pledge: &PledgeRow,
+    amount: Money,
+    why: &str,
+    now: DateTime<Utc>,
+) -> Option<NewIntent> {
+    amount.is_positive().then(|| NewIntent {
+        id: intent_id("refund", &pledge.id),
+        idempotency_key: format!("refund:deposit:{}", pledge.id),
+        kind: "refund",
+        purpose: "refund",
+        subject_id: pledge.id.clone(),
+        shopper_id: pledge.shopper_id.clone(),
+        amount,
+        account: Account::DepositsHeld,
+        refund_of: Some(intent_id("deposit", &pledge.id)),
+        memo: format!("deposit refund: {why}"),
+        first_sweep_at: micros(now),
+    })
+}
+
+fn forfeit_entry(
+    pledge: &PledgeRow,
+    deposit: Money,
+    event: &'static str,
+) -> Result<Option<JournalEntry>> {
+    if !deposit.is_positive() {
+        return Ok(None);
+    }
+    JournalEntry::transfer(
+        ("pledge", &pledge.id, event),
+        "deposit forfeited",
+        Account::DepositsHeld,
+        Account::Forfeits,
+        deposit,
+        Some(&pledge.shopper_id),
+    )
+    .map(Some)
+    .map_err(|e| StoreError::Inconsistent(e.to_string()).into())
+}
+
+/// A pledge row from its contact view (what steps need).
+fn pledge_of(p: &PledgeContact, campaign_id: &str) -> PledgeRow {
+    PledgeRow {
+        seq: 0,
+        id: p.id.clone(),
+        campaign_id: campaign_id.to_owned(),
+        shopper_id: p.shopper_id.clone(),
+        qty: p.qty,
+        variant: p.variant.clone(),
+        status: String::new(),
+        deposit_minor: p.deposit_minor,
+        price_ceiling_minor: 0,
+        balance_minor: p.balance_minor,
+        balance_paid_at: None,
+        refunded_minor: 0,
+        created_at: 0,
+        ended_at: None,
+        updated_at: 0,
+    }
+}
+
+/// `presale-close`: opens campaigns whose time has come, closes those past their deadline
+/// (fail and refund, or lock the price and charge balances), and finishes any close a crash
+/// interrupted.
+pub async fn run_close(
+    store: &Store,
+    payments: &Payments,
+    now: DateTime<Utc>,
+) -> Result<serde_json::Value> {
+    let now_us = micros(now);
+    let opened = store.open_due_campaigns(now_us).await?;
+    let (mut failed, mut tipped, mut waiting) = (0, 0, 0);
+    // Deposits still being charged decide whether a pledge counts: resolve them first.
+    payments.sweep(now, false).await?;
+    for c in store.campaigns_in("open", "open").await? {
+        if c.closes_at > now_us {
+            continue;
+        }
+        if store.count_pledges(&c.id, "pending").await? > 0 {
+            // Catarse's "waiting_funds": close once every deposit has an answer.
+            waiting += 1;
+            continue;
+        }
+        let l = load(store, &c.id).await?;
+        let rules = l.rules();
+        let tips = presale::tipping_qty(&rules).is_some_and(|t| c.pooled_qty >= t);
+        if tips {
+            let price = presale::price_at(&rules, c.pooled_qty, l.currency).ok_or_else(|| {
+                StoreError::Inconsistent(format!("campaign {} has no award", c.id))
+            })?;
+            // Nobody ever pays more than the ceiling shown at join.
+            let locked = match c.price_ceiling_minor {
+                Some(ceiling) if ceiling < price.minor() => Money::from_minor(ceiling, l.currency),
+                _ => price,
+            };
+            // The window starts when this run closes the campaign, so a late run (after
+            // downtime) still gives every shopper the full window.
+            let due = now + Duration::hours(c.balance_window_hours);
+            if store
+                .move_campaign(
+                    &c.id,
+                    &["open"],
+                    "settling",
+                    Some(locked.minor()),
+                    Some(micros(due)),
+                    Some((BALANCES_JOB, micros(due))),
+                    now_us,
+                )
+                .await?
+            {
+                tipped += 1;
+                let first_retry = now + retry_every();
+                if first_retry < due {
+                    store
+                        .add_timer(BALANCES_JOB, micros(first_retry), now_us)
+                        .await?;
+                }
+            }
+        } else if store
+            .move_campaign(&c.id, &["open"], "failed", None, None, None, now_us)
+            .await?
+        {
+            failed += 1;
+        }
+    }
+    // Refunds of failed or cancelled campaigns, and balances of settling ones, in chunks.
+    let mut steps_applied = 0;
+    for c in store.campaigns_in("failed", "cancelled").await? {
+        steps_applied += refund_all(store, &c, now).await?;
+    }
+    for c in store.campaigns_in("settling", "settling").await? {
+        steps_applied += charge_balances(store, &c, now).await?;
+    }
+    payments.sweep(now, false).await?;
+    Ok(json!({"opened": opened, "failed": failed, "tipped": tipped,
+              "waiting_for_deposits": waiting, "pledges_moved": steps_applied}))
+}
+
+/// Refunds every active pledge of a failed or cancelled campaign (each once).
+async fn refund_all(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> Result<usize> {
+    let l = load(store, &c.id).await?;
+    let mut applied = 0;
+    loop {
+        let batch = store.pledge_contacts(&c.id, "active", CHUNK).await?;
+        if batch.is_empty() {
+            return Ok(applied);
+        }
+        let steps: Vec<PledgeStep> = batch
+            .iter()
+            .map(|p| {
+                let pledge = pledge_of(p, &c.id);
+                let deposit = Money::from_minor(p.deposit_minor, l.currency);
+                PledgeStep {
+                    pledge_id: p.id.clone(),
+                    from: "active",
+                    to: "refunded",
+                    balance_minor: None,
+                    refunded_minor: deposit.minor(),
+                    charge: None,
+                    refund: deposit_refund(&pledge, deposit, &c.status, now),
+                    entry: None,
+                    email: Some(emails::campaign_ended(&l, p)),
+                }
+            })
+            .collect();
+        applied += store.apply_pledge_steps(&steps, micros(now)).await?;
+    }
+}
+
+/// Moves every active pledge of a settling campaign to its balance at the locked price.
+async fn charge_balances(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> Result<usize> {
+    let l = load(store, &c.id).await?;
+    let Some(locked) = c.locked_price_minor else {
+        return Ok(0);
+    };
+    let locked = Money::from_minor(locked, l.currency);
+    let due = instant(c.balance_due_at.unwrap_or(micros(now)));
+    let mut applied = 0;
+    loop {
+        let batch = store.pledge_contacts(&c.id, "active", CHUNK).await?;
+        if batch.is_empty() {
+            return Ok(applied);
+        }
+        let mut steps = Vec::with_capacity(batch.len());
+        for p in &batch {
+            let pledge = pledge_of(p, &c.id);
+            let deposit = Money::from_minor(p.deposit_minor, l.currency);
+            let balance = presale::balance(p.qty, locked, deposit)
+                .map_err(|e| StoreError::Inconsistent(e.to_string()))?;
+            steps.push(if balance.is_positive() {
+                PledgeStep {
+                    pledge_id: p.id.clone(),
+                    from: "active",
+                    to: "awaiting_balance",
+                    balance_minor: Some(balance.minor()),
+                    refunded_minor: 0,
+                    charge: Some(NewIntent {
+                        id: intent_id("balance", &p.id),
+                        idempotency_key: format!("balance:{}", p.id),
+                        kind: "charge",
+                        purpose: "balance",
+                        subject_id: p.id.clone(),
+                        shopper_id: p.shopper_id.clone(),
+                        amount: balance,
+                        account: Account::Balances,
+                        refund_of: None,
+                        memo: format!("balance for {} × {} at {locked}", p.qty, c.sku),
+                        first_sweep_at: micros(now),
+                    }),
+                    refund: None,
+                    entry: None,
+                    email: Some(emails::balance_due(&l, p, locked, balance, due)),
+                }
+            } else {
+                // The deposit already covers the final price: nothing is due, the rest returns.
+                PledgeStep {
+                    pledge_id: p.id.clone(),
+                    from: "active",
+                    to: "paid",
+                    balance_minor: Some(0),
+                    refunded_minor: balance.negate().minor(),
+                    charge: None,
+                    refund: deposit_refund(
+                        &pledge,
+                        balance.negate(),
+                        "deposit above the final price",
+                        now,
+                    ),
+                    entry: None,
+                    email: Some(emails::balance_paid(&l, p, locked)),
+                }
+            });
+        }
+        applied += store.apply_pledge_steps(&steps, micros(now)).await?;
+    }
+}
+
+/// `presale-balances`: charges, retries and reminds during the balance window; at its end
+/// defaults the unpaid, re-awards on the paid units, books the settlement and issues the
+/// purchase orders.
+pub async fn run_balances(
+    store: &Store,
+    payments: &Payments,
+    now: DateTime<Utc>,
+) -> Result<serde_json::Value> {
+    let now_us = micros(now);
+    let mut summary = Vec::new();
+    for c in store.campaigns_in("settling", "settling").await? {
+        // A close that a crash cut short is finished first.
+        charge_balances(store, &c, now).await?;
+        payments.sweep(now, false).await?;
+        let l = load(store, &c.id).await?;
+        let locked = Money::from_minor(c.locked_price_minor.unwrap_or(0), l.currency);
+        let due = c.balance_due_at.unwrap_or(now_us);
+        let retried = if now_us < due {
+            retry_declined_balances(store, payments, &c, now).await?
+        } else {
+            0
+        };
+        // Tell shoppers what the gateway said (each email once per attempt).
+        let mut emails = Vec::new();
+        for (p, attempts) in store
+            .pledges_by_intent(&c.id, "awaiting_balance", "balance", "declined")
+            .await?
+        {
+            emails.push(emails::balance_failed(&l, &p, attempts, instant(due)));
+        }
+        for (p, _) in store
+            .pledges_by_intent(&c.id, "paid", "balance", "succeeded")
+            .await?
+        {
+            emails.push(emails::balance_paid(&l, &p, locked));
+        }
+        store.enqueue_emails(&emails, now_us).await?;
+        if now_us < due {
+            summary.push(json!({"campaign": c.id, "retried": retried}));
+            continue;
+        }
+        // The window is over. A balance still being charged decides its pledge: wait for it.
+        if store
+            .pledges_by_intent(&c.id, "awaiting_balance", "balance", "pending")
+            .await?
+            .into_iter()
+            .next()
+            .is_some()
+        {
+            summary.push(json!({"campaign": c.id, "waiting_for_balances": true}));
+            continue;
+        }
+        let defaulted = default_unpaid(store, &l, now).await?;
+        payments.sweep(now, false).await?;
+        let settled = settle(store, &l, now).await?;
+        summary.push(json!({"campaign": c.id, "defaulted": defaulted, "settled": settled}));
+    }
+    Ok(json!({ "campaigns": summary }))
+}
+
+/// Retries balances declined at least a day ago, with the key they had (an updated card is
+/// used), and plans the next round.
+async fn retry_declined_balances(
+    store: &Store,
+    payments: &Payments,
+    c: &CampaignRow,
+    now: DateTime<Utc>,
+) -> Result<usize> {
+    let now_us = micros(now);
+    let cutoff = micros(now - retry_every());
+    let mut retried = 0;
+    for (p, _) in store
+        .pledges_by_intent(&c.id, "awaiting_balance", "balance", "declined")
+        .await?
+    {
+        let id = intent_id("balance", &p.id);
+        let Some(intent) = store.intent(&id).await? else {
+            continue;
+        };
+        if intent.resolved_at.is_none_or(|t| t > cutoff) {
+            continue;
+        }
+        if store.retry_declined_intent(&id, now_us).await? {
+            payments.attempt(&id, now).await?;
+            retried += 1;
+        }
+    }
+    let next = now + retry_every();
+    if c.balance_due_at.is_some_and(|due| micros(next) < due) {
+        store.add_timer(BALANCES_JOB, micros(next), now_us).await?;
+    }
+    Ok(retried)
+}
+
+/// Pledges still unpaid at the end of the window default: their deposit is refunded or
+/// forfeited per the campaign's policy.
+async fn default_unpaid(store: &Store, l: &Loaded, now: DateTime<Utc>) -> Result<usize> {
+    let c = &l.campaign;
+    let mut applied = 0;
+    loop {
+        let batch = store
+            .pledge_contacts(&c.id, "awaiting_balance", CHUNK)
+            .await?;
+        if batch.is_empty() {
+            return Ok(applied);
+        }
+        let mut steps = Vec::with_capacity(batch.len());
+        for p in &batch {
+            let pledge = pledge_of(p, &c.id);
+            let deposit = Money::from_minor(p.deposit_minor, l.currency);
+            let (refund, entry, refunded) = if c.deposit_refundable {
+                (
+                    deposit_refund(&pledge, deposit, "balance not paid", now),
+                    None,
+                    deposit.minor(),
+                )
+            } else {
+                (None, forfeit_entry(&pledge, deposit, "defaulted")?, 0)
+            };
+            steps.push(PledgeStep {
+                pledge_id: p.id.clone(),
+                from: "awaiting_balance",
+                to: "defaulted",
+                balance_minor: None,
+                refunded_minor: refunded,
+                charge: None,
+                refund,
+                entry,
+                email: Some(emails::defaulted(l, p, refunded > 0)),
+            });
+        }
+        applied += store.apply_pledge_steps(&steps, micros(now)).await?;
+    }
+}
+
+/// The end of a settlement: award on the paid units, purchase orders, the settlement entry.
+async fn settle(store: &Store, l: &Loaded, now: DateTime<Utc>) -> Result<bool> {
+    let c = &l.campaign;
+    let now_us = micros(now);
+    let demand = store.paid_demand(&c.id).await?;
+    let paid_qty: i64 = demand.iter().map(|(_, q)| q).sum();
+    let locked = c.locked_price_minor.unwrap_or(0);
+    let (deposits, balances, forfeits) = store.campaign_money(&c.id).await?;
+    let rules = l.rules();
+    let award = if paid_qty > 0 {
+        presale::award(&rules, paid_qty)
+    } else {
+        None
+    };
+    let Some(award) = award else {
+        // Nobody paid: nothing to order. The campaign fails; forfeits stay forfeited.
+        return Ok(store
+            .move_campaign(&c.id, &["settling"], "failed", None, None, None, now_us)
+            .await?);
+    };
+    let zone = zone_of(c);
+    let issue_day = now.with_timezone(&zone).date_naive();
+    let lines = presale::purchase_order_lines(&award, &demand);
+    let mut orders = Vec::new();
+    let mut emails = Vec::new();
+    for (line, variant_lines) in award.lines.iter().zip(lines) {
+        let (row, quote) = &l.quotes[line.quote];
+        // The break the ordered quantity actually reaches (never above the award's price).
+        let unit_price = quote.price_at(line.qty).unwrap_or(line.unit_price);
+        let total = unit_price
+            .times(line.qty, l.currency)
+            .map_err(|e| StoreError::Inconsistent(e.to_string()))?;
+        let po = PurchaseOrderRow {
+            seq: 0,
+            id: crate::ids::new_id("po"),
+            campaign_id: c.id.clone(),
+            manufacturer_id: row.manufacturer_id.clone(),
+            quote_id: row.id.clone(),
+            currency: c.currency.clone(),
+            qty: line.qty,
+            unit_price_scaled: unit_price.to_scaled(),
+            total_minor: total.minor(),
+            lines: serde_json::to_string(
+                &variant_lines
+                    .iter()
+                    .map(|(v, q)| json!({"variant": v, "qty": q}))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap_or_else(|_| "[]".into()),
+            issued_at: now_us,
+            ship_by: (issue_day + Duration::days(quote.lead_time_days)).to_string(),
+        };
+        let manufacturer = store.manufacturer(&row.manufacturer_id).await?;
+        emails.push(emails::purchase_order(
+            l,
+            &po,
+            &manufacturer.email,
+            &manufacturer.name,
+        ));
+        orders.push(po);
+    }
+    let cost: i64 = orders.iter().map(|o| o.total_minor).sum();
+    let shortfall = cost - deposits - balances;
+    let forfeit_used = shortfall.clamp(0, forfeits);
+    let platform = shortfall - forfeit_used;
+    let line = |account, amount_minor| Line {
+        account,
+        shopper_id: None,
+        amount_minor,
+    };
+    let entry = JournalEntry::new(
+        l.currency,
+        ("campaign", &c.id, "settled"),
+        format!("settlement of {}: {} units ordered", c.sku, award.ordered),
+        vec![
+            line(Account::DepositsHeld, deposits),
+            line(Account::Balances, balances),
+            line(Account::Forfeits, forfeit_used),
+            line(Account::PlatformShortfall, platform),
+            line(Account::ManufacturerPayables, -cost),
+        ],
+    )
+    .ok();
+    let settlement = Settlement {
+        final_unit_price_minor: locked,
+        surplus_qty: award.ordered - paid_qty,
+        shortfall_minor: platform,
+        orders,
+        entry,
+        emails,
+    };
+    Ok(store.finish_settlement(&c.id, &settlement, now_us).await?)
+}
+
+/// `presale-reminders`: a day before each deadline, every pledger hears how far the pool is
+/// from the next tier (once per pledge).
+pub async fn run_reminders(store: &Store, now: DateTime<Utc>) -> Result<serde_json::Value> {
+    let now_us = micros(now);
+    let horizon = micros(now + Duration::hours(24));
+    let mut sent = 0;
+    for c in store.campaigns_in("open", "open").await? {
+        if c.closes_at <= now_us || c.closes_at > horizon {
+            continue;
+        }
+        let l = load(store, &c.id).await?;
+        let progress = presale::progress(&l.rules(), c.pooled_qty, l.currency);
+        let pledges = store.pledge_contacts(&c.id, "active", i64::MAX).await?;
+        let emails: Vec<_> = pledges
+            .iter()
+            .map(|p| emails::deadline_reminder(&l, p, &progress))
+            .collect();
+        sent += emails.len();
+        store.enqueue_emails(&emails, now_us).await?;
+    }
+    Ok(json!({ "reminded": sent }))
+}
+
+/// Ops cancel a scheduled or open campaign: every deposit is refunded in full.
+pub async fn cancel_campaign(
+    store: &Store,
+    payments: &Payments,
+    id: &str,
+    now: DateTime<Utc>,
+) -> Result<CampaignRow> {
+    let c = store
+        .campaign(id)
+        .await?
+        .ok_or_else(|| PresaleError::NotFound(format!("no campaign {id}")))?;
+    // Deposits still being charged must be answered before the refunds can cover them.
+    payments.sweep(now, true).await?;
+    if !store
+        .move_campaign(
+            id,
+            &["scheduled", "open"],
+            "cancelled",
+            None,
+            None,
+            None,
+            micros(now),
+        )
+        .await?
+    {
+        return Err(PresaleError::Conflict(format!(
+            "campaign {id} is {} and can no longer be cancelled",
+            c.status
+        )));
+    }
+    let c = store.campaign(id).await?.unwrap_or(c);
+    refund_all(store, &c, now).await?;
+    payments.sweep(now, false).await?;
+    Ok(c)
+}

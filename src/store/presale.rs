@@ -1,0 +1,837 @@
+//! Campaigns, quotes, pledges and purchase orders. Every transition is a guarded update on
+//! the row's status (so a re-run or a race changes nothing twice), and the joins' capacity
+//! guard is one conditional `UPDATE` of the campaign's pooled quantity backed by a `CHECK`.
+
+use super::{NewEmail, NewIntent, Store, StoreResult};
+use crate::domain::ledger::JournalEntry;
+use serde::Serialize;
+
+/// Inserts one quote inside the caller's transaction.
+macro_rules! insert_quote {
+    ($tx:ident, $q:expr) => {{
+        let q: &QuoteRow = $q;
+        sqlx::query(
+            "INSERT INTO quotes (id, campaign_id, manufacturer_id, tiers, capacity, lead_time_days,
+                 created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&q.id)
+        .bind(&q.campaign_id)
+        .bind(&q.manufacturer_id)
+        .bind(&q.tiers)
+        .bind(q.capacity)
+        .bind(q.lead_time_days)
+        .bind(q.created_at)
+        .execute(&mut *$tx)
+        .await?;
+    }};
+}
+
+/// Applies one [`PledgeStep`] inside the caller's transaction: the guarded status move, then
+/// (only if it moved) its intents, ledger entry and email. Evaluates to whether it moved.
+macro_rules! apply_step {
+    ($tx:ident, $step:expr, $now:expr) => {{
+        let step: &PledgeStep = $step;
+        let now: i64 = $now;
+        let moved = sqlx::query(
+            "UPDATE pledges
+             SET status = $3, balance_minor = COALESCE($4, balance_minor),
+                 refunded_minor = refunded_minor + $5,
+                 balance_paid_at = CASE WHEN $3 = 'paid' THEN $6 ELSE balance_paid_at END,
+                 ended_at = CASE WHEN $3 IN ('cancelled', 'refunded', 'defaulted') THEN $6
+                                 ELSE ended_at END,
+                 updated_at = $6
+             WHERE id = $1 AND status = $2",
+        )
+        .bind(&step.pledge_id)
+        .bind(step.from)
+        .bind(step.to)
+        .bind(step.balance_minor)
+        .bind(step.refunded_minor)
+        .bind(now)
+        .execute(&mut *$tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if moved {
+            if let Some(charge) = &step.charge {
+                let _new = insert_intent!($tx, charge, now);
+            }
+            if let Some(refund) = &step.refund {
+                // The deposit succeeded (the pledge was active), so there is room to refund.
+                let _taken = decide_refund!($tx, refund, now);
+            }
+            if let Some(entry) = &step.entry {
+                post_entry!($tx, entry, now);
+            }
+            if let Some(email) = &step.email {
+                let _new = enqueue_email!($tx, email, now);
+            }
+        }
+        moved
+    }};
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
+pub struct CampaignRow {
+    pub id: String,
+    pub title: String,
+    pub sku: String,
+    pub currency: String,
+    pub reference_price_minor: i64,
+    pub deposit_bps: i64,
+    pub deposit_per_unit_minor: i64,
+    pub deposit_refundable: bool,
+    pub opens_at: i64,
+    pub closes_at: i64,
+    pub time_zone: String,
+    pub balance_window_hours: i64,
+    pub variants: String,
+    pub status: String,
+    pub pooled_qty: i64,
+    pub capacity: Option<i64>,
+    pub price_ceiling_minor: Option<i64>,
+    pub locked_price_minor: Option<i64>,
+    pub final_unit_price_minor: Option<i64>,
+    pub balance_due_at: Option<i64>,
+    pub surplus_qty: i64,
+    pub shortfall_minor: i64,
+    pub closed_at: Option<i64>,
+    pub settled_at: Option<i64>,
+    pub created_at: i64,
+}
+
+macro_rules! campaign_columns {
+    () => {
+        "id, title, sku, currency, reference_price_minor, deposit_bps, deposit_per_unit_minor,
+         deposit_refundable, opens_at, closes_at, time_zone, balance_window_hours, variants,
+         status, pooled_qty, capacity, price_ceiling_minor, locked_price_minor,
+         final_unit_price_minor, balance_due_at, surplus_qty, shortfall_minor, closed_at,
+         settled_at, created_at"
+    };
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
+pub struct QuoteRow {
+    pub id: String,
+    pub campaign_id: String,
+    pub manufacturer_id: String,
+    /// JSON `[{"min_qty", "unit_price_scaled"}]`.
+    pub tiers: String,
+    pub capacity: Option<i64>,
+    pub lead_time_days: i64,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
+pub struct PledgeRow {
+    pub seq: i64,
+    pub id: String,
+    pub campaign_id: String,
+    pub shopper_id: String,
+    pub qty: i64,
+    pub variant: Option<String>,
+    pub status: String,
+    pub deposit_minor: i64,
+    pub price_ceiling_minor: i64,
+    pub balance_minor: Option<i64>,
+    pub balance_paid_at: Option<i64>,
+    pub refunded_minor: i64,
+    pub created_at: i64,
+    pub ended_at: Option<i64>,
+    pub updated_at: i64,
+}
+
+macro_rules! pledge_columns {
+    () => {
+        "seq, id, campaign_id, shopper_id, qty, variant, status, deposit_minor,
+         price_ceiling_minor, balance_minor, balance_paid_at, refunded_minor, created_at,
+         ended_at, updated_at"
+    };
+}
+
+/// A [`PledgeContact`] as selected, with its intent's attempt count last.
+type PledgeIntentTuple = (
+    String,
+    String,
+    i64,
+    Option<String>,
+    i64,
+    Option<i64>,
+    String,
+    String,
+    i64,
+);
+
+/// A pledge with what its emails need.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PledgeContact {
+    pub id: String,
+    pub shopper_id: String,
+    pub qty: i64,
+    pub variant: Option<String>,
+    pub deposit_minor: i64,
+    pub balance_minor: Option<i64>,
+    pub email: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
+pub struct PurchaseOrderRow {
+    pub seq: i64,
+    pub id: String,
+    pub campaign_id: String,
+    pub manufacturer_id: String,
+    pub quote_id: String,
+    pub currency: String,
+    pub qty: i64,
+    pub unit_price_scaled: i64,
+    pub total_minor: i64,
+    /// JSON `[{"variant", "qty"}]`.
+    pub lines: String,
+    pub issued_at: i64,
+    pub ship_by: String,
+}
+
+/// Why a join was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinRefusal {
+    NotOpen,
+    SoldOut,
+}
+
+/// One pledge's move at close or at the end of the balance window, with what it books.
+#[derive(Debug, Clone)]
+pub struct PledgeStep {
+    pub pledge_id: String,
+    /// The status it must have now.
+    pub from: &'static str,
+    pub to: &'static str,
+    pub balance_minor: Option<i64>,
+    pub refunded_minor: i64,
+    /// Charges and refunds to commit with the move.
+    pub charge: Option<NewIntent>,
+    pub refund: Option<NewIntent>,
+    pub entry: Option<JournalEntry>,
+    pub email: Option<NewEmail>,
+}
+
+/// The end of a settlement: the campaign's final numbers, its purchase orders and what they
+/// book and tell.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub final_unit_price_minor: i64,
+    pub surplus_qty: i64,
+    pub shortfall_minor: i64,
+    pub orders: Vec<PurchaseOrderRow>,
+    pub entry: Option<JournalEntry>,
+    pub emails: Vec<NewEmail>,
+}
+
+impl Store {
+    /// Creates a campaign with its quotes, and the timers that open and close it on time.
+    pub async fn create_campaign(
+        &self,
+        c: &CampaignRow,
+        quotes: &[QuoteRow],
+        job: &str,
+    ) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            sqlx::query(concat!(
+                "INSERT INTO campaigns (",
+                campaign_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                           $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
+            ))
+            .bind(&c.id)
+            .bind(&c.title)
+            .bind(&c.sku)
+            .bind(&c.currency)
+            .bind(c.reference_price_minor)
+            .bind(c.deposit_bps)
+            .bind(c.deposit_per_unit_minor)
+            .bind(c.deposit_refundable)
+            .bind(c.opens_at)
+            .bind(c.closes_at)
+            .bind(&c.time_zone)
+            .bind(c.balance_window_hours)
+            .bind(&c.variants)
+            .bind(&c.status)
+            .bind(c.pooled_qty)
+            .bind(c.capacity)
+            .bind(c.price_ceiling_minor)
+            .bind(c.locked_price_minor)
+            .bind(c.final_unit_price_minor)
+            .bind(c.balance_due_at)
+            .bind(c.surplus_qty)
+            .bind(c.shortfall_minor)
+            .bind(c.closed_at)
+            .bind(c.settled_at)
+            .bind(c.created_at)
+            .execute(&mut *tx)
+            .await?;
+            for q in quotes {
+                insert_quote!(tx, q);
+            }
+            for at in [c.opens_at, c.closes_at] {
+                if at > c.created_at {
+                    schedule_timer!(&mut *tx, job, at, c.created_at).await?;
+                }
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    pub async fn campaign(&self, id: &str) -> StoreResult<Option<CampaignRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                campaign_columns!(),
+                " FROM campaigns WHERE id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+        }))
+    }
+
+    /// Campaigns in one of two statuses, by deadline.
+    pub async fn campaigns_in(&self, a: &str, b: &str) -> StoreResult<Vec<CampaignRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                campaign_columns!(),
+                " FROM campaigns WHERE status IN ($1, $2) ORDER BY closes_at, id"
+            ))
+            .bind(a)
+            .bind(b)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    pub async fn quotes(&self, campaign_id: &str) -> StoreResult<Vec<QuoteRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT id, campaign_id, manufacturer_id, tiers, capacity, lead_time_days, created_at
+                 FROM quotes WHERE campaign_id = $1 ORDER BY created_at, id",
+            )
+            .bind(campaign_id)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Adds or replaces a manufacturer's quote while the campaign is still scheduled and before
+    /// it opens at `now`; `false` when it is too late.
+    pub async fn put_quote(&self, q: &QuoteRow, now: i64) -> StoreResult<bool> {
+        in_tx!(self, |tx| {
+            let open = sqlx::query(
+                "UPDATE campaigns SET status = status
+                 WHERE id = $1 AND status = 'scheduled' AND opens_at > $2",
+            )
+            .bind(&q.campaign_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if open == 0 {
+                return Ok(false);
+            }
+            sqlx::query("DELETE FROM quotes WHERE campaign_id = $1 AND manufacturer_id = $2")
+                .bind(&q.campaign_id)
+                .bind(&q.manufacturer_id)
+                .execute(&mut *tx)
+                .await?;
+            insert_quote!(tx, q);
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Stores what the quotes imply (capacity, ceiling) while the campaign is scheduled.
+    pub async fn set_campaign_terms(
+        &self,
+        id: &str,
+        capacity: Option<i64>,
+        ceiling_minor: Option<i64>,
+    ) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE campaigns SET capacity = $2, price_ceiling_minor = $3
+                 WHERE id = $1 AND status = 'scheduled'",
+            )
+            .bind(id)
+            .bind(capacity)
+            .bind(ceiling_minor)
+            .execute(pool)
+            .await
+            .map(|_| ())?
+        });
+        Ok(())
+    }
+
+    /// Opens scheduled campaigns whose time has come.
+    pub async fn open_due_campaigns(&self, now: i64) -> StoreResult<u64> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE campaigns SET status = 'open'
+                 WHERE status = 'scheduled' AND opens_at <= $1 AND closes_at > $1",
+            )
+            .bind(now)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        }))
+    }
+
+    /// Takes `pledge.qty` units of the campaign for a pending pledge and commits its deposit
+    /// intent, atomically: the guarded update fails when the campaign is not open at `now` or
+    /// the units are not left, and then nothing is written.
+    pub async fn join_campaign(
+        &self,
+        pledge: &PledgeRow,
+        deposit: Option<&NewIntent>,
+        now: i64,
+    ) -> StoreResult<Result<(), JoinRefusal>> {
+        in_tx!(self, |tx| {
+            let taken = sqlx::query(
+                "UPDATE campaigns SET pooled_qty = pooled_qty + $2
+                 WHERE id = $1 AND status = 'open' AND opens_at <= $3 AND closes_at > $3
+                   AND (capacity IS NULL OR pooled_qty + $2 <= capacity)",
+            )
+            .bind(&pledge.campaign_id)
+            .bind(pledge.qty)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if taken == 0 {
+                let open: Option<i32> = sqlx::query_scalar(
+                    "SELECT 1 FROM campaigns
+                     WHERE id = $1 AND status = 'open' AND opens_at <= $2 AND closes_at > $2",
+                )
+                .bind(&pledge.campaign_id)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                return Ok(Err(if open.is_some() {
+                    JoinRefusal::SoldOut
+                } else {
+                    JoinRefusal::NotOpen
+                }));
+            }
+            sqlx::query(
+                "INSERT INTO pledges (id, campaign_id, shopper_id, qty, variant, status,
+                     deposit_minor, price_ceiling_minor, balance_minor, balance_paid_at,
+                     refunded_minor, created_at, ended_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, 0, $9, NULL, $9)",
+            )
+            .bind(&pledge.id)
+            .bind(&pledge.campaign_id)
+            .bind(&pledge.shopper_id)
+            .bind(pledge.qty)
+            .bind(&pledge.variant)
+            .bind(&pledge.status)
+            .bind(pledge.deposit_minor)
+            .bind(pledge.price_ceiling_minor)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if let Some(deposit) = deposit {
+                let _new = insert_intent!(tx, deposit, now);
+            }
+            tx.commit().await?;
+            Ok(Ok(()))
+        })
+    }
+
+    pub async fn pledge(&self, id: &str) -> StoreResult<Option<PledgeRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                pledge_columns!(),
+                " FROM pledges WHERE id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+        }))
+    }
+
+    /// A shopper's pledges (never the declined ones), newest first; `after` is a `seq`.
+    pub async fn pledges_of_shopper(
+        &self,
+        shopper_id: &str,
+        after: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<PledgeRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                pledge_columns!(),
+                " FROM pledges WHERE shopper_id = $1 AND status <> 'declined'
+                   AND ($2 IS NULL OR seq < $2)
+                 ORDER BY seq DESC LIMIT $3"
+            ))
+            .bind(shopper_id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Up to `limit` pledges of a campaign in `status`, with their shoppers' contact details.
+    pub async fn pledge_contacts(
+        &self,
+        campaign_id: &str,
+        status: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<PledgeContact>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT p.id, p.shopper_id, p.qty, p.variant, p.deposit_minor, p.balance_minor,
+                        s.email, s.name
+                 FROM pledges p JOIN shoppers s ON s.id = p.shopper_id
+                 WHERE p.campaign_id = $1 AND p.status = $2
+                 ORDER BY p.seq LIMIT $3",
+            )
+            .bind(campaign_id)
+            .bind(status)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Pledges of a campaign whose `purpose` intent is in `intent_status`, with contacts (for
+    /// the emails that follow a gateway result).
+    pub async fn pledges_by_intent(
+        &self,
+        campaign_id: &str,
+        pledge_status: &str,
+        purpose: &str,
+        intent_status: &str,
+    ) -> StoreResult<Vec<(PledgeContact, i64)>> {
+        let rows: Vec<PledgeIntentTuple> = on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT p.id, p.shopper_id, p.qty, p.variant, p.deposit_minor, p.balance_minor,
+                            s.email, s.name, i.attempts
+                     FROM pledges p JOIN shoppers s ON s.id = p.shopper_id
+                     JOIN payment_intents i ON i.subject_id = p.id AND i.purpose = $3
+                     WHERE p.campaign_id = $1 AND p.status = $2 AND i.status = $4
+                     ORDER BY p.seq",
+            )
+            .bind(campaign_id)
+            .bind(pledge_status)
+            .bind(purpose)
+            .bind(intent_status)
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    PledgeContact {
+                        id: r.0,
+                        shopper_id: r.1,
+                        qty: r.2,
+                        variant: r.3,
+                        deposit_minor: r.4,
+                        balance_minor: r.5,
+                        email: r.6,
+                        name: r.7,
+                    },
+                    r.8,
+                )
+            })
+            .collect())
+    }
+
+    /// Cancels an active pledge before the deadline: releases its units and commits its
+    /// refund (or books its forfeit). `false` when it is not active or the campaign has closed.
+    pub async fn cancel_pledge(
+        &self,
+        step: &PledgeStep,
+        qty: i64,
+        campaign_id: &str,
+        now: i64,
+    ) -> StoreResult<bool> {
+        in_tx!(self, |tx| {
+            let released = sqlx::query(
+                "UPDATE campaigns SET pooled_qty = pooled_qty - $2
+                 WHERE id = $1 AND status = 'open' AND closes_at > $3",
+            )
+            .bind(campaign_id)
+            .bind(qty)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if released == 0 {
+                return Ok(false);
+            }
+            if !apply_step!(tx, step, now) {
+                // Dropping the transaction gives the units back.
+                return Ok(false);
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Moves a campaign from `from` to `to` (with the close-time numbers), and schedules `job`
+    /// at `timer_at` if given. `false` when it was not in `from`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn move_campaign(
+        &self,
+        id: &str,
+        from: &[&str],
+        to: &str,
+        locked_price_minor: Option<i64>,
+        balance_due_at: Option<i64>,
+        timer: Option<(&str, i64)>,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let (a, b) = match from {
+            [a] => (*a, *a),
+            [a, b, ..] => (*a, *b),
+            [] => return Ok(false),
+        };
+        in_tx!(self, |tx| {
+            let moved = sqlx::query(
+                "UPDATE campaigns
+                 SET status = $4, locked_price_minor = COALESCE($5, locked_price_minor),
+                     balance_due_at = COALESCE($6, balance_due_at),
+                     closed_at = COALESCE(closed_at, $7)
+                 WHERE id = $1 AND status IN ($2, $3)",
+            )
+            .bind(id)
+            .bind(a)
+            .bind(b)
+            .bind(to)
+            .bind(locked_price_minor)
+            .bind(balance_due_at)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if moved == 0 {
+                return Ok(false);
+            }
+            if let Some((job, at)) = timer {
+                schedule_timer!(&mut *tx, job, at, now).await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Applies pledge steps in one transaction; returns how many applied (a step whose pledge
+    /// is no longer in its `from` status changes nothing).
+    pub async fn apply_pledge_steps(&self, steps: &[PledgeStep], now: i64) -> StoreResult<usize> {
+        in_tx!(self, |tx| {
+            let mut applied = 0;
+            for step in steps {
+                if apply_step!(tx, step, now) {
+                    applied += 1;
+                }
+            }
+            tx.commit().await?;
+            Ok(applied)
+        })
+    }
+
+    /// Paid units by variant (`""` for none) and the money shoppers paid, for the final award.
+    pub async fn paid_demand(&self, campaign_id: &str) -> StoreResult<Vec<(String, i64)>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT COALESCE(variant, ''), CAST(SUM(qty) AS BIGINT) FROM pledges
+                 WHERE campaign_id = $1 AND status = 'paid'
+                 GROUP BY COALESCE(variant, '') ORDER BY 1",
+            )
+            .bind(campaign_id)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Live demand by variant (pending and active pledges count, as they hold units).
+    pub async fn live_demand(&self, campaign_id: &str) -> StoreResult<Vec<(String, i64)>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT COALESCE(variant, ''), CAST(SUM(qty) AS BIGINT) FROM pledges
+                 WHERE campaign_id = $1
+                   AND status IN ('pending', 'active', 'awaiting_balance', 'paid', 'defaulted')
+                 GROUP BY COALESCE(variant, '') ORDER BY 1",
+            )
+            .bind(campaign_id)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Every change to the pooled quantity: `(at, +qty)` when a pledge started counting and
+    /// `(at, −qty)` when it was cancelled.
+    pub async fn demand_changes(&self, campaign_id: &str) -> StoreResult<Vec<(i64, i64)>> {
+        let rows: Vec<(i64, i64, Option<i64>, String)> = on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT created_at, qty, ended_at, status FROM pledges
+                 WHERE campaign_id = $1 AND status NOT IN ('pending', 'declined')",
+            )
+            .bind(campaign_id)
+            .fetch_all(pool)
+            .await?
+        });
+        let mut changes = Vec::with_capacity(rows.len());
+        for (created, qty, ended, status) in rows {
+            changes.push((created, qty));
+            // Only cancellations before the deadline took units out of the pool.
+            if status == "cancelled"
+                && let Some(ended) = ended
+            {
+                changes.push((ended, -qty));
+            }
+        }
+        changes.sort_unstable();
+        Ok(changes)
+    }
+
+    /// Money the campaign's ledger holds for it: Σ deposits applied and Σ balances of paid
+    /// pledges, and Σ deposits forfeited.
+    pub async fn campaign_money(&self, campaign_id: &str) -> StoreResult<(i64, i64, i64)> {
+        let row: (Option<i64>, Option<i64>, Option<i64>) = on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT
+                   CAST(SUM(CASE WHEN status = 'paid' THEN deposit_minor - refunded_minor ELSE 0 END) AS BIGINT),
+                   CAST(SUM(CASE WHEN status = 'paid' AND balance_minor > 0 THEN balance_minor ELSE 0 END) AS BIGINT),
+                   CAST(SUM(CASE WHEN status = 'defaulted' THEN deposit_minor - refunded_minor ELSE 0 END) AS BIGINT)
+                 FROM pledges WHERE campaign_id = $1",
+            )
+            .bind(campaign_id)
+            .fetch_one(pool)
+            .await?
+        });
+        Ok((row.0.unwrap_or(0), row.1.unwrap_or(0), row.2.unwrap_or(0)))
+    }
+
+    /// Pledges of the campaign still in `status` (a settlement may not finish before none
+    /// are left in transitional states).
+    pub async fn count_pledges(&self, campaign_id: &str, status: &str) -> StoreResult<i64> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pledges WHERE campaign_id = $1 AND status = $2",
+            )
+            .bind(campaign_id)
+            .bind(status)
+            .fetch_one(pool)
+            .await?
+        }))
+    }
+
+    /// Finishes a settling campaign: final numbers, purchase orders, the settlement entry and
+    /// emails, once.
+    pub async fn finish_settlement(
+        &self,
+        campaign_id: &str,
+        s: &Settlement,
+        now: i64,
+    ) -> StoreResult<bool> {
+        in_tx!(self, |tx| {
+            let moved = sqlx::query(
+                "UPDATE campaigns SET status = 'succeeded', final_unit_price_minor = $2,
+                     surplus_qty = $3, shortfall_minor = $4, settled_at = $5
+                 WHERE id = $1 AND status = 'settling'",
+            )
+            .bind(campaign_id)
+            .bind(s.final_unit_price_minor)
+            .bind(s.surplus_qty)
+            .bind(s.shortfall_minor)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if moved == 0 {
+                return Ok(false);
+            }
+            for po in &s.orders {
+                sqlx::query(
+                    "INSERT INTO purchase_orders (id, campaign_id, manufacturer_id, quote_id,
+                         currency, qty, unit_price_scaled, total_minor, lines, issued_at, ship_by)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                )
+                .bind(&po.id)
+                .bind(&po.campaign_id)
+                .bind(&po.manufacturer_id)
+                .bind(&po.quote_id)
+                .bind(&po.currency)
+                .bind(po.qty)
+                .bind(po.unit_price_scaled)
+                .bind(po.total_minor)
+                .bind(&po.lines)
+                .bind(po.issued_at)
+                .bind(&po.ship_by)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if let Some(entry) = &s.entry {
+                post_entry!(tx, entry, now);
+            }
+            for email in &s.emails {
+                let _new = enqueue_email!(tx, email, now);
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Purchase orders, newest first, optionally of one manufacturer; `after` is a `seq`.
+    pub async fn purchase_orders(
+        &self,
+        manufacturer_id: Option<&str>,
+        after: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<PurchaseOrderRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT seq, id, campaign_id, manufacturer_id, quote_id, currency, qty,
+                        unit_price_scaled, total_minor, lines, issued_at, ship_by
+                 FROM purchase_orders
+                 WHERE ($1 IS NULL OR manufacturer_id = $1) AND ($2 IS NULL OR seq < $2)
+                 ORDER BY seq DESC LIMIT $3",
+            )
+            .bind(manufacturer_id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    pub async fn purchase_order(&self, id: &str) -> StoreResult<Option<PurchaseOrderRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT seq, id, campaign_id, manufacturer_id, quote_id, currency, qty,
+                        unit_price_scaled, total_minor, lines, issued_at, ship_by
+                 FROM purchase_orders WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+        }))
+    }
+
+    /// Enqueues emails on their own transaction (each once by its key).
+    pub async fn enqueue_emails(&self, emails: &[NewEmail], now: i64) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            for email in emails {
+                let _new = enqueue_email!(tx, email, now);
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+}

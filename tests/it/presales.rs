@@ -1,0 +1,399 @@
+//! Presales end to end over HTTP with the manual clock, on both backends: the down jacket that
+//! reaches 30% off, a campaign below its minimum, defaults in the balance window, a split
+//! award, a deadline at local midnight across DST, and a stampede of concurrent joins.
+
+use crate::helpers::{ADMIN_TOKEN, TestApp, str_of};
+use crate::on_both_backends;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+impl TestApp {
+    /// Creates a manufacturer; returns (id, token).
+    pub async fn manufacturer(&self, name: &str) -> (String, String) {
+        let (status, body) = self
+            .post(
+                "/api/v1/manufacturers",
+                Some(ADMIN_TOKEN),
+                json!({"name": name, "email": format!("{}@factory.example", name.to_lowercase())}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        (str_of(&body["id"]), str_of(&body["token"]))
+    }
+
+    pub async fn campaign(&self, body: Value) -> Value {
+        let (status, c) = self
+            .post("/api/v1/campaigns", Some(ADMIN_TOKEN), body)
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{c}");
+        c
+    }
+
+    pub async fn pledge(&self, campaign: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        self.post(
+            &format!("/api/v1/campaigns/{campaign}/pledges"),
+            Some(token),
+            body,
+        )
+        .await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Value {
+        let (status, body) = self.get(path, Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        body
+    }
+
+    /// Every gateway movement, by kind: (count, total in minor units of 2-digit currencies).
+    pub async fn gateway_totals(&self) -> BTreeMap<String, (usize, i64)> {
+        let mut totals: BTreeMap<String, (usize, i64)> = BTreeMap::new();
+        let mut after = String::new();
+        loop {
+            let page = self
+                .admin_get(&format!("/api/v1/ops/payments?limit=500{after}"))
+                .await;
+            for p in page["items"].as_array().unwrap() {
+                if p["status"] == "succeeded" {
+                    let e = totals.entry(str_of(&p["kind"])).or_default();
+                    e.0 += 1;
+                    e.1 += cents(&p["amount"]);
+                }
+            }
+            match page["next"].as_str() {
+                Some(next) => after = format!("&after={next}"),
+                None => return totals,
+            }
+        }
+    }
+}
+
+/// "12.34" → 1234.
+pub fn cents(v: &Value) -> i64 {
+    let s = str_of(v);
+    let (int, frac) = s.split_once('.').unwrap_or((&s, "00"));
+    let sign = if int.starts_with('-') { -1 } else { 1 };
+    sign * (int.trim_start_matches('-').parse::<i64>().unwrap() * 100
+        + frac.parse::<i64>().unwrap())
+}
+
+fn jacket(manufacturer: &str, opens_at: &str, closes_at: &str) -> Value {
+    json!({
+        "title": "Down jacket, winter 2026", "sku": "DJ-26", "currency": "EUR",
+        "reference_price": "200.00", "deposit_percent": "10",
+        "opens_at": opens_at, "closes_at": closes_at,
+        "time_zone": "Europe/Berlin", "balance_window_hours": 72, "deposit_refundable": true,
+        "variants": ["S", "M", "L"],
+        "quotes": [{"manufacturer_id": manufacturer, "lead_time_days": 60, "capacity": 5000,
+                    "tiers": [{"min_qty": 100, "unit_price": "180.00"},
+                              {"min_qty": 500, "unit_price": "160.00"},
+                              {"min_qty": 1000, "unit_price": "140.00"}]}]
+    })
+}
+
+on_both_backends! {
+    async fn the_down_jacket_settles_at_one_price_for_everyone(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-07-25T00:00:00Z".parse().unwrap()).await;
+        let (factory, factory_token) = app.manufacturer("Northwind").await;
+        let c = app.campaign(jacket(&factory, "2026-07-26T00:00:00Z", "2026-08-01T00:00:00Z")).await;
+        let id = str_of(&c["id"]);
+        assert_eq!((c["status"].as_str(), c["deposit_per_unit"].as_str()), (Some("scheduled"), Some("20.00")));
+        assert_eq!(c["price_ceiling"], "180.00");
+        assert_eq!(c["current_unit_price"], Value::Null);
+
+        let (early, early_token) = app.shopper("Early", "pm_ok").await;
+        let (status, body) = app.pledge(&id, &early_token, json!({"qty": 1, "variant": "M"})).await;
+        assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("campaign_not_open")));
+        app.advance("2026-07-26T00:00:00Z").await;
+        let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
+        assert_eq!(c["status"], "open", "the opening timer fired: {c}");
+
+        // Bad input changes nothing.
+        for (bad, field) in [(json!({"qty": 0, "variant": "M"}), "qty"), (json!({"qty": 1, "variant": "XXL"}), "variant"), (json!({"qty": 1}), "variant")] {
+            let (status, body) = app.pledge(&id, &early_token, bad).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+            assert_eq!(body["errors"][0]["field"], field);
+        }
+        // A declined deposit counts nothing.
+        let (_, declined_token) = app.shopper("Declined", "pm_decline").await;
+        let (status, body) = app.pledge(&id, &declined_token, json!({"qty": 3, "variant": "S"})).await;
+        assert_eq!((status, body["code"].as_str()), (StatusCode::PAYMENT_REQUIRED, Some("payment_declined")));
+        assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["pooled_qty"], 0);
+
+        // 300 shoppers pledge 1–7 units of three sizes through the summer.
+        let mut shoppers = vec![(early.clone(), early_token.clone())];
+        for i in 1..300 {
+            shoppers.push(app.shopper(&format!("Shopper{i}"), if i % 50 == 7 { "pm_flaky" } else { "pm_ok" }).await);
+        }
+        let sizes = ["S", "M", "L"];
+        let mut pledges = Vec::new();
+        let mut total = 0;
+        for (i, (_, token)) in shoppers.iter().enumerate() {
+            let qty = (i % 7) as i64 + 1;
+            let (status, body) = app.pledge(&id, token, json!({"qty": qty, "variant": sizes[i % 3]})).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            assert_eq!((body["status"].as_str(), body["price_ceiling"].as_str()), (Some("active"), Some("180.00")));
+            assert_eq!(cents(&body["deposit_amount"]), qty * 2000);
+            pledges.push((str_of(&body["id"]), token.clone(), qty));
+            total += qty;
+        }
+        assert!(total >= 1000, "{total}");
+        let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
+        assert_eq!((c["pooled_qty"].as_i64(), c["current_unit_price"].as_str()), (Some(total), Some("140.00")));
+        assert_eq!(c["next_tier"], Value::Null);
+        let (status, demand) = app.get(&format!("/api/v1/campaigns/{id}/demand"), Some(&factory_token)).await;
+        assert_eq!(status, StatusCode::OK, "{demand}");
+        assert_eq!(demand["by_variant"].as_object().unwrap().values().map(|v| v.as_i64().unwrap()).sum::<i64>(), total);
+        assert_eq!(demand["history"].as_array().unwrap().last().unwrap()["pooled_qty"], total);
+        let (status, _) = app.get(&format!("/api/v1/campaigns/{id}/demand"), Some(&early_token)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "shoppers don't see demand");
+        // Privacy: another shopper's pledge is not found.
+        let (status, _) = app.get(&format!("/api/v1/pledges/{}", pledges[1].0), Some(&early_token)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
+        // The deadline: the price locks at 140.00 and balances are charged at once.
+        app.advance("2026-08-01T00:00:00Z").await;
+        let (status, late) = app.pledge(&id, &early_token, json!({"qty": 1, "variant": "M"})).await;
+        assert_eq!((status, late["code"].as_str()), (StatusCode::CONFLICT, Some("campaign_not_open")));
+        let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
+        assert_eq!(c["status"], "settling", "{c}");
+        // Balances are charged at once; a flaky card's retry comes half a minute later.
+        app.advance("2026-08-01T00:05:00Z").await;
+        for (pledge, token, qty) in &pledges {
+            let (status, p) = app.get(&format!("/api/v1/pledges/{pledge}"), Some(token)).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(p["status"], "paid", "{p}");
+            assert_eq!(p["final_unit_price"], "140.00");
+            assert_eq!(cents(&p["balance_amount"]), qty * 14000 - qty * 2000, "qty × final − deposit");
+        }
+        app.advance("2026-08-04T00:00:00Z").await;
+        let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
+        assert_eq!((c["status"].as_str(), c["final_unit_price"].as_str()), (Some("succeeded"), Some("140.00")), "{c}");
+
+        // One purchase order with the per-variant breakdown, by API, CSV and email.
+        let (status, orders) = app.get("/api/v1/purchase-orders", Some(&factory_token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let orders = orders["items"].as_array().unwrap();
+        assert_eq!(orders.len(), 1);
+        let po = &orders[0];
+        assert_eq!((po["qty"].as_i64(), po["unit_price"].as_str(), po["ship_by"].as_str()), (Some(total), Some("140.00"), Some("2026-10-03")));
+        assert_eq!(cents(&po["total"]), total * 14000);
+        let lines = po["lines"].as_array().unwrap();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.iter().map(|l| l["qty"].as_i64().unwrap()).sum::<i64>(), total);
+        let csv = app.client.get(format!("{}/api/v1/purchase-orders/{}.csv", app.base, str_of(&po["id"])))
+            .bearer_auth(&factory_token).send().await.unwrap().text().await.unwrap();
+        assert_eq!(csv.lines().count(), 4, "{csv}");
+        assert!(csv.starts_with("purchase_order,campaign,sku,variant,qty"), "{csv}");
+        let outbox = app.admin_get("/api/v1/ops/outbox?to=northwind@factory.example").await;
+        assert_eq!(outbox["items"][0]["template"], "purchase_order", "{outbox}");
+
+        // Money reconciles to the cent.
+        let totals = app.gateway_totals().await;
+        assert_eq!(totals["charge"].1, total * 14000, "deposits + balances = units × final price");
+        assert!(!totals.contains_key("refund"));
+        let check = app.ledger_check().await;
+        assert_eq!((check["balanced"].as_bool(), check["gateway_matches"].as_bool()), (Some(true), Some(true)), "{check}");
+        assert_eq!(app.account_balance("deposits_held").await, "0.00");
+        assert_eq!(app.account_balance("balances").await, "0.00");
+        assert_eq!(cents(&Value::String(app.account_balance("manufacturer_payables").await)), -total * 14000);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_campaign_below_its_minimum_refunds_every_deposit_once(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
+        let mut tokens = Vec::new();
+        for i in 0..3 {
+            let (_, token) = app.shopper(&format!("Few{i}"), "pm_ok").await;
+            let (status, body) = app.pledge(&id, &token, json!({"qty": 3, "variant": "M"})).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            tokens.push((str_of(&body["id"]), token));
+        }
+        // One cancels before the deadline: refundable, so the deposit comes back.
+        let (status, body) = app.post(&format!("/api/v1/pledges/{}/cancel", tokens[0].0), Some(&tokens[0].1), json!({})).await;
+        assert_eq!((status, body["refunded_amount"].as_str()), (StatusCode::OK, Some("60.00")), "{body}");
+        let (status, _) = app.post(&format!("/api/v1/pledges/{}/cancel", tokens[0].0), Some(&tokens[0].1), json!({})).await;
+        assert_eq!(status, StatusCode::CONFLICT, "cancelled once");
+
+        app.advance("2026-06-10T00:00:00Z").await;
+        let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
+        assert_eq!(c["status"], "failed", "{c}");
+        for (pledge, token) in &tokens[1..] {
+            let (_, p) = app.get(&format!("/api/v1/pledges/{pledge}"), Some(token)).await;
+            assert_eq!((p["status"].as_str(), p["refunded_amount"].as_str()), (Some("refunded"), Some("60.00")));
+        }
+        // The close job running again refunds nothing twice.
+        let (status, _) = app.post("/api/v1/ops/jobs/presale-close/run", Some(ADMIN_TOKEN), json!({})).await;
+        assert!(status.is_success());
+        app.advance("2026-06-10T01:00:00Z").await;
+        let totals = app.gateway_totals().await;
+        assert_eq!(totals["refund"], (3, 3 * 6000));
+        assert_eq!(totals["charge"], (3, 3 * 6000));
+        let check = app.ledger_check().await;
+        assert_eq!((check["balanced"].as_bool(), check["gateway_matches"].as_bool()), (Some(true), Some(true)), "{check}");
+        assert_eq!(app.account_balance("deposits_held").await, "0.00");
+        assert_eq!(app.account_balance("gateway_clearing").await, "0.00");
+        let outbox = app.admin_get("/api/v1/ops/outbox?to=few1@example.com").await;
+        assert!(outbox["items"].as_array().unwrap().iter().any(|e| e["template"] == "campaign_failed"), "{outbox}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn unpaid_balances_are_retried_then_default_and_forfeits_cover_the_shortfall(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let mut body = jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z");
+        body["deposit_refundable"] = json!(false);
+        body["deposit_percent"] = json!("20");
+        body["quotes"][0]["tiers"] = json!([{"min_qty": 10, "unit_price": "150.00"}]);
+        let id = str_of(&app.campaign(body).await["id"]);
+        let mut who = Vec::new();
+        for name in ["Pays", "Recovers", "Lapses"] {
+            let (shopper, token) = app.shopper(name, "pm_ok").await;
+            let (status, p) = app.pledge(&id, &token, json!({"qty": 4, "variant": "L"})).await;
+            assert_eq!(status, StatusCode::CREATED, "{p}");
+            who.push((shopper, token, str_of(&p["id"])));
+        }
+        for (shopper, token, _) in &who[1..] {
+            let (status, _) = app.call(Method::PUT, &format!("/api/v1/shoppers/{shopper}/payment-method"), Some(token), Some(json!({"payment_token": "pm_insufficient_funds"}))).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        app.advance("2026-06-10T00:00:00Z").await;
+        let status_of = |i: usize| {
+            let (_, token, pledge) = who[i].clone();
+            let app = &app;
+            async move { app.get(&format!("/api/v1/pledges/{pledge}"), Some(&token)).await.1["status"].clone() }
+        };
+        assert_eq!(status_of(0).await, "paid");
+        assert_eq!(status_of(1).await, "awaiting_balance");
+        // A day later the retry fails again and reminds; then the card is fixed.
+        app.advance("2026-06-11T00:00:00Z").await;
+        let outbox = app.admin_get("/api/v1/ops/outbox?to=recovers@example.com").await;
+        let failed = outbox["items"].as_array().unwrap().iter().filter(|e| e["template"] == "balance_failed").count();
+        assert_eq!(failed, 2, "one email per failed attempt: {outbox}");
+        let (shopper, token, _) = &who[1];
+        app.call(Method::PUT, &format!("/api/v1/shoppers/{shopper}/payment-method"), Some(token), Some(json!({"payment_token": "pm_ok"}))).await;
+        app.advance("2026-06-12T00:00:00Z").await;
+        assert_eq!(status_of(1).await, "paid", "the updated card is used at the next retry");
+        app.advance("2026-06-13T00:00:00Z").await;
+        assert_eq!(status_of(2).await, "defaulted");
+        let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
+        assert_eq!(c["status"], "succeeded", "{c}");
+        // 8 paid units, minimum order 10: 10 × 150 ordered; shoppers paid 8 × 150; the lapsed
+        // deposit (4 × 40) covers 160 of the 300 shortfall, the platform the other 140.
+        assert_eq!(c["surplus_qty"], 2);
+        assert_eq!(app.account_balance("forfeits").await, "0.00");
+        assert_eq!(app.account_balance("platform_shortfall").await, "140.00");
+        assert_eq!(app.account_balance("manufacturer_payables").await, "-1500.00");
+        let check = app.ledger_check().await;
+        assert_eq!((check["balanced"].as_bool(), check["gateway_matches"].as_bool()), (Some(true), Some(true)), "{check}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn capacity_splits_the_award_across_two_manufacturers(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (a, a_token) = app.manufacturer("Alpha").await;
+        let (b, b_token) = app.manufacturer("Beta").await;
+        let c = app.campaign(json!({
+            "title": "Mugs", "sku": "MUG", "currency": "EUR", "reference_price": "15.00",
+            "deposit_percent": 10, "opens_at": "2026-06-02T00:00:00Z", "closes_at": "2026-06-10T00:00:00Z",
+            "time_zone": "UTC", "quotes": [{"manufacturer_id": a, "lead_time_days": 10, "capacity": 300,
+                                            "tiers": [{"min_qty": 100, "unit_price": "10.00"}]}]
+        })).await;
+        let id = str_of(&c["id"]);
+        let (status, body) = app.post(&format!("/api/v1/campaigns/{id}/quotes"), Some(&b_token),
+            json!({"lead_time_days": 20, "capacity": 1000, "tiers": [{"min_qty": 200, "unit_price": "12.00"}]})).await;
+        assert_eq!((status, body["capacity"].as_i64()), (StatusCode::CREATED, Some(1300)), "{body}");
+        app.advance("2026-06-02T00:00:00Z").await;
+        let (status, _) = app.post(&format!("/api/v1/campaigns/{id}/quotes"), Some(&a_token),
+            json!({"lead_time_days": 5, "tiers": [{"min_qty": 1, "unit_price": "1.00"}]})).await;
+        assert_eq!(status, StatusCode::CONFLICT, "no re-quoting once open");
+        for i in 0..9 {
+            let (_, token) = app.shopper(&format!("Mug{i}"), "pm_ok").await;
+            let (status, body) = app.pledge(&id, &token, json!({"qty": 50})).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+        app.advance("2026-06-13T00:00:00Z").await;
+        let orders = app.admin_get("/api/v1/purchase-orders").await;
+        let mut got: Vec<(String, i64, String)> = orders["items"].as_array().unwrap().iter()
+            .map(|o| (str_of(&o["manufacturer_id"]), o["qty"].as_i64().unwrap(), str_of(&o["total"]))).collect();
+        got.sort();
+        let mut want = vec![(a.clone(), 250, "2500.00".to_string()), (b.clone(), 200, "2400.00".to_string())];
+        want.sort();
+        assert_eq!(got, want);
+        let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
+        assert_eq!(c["final_unit_price"], "10.89", "4900 / 450, rounded half-even: {c}");
+        let check = app.ledger_check().await;
+        assert_eq!((check["balanced"].as_bool(), check["gateway_matches"].as_bool()), (Some(true), Some(true)), "{check}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_deadline_at_local_midnight_on_the_dst_change_is_exact(backend) {
+        // New York leaves DST at 02:00 on 1 November; its midnight that day is 04:00 UTC.
+        let app = TestApp::spawn_manual(backend, "2026-10-30T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let mut body = jacket(&factory, "2026-10-30T00:00:00Z", "2026-11-01T04:00:00Z");
+        body["time_zone"] = json!("America/New_York");
+        body["quotes"][0]["tiers"] = json!([{"min_qty": 1, "unit_price": "150.00"}]);
+        let c = app.campaign(body).await;
+        let id = str_of(&c["id"]);
+        assert_eq!(c["closes_at_local"], "2026-11-01T00:00:00-04:00 EDT");
+        let (_, token) = app.shopper("Owl", "pm_ok").await;
+        app.advance("2026-11-01T03:59:59Z").await;
+        let (status, body) = app.pledge(&id, &token, json!({"qty": 1, "variant": "S"})).await;
+        assert_eq!(status, StatusCode::CREATED, "a second before midnight: {body}");
+        app.advance("2026-11-01T04:00:00Z").await;
+        let (status, body) = app.pledge(&id, &token, json!({"qty": 1, "variant": "S"})).await;
+        assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("campaign_not_open")), "midnight is late");
+        let closes = app.runs_of("presale-close").await;
+        assert!(closes.iter().any(|r| r["scheduled_for"] == "2026-11-01T04:00:00Z" && r["state"] == "succeeded"), "{closes:?}");
+        assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["status"], "settling");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_stampede_of_joins_never_oversells(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let mut body = jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z");
+        body["quotes"][0]["capacity"] = json!(150);
+        body["quotes"][0]["tiers"] = json!([{"min_qty": 100, "unit_price": "150.00"}]);
+        let id = str_of(&app.campaign(body).await["id"]);
+        let mut tokens = Vec::new();
+        for i in 0..220 {
+            tokens.push(app.shopper(&format!("Rush{i}"), "pm_ok").await.1);
+        }
+        let joins = tokens.into_iter().map(|token| {
+            let (client, url) = (app.client.clone(), format!("{}/api/v1/campaigns/{id}/pledges", app.base));
+            tokio::spawn(async move {
+                let res = client.post(url).bearer_auth(token).json(&json!({"qty": 1, "variant": "M"})).send().await.unwrap();
+                let status = res.status();
+                (status, res.json::<Value>().await.unwrap())
+            })
+        }).collect::<Vec<_>>();
+        let (mut accepted, mut sold_out) = (0, 0);
+        for join in joins {
+            let (status, body) = join.await.unwrap();
+            match status {
+                StatusCode::CREATED => accepted += 1,
+                StatusCode::CONFLICT if body["code"] == "sold_out" => sold_out += 1,
+                other => panic!("{other}: {body}"),
+            }
+        }
+        assert_eq!((accepted, sold_out), (150, 70));
+        let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
+        assert_eq!(c["pooled_qty"], 150);
+        assert_eq!(app.gateway_totals().await["charge"], (150, 150 * 2000));
+        app.stop().await;
+    }
+}
