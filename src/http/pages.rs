@@ -1,5 +1,6 @@
 //! Server-rendered pages: `/ops` (jobs, next slots, last runs, durations, failures, instances,
-//! run/pause/resume) and the `/login` form that sets its session cookie.
+//! run/pause/resume), the `/login` form that sets its session cookie, and the public
+//! `/campaigns/{id}` (tiers, progress to the next tier, time left, a chart of pooled demand).
 //!
 //! Pages accept the admin bearer token or a session cookie holding it (HttpOnly,
 //! SameSite=Strict); their state-changing buttons also carry a CSRF token derived from it.
@@ -25,6 +26,7 @@ pub fn router() -> Router<AppState> {
         .route("/login", get(login_form).post(login))
         .route("/ops", get(ops_page))
         .route("/ops/jobs/{name}/{action}", post(ops_action))
+        .route("/campaigns/{id}", get(campaign_page))
 }
 
 /// Whether the request carries the admin token, as a bearer or in the session cookie.
@@ -285,4 +287,150 @@ async fn ops_action(
         other => return Err(ApiError::not_found(format!("no action {other}"))),
     }
     Ok(Redirect::to("/ops").into_response())
+}
+
+struct TierRow {
+    min_qty: i64,
+    price: String,
+    reached: bool,
+}
+
+struct CampaignView {
+    title: String,
+    status: String,
+    pooled: i64,
+    deposit: String,
+    refundable: bool,
+    ceiling: String,
+    deadline: String,
+    current: Option<String>,
+    next: Option<String>,
+    next_goal: i64,
+    tiers: Vec<TierRow>,
+    chart: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "campaign.html")]
+struct CampaignPage {
+    c: CampaignView,
+}
+
+/// "3 days 4 hours" (or "2 hours 5 minutes" under a day).
+fn time_left(d: chrono::Duration) -> String {
+    let (days, hours, minutes) = (d.num_days(), d.num_hours() % 24, d.num_minutes() % 60);
+    if days > 0 {
+        format!("{days} days {hours} hours")
+    } else {
+        format!("{hours} hours {minutes} minutes")
+    }
+}
+
+/// The public campaign page.
+async fn campaign_page(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<CampaignPage, ApiError> {
+    use crate::domain::money::Money;
+    use crate::domain::presale;
+    let l = crate::presales::load(&state.store, &id).await?;
+    let c = &l.campaign;
+    let cur = l.currency;
+    let fmt = |minor: i64| format!("{} {cur}", Money::from_minor(minor, cur));
+    let now = state.clock.now();
+    let closes = instant(c.closes_at);
+    let zone = crate::presales::zone_of(c);
+    let local = closes.with_timezone(&zone).format("%A %-d %B %Y, %H:%M %Z");
+    let deadline = if c.status == "open" || c.status == "scheduled" {
+        format!(
+            "Closes {local} ({}) — {} left.",
+            c.time_zone,
+            time_left(closes - now)
+        )
+    } else {
+        format!("Closed {local} ({}).", c.time_zone)
+    };
+    let rules = l.rules();
+    let progress = presale::progress(&rules, c.pooled_qty, cur);
+    let steps = presale::price_steps(&rules, cur);
+    let changes = state.store.demand_changes(&id).await?;
+    let points = super::presales::demand_history(&changes, 500);
+    let view = CampaignView {
+        title: c.title.clone(),
+        status: c.status.clone(),
+        pooled: c.pooled_qty,
+        deposit: fmt(c.deposit_per_unit_minor),
+        refundable: c.deposit_refundable,
+        ceiling: c.price_ceiling_minor.map_or("—".into(), fmt),
+        deadline,
+        current: c
+            .locked_price_minor
+            .or(progress.current.map(|m| m.minor()))
+            .map(fmt),
+        next: progress.next.map(|s| {
+            format!(
+                "{} more units unlock {} per unit for everyone.",
+                progress.units_to_next.unwrap_or(0),
+                fmt(s.unit_price.minor())
+            )
+        }),
+        next_goal: progress.next.map_or(0, |s| s.min_qty),
+        tiers: steps
+            .iter()
+            .map(|s| TierRow {
+                min_qty: s.min_qty,
+                price: fmt(s.unit_price.minor()),
+                reached: c.pooled_qty >= s.min_qty,
+            })
+            .collect(),
+        chart: demand_chart(
+            &points,
+            &steps.iter().map(|s| s.min_qty).collect::<Vec<_>>(),
+            (
+                c.opens_at,
+                c.closes_at
+                    .min(crate::store::micros(now))
+                    .max(c.opens_at + 1),
+            ),
+        ),
+    };
+    Ok(CampaignPage { c: view })
+}
+
+/// An SVG step chart of the pooled quantity over the campaign, with a dashed line at each
+/// tier's threshold.
+fn demand_chart(points: &[(i64, i64)], thresholds: &[i64], (start, end): (i64, i64)) -> String {
+    let (w, h, pad) = (600.0, 200.0, 4.0);
+    let top = points
+        .iter()
+        .map(|p| p.1)
+        .chain(thresholds.iter().copied())
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let x = |t: i64| {
+        pad + (t.clamp(start, end) - start) as f64 / (end - start) as f64 * (w - 2.0 * pad)
+    };
+    let y = |q: i64| h - pad - q as f64 / top * (h - 2.0 * pad);
+    let mut path = format!("M{:.1},{:.1}", x(start), y(0));
+    let mut last = 0;
+    for &(t, q) in points {
+        path.push_str(&format!(" H{:.1} V{:.1}", x(t), y(q)));
+        last = q;
+    }
+    path.push_str(&format!(" H{:.1}", x(end)));
+    let lines: String = thresholds
+        .iter()
+        .map(|&q| {
+            format!(
+                r##"<line x1="{pad}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="#c5221f" stroke-dasharray="4 3"><title>tier at {q} units</title></line>"##,
+                w - pad,
+                y(q),
+                y(q)
+            )
+        })
+        .collect();
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="pooled demand over time, now {last} units">{lines}<path d="{path}" fill="none" stroke="#1a73e8" stroke-width="2"/></svg>"##
+    )
 }

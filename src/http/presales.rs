@@ -659,7 +659,7 @@ pub struct DemandOut {
 }
 
 /// The pooled quantity over time, as points after each change (thinned to at most `max`).
-pub fn demand_history(changes: &[(i64, i64)], max: usize) -> Vec<(i64, i64)> {
+pub(super) fn demand_history(changes: &[(i64, i64)], max: usize) -> Vec<(i64, i64)> {
     let mut points: Vec<(i64, i64)> = Vec::new();
     let mut total = 0;
     for &(at, delta) in changes {

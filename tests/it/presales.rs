@@ -351,6 +351,11 @@ on_both_backends! {
         app.advance("2026-11-01T03:59:59Z").await;
         let (status, body) = app.pledge(&id, &token, json!({"qty": 1, "variant": "S"})).await;
         assert_eq!(status, StatusCode::CREATED, "a second before midnight: {body}");
+        let page = app.client.get(format!("{}/campaigns/{id}", app.base)).send().await.unwrap();
+        assert_eq!(page.status(), StatusCode::OK);
+        let html = page.text().await.unwrap();
+        assert!(html.contains("Closes Sunday 1 November 2026, 00:00 EDT (America/New_York) — 0 hours 0 minutes left."), "{html}");
+        assert!(html.contains("<svg") && html.contains("tier at 1 units") && html.contains("150.00 EUR"), "{html}");
         app.advance("2026-11-01T04:00:00Z").await;
         let (status, body) = app.pledge(&id, &token, json!({"qty": 1, "variant": "S"})).await;
         assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("campaign_not_open")), "midnight is late");
