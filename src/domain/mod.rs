@@ -7,3 +7,5 @@ pub mod identity;
 pub mod ledger;
 pub mod money;
 pub mod presale;
+pub mod ripening;
+pub mod subscription;
