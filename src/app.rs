@@ -43,6 +43,10 @@ impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let store = Store::connect(&settings.database).await?;
         store.migrate().await?;
+        // A fresh database gets the shipped catalog; existing items (and ops' edits) stay.
+        store
+            .seed_catalog(&crate::subscriptions::shipped_catalog(0))
+            .await?;
         let clock: Arc<dyn Clock> = match settings.clock {
             ClockMode::System => Arc::new(SystemClock),
             ClockMode::Manual => Arc::new(ManualClock::new(

@@ -75,6 +75,9 @@ pub struct ServeArgs {
     /// Per-job schedule and policy overrides: `job.key=value;…` (see README).
     #[arg(long, env = "POOLED_JOB_OVERRIDES")]
     pub job_overrides: Option<String>,
+    /// Dunning retries after a renewal's first failure, in days (then suspension).
+    #[arg(long, env = "POOLED_DUNNING_DAYS", default_value = "1,3,5")]
+    pub dunning_days: String,
     /// Crash tests only: `after-gateway-call` aborts the process right after the payment
     /// gateway answers and before its result is recorded.
     #[arg(long, env = "POOLED_DEBUG_CRASH", hide = true)]
@@ -187,6 +190,8 @@ pub struct Settings {
     pub job_overrides: Option<String>,
     /// Abort right after a gateway call, before recording it (crash tests only).
     pub crash_after_gateway_call: bool,
+    /// Dunning retries after a renewal's first failure, in days, increasing.
+    pub dunning_days: Vec<i64>,
 }
 
 impl DatabaseArgs {
@@ -253,6 +258,24 @@ impl ServeArgs {
                 ));
             }
         };
+        let dunning_days: Vec<i64> = self
+            .dunning_days
+            .split(',')
+            .map(|d| d.trim().parse::<i64>())
+            .collect::<Result<_, _>>()
+            .ok()
+            .filter(|days: &Vec<i64>| {
+                !days.is_empty() && days[0] > 0 && days.windows(2).all(|w| w[0] < w[1])
+            })
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "POOLED_DUNNING_DAYS",
+                    format!(
+                        "'{}' is not an increasing list of days such as 1,3,5",
+                        self.dunning_days
+                    ),
+                )
+            })?;
         let instance_id = self.instance_id.unwrap_or_else(default_instance_id);
         Ok(Settings {
             database,
@@ -267,6 +290,7 @@ impl ServeArgs {
             ops_email: self.ops_email,
             job_overrides: self.job_overrides,
             crash_after_gateway_call,
+            dunning_days,
         })
     }
 }

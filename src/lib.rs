@@ -4,6 +4,7 @@
 //! - [`domain`]: the business rules as pure functions over plain data (no I/O, no clock reads);
 //! - [`store`]: the one storage layer over SQLite or PostgreSQL;
 //! - [`presales`]: joining, closing and settling presale campaigns;
+//! - [`subscriptions`]: fruit and flower boxes: planning, renewal billing, dunning;
 //! - [`payments`]: payment intents sent through a [`payments::gateway::PaymentGateway`];
 //! - [`http`]: the JSON API, health and metrics, problem+json errors;
 //! - [`app`]: wiring from [`config::Settings`] to a running service;
@@ -20,4 +21,5 @@ pub mod payments;
 pub mod presales;
 pub mod scheduler;
 pub mod store;
+pub mod subscriptions;
 pub mod telemetry;

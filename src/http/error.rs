@@ -7,6 +7,7 @@
 use crate::payments::PaymentsError;
 use crate::presales::PresaleError;
 use crate::store::StoreError;
+use crate::subscriptions::SubscriptionError;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -145,6 +146,19 @@ impl From<PresaleError> for ApiError {
             PresaleError::Invalid { field, message } => ApiError::field(field, message),
             PresaleError::Payments(e) => e.into(),
             PresaleError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<SubscriptionError> for ApiError {
+    fn from(e: SubscriptionError) -> Self {
+        match e {
+            SubscriptionError::NotFound(detail) => ApiError::not_found(detail),
+            SubscriptionError::Conflict(detail) => ApiError::conflict("conflict", detail),
+            SubscriptionError::Locked(detail) => ApiError::conflict("delivery_locked", detail),
+            SubscriptionError::Invalid { field, message } => ApiError::field(field, message),
+            SubscriptionError::Payments(e) => e.into(),
+            SubscriptionError::Store(e) => e.into(),
         }
     }
 }

@@ -13,6 +13,7 @@ mod ops;
 mod pages;
 mod payments;
 mod presales;
+mod subscriptions;
 
 use crate::app::AppState;
 use axum::extract::DefaultBodyLimit;
@@ -41,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ops::router())
         .merge(payments::router())
         .merge(presales::router())
+        .merge(subscriptions::router())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,

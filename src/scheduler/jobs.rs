@@ -7,6 +7,7 @@ use super::{JobBody, JobError, JobResult, RunCtx};
 use crate::payments::PAYMENT_RETRY_JOB;
 use crate::presales;
 use crate::store::{OUTBOX_JOB, StoreError};
+use crate::subscriptions;
 use chrono::Duration;
 use chrono_tz::Tz;
 use serde_json::json;
@@ -54,12 +55,6 @@ impl JobSpec {
     pub fn parsed_schedule(&self) -> Result<Schedule, JobError> {
         Schedule::parse(&self.schedule, self.zone).map_err(|e| JobError(e.to_string()))
     }
-}
-
-/// A body for work that later issues fill in: the sweep finds nothing yet, and the run is
-/// recorded all the same.
-fn nothing_due() -> JobBody {
-    Arc::new(|_ctx| Box::pin(async { Ok(json!({"swept": 0})) }))
 }
 
 /// The jobs with their default schedules, in the shop zone `shop`.
@@ -120,28 +115,62 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "0 6 * * 3",
             shop,
             CatchUp::All,
-            nothing_due(),
+            Arc::new(|ctx| {
+                Box::pin(async move {
+                    subscriptions::run_plan(&ctx.env.store, ctx.now)
+                        .await
+                        .map_err(|e| JobError(e.to_string()))
+                })
+            }),
         ),
         JobSpec::new(
-            "subscription-renew",
+            subscriptions::RENEW_JOB,
             "every 15m",
             utc,
             CatchUp::Latest,
-            nothing_due(),
+            Arc::new(|ctx| {
+                Box::pin(async move {
+                    subscriptions::run_renew(
+                        &ctx.env.store,
+                        &ctx.env.payments,
+                        &ctx.env.settings.dunning_days,
+                        ctx.now,
+                    )
+                    .await
+                    .map_err(|e| JobError(e.to_string()))
+                })
+            }),
         ),
         JobSpec::new(
-            "billing-dunning",
+            subscriptions::DUNNING_JOB,
             "0 * * * *",
             utc,
             CatchUp::Latest,
-            nothing_due(),
+            Arc::new(|ctx| {
+                Box::pin(async move {
+                    subscriptions::run_dunning(
+                        &ctx.env.store,
+                        &ctx.env.payments,
+                        &ctx.env.settings.dunning_days,
+                        ctx.now,
+                    )
+                    .await
+                    .map_err(|e| JobError(e.to_string()))
+                })
+            }),
         ),
         JobSpec::new(
             "grower-orders",
             "0 5 * * *",
             shop,
             CatchUp::All,
-            nothing_due(),
+            Arc::new(|ctx| {
+                Box::pin(async move {
+                    subscriptions::run_grower_orders(&ctx.env.store, ctx.now)
+                        .await
+                        .map_err(|e| JobError(e.to_string()))
+                })
+            }),
         ),
         outbox,
         JobSpec::new(

@@ -245,6 +245,7 @@ mod payments;
 mod presale;
 mod sandbox;
 mod scheduler;
+mod subscription;
 
 pub use idempotency::IdempotencyBegin;
 pub use identity::TokenSubject;
@@ -256,6 +257,9 @@ pub use presale::{
 };
 pub use sandbox::{SandboxPaymentRow, SandboxRefund};
 pub use scheduler::{Claimed, JobDefRow, JobRunRow, NewRun, RunFilter, SchedulerInstanceRow};
+pub use subscription::{
+    CatalogRow, DeliveryRow, GrowerOrderRow, InvoiceRow, PlanRow, SubscriptionRow,
+};
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]

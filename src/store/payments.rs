@@ -522,6 +522,29 @@ fn intent_effects(purpose: &str, status: &str) -> &'static [&'static str] {
             "UPDATE pledges SET status = 'declined', ended_at = $2, updated_at = $2
              WHERE id = $1 AND status = 'pending'",
         ],
+        ("renewal", "succeeded") => &[
+            "UPDATE invoices SET status = 'paid', paid_at = $2, attempts = attempts + 1,
+                 next_attempt_at = NULL
+             WHERE id = $1 AND status IN ('pending', 'past_due')",
+            "UPDATE deliveries SET status = 'paid'
+             WHERE id = (SELECT delivery_id FROM invoices WHERE id = $1)
+               AND status IN ('locked', 'payment_failed')",
+            "UPDATE subscriptions SET status = 'active'
+             WHERE id = (SELECT subscription_id FROM invoices WHERE id = $1)
+               AND status = 'past_due'
+               AND NOT EXISTS (SELECT 1 FROM invoices i
+                               WHERE i.subscription_id = subscriptions.id AND i.status = 'past_due')",
+        ],
+        // Declined: past due, the box held; dunning decides the next retry.
+        ("renewal", _) => &[
+            "UPDATE invoices SET status = 'past_due', attempts = attempts + 1,
+                 first_failed_at = COALESCE(first_failed_at, $2), next_attempt_at = NULL
+             WHERE id = $1 AND status IN ('pending', 'past_due')",
+            "UPDATE deliveries SET status = 'payment_failed'
+             WHERE id = (SELECT delivery_id FROM invoices WHERE id = $1) AND status = 'locked'",
+            "UPDATE subscriptions SET status = 'past_due'
+             WHERE id = (SELECT subscription_id FROM invoices WHERE id = $1) AND status = 'active'",
+        ],
         ("balance", "succeeded") => &["UPDATE pledges
              SET status = 'paid', balance_paid_at = $2, updated_at = $2
              WHERE id = $1 AND status = 'awaiting_balance'"],

@@ -160,6 +160,7 @@ pub fn settings(db: &TestDb) -> Settings {
         ops_email: None,
         job_overrides: None,
         crash_after_gateway_call: false,
+        dunning_days: vec![1, 3, 5],
     }
 }
 

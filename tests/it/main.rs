@@ -11,3 +11,4 @@ mod payments;
 mod presales;
 mod scheduler;
 mod store;
+mod subscriptions;

@@ -1,0 +1,815 @@
+//! The catalog, plans, subscriptions, their deliveries and invoices, solved box profiles and
+//! grower orders. Deliveries and invoices are unique per (subscription, date); every move is
+//! a guarded update on status, so a re-run bills nothing twice.
+
+use super::{NewEmail, NewIntent, Store, StoreResult};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
+pub struct CatalogRow {
+    pub sku: String,
+    pub name: String,
+    pub kind: String,
+    pub ripening_days_min: i64,
+    pub ripening_days_max: i64,
+    pub ready_window_days: i64,
+    pub ethylene_producer: String,
+    pub ethylene_sensitive: bool,
+    pub unit_cost_minor: i64,
+    pub currency: String,
+    pub available_months: String,
+    pub grower: String,
+    pub grower_email: String,
+    pub lead_time_days: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
+pub struct PlanRow {
+    pub id: String,
+    pub name: String,
+    pub kind: String,
+    pub currency: String,
+    pub price_minor: i64,
+    pub cadence_weeks: i64,
+    pub portions_per_day: i64,
+    pub cutoff_hours: i64,
+    pub delivery_weekdays: String,
+    pub time_zone: String,
+    pub variety_cap: i64,
+    pub transit_days: i64,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
+pub struct SubscriptionRow {
+    pub id: String,
+    pub shopper_id: String,
+    pub plan_id: String,
+    pub delivery_weekday: String,
+    pub start_date: String,
+    pub exclusions: String,
+    pub status: String,
+    pub paused_until: Option<String>,
+    pub created_at: i64,
+    pub ended_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
+pub struct DeliveryRow {
+    pub id: String,
+    pub subscription_id: String,
+    pub delivery_date: String,
+    pub cutoff_at: i64,
+    pub status: String,
+    pub skip_reason: Option<String>,
+    pub amount_minor: Option<i64>,
+    pub lines: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
+pub struct InvoiceRow {
+    pub id: String,
+    pub subscription_id: String,
+    pub delivery_id: String,
+    pub delivery_date: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub attempts: i64,
+    pub first_failed_at: Option<i64>,
+    pub next_attempt_at: Option<i64>,
+    pub created_at: i64,
+    pub paid_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
+pub struct GrowerOrderRow {
+    pub id: String,
+    pub week: String,
+    pub supplier: String,
+    pub supplier_email: String,
+    pub sku: String,
+    pub qty: i64,
+    pub ripening_start: String,
+    pub order_by: String,
+    pub status: String,
+    pub sent_at: Option<i64>,
+}
+
+macro_rules! catalog_columns {
+    () => {
+        "sku, name, kind, ripening_days_min, ripening_days_max, ready_window_days,
+         ethylene_producer, ethylene_sensitive, unit_cost_minor, currency, available_months,
+         grower, grower_email, lead_time_days, updated_at"
+    };
+}
+
+macro_rules! plan_columns {
+    () => {
+        "id, name, kind, currency, price_minor, cadence_weeks, portions_per_day, cutoff_hours,
+         delivery_weekdays, time_zone, variety_cap, transit_days, created_at"
+    };
+}
+
+macro_rules! subscription_columns {
+    () => {
+        "id, shopper_id, plan_id, delivery_weekday, start_date, exclusions, status,
+         paused_until, created_at, ended_at"
+    };
+}
+
+macro_rules! delivery_columns {
+    () => {
+        "id, subscription_id, delivery_date, cutoff_at, status, skip_reason, amount_minor, lines"
+    };
+}
+
+macro_rules! invoice_columns {
+    () => {
+        "id, subscription_id, delivery_id, delivery_date, amount_minor, currency, status,
+         attempts, first_failed_at, next_attempt_at, created_at, paid_at"
+    };
+}
+
+/// Inserts a catalog item inside the caller's transaction, with `$conflict` deciding what an
+/// existing sku does.
+macro_rules! upsert_catalog {
+    ($tx:ident, $c:expr, $conflict:literal) => {{
+        let c: &CatalogRow = $c;
+        sqlx::query(concat!(
+            "INSERT INTO catalog_items (",
+            catalog_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ",
+            $conflict
+        ))
+        .bind(&c.sku)
+        .bind(&c.name)
+        .bind(&c.kind)
+        .bind(c.ripening_days_min)
+        .bind(c.ripening_days_max)
+        .bind(c.ready_window_days)
+        .bind(&c.ethylene_producer)
+        .bind(c.ethylene_sensitive)
+        .bind(c.unit_cost_minor)
+        .bind(&c.currency)
+        .bind(&c.available_months)
+        .bind(&c.grower)
+        .bind(&c.grower_email)
+        .bind(c.lead_time_days)
+        .bind(c.updated_at)
+        .execute(&mut *$tx)
+        .await?;
+    }};
+}
+
+/// Inserts deliveries (an existing date is kept) and a timer at each cutoff.
+macro_rules! insert_deliveries {
+    ($tx:ident, $rows:expr, $job:expr, $now:expr) => {{
+        for d in $rows {
+            let d: &DeliveryRow = d;
+            let new = sqlx::query(concat!(
+                "INSERT INTO deliveries (",
+                delivery_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (subscription_id, delivery_date) DO NOTHING"
+            ))
+            .bind(&d.id)
+            .bind(&d.subscription_id)
+            .bind(&d.delivery_date)
+            .bind(d.cutoff_at)
+            .bind(&d.status)
+            .bind(&d.skip_reason)
+            .bind(d.amount_minor)
+            .bind(&d.lines)
+            .execute(&mut *$tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if new && d.cutoff_at > $now {
+                schedule_timer!(&mut *$tx, $job, d.cutoff_at, $now).await?;
+            }
+        }
+    }};
+}
+
+impl Store {
+    /// Adds catalog items that are not there yet (a fresh database gets the shipped catalog;
+    /// ops' edits are kept).
+    pub async fn seed_catalog(&self, items: &[CatalogRow]) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            for c in items {
+                upsert_catalog!(tx, c, "ON CONFLICT (sku) DO NOTHING");
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    pub async fn put_catalog_item(&self, c: &CatalogRow) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            upsert_catalog!(
+                tx,
+                c,
+                "ON CONFLICT (sku) DO UPDATE SET name = excluded.name, kind = excluded.kind,
+                 ripening_days_min = excluded.ripening_days_min,
+                 ripening_days_max = excluded.ripening_days_max,
+                 ready_window_days = excluded.ready_window_days,
+                 ethylene_producer = excluded.ethylene_producer,
+                 ethylene_sensitive = excluded.ethylene_sensitive,
+                 unit_cost_minor = excluded.unit_cost_minor, currency = excluded.currency,
+                 available_months = excluded.available_months, grower = excluded.grower,
+                 grower_email = excluded.grower_email, lead_time_days = excluded.lead_time_days,
+                 updated_at = excluded.updated_at"
+            );
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    pub async fn catalog(&self) -> StoreResult<Vec<CatalogRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                catalog_columns!(),
+                " FROM catalog_items ORDER BY kind, sku"
+            ))
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    pub async fn create_plan(&self, p: &PlanRow) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            sqlx::query(concat!(
+                "INSERT INTO plans (",
+                plan_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+            ))
+            .bind(&p.id)
+            .bind(&p.name)
+            .bind(&p.kind)
+            .bind(&p.currency)
+            .bind(p.price_minor)
+            .bind(p.cadence_weeks)
+            .bind(p.portions_per_day)
+            .bind(p.cutoff_hours)
+            .bind(&p.delivery_weekdays)
+            .bind(&p.time_zone)
+            .bind(p.variety_cap)
+            .bind(p.transit_days)
+            .bind(p.created_at)
+            .execute(pool)
+            .await
+            .map(|_| ())?
+        });
+        Ok(())
+    }
+
+    pub async fn plans(&self) -> StoreResult<Vec<PlanRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                plan_columns!(),
+                " FROM plans ORDER BY created_at, id"
+            ))
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    pub async fn plan(&self, id: &str) -> StoreResult<Option<PlanRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                plan_columns!(),
+                " FROM plans WHERE id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+        }))
+    }
+
+    /// Changes a plan's price (used from the next delivery locked) and announces it.
+    pub async fn set_plan_price(
+        &self,
+        id: &str,
+        price_minor: i64,
+        emails: &[NewEmail],
+        now: i64,
+    ) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            sqlx::query("UPDATE plans SET price_minor = $2 WHERE id = $1")
+                .bind(id)
+                .bind(price_minor)
+                .execute(&mut *tx)
+                .await?;
+            for email in emails {
+                let _new = enqueue_email!(tx, email, now);
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Creates a subscription with its first deliveries (and their cutoff timers).
+    pub async fn create_subscription(
+        &self,
+        s: &SubscriptionRow,
+        deliveries: &[DeliveryRow],
+        job: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            sqlx::query(concat!(
+                "INSERT INTO subscriptions (",
+                subscription_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            ))
+            .bind(&s.id)
+            .bind(&s.shopper_id)
+            .bind(&s.plan_id)
+            .bind(&s.delivery_weekday)
+            .bind(&s.start_date)
+            .bind(&s.exclusions)
+            .bind(&s.status)
+            .bind(&s.paused_until)
+            .bind(s.created_at)
+            .bind(s.ended_at)
+            .execute(&mut *tx)
+            .await?;
+            insert_deliveries!(tx, deliveries, job, now);
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Adds deliveries that don't exist yet (a date already there is kept as it is).
+    pub async fn add_deliveries(
+        &self,
+        rows: &[DeliveryRow],
+        job: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            insert_deliveries!(tx, rows, job, now);
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    pub async fn subscription(&self, id: &str) -> StoreResult<Option<SubscriptionRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                subscription_columns!(),
+                " FROM subscriptions WHERE id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+        }))
+    }
+
+    /// Subscriptions that still receive deliveries (everything but cancelled).
+    pub async fn live_subscriptions(&self) -> StoreResult<Vec<SubscriptionRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                subscription_columns!(),
+                " FROM subscriptions WHERE status <> 'cancelled' ORDER BY created_at, id"
+            ))
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Moves a subscription between statuses, and its open deliveries with it: deliveries whose
+    /// cutoff has not passed and that are `deliveries_from` (with `reason_from`, if given)
+    /// become `deliveries_to` with `reason_to`, from `from_date` (inclusive) to `until_date`
+    /// (exclusive). `false` when the subscription was not in `from`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn move_subscription(
+        &self,
+        id: &str,
+        from: &[&str],
+        to: &str,
+        paused_until: Option<&str>,
+        deliveries: (&str, Option<&str>, &str, Option<&str>),
+        dates: (&str, &str),
+        now: i64,
+    ) -> StoreResult<bool> {
+        let (a, b) = match from {
+            [a] => (*a, *a),
+            [a, b, ..] => (*a, *b),
+            [] => return Ok(false),
+        };
+        let (d_from, reason_from, d_to, reason_to) = deliveries;
+        in_tx!(self, |tx| {
+            let moved = sqlx::query(
+                "UPDATE subscriptions SET status = $4, paused_until = $5,
+                     ended_at = CASE WHEN $4 IN ('cancelled', 'suspended') THEN $6 ELSE ended_at END
+                 WHERE id = $1 AND status IN ($2, $3)",
+            )
+            .bind(id)
+            .bind(a)
+            .bind(b)
+            .bind(to)
+            .bind(paused_until)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if moved == 0 {
+                return Ok(false);
+            }
+            sqlx::query(
+                "UPDATE deliveries SET status = $3, skip_reason = $5
+                 WHERE subscription_id = $1 AND status = $2
+                   AND ($4 IS NULL OR skip_reason = $4)
+                   AND cutoff_at > $6 AND delivery_date >= $7 AND delivery_date < $8",
+            )
+            .bind(id)
+            .bind(d_from)
+            .bind(d_to)
+            .bind(reason_from)
+            .bind(reason_to)
+            .bind(now)
+            .bind(dates.0)
+            .bind(dates.1)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    pub async fn deliveries_of(&self, subscription_id: &str) -> StoreResult<Vec<DeliveryRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                delivery_columns!(),
+                " FROM deliveries WHERE subscription_id = $1 ORDER BY delivery_date"
+            ))
+            .bind(subscription_id)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Skips one scheduled delivery before its cutoff; `false` when it is locked or gone.
+    pub async fn skip_delivery(
+        &self,
+        subscription_id: &str,
+        date: &str,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let done = on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE deliveries SET status = 'skipped', skip_reason = 'skipped'
+                 WHERE subscription_id = $1 AND delivery_date = $2 AND status = 'scheduled'
+                   AND cutoff_at > $3",
+            )
+            .bind(subscription_id)
+            .bind(date)
+            .bind(now)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(done == 1)
+    }
+
+    /// Scheduled deliveries whose cutoff has come, with their subscriptions.
+    pub async fn deliveries_due(&self, now: i64) -> StoreResult<Vec<DeliveryRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                delivery_columns!(),
+                " FROM deliveries WHERE status = 'scheduled' AND cutoff_at <= $1
+                 ORDER BY cutoff_at, id"
+            ))
+            .bind(now)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Deliveries with dates in `[from, until)` that will be (or were) boxed, for grower orders.
+    pub async fn deliveries_between(
+        &self,
+        from: &str,
+        until: &str,
+    ) -> StoreResult<Vec<DeliveryRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                delivery_columns!(),
+                " FROM deliveries WHERE delivery_date >= $1 AND delivery_date < $2
+                   AND status IN ('scheduled', 'locked', 'paid', 'payment_failed', 'dispatched')
+                 ORDER BY delivery_date, id"
+            ))
+            .bind(from)
+            .bind(until)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Stores a provisional box on a delivery that is still scheduled.
+    pub async fn set_provisional_box(&self, delivery_id: &str, lines: &str) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            sqlx::query("UPDATE deliveries SET lines = $2 WHERE id = $1 AND status = 'scheduled'")
+                .bind(delivery_id)
+                .bind(lines)
+                .execute(pool)
+                .await
+                .map(|_| ())?
+        });
+        Ok(())
+    }
+
+    /// Skips a due delivery that will not be billed (its subscription is suspended or
+    /// cancelled).
+    pub async fn skip_due_delivery(&self, delivery_id: &str, reason: &str) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE deliveries SET status = 'skipped', skip_reason = $2
+                 WHERE id = $1 AND status = 'scheduled'",
+            )
+            .bind(delivery_id)
+            .bind(reason)
+            .execute(pool)
+            .await
+            .map(|_| ())?
+        });
+        Ok(())
+    }
+
+    /// Locks a due delivery with its final box and price, creates its one invoice and commits
+    /// the renewal charge, with the "box planned" email, in one transaction. `false` when it
+    /// was no longer scheduled.
+    pub async fn lock_delivery(
+        &self,
+        delivery: &DeliveryRow,
+        invoice: &InvoiceRow,
+        charge: &NewIntent,
+        email: &NewEmail,
+        now: i64,
+    ) -> StoreResult<bool> {
+        in_tx!(self, |tx| {
+            let locked = sqlx::query(
+                "UPDATE deliveries SET status = 'locked', lines = $2, amount_minor = $3
+                 WHERE id = $1 AND status = 'scheduled'",
+            )
+            .bind(&delivery.id)
+            .bind(&delivery.lines)
+            .bind(delivery.amount_minor)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if locked == 0 {
+                return Ok(false);
+            }
+            sqlx::query(concat!(
+                "INSERT INTO invoices (",
+                invoice_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            ))
+            .bind(&invoice.id)
+            .bind(&invoice.subscription_id)
+            .bind(&invoice.delivery_id)
+            .bind(&invoice.delivery_date)
+            .bind(invoice.amount_minor)
+            .bind(&invoice.currency)
+            .bind(&invoice.status)
+            .bind(invoice.attempts)
+            .bind(invoice.first_failed_at)
+            .bind(invoice.next_attempt_at)
+            .bind(invoice.created_at)
+            .bind(invoice.paid_at)
+            .execute(&mut *tx)
+            .await?;
+            let _new = insert_intent!(tx, charge, now);
+            let _new = enqueue_email!(tx, email, now);
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    pub async fn box_plan(&self, profile: &str) -> StoreResult<Option<String>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT lines FROM box_plans WHERE profile = $1")
+                .bind(profile)
+                .fetch_optional(pool)
+                .await?
+        }))
+    }
+
+    pub async fn save_box_plan(
+        &self,
+        profile: &str,
+        lines: &str,
+        cost: i64,
+        now: i64,
+    ) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO box_plans (profile, lines, cost_minor, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (profile) DO NOTHING",
+            )
+            .bind(profile)
+            .bind(lines)
+            .bind(cost)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|_| ())?
+        });
+        Ok(())
+    }
+
+    pub async fn invoices_of(&self, subscription_id: &str) -> StoreResult<Vec<InvoiceRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                invoice_columns!(),
+                " FROM invoices WHERE subscription_id = $1 ORDER BY delivery_date"
+            ))
+            .bind(subscription_id)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Past-due invoices: those awaiting a dunning decision (`next_attempt_at` unset) and those
+    /// whose retry is due by `now`.
+    pub async fn past_due_invoices(&self, now: i64) -> StoreResult<Vec<InvoiceRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                invoice_columns!(),
+                " FROM invoices WHERE status = 'past_due'
+                   AND (next_attempt_at IS NULL OR next_attempt_at <= $1)
+                 ORDER BY created_at, id"
+            ))
+            .bind(now)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Plans the next dunning retry of a past-due invoice (once per failure) with its email
+    /// and a timer; `false` when already planned.
+    pub async fn plan_dunning_retry(
+        &self,
+        invoice_id: &str,
+        at: i64,
+        email: &NewEmail,
+        job: &str,
+        now: i64,
+    ) -> StoreResult<bool> {
+        in_tx!(self, |tx| {
+            let planned = sqlx::query(
+                "UPDATE invoices SET next_attempt_at = $2
+                 WHERE id = $1 AND status = 'past_due' AND next_attempt_at IS NULL",
+            )
+            .bind(invoice_id)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if planned == 0 {
+                return Ok(false);
+            }
+            let _new = enqueue_email!(tx, email, now);
+            schedule_timer!(&mut *tx, job, at, now).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Clears a due retry before it is sent, so its result gets a fresh dunning decision.
+    pub async fn begin_dunning_retry(&self, invoice_id: &str, now: i64) -> StoreResult<bool> {
+        let done = on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE invoices SET next_attempt_at = NULL
+                 WHERE id = $1 AND status = 'past_due' AND next_attempt_at <= $2",
+            )
+            .bind(invoice_id)
+            .bind(now)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(done == 1)
+    }
+
+    /// The last dunning step failed: the invoice is uncollectible, the subscription suspended,
+    /// its open deliveries skipped; the shopper is told.
+    pub async fn suspend_for_nonpayment(
+        &self,
+        invoice: &InvoiceRow,
+        email: &NewEmail,
+        now: i64,
+    ) -> StoreResult<bool> {
+        in_tx!(self, |tx| {
+            let moved = sqlx::query(
+                "UPDATE invoices SET status = 'uncollectible', next_attempt_at = NULL
+                 WHERE id = $1 AND status = 'past_due'",
+            )
+            .bind(&invoice.id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if moved == 0 {
+                return Ok(false);
+            }
+            sqlx::query(
+                "UPDATE subscriptions SET status = 'suspended', ended_at = $2
+                 WHERE id = $1 AND status IN ('active', 'past_due', 'paused')",
+            )
+            .bind(&invoice.subscription_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE deliveries SET status = 'skipped', skip_reason = 'suspended'
+                 WHERE subscription_id = $1 AND status = 'scheduled'",
+            )
+            .bind(&invoice.subscription_id)
+            .execute(&mut *tx)
+            .await?;
+            let _new = enqueue_email!(tx, email, now);
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Sets the planned grower orders to `rows` (quantities of orders already sent stay).
+    pub async fn put_grower_orders(&self, rows: &[GrowerOrderRow]) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            for g in rows {
+                sqlx::query(
+                    "INSERT INTO grower_orders (id, week, supplier, supplier_email, sku, qty,
+                         ripening_start, order_by, status, sent_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'planned', NULL)
+                     ON CONFLICT (supplier, sku, ripening_start) DO UPDATE SET qty = excluded.qty
+                     WHERE grower_orders.status = 'planned'",
+                )
+                .bind(&g.id)
+                .bind(&g.week)
+                .bind(&g.supplier)
+                .bind(&g.supplier_email)
+                .bind(&g.sku)
+                .bind(g.qty)
+                .bind(&g.ripening_start)
+                .bind(&g.order_by)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Grower orders of a week (all weeks when `None`).
+    pub async fn grower_orders(&self, week: Option<&str>) -> StoreResult<Vec<GrowerOrderRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT id, week, supplier, supplier_email, sku, qty, ripening_start, order_by,
+                        status, sent_at
+                 FROM grower_orders WHERE ($1 IS NULL OR week = $1)
+                 ORDER BY order_by, supplier, sku",
+            )
+            .bind(week)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Marks grower orders sent with their email, once.
+    pub async fn send_grower_orders(
+        &self,
+        ids: &[String],
+        email: &NewEmail,
+        now: i64,
+    ) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            for id in ids {
+                sqlx::query(
+                    "UPDATE grower_orders SET status = 'sent', sent_at = $2
+                     WHERE id = $1 AND status = 'planned'",
+                )
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let _new = enqueue_email!(tx, email, now);
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,195 @@
+//! The subscription emails, keyed so each is sent once per delivery, invoice attempt or order.
+
+use super::StoredLine;
+use crate::domain::money::{Currency, Money};
+use crate::email::Notice;
+use crate::store::{DeliveryRow, GrowerOrderRow, InvoiceRow, NewAttachment, NewEmail, PlanRow};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+
+fn money(minor: i64, currency: &str) -> String {
+    match Currency::parse(currency) {
+        Ok(c) => format!("{} {currency}", Money::from_minor(minor, c)),
+        Err(_) => format!("{minor} {currency}"),
+    }
+}
+
+fn notice(
+    template: &'static str,
+    entity: &str,
+    event: &str,
+    to: &str,
+    name: &str,
+    subject: String,
+) -> Notice {
+    Notice {
+        template,
+        entity: entity.to_owned(),
+        event: event.to_owned(),
+        to: to.to_owned(),
+        subject,
+        greeting: format!("Hello {name},"),
+        paragraphs: Vec::new(),
+        facts: Vec::new(),
+        attachments: Vec::new(),
+    }
+}
+
+/// "Your box is planned": what to eat (or put in a vase) first.
+pub fn box_planned(
+    plan: &PlanRow,
+    d: &DeliveryRow,
+    date: NaiveDate,
+    lines: &[StoredLine],
+    to: &str,
+    name: &str,
+) -> NewEmail {
+    let mut n = notice(
+        "box_planned",
+        &d.id,
+        "planned",
+        to,
+        name,
+        format!("Your {} box for {date} is planned", plan.name),
+    );
+    let ready = if plan.kind == "flower" {
+        "in bloom"
+    } else {
+        "ready to eat"
+    };
+    n.paragraphs.push(format!(
+        "Here is what arrives on {date} and when each item is {ready}, so that something is \
+         {ready} every day until the next delivery. Start with the first lines."
+    ));
+    n.facts = lines
+        .iter()
+        .map(|l| {
+            (
+                format!("{} × {}", l.qty, l.name),
+                format!(
+                    "{ready} {} to {}",
+                    date + Duration::days(l.ready_from),
+                    date + Duration::days(l.ready_until)
+                ),
+            )
+        })
+        .collect();
+    n.render()
+}
+
+pub fn payment_failed(
+    plan: &PlanRow,
+    inv: &InvoiceRow,
+    retry_at: Option<DateTime<Utc>>,
+    to: &str,
+    name: &str,
+) -> NewEmail {
+    let mut n = notice(
+        "payment_failed",
+        &inv.id,
+        &format!("attempt-{}", inv.attempts),
+        to,
+        name,
+        format!(
+            "Payment for your {} box of {} failed",
+            plan.name, inv.delivery_date
+        ),
+    );
+    n.paragraphs.push(format!(
+        "We could not charge {} for the delivery of {}. The box is held until it is paid. \
+         Please update your payment method; we will try again{}.",
+        money(inv.amount_minor, &inv.currency),
+        inv.delivery_date,
+        retry_at.map_or(String::new(), |t| format!(
+            " on {}",
+            t.format("%Y-%m-%d %H:%M UTC")
+        ))
+    ));
+    n.facts = vec![("Attempt".into(), inv.attempts.to_string())];
+    n.render()
+}
+
+pub fn suspended(plan: &PlanRow, inv: &InvoiceRow, to: &str, name: &str) -> NewEmail {
+    let mut n = notice(
+        "subscription_suspended",
+        &inv.id,
+        "suspended",
+        to,
+        name,
+        format!("Your {} subscription is suspended", plan.name),
+    );
+    n.paragraphs.push(format!(
+        "After {} attempts we could not collect {} for the delivery of {}, so the \
+         subscription is suspended and no further boxes will be sent or charged.",
+        inv.attempts,
+        money(inv.amount_minor, &inv.currency),
+        inv.delivery_date
+    ));
+    n.render()
+}
+
+pub fn price_changed(
+    plan: &PlanRow,
+    old_minor: i64,
+    sub_id: &str,
+    to: &str,
+    name: &str,
+) -> NewEmail {
+    let mut n = notice(
+        "price_changed",
+        sub_id,
+        &format!("price-{}-{}", plan.id, plan.price_minor),
+        to,
+        name,
+        format!("The price of {} changes", plan.name),
+    );
+    n.paragraphs.push(format!(
+        "From your next delivery that is not yet locked, each {} box costs {} (was {}). \
+         Deliveries already past their cutoff keep their price.",
+        plan.name,
+        money(plan.price_minor, &plan.currency),
+        money(old_minor, &plan.currency)
+    ));
+    n.render()
+}
+
+/// A grower's purchase order: the lines due today, with a CSV.
+pub fn grower_order(supplier: &str, lines: &[GrowerOrderRow], today: NaiveDate) -> NewEmail {
+    let mut csv = String::from("order_line,sku,qty,deliver_by,order_by,week\n");
+    for l in lines {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{}\n",
+            l.id, l.sku, l.qty, l.ripening_start, l.order_by, l.week
+        ));
+    }
+    let to = lines
+        .first()
+        .map(|l| l.supplier_email.clone())
+        .unwrap_or_default();
+    let mut n = notice(
+        "grower_order",
+        supplier,
+        &today.to_string(),
+        &to,
+        supplier,
+        format!("Order from pooled for {today}"),
+    );
+    n.paragraphs.push(
+        "Please deliver these to our warehouse by the dates shown; ripening starts on arrival."
+            .into(),
+    );
+    n.facts = lines
+        .iter()
+        .map(|l| {
+            (
+                format!("{} × {}", l.qty, l.sku),
+                format!("by {}", l.ripening_start),
+            )
+        })
+        .collect();
+    n.attachments.push(NewAttachment {
+        filename: format!("order-{today}.csv"),
+        content_type: "text/csv".into(),
+        content: csv.into_bytes(),
+    });
+    n.render()
+}

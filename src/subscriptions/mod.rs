@@ -1,0 +1,607 @@
+//! Fruit and flower subscriptions as a service: the catalog seed, subscribing, deliveries
+//! kept ahead of time, the weekly plan and grower orders, renewal at each cutoff, dunning.
+//!
+//! The rules are in [`crate::domain::ripening`] and [`crate::domain::subscription`]; this
+//! module reads rows, asks the rules, and writes each step as one guarded transaction.
+
+pub mod emails;
+
+use crate::domain::ledger::Account;
+use crate::domain::money::{Currency, Money};
+use crate::domain::ripening::{self, BoxRequest, Ethylene, Item};
+use crate::domain::subscription::{
+    Dunning, cutoff_at, deliveries_between, dunning_step, first_delivery, parse_weekday,
+};
+use crate::payments::{Payments, PaymentsError};
+use crate::store::{
+    CatalogRow, DeliveryRow, GrowerOrderRow, InvoiceRow, NewIntent, PlanRow, Store, StoreError,
+    SubscriptionRow, micros,
+};
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::BTreeMap;
+
+pub const RENEW_JOB: &str = "subscription-renew";
+pub const DUNNING_JOB: &str = "billing-dunning";
+
+/// Deliveries are kept this far ahead (so skips and pauses have rows to act on).
+const HORIZON_DAYS: i64 = 28;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Locked(String),
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Payments(#[from] PaymentsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+type Result<T> = std::result::Result<T, SubscriptionError>;
+
+/// The shipped catalog (`data/ripening_catalog.csv`, with sources) and our documented
+/// defaults for what it lacks (`data/catalog_defaults.csv`: sku, unit cost, months, grower,
+/// lead time).
+pub fn shipped_catalog(now: i64) -> Vec<CatalogRow> {
+    #[derive(Deserialize)]
+    struct Ripening {
+        name: String,
+        ripening_days_min: i64,
+        ripening_days_max: i64,
+        ready_window_days: i64,
+        ethylene_producer: String,
+        ethylene_sensitive: String,
+        category: String,
+    }
+    #[derive(Deserialize)]
+    struct Defaults {
+        name: String,
+        sku: String,
+        unit_cost: String,
+        available_months: String,
+        grower: String,
+        grower_email: String,
+        lead_time_days: i64,
+    }
+    let defaults: BTreeMap<String, Defaults> =
+        csv::Reader::from_reader(include_str!("../../data/catalog_defaults.csv").as_bytes())
+            .deserialize::<Defaults>()
+            .filter_map(|r| r.ok())
+            .map(|d| (d.name.clone(), d))
+            .collect();
+    let eur = Currency::parse("EUR").expect("EUR");
+    csv::Reader::from_reader(include_str!("../../data/ripening_catalog.csv").as_bytes())
+        .deserialize::<Ripening>()
+        .filter_map(|r| r.ok())
+        .filter_map(|r| {
+            let d = defaults.get(&r.name)?;
+            Some(CatalogRow {
+                sku: d.sku.clone(),
+                name: r.name.clone(),
+                kind: r.category.clone(),
+                ripening_days_min: r.ripening_days_min,
+                ripening_days_max: r.ripening_days_max,
+                ready_window_days: r.ready_window_days,
+                ethylene_producer: Ethylene::parse(&r.ethylene_producer).as_str().into(),
+                ethylene_sensitive: r.ethylene_sensitive == "yes",
+                unit_cost_minor: Money::parse(&d.unit_cost, eur).ok()?.minor(),
+                currency: "EUR".into(),
+                available_months: d.available_months.clone(),
+                grower: d.grower.clone(),
+                grower_email: d.grower_email.clone(),
+                lead_time_days: d.lead_time_days,
+                updated_at: now,
+            })
+        })
+        .collect()
+}
+
+/// The planner's view of a catalog item.
+pub fn item_of(c: &CatalogRow) -> Item {
+    Item {
+        sku: c.sku.clone(),
+        ripening_days_min: c.ripening_days_min,
+        ripening_days_max: c.ripening_days_max,
+        ready_window_days: c.ready_window_days,
+        unit_cost_minor: c.unit_cost_minor,
+        ethylene_producer: Ethylene::parse(&c.ethylene_producer),
+        ethylene_sensitive: c.ethylene_sensitive,
+        available_months: c
+            .available_months
+            .split_whitespace()
+            .filter_map(|m| m.parse().ok())
+            .collect(),
+        lead_time_days: c.lead_time_days,
+    }
+}
+
+/// A box line as stored on a delivery (days relative to the delivery date).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredLine {
+    pub sku: String,
+    pub name: String,
+    pub qty: i64,
+    pub ripened_days: i64,
+    pub ready_from: i64,
+    pub ready_until: i64,
+}
+
+pub fn lines_of(d: &DeliveryRow) -> Vec<StoredLine> {
+    d.lines
+        .as_deref()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_default()
+}
+
+pub fn zone_of(p: &PlanRow) -> Tz {
+    p.time_zone.parse().unwrap_or(chrono_tz::UTC)
+}
+
+pub fn exclusions_of(s: &SubscriptionRow) -> Vec<String> {
+    serde_json::from_str(&s.exclusions).unwrap_or_default()
+}
+
+pub fn date_of(s: &str) -> Result<NaiveDate> {
+    s.parse()
+        .map_err(|_| StoreError::Inconsistent(format!("bad date {s}")).into())
+}
+
+fn today(plan: &PlanRow, now: DateTime<Utc>) -> NaiveDate {
+    now.with_timezone(&zone_of(plan)).date_naive()
+}
+
+/// A new delivery row for `date`.
+fn delivery_row(sub: &SubscriptionRow, plan: &PlanRow, date: NaiveDate) -> DeliveryRow {
+    let paused = sub.status == "paused"
+        && sub
+            .paused_until
+            .as_deref()
+            .is_none_or(|until| date.to_string().as_str() < until);
+    DeliveryRow {
+        id: crate::ids::new_id("dlv"),
+        subscription_id: sub.id.clone(),
+        delivery_date: date.to_string(),
+        cutoff_at: micros(cutoff_at(date, zone_of(plan), plan.cutoff_hours)),
+        status: if paused { "skipped" } else { "scheduled" }.into(),
+        skip_reason: paused.then(|| "paused".into()),
+        amount_minor: None,
+        lines: None,
+    }
+}
+
+/// The deliveries of a subscription from `from` to the horizon.
+pub fn upcoming_rows(
+    sub: &SubscriptionRow,
+    plan: &PlanRow,
+    from: NaiveDate,
+) -> Result<Vec<DeliveryRow>> {
+    let weekday = parse_weekday(&sub.delivery_weekday)
+        .ok_or_else(|| StoreError::Inconsistent(format!("bad weekday {}", sub.delivery_weekday)))?;
+    let first = first_delivery(date_of(&sub.start_date)?, weekday);
+    Ok(deliveries_between(
+        first,
+        plan.cadence_weeks,
+        from,
+        from + Duration::days(HORIZON_DAYS),
+    )
+    .into_iter()
+    .map(|d| delivery_row(sub, plan, d))
+    .collect())
+}
+
+pub async fn plan_of(store: &Store, id: &str) -> Result<PlanRow> {
+    store
+        .plan(id)
+        .await?
+        .ok_or_else(|| SubscriptionError::NotFound(format!("no plan {id}")))
+}
+
+/// The box for a delivery: solved once per (plan, exclusions, weekday, date) profile.
+pub async fn box_for(
+    store: &Store,
+    plan: &PlanRow,
+    sub: &SubscriptionRow,
+    date: NaiveDate,
+    now: DateTime<Utc>,
+) -> Result<Vec<StoredLine>> {
+    let profile = format!(
+        "{}|{}|{}|{}",
+        plan.id, sub.exclusions, sub.delivery_weekday, date
+    );
+    if let Some(lines) = store.box_plan(&profile).await? {
+        return Ok(serde_json::from_str(&lines).unwrap_or_default());
+    }
+    let catalog: Vec<CatalogRow> = store
+        .catalog()
+        .await?
+        .into_iter()
+        .filter(|c| c.kind == plan.kind)
+        .collect();
+    let items: Vec<Item> = catalog.iter().map(item_of).collect();
+    let exclusions = exclusions_of(sub);
+    let req = BoxRequest {
+        items: &items,
+        period_days: 7 * plan.cadence_weeks,
+        portions_per_day: plan.portions_per_day,
+        exclusions: &exclusions,
+        month: date.month(),
+        variety_cap: plan.variety_cap as usize,
+        days_ahead: (date - today(plan, now)).num_days(),
+        transit_days: plan.transit_days,
+    };
+    let planned =
+        ripening::plan_box(&req).map_err(|e| SubscriptionError::Conflict(e.to_string()))?;
+    let lines: Vec<StoredLine> = planned
+        .lines
+        .iter()
+        .map(|l| StoredLine {
+            name: catalog
+                .iter()
+                .find(|c| c.sku == l.sku)
+                .map_or_else(|| l.sku.clone(), |c| c.name.clone()),
+            sku: l.sku.clone(),
+            qty: l.qty,
+            ripened_days: l.ripened_days,
+            ready_from: l.ready_from,
+            ready_until: l.ready_until,
+        })
+        .collect();
+    let json = serde_json::to_string(&lines).unwrap_or_else(|_| "[]".into());
+    store
+        .save_box_plan(&profile, &json, planned.cost_minor, micros(now))
+        .await?;
+    Ok(lines)
+}
+
+/// `subscription-renew`: keeps deliveries ahead, resumes pauses that ended, and at each
+/// cutoff locks the delivery, plans its final box, invoices it once and charges it.
+pub async fn run_renew(
+    store: &Store,
+    payments: &Payments,
+    dunning_days: &[i64],
+    now: DateTime<Utc>,
+) -> Result<serde_json::Value> {
+    let now_us = micros(now);
+    let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
+    for sub in store.live_subscriptions().await? {
+        if !plans.contains_key(&sub.plan_id) {
+            plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
+        }
+        let plan = &plans[&sub.plan_id];
+        let today = today(plan, now);
+        if sub.status == "paused"
+            && sub
+                .paused_until
+                .as_deref()
+                .is_some_and(|until| until <= today.to_string().as_str())
+        {
+            resume(store, &sub, now).await?;
+        }
+        if sub.status != "suspended" {
+            store
+                .add_deliveries(&upcoming_rows(&sub, plan, today)?, RENEW_JOB, now_us)
+                .await?;
+        }
+    }
+    let mut locked = 0;
+    for d in store.deliveries_due(now_us).await? {
+        let Some(sub) = store.subscription(&d.subscription_id).await? else {
+            continue;
+        };
+        let mut sub = sub;
+        // A pause that ends by this delivery's date ends now.
+        if sub.status == "paused"
+            && sub
+                .paused_until
+                .as_deref()
+                .is_some_and(|until| until <= d.delivery_date.as_str())
+        {
+            resume(store, &sub, now).await?;
+            sub.status = "active".into();
+        }
+        if !matches!(sub.status.as_str(), "active" | "past_due") {
+            // Paused deliveries are already skipped; suspended and cancelled ones never bill.
+            store.skip_due_delivery(&d.id, &sub.status).await?;
+            continue;
+        }
+        let plan = plan_of(store, &sub.plan_id).await?;
+        if lock_and_bill(store, &plan, &sub, d, now).await? {
+            locked += 1;
+        }
+    }
+    payments.sweep(now, false).await?;
+    let dunned = dunning_decisions(store, dunning_days, now).await?;
+    Ok(json!({"locked": locked, "dunning_planned": dunned}))
+}
+
+async fn lock_and_bill(
+    store: &Store,
+    plan: &PlanRow,
+    sub: &SubscriptionRow,
+    mut d: DeliveryRow,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let date = date_of(&d.delivery_date)?;
+    let lines = match box_for(store, plan, sub, date, now).await {
+        Ok(lines) => lines,
+        // Nothing can reach the warehouse in time any more (the box was never planned ahead):
+        // the delivery is skipped, and never billed.
+        Err(SubscriptionError::Conflict(why)) => {
+            tracing::warn!(delivery = %d.id, %why, "delivery cannot be planned in time; skipped");
+            store.skip_due_delivery(&d.id, "unplannable").await?;
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    let currency =
+        Currency::parse(&plan.currency).map_err(|e| StoreError::Inconsistent(e.to_string()))?;
+    d.lines = Some(serde_json::to_string(&lines).unwrap_or_else(|_| "[]".into()));
+    // The price in force when the delivery locks: a change applies from the next unlocked one.
+    d.amount_minor = Some(plan.price_minor);
+    let invoice = InvoiceRow {
+        id: crate::ids::new_id("inv"),
+        subscription_id: sub.id.clone(),
+        delivery_id: d.id.clone(),
+        delivery_date: d.delivery_date.clone(),
+        amount_minor: plan.price_minor,
+        currency: plan.currency.clone(),
+        status: "pending".into(),
+        attempts: 0,
+        first_failed_at: None,
+        next_attempt_at: None,
+        created_at: micros(now),
+        paid_at: None,
+    };
+    let charge = NewIntent {
+        id: format!("pi_renewal_{}", invoice.id),
+        idempotency_key: format!("renewal:{}:{}", sub.id, d.delivery_date),
+        kind: "charge",
+        purpose: "renewal",
+        subject_id: invoice.id.clone(),
+        shopper_id: sub.shopper_id.clone(),
+        amount: Money::from_minor(plan.price_minor, currency),
+        account: Account::SubscriptionRevenue,
+        refund_of: None,
+        memo: format!("{} delivery {}", plan.name, d.delivery_date),
+        first_sweep_at: micros(now),
+    };
+    let shopper = store.shopper(&sub.shopper_id).await?;
+    let email = emails::box_planned(plan, &d, date, &lines, &shopper.email, &shopper.name);
+    Ok(store
+        .lock_delivery(&d, &invoice, &charge, &email, micros(now))
+        .await?)
+}
+
+/// Past-due invoices without a next step get one (retry at +1/+3/+5 days after the first
+/// failure, with an email) or, after the last, suspension.
+async fn dunning_decisions(
+    store: &Store,
+    dunning_days: &[i64],
+    now: DateTime<Utc>,
+) -> Result<usize> {
+    let now_us = micros(now);
+    let mut planned = 0;
+    for inv in store.past_due_invoices(now_us).await? {
+        if inv.next_attempt_at.is_some() {
+            continue;
+        }
+        let sub = store
+            .subscription(&inv.subscription_id)
+            .await?
+            .ok_or_else(|| {
+                StoreError::Inconsistent(format!("invoice {} has no subscription", inv.id))
+            })?;
+        let plan = plan_of(store, &sub.plan_id).await?;
+        let shopper = store.shopper(&sub.shopper_id).await?;
+        let first = crate::store::instant(inv.first_failed_at.unwrap_or(now_us));
+        match dunning_step(first, inv.attempts as usize, dunning_days) {
+            Dunning::RetryAt(at) => {
+                let email =
+                    emails::payment_failed(&plan, &inv, Some(at), &shopper.email, &shopper.name);
+                if store
+                    .plan_dunning_retry(&inv.id, micros(at), &email, DUNNING_JOB, now_us)
+                    .await?
+                {
+                    planned += 1;
+                }
+            }
+            Dunning::Suspend => {
+                let email = emails::suspended(&plan, &inv, &shopper.email, &shopper.name);
+                store.suspend_for_nonpayment(&inv, &email, now_us).await?;
+            }
+        }
+    }
+    Ok(planned)
+}
+
+/// `billing-dunning`: retries past-due invoices whose step has come (with the shopper's
+/// current card and the invoice's one key), then plans the next step of those still failing.
+pub async fn run_dunning(
+    store: &Store,
+    payments: &Payments,
+    dunning_days: &[i64],
+    now: DateTime<Utc>,
+) -> Result<serde_json::Value> {
+    let now_us = micros(now);
+    let mut retried = 0;
+    for inv in store.past_due_invoices(now_us).await? {
+        if inv.next_attempt_at.is_none_or(|t| t > now_us) {
+            continue;
+        }
+        let intent = format!("pi_renewal_{}", inv.id);
+        if store.begin_dunning_retry(&inv.id, now_us).await?
+            && store.retry_declined_intent(&intent, now_us).await?
+        {
+            payments.attempt(&intent, now).await?;
+            retried += 1;
+        }
+    }
+    let planned = dunning_decisions(store, dunning_days, now).await?;
+    Ok(json!({"retried": retried, "planned": planned}))
+}
+
+fn iso_week(d: NaiveDate) -> String {
+    let w = d.iso_week();
+    format!("{}-W{:02}", w.year(), w.week())
+}
+
+/// Grower orders for every boxed line of deliveries in `[from, until)`: ripening starts
+/// `transit + k` days before delivery, and the grower is ordered from `lead time` before that.
+async fn refresh_grower_orders(store: &Store, from: NaiveDate, until: NaiveDate) -> Result<usize> {
+    let catalog: BTreeMap<String, CatalogRow> = store
+        .catalog()
+        .await?
+        .into_iter()
+        .map(|c| (c.sku.clone(), c))
+        .collect();
+    let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
+    let mut orders: BTreeMap<(String, String, NaiveDate), GrowerOrderRow> = BTreeMap::new();
+    for d in store
+        .deliveries_between(&from.to_string(), &until.to_string())
+        .await?
+    {
+        let Some(sub) = store.subscription(&d.subscription_id).await? else {
+            continue;
+        };
+        if !plans.contains_key(&sub.plan_id) {
+            plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
+        }
+        let plan = &plans[&sub.plan_id];
+        let date = date_of(&d.delivery_date)?;
+        for line in lines_of(&d) {
+            let Some(item) = catalog.get(&line.sku) else {
+                continue;
+            };
+            let (_, start, order_by) = ripening::backward_schedule(
+                line.ripened_days,
+                plan.transit_days,
+                item.lead_time_days,
+            );
+            let ripening_start = date + Duration::days(start);
+            let order = orders
+                .entry((item.grower.clone(), item.sku.clone(), ripening_start))
+                .or_insert_with(|| GrowerOrderRow {
+                    id: crate::ids::new_id("gro"),
+                    week: iso_week(date),
+                    supplier: item.grower.clone(),
+                    supplier_email: item.grower_email.clone(),
+                    sku: item.sku.clone(),
+                    qty: 0,
+                    ripening_start: ripening_start.to_string(),
+                    order_by: (date + Duration::days(order_by)).to_string(),
+                    status: "planned".into(),
+                    sent_at: None,
+                });
+            order.qty += line.qty;
+        }
+    }
+    let rows: Vec<GrowerOrderRow> = orders.into_values().collect();
+    store.put_grower_orders(&rows).await?;
+    Ok(rows.len())
+}
+
+/// Plans the boxes of a subscription's deliveries in the coming two weeks now (a new
+/// subscription can't wait for the weekly plan: growers need their lead time) and updates the
+/// grower orders.
+pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<Utc>) -> Result<()> {
+    let plan = plan_of(store, &sub.plan_id).await?;
+    let today = today(&plan, now);
+    let until = today + Duration::days(15);
+    for d in store.deliveries_of(&sub.id).await? {
+        let date = date_of(&d.delivery_date)?;
+        if d.status == "scheduled" && date < until {
+            // A delivery too close to plan is skipped at its cutoff (see `lock_and_bill`).
+            let lines = match box_for(store, &plan, sub, date, now).await {
+                Ok(lines) => lines,
+                Err(SubscriptionError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            store
+                .set_provisional_box(&d.id, &serde_json::to_string(&lines).unwrap_or_default())
+                .await?;
+        }
+    }
+    refresh_grower_orders(store, today, until).await?;
+    Ok(())
+}
+
+/// `subscription-plan`: plans the boxes of the coming two weeks (provisionally, until each
+/// cutoff) and aggregates them into grower orders with their order-by dates.
+pub async fn run_plan(store: &Store, now: DateTime<Utc>) -> Result<serde_json::Value> {
+    let today = now.date_naive();
+    let until = today + Duration::days(15);
+    let mut planned = 0;
+    for d in store
+        .deliveries_between(&today.to_string(), &until.to_string())
+        .await?
+    {
+        if d.status != "scheduled" {
+            continue;
+        }
+        let Some(sub) = store.subscription(&d.subscription_id).await? else {
+            continue;
+        };
+        let plan = plan_of(store, &sub.plan_id).await?;
+        let lines = box_for(store, &plan, &sub, date_of(&d.delivery_date)?, now).await?;
+        store
+            .set_provisional_box(&d.id, &serde_json::to_string(&lines).unwrap_or_default())
+            .await?;
+        planned += 1;
+    }
+    let orders = refresh_grower_orders(store, today, until).await?;
+    Ok(json!({"boxes": planned, "grower_order_lines": orders}))
+}
+
+/// `grower-orders`: sends each grower the order lines whose order-by date has come (one
+/// email with a CSV per grower), once.
+pub async fn run_grower_orders(store: &Store, now: DateTime<Utc>) -> Result<serde_json::Value> {
+    let today = now.date_naive();
+    refresh_grower_orders(store, today, today + Duration::days(15)).await?;
+    let mut by_supplier: BTreeMap<String, Vec<GrowerOrderRow>> = BTreeMap::new();
+    for g in store.grower_orders(None).await? {
+        if g.status == "planned" && g.order_by.as_str() <= today.to_string().as_str() {
+            by_supplier.entry(g.supplier.clone()).or_default().push(g);
+        }
+    }
+    let mut sent = 0;
+    for (supplier, lines) in by_supplier {
+        let email = emails::grower_order(&supplier, &lines, today);
+        let ids: Vec<String> = lines.iter().map(|l| l.id.clone()).collect();
+        sent += ids.len();
+        store.send_grower_orders(&ids, &email, micros(now)).await?;
+    }
+    Ok(json!({"sent": sent}))
+}
+
+/// Resumes a paused subscription: its paused deliveries before their cutoff come back.
+pub async fn resume(store: &Store, sub: &SubscriptionRow, now: DateTime<Utc>) -> Result<()> {
+    if !store
+        .move_subscription(
+            &sub.id,
+            &["paused"],
+            "active",
+            None,
+            ("skipped", Some("paused"), "scheduled", None),
+            ("0000-00-00", "9999-99-99"),
+            micros(now),
+        )
+        .await?
+    {
+        return Err(SubscriptionError::Conflict(format!(
+            "subscription {} is {}, not paused",
+            sub.id, sub.status
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! Subscriptions end to end over HTTP with the manual clock, on both backends: eight weeks of
+//! a Berlin fruit box across the October DST change, dunning to suspension, a card that
+//! recovers, grower orders on their order-by dates, and flowers in bloom every day.
+
+use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, str_of};
+use crate::on_both_backends;
+use chrono::{Duration, NaiveDate};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// Hourly pollers become daily so that weeks of manual time take few stops; business
+/// deadlines are timers and fire on time regardless.
+async fn app_at(backend: Backend, start: &str) -> TestApp {
+    TestApp::spawn_with(backend, |s| {
+        s.clock = pooled::config::ClockMode::Manual;
+        s.clock_start = Some(start.parse().unwrap());
+        s.time_zone = "Europe/Berlin".parse().unwrap();
+        s.job_overrides =
+            Some("presale-reminders.schedule=0 6 * * *;billing-dunning.schedule=0 6 * * *".into());
+    })
+    .await
+}
+
+impl TestApp {
+    pub async fn plan(&self, body: Value) -> String {
+        let (status, p) = self.post("/api/v1/plans", Some(ADMIN_TOKEN), body).await;
+        assert_eq!(status, StatusCode::CREATED, "{p}");
+        str_of(&p["id"])
+    }
+
+    pub async fn items_of(&self, path: &str, token: &str) -> Vec<Value> {
+        let (status, body) = self.get(path, Some(token)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        body["items"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+fn fruit_plan(price: &str, portions: i64) -> Value {
+    json!({"name": "Weekly fruit", "kind": "fruit", "currency": "EUR", "price_per_delivery": price,
+           "cadence_weeks": 1, "portions_per_day": portions, "cutoff_hours": 48,
+           "delivery_weekdays": ["thu"], "time_zone": "Europe/Berlin"})
+}
+
+/// Every day from the delivery until the next has at least `need` surely-ready portions.
+fn assert_covered(delivery: &Value, days: i64, need: i64) {
+    let date: NaiveDate = str_of(&delivery["date"]).parse().unwrap();
+    let lines = delivery["lines"].as_array().unwrap();
+    assert!(!lines.is_empty(), "{delivery}");
+    for d in 0..days {
+        let day = date + Duration::days(d);
+        let ready: i64 = lines
+            .iter()
+            .filter(|l| {
+                str_of(&l["ready_from"]).parse::<NaiveDate>().unwrap() <= day
+                    && day <= str_of(&l["ready_until"]).parse::<NaiveDate>().unwrap()
+            })
+            .map(|l| l["qty"].as_i64().unwrap())
+            .sum();
+        assert!(ready >= need, "{day}: {ready} ready in {delivery}");
+    }
+}
+
+on_both_backends! {
+    async fn eight_weeks_of_fruit_across_the_dst_change(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let (status, catalog) = app.get("/api/v1/catalog", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(catalog["items"].as_array().unwrap().len() >= 30, "seeded from the shipped catalog");
+        let plan = app.plan(fruit_plan("24.90", 2)).await;
+        let (shopper, token) = app.shopper("Lena", "pm_ok").await;
+        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-01", "exclusions": ["kiwifruit"]})).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        assert_eq!(sub["next_delivery_date"], "2026-10-01");
+        let id = str_of(&sub["id"]);
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/skip"), Some(&token), json!({"date": "2026-10-15"})).await;
+        assert_eq!(status, StatusCode::OK);
+
+        for week in ["2026-10-05", "2026-10-12", "2026-10-20"] {
+            app.advance(&format!("{week}T00:00:00Z")).await;
+        }
+        // Too late to skip the 22nd (its cutoff was 19 Oct 22:00 UTC, 48 h before the day in CEST).
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/skip"), Some(&token), json!({"date": "2026-10-22"})).await;
+        assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("delivery_locked")), "{body}");
+        app.advance("2026-10-23T00:00:00Z").await;
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({"until": "2026-11-05"})).await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("paused")), "{body}");
+        for day in ["2026-10-30", "2026-11-06", "2026-11-13", "2026-11-20"] {
+            app.advance(&format!("{day}T00:00:00Z")).await;
+        }
+        let sub_now = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        let by_date = |date: &str| sub_now.iter().find(|d| d["date"] == date).cloned().unwrap_or_else(|| panic!("no {date}"));
+        assert_eq!(by_date("2026-10-15")["status"], "skipped");
+        assert_eq!(by_date("2026-10-29")["skip_reason"], "paused");
+        // Cutoffs follow Berlin time: CEST before 25 Oct, CET after.
+        assert_eq!(by_date("2026-10-22")["cutoff_at"], "2026-10-19T22:00:00Z");
+        assert_eq!(by_date("2026-10-29")["cutoff_at"], "2026-10-26T23:00:00Z");
+        let billed = ["2026-10-01", "2026-10-08", "2026-10-22", "2026-11-05", "2026-11-12", "2026-11-19"];
+        for date in billed {
+            let d = by_date(date);
+            assert_eq!(d["status"], "paid", "{d}");
+            assert_eq!(d["amount"], "24.90");
+            assert_covered(&d, 7, 2);
+            assert!(d["lines"].as_array().unwrap().iter().all(|l| l["sku"] != "kiwifruit"), "{d}");
+        }
+        let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
+        let dates: Vec<String> = invoices.iter().map(|i| str_of(&i["delivery_date"])).collect();
+        assert_eq!(dates, billed, "one invoice per delivered week; the skipped and paused weeks unbilled");
+        assert!(invoices.iter().all(|i| i["status"] == "paid"));
+        let totals = app.gateway_totals().await;
+        assert_eq!(totals["charge"], (6, 6 * 2490));
+        let check = app.ledger_check().await;
+        assert_eq!((check["balanced"].as_bool(), check["gateway_matches"].as_bool()), (Some(true), Some(true)), "{check}");
+        assert_eq!(app.account_balance("subscription_revenue").await, "-149.40");
+
+        let ics = app.client.get(format!("{}/api/v1/subscriptions/{id}/calendar.ics", app.base))
+            .bearer_auth(&token).send().await.unwrap().text().await.unwrap();
+        assert!(ics.starts_with("BEGIN:VCALENDAR\r\nVERSION:2.0\r\n") && ics.ends_with("END:VCALENDAR\r\n"), "{ics}");
+        assert!(ics.contains("BEGIN:VEVENT\r\n") && ics.contains("DTSTART;VALUE=DATE:20261001"), "{ics}");
+        let outbox = app.admin_get("/api/v1/ops/outbox?to=lena@example.com&limit=100").await;
+        assert_eq!(outbox["items"].as_array().unwrap().iter().filter(|e| e["template"] == "box_planned").count(), 6);
+        // Privacy: someone else's subscription is not found.
+        let (_, other) = app.shopper("Max", "pm_ok").await;
+        let (status, _) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&other)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let _ = shopper;
+        app.stop().await;
+    }
+}
+
+/// Subscribes a shopper whose card is declined from the first renewal on.
+async fn declined_subscriber(app: &TestApp, name: &str) -> (String, String) {
+    let plan = app.plan(fruit_plan("19.00", 1)).await;
+    let (_, token) = app.shopper(name, "pm_ok").await;
+    let (status, sub) = app
+        .post(
+            "/api/v1/subscriptions",
+            Some(&token),
+            json!({
+        "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{sub}");
+    let id = str_of(&sub["id"]);
+    let (status, _) = app
+        .call(
+            Method::PUT,
+            &format!("/api/v1/subscriptions/{id}/payment-method"),
+            Some(&token),
+            Some(json!({"payment_token": "pm_decline"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    (id, token)
+}
+
+on_both_backends! {
+    async fn a_declined_card_walks_through_dunning_to_suspension(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let (id, token) = declined_subscriber(&app, "Dora").await;
+        // The first cutoff: 8 Oct starts 7 Oct 22:00 UTC; 48 h before is 5 Oct 22:00 UTC.
+        app.advance("2026-10-05T22:00:00Z").await;
+        let inv = &app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await[0];
+        assert_eq!((inv["status"].as_str(), inv["attempts"].as_i64()), (Some("past_due"), Some(1)), "{inv}");
+        assert_eq!(inv["next_attempt_at"], "2026-10-06T22:00:00Z");
+        let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
+        assert_eq!(sub["status"], "past_due");
+        let held = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        assert_eq!(held[0]["status"], "payment_failed", "the box is held");
+        // Retries at +1 d and +3 d fail; the last step is +5 d after the first failure.
+        app.advance("2026-10-09T00:00:00Z").await;
+        let inv = &app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await[0];
+        assert_eq!((inv["attempts"].as_i64(), inv["next_attempt_at"].as_str()), (Some(3), Some("2026-10-10T22:00:00Z")), "{inv}");
+        app.advance("2026-10-11T00:00:00Z").await;
+        let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
+        assert_eq!((invoices[0]["status"].as_str(), invoices[0]["attempts"].as_i64()), (Some("uncollectible"), Some(4)), "{invoices:?}");
+        let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
+        assert_eq!(sub["status"], "suspended");
+        // Nothing after suspension is billed.
+        app.advance("2026-10-24T00:00:00Z").await;
+        assert_eq!(app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await.len(), 1);
+        let outbox = app.admin_get("/api/v1/ops/outbox?to=dora@example.com&limit=100").await;
+        let templates: Vec<String> = outbox["items"].as_array().unwrap().iter().map(|e| str_of(&e["template"])).collect();
+        assert_eq!(templates.iter().filter(|t| *t == "payment_failed").count(), 3, "{templates:?}");
+        assert_eq!(templates.iter().filter(|t| *t == "subscription_suspended").count(), 1);
+        assert!(!app.gateway_totals().await.contains_key("charge"), "nothing charged");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_declined_card_recovers_after_an_update(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let (id, token) = declined_subscriber(&app, "Rita").await;
+        app.advance("2026-10-07T00:00:00Z").await;
+        let inv = &app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await[0];
+        assert_eq!((inv["status"].as_str(), inv["attempts"].as_i64()), (Some("past_due"), Some(2)));
+        let (status, _) = app.call(Method::PUT, &format!("/api/v1/subscriptions/{id}/payment-method"), Some(&token), Some(json!({"payment_token": "pm_ok"}))).await;
+        assert_eq!(status, StatusCode::OK);
+        app.advance("2026-10-09T00:00:00Z").await;
+        let inv = &app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await[0];
+        assert_eq!((inv["status"].as_str(), inv["attempts"].as_i64()), (Some("paid"), Some(3)), "{inv}");
+        let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
+        assert_eq!(sub["status"], "active");
+        let d = &app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await[0];
+        assert_eq!(d["status"], "paid", "the held box goes out once paid");
+        assert_eq!(app.gateway_totals().await["charge"], (1, 1900), "charged once, under the invoice's one key");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn grower_orders_go_out_on_their_order_by_dates(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 2)).await;
+        for name in ["Ann", "Ben", "Cid"] {
+            let (_, token) = app.shopper(name, "pm_ok").await;
+            let (status, body) = app.post("/api/v1/subscriptions", Some(&token), json!({
+                "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+        let (status, week) = app.get("/api/v1/grower-orders?week=2026-W41", Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, StatusCode::OK, "{week}");
+        let orders = week["items"].as_array().unwrap().clone();
+        assert!(!orders.is_empty(), "{week}");
+        assert!(orders.iter().all(|o| o["status"] == "planned" && o["qty"].as_i64().unwrap() % 3 == 0), "three identical boxes: {week}");
+        let first_order_by = orders.iter().map(|o| str_of(&o["order_by"])).min().unwrap();
+        // grower-orders runs at 05:00 Berlin time (03:00 UTC in October).
+        app.advance(&format!("{first_order_by}T02:00:00Z")).await;
+        let (_, week) = app.get("/api/v1/grower-orders?week=2026-W41", Some(ADMIN_TOKEN)).await;
+        assert!(week["items"].as_array().unwrap().iter().all(|o| o["status"] == "planned"), "not before 05:00: {week}");
+        app.advance(&format!("{first_order_by}T03:30:00Z")).await;
+        app.advance("2026-10-08T00:00:00Z").await;
+        let (_, week) = app.get("/api/v1/grower-orders?week=2026-W41", Some(ADMIN_TOKEN)).await;
+        for o in week["items"].as_array().unwrap() {
+            assert_eq!(o["status"], "sent", "{o}");
+        }
+        let outbox = app.admin_get("/api/v1/ops/outbox?limit=200").await;
+        assert!(outbox["items"].as_array().unwrap().iter().any(|e| e["template"] == "grower_order"), "{outbox}");
+        let (status, _) = app.get("/api/v1/grower-orders?week=41", Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn flowers_bloom_every_day_until_the_next_delivery(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(json!({"name": "Fortnightly bouquet", "kind": "flower", "currency": "EUR",
+            "price_per_delivery": "29.00", "cadence_weeks": 2, "portions_per_day": 5,
+            "delivery_weekdays": ["fri"], "time_zone": "Europe/Berlin"})).await;
+        let (_, token) = app.shopper("Flora", "pm_ok").await;
+        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "fri", "start_date": "2026-10-02"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        let id = str_of(&sub["id"]);
+        app.advance("2026-10-17T00:00:00Z").await;
+        let deliveries = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        let dates: Vec<String> = deliveries.iter().map(|d| str_of(&d["date"])).collect();
+        assert_eq!(&dates[..2], ["2026-10-02", "2026-10-16"], "every second Friday");
+        for d in deliveries.iter().filter(|d| d["status"] == "paid") {
+            assert_covered(d, 14, 5);
+        }
+        assert_eq!(deliveries.iter().filter(|d| d["status"] == "paid").count(), 2);
+        app.stop().await;
+    }
+}
