@@ -254,6 +254,26 @@ on_both_backends! {
             "plan_id": plan, "delivery_weekday": "fri", "start_date": "2026-10-02"})).await;
         assert_eq!(status, StatusCode::CREATED, "{sub}");
         let id = str_of(&sub["id"]);
+        // Bad input changes nothing.
+        for (bad, field) in [
+            (json!({"plan_id": plan, "delivery_weekday": "mon", "start_date": "2026-10-02"}), "delivery_weekday"),
+            (json!({"plan_id": plan, "delivery_weekday": "fri", "start_date": "2026-09-01"}), "start_date"),
+            (json!({"plan_id": plan, "delivery_weekday": "fri", "start_date": "2026-10-02", "exclusions": ["durian"]}), "exclusions[0]"),
+            (json!({"plan_id": "pln_nope", "delivery_weekday": "fri", "start_date": "2026-10-02"}), "plan_id"),
+        ] {
+            let (status, body) = app.post("/api/v1/subscriptions", Some(&token), bad).await;
+            assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(field)), "{body}");
+        }
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/resume"), Some(&token), json!({})).await;
+        assert_eq!(status, StatusCode::CONFLICT, "not paused");
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({"until": "2026-01-01"})).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        // A price change applies from the next unlocked delivery and is announced.
+        app.advance("2026-10-05T00:00:00Z").await;
+        let (status, changed) = app.call(Method::PUT, &format!("/api/v1/plans/{plan}"), Some(ADMIN_TOKEN), Some(json!({"price_per_delivery": "31.00"}))).await;
+        assert_eq!((status, changed["price_per_delivery"].as_str()), (StatusCode::OK, Some("31.00")), "{changed}");
+        let outbox = app.admin_get("/api/v1/ops/outbox?to=flora@example.com").await;
+        assert!(outbox["items"].as_array().unwrap().iter().any(|e| e["template"] == "price_changed"), "{outbox}");
         app.advance("2026-10-17T00:00:00Z").await;
         let deliveries = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
         let dates: Vec<String> = deliveries.iter().map(|d| str_of(&d["date"])).collect();
@@ -262,6 +282,8 @@ on_both_backends! {
             assert_covered(d, 14, 5);
         }
         assert_eq!(deliveries.iter().filter(|d| d["status"] == "paid").count(), 2);
+        let amounts: Vec<&str> = deliveries[..2].iter().map(|d| d["amount"].as_str().unwrap()).collect();
+        assert_eq!(amounts, ["29.00", "31.00"], "the locked delivery kept its price");
         app.stop().await;
     }
 }
