@@ -553,6 +553,10 @@ async fn subscribe(
         .create_subscription(&row, &rows, subscriptions::RENEW_JOB, micros(now))
         .await?;
     subscriptions::plan_upcoming(&state.store, &row, now).await?;
+    let who = state.store.shopper(&row.shopper_id).await?;
+    let welcome =
+        subscriptions::emails::subscription_confirmed(&plan, &row.id, first, &who.email, &who.name);
+    state.store.enqueue_email(&welcome, micros(now)).await?;
     let out = subscription_out(&state, row).await?;
     Ok((StatusCode::CREATED, Json(out)))
 }

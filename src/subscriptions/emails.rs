@@ -76,6 +76,32 @@ pub fn box_planned(
     n.render()
 }
 
+pub fn subscription_confirmed(
+    plan: &PlanRow,
+    sub_id: &str,
+    first: NaiveDate,
+    to: &str,
+    name: &str,
+) -> NewEmail {
+    let mut n = notice(
+        "subscription_confirmed",
+        sub_id,
+        "confirmed",
+        to,
+        name,
+        format!("Welcome to {}", plan.name),
+    );
+    n.paragraphs.push(format!(
+        "Your first box arrives on {first}, then every {} week(s). Each box is planned so that          something is ready every day until the next one, and billed {} hours before its          delivery day starts; until then you can skip or pause it.",
+        plan.cadence_weeks, plan.cutoff_hours
+    ));
+    n.facts = vec![(
+        "Price per delivery".into(),
+        money(plan.price_minor, &plan.currency),
+    )];
+    n.render()
+}
+
 pub fn payment_failed(
     plan: &PlanRow,
     inv: &InvoiceRow,

@@ -119,6 +119,7 @@ on_both_backends! {
         assert!(ics.contains("BEGIN:VEVENT\r\n") && ics.contains("DTSTART;VALUE=DATE:20261001"), "{ics}");
         let outbox = app.admin_get("/api/v1/ops/outbox?to=lena@example.com&limit=100").await;
         assert_eq!(outbox["items"].as_array().unwrap().iter().filter(|e| e["template"] == "box_planned").count(), 6);
+        assert!(outbox["items"].as_array().unwrap().iter().any(|e| e["template"] == "subscription_confirmed"));
         // Privacy: someone else's subscription is not found.
         let (_, other) = app.shopper("Max", "pm_ok").await;
         let (status, _) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&other)).await;
