@@ -31,6 +31,8 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Measure renewal, settlement and joins against the database's own floors.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Where the data lives.

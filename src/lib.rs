@@ -11,6 +11,7 @@
 //! - [`clock`]: the time source every operation reads once.
 
 pub mod app;
+pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod domain;

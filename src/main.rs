@@ -14,6 +14,7 @@ async fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
         Command::Serve(args) => serve(*args).await,
         Command::Migrate(args) => migrate(args).await,
+        Command::Bench(args) => pooled::bench::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -269,6 +269,12 @@ on_both_backends! {
         assert_eq!(status, StatusCode::CONFLICT, "not paused");
         let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({"until": "2026-01-01"})).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        // A plan the catalog can't keep ready every day is refused, not silently unbillable:
+        // no fruit in the data stays surely ready for a fortnight.
+        let mut fortnight = fruit_plan("30.00", 1);
+        fortnight["cadence_weeks"] = json!(2);
+        let (status, body) = app.post("/api/v1/plans", Some(ADMIN_TOKEN), fortnight).await;
+        assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("cadence_weeks")), "{body}");
         // A price change applies from the next unlocked delivery and is announced.
         app.advance("2026-10-05T00:00:00Z").await;
         let (status, changed) = app.call(Method::PUT, &format!("/api/v1/plans/{plan}"), Some(ADMIN_TOKEN), Some(json!({"price_per_delivery": "31.00"}))).await;

@@ -1,0 +1,776 @@
+//! `pooled bench`: measures renewal, settlement and joins on a fresh database of each backend,
+//! next to that database's own floors (bulk loading the same number of rows; the naive hot-row
+//! join), and prints every figure with its floor and their ratio (`value / floor`).
+//!
+//! Data is generated in SQL (a recursive sequence), so generation is not measured; what is
+//! measured is the service's own code path: the jobs' functions for renewal and settlement,
+//! and real HTTP clients against the real server for joins.
+
+use crate::app::{App, AppState};
+use crate::config::{ClockMode, DatabaseUrl, Settings};
+use crate::presales;
+use crate::store::{Db, Store, micros};
+use crate::subscriptions;
+use anyhow::Context;
+use chrono::{DateTime, Duration, Utc};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchBackend {
+    Sqlite,
+    Postgres,
+    Both,
+}
+
+/// `pooled bench` options.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Which database to measure.
+    #[arg(long, value_enum, default_value_t = BenchBackend::Both)]
+    pub backend: BenchBackend,
+    /// A PostgreSQL server; each run creates (and drops) its own database on it.
+    #[arg(
+        long,
+        env = "POOLED_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub postgres_url: String,
+    /// Active subscriptions renewed in one weekly cycle.
+    #[arg(long, default_value_t = 100_000)]
+    pub subscriptions: i64,
+    /// Pledges of the campaign closed and settled.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub pledges: i64,
+    /// How long the join stampede runs.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Concurrent HTTP clients joining.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// One JSON object per figure instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Tiny sizes (200 subscriptions, 1,000 pledges, 2 s): proves the benchmarks run.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// One measured figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    pub bench: &'static str,
+    pub backend: &'static str,
+    pub value: f64,
+    pub unit: &'static str,
+    pub floor: f64,
+    /// `value / floor`.
+    pub ratio: f64,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Figure {
+    fn new(
+        bench: &'static str,
+        backend: &'static str,
+        value: f64,
+        unit: &'static str,
+        floor: f64,
+    ) -> Figure {
+        Figure {
+            bench,
+            backend,
+            value,
+            unit,
+            floor,
+            ratio: if floor > 0.0 { value / floor } else { 0.0 },
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    fn with(mut self, key: &str, value: serde_json::Value) -> Figure {
+        self.extra.insert(key.to_owned(), value);
+        self
+    }
+}
+
+/// Runs the benchmarks and prints the figures.
+pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.subscriptions = args.subscriptions.min(200);
+        args.pledges = args.pledges.min(1_000);
+        args.seconds = args.seconds.min(2);
+        args.clients = args.clients.min(8);
+    }
+    let backends: &[&'static str] = match args.backend {
+        BenchBackend::Sqlite => &["sqlite"],
+        BenchBackend::Postgres => &["postgres"],
+        BenchBackend::Both => &["sqlite", "postgres"],
+    };
+    if !args.json {
+        println!(
+            "{:<11} {:<9} {:>14} {:<16} {:>14} {:>8}  notes",
+            "bench", "backend", "value", "unit", "floor", "ratio"
+        );
+    }
+    for &backend in backends {
+        for bench in ["renewal", "settlement", "joins"] {
+            let fresh = Fresh::new(backend, &args.postgres_url).await?;
+            let figure = match bench {
+                "renewal" => renewal(&fresh, &args).await,
+                "settlement" => settlement(&fresh, &args).await,
+                _ => joins(&fresh, &args).await,
+            };
+            fresh.drop_database().await;
+            print(
+                &figure.with_context(|| format!("{bench} on {backend}"))?,
+                args.json,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print(f: &Figure, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(f).unwrap_or_default());
+    } else {
+        let notes: Vec<String> = f.extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<11} {:<9} {:>14.1} {:<16} {:>14.1} {:>8.3}  {}",
+            f.bench,
+            f.backend,
+            f.value,
+            f.unit,
+            f.floor,
+            f.ratio,
+            notes.join(" ")
+        );
+    }
+}
+
+/// A service on a fresh database, on the manual clock.
+struct Fresh {
+    app_state: AppState,
+    base: String,
+    admin: String,
+    backend: &'static str,
+    _dir: tempfile::TempDir,
+    pg: Option<(String, String)>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+const START: &str = "2026-01-05T00:00:00Z";
+
+impl Fresh {
+    async fn new(backend: &'static str, pg_server: &str) -> anyhow::Result<Fresh> {
+        let dir = tempfile::tempdir()?;
+        let (database, pg) = if backend == "sqlite" {
+            (DatabaseUrl::Sqlite(dir.path().join("bench.db")), None)
+        } else {
+            let name = format!("pooled_bench_{}", uuid::Uuid::new_v4().simple());
+            let (prefix, _) = pg_server
+                .rsplit_once('/')
+                .context("the PostgreSQL URL needs a database path")?;
+            (
+                DatabaseUrl::Postgres(format!("{prefix}/{name}")),
+                Some((pg_server.to_owned(), name)),
+            )
+        };
+        let admin = crate::ids::new_token("pld_admin");
+        let settings = Settings {
+            database,
+            data_dir: dir.path().to_owned(),
+            bind: "127.0.0.1:0".into(),
+            admin_token: Some(admin.clone()),
+            clock: ClockMode::Manual,
+            clock_start: Some(START.parse()?),
+            time_zone: chrono_tz::UTC,
+            smtp_url: None,
+            instance_id: "bench".into(),
+            ops_email: None,
+            job_overrides: None,
+            crash_after_gateway_call: false,
+            dunning_days: vec![1, 3, 5],
+        };
+        let app = App::build(settings).await?;
+        let app_state = app.state().clone();
+        let base = format!("http://{}", app.addr);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        Ok(Fresh {
+            app_state,
+            base,
+            admin,
+            backend,
+            _dir: dir,
+            pg,
+            stop: Some(tx),
+        })
+    }
+
+    fn store(&self) -> &Store {
+        &self.app_state.store
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.app_state.clock.now()
+    }
+
+    async fn drop_database(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.store().close().await;
+        if let Some((server, name)) = self.pg.take() {
+            use sqlx::Connection;
+            if let Ok(mut conn) = sqlx::PgConnection::connect(&server).await {
+                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await;
+            }
+        }
+    }
+}
+
+/// Runs generator statements in one transaction (`$1` = row count, `$2` = now in µs).
+async fn generate(store: &Store, sqls: &[&'static str], n: i64, now: i64) -> anyhow::Result<()> {
+    match &store.db {
+        Db::Sqlite(pool) => {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+            for sql in sqls {
+                sqlx::query(*sql)
+                    .bind(n)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
+        Db::Postgres(pool) => {
+            let mut tx = pool.begin().await?;
+            for sql in sqls {
+                sqlx::query(*sql)
+                    .bind(n)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}
+
+/// The database's bulk-load rate in rows/s: `rows` rows of four columns into a scratch table,
+/// as fast as the backend can take them (SQLite: one prepared insert per row in one
+/// transaction; PostgreSQL: `COPY`).
+async fn bulk_load_floor(store: &Store, rows: i64) -> anyhow::Result<f64> {
+    let started;
+    match &store.db {
+        Db::Sqlite(pool) => {
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS bench_floor (a TEXT, b INTEGER, c TEXT, d INTEGER)",
+            )
+            .execute(pool)
+            .await?;
+            let mut conn = pool.acquire().await?;
+            started = Instant::now();
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            for i in 0..rows {
+                sqlx::query("INSERT INTO bench_floor (a, b, c, d) VALUES ($1, $2, $3, $4)")
+                    .bind(format!("row_{i}"))
+                    .bind(i)
+                    .bind("payload")
+                    .bind(i * 7)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
+        Db::Postgres(pool) => {
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS bench_floor (a TEXT, b BIGINT, c TEXT, d BIGINT)",
+            )
+            .execute(pool)
+            .await?;
+            let mut data = String::with_capacity(rows as usize * 32);
+            for i in 0..rows {
+                data.push_str(&format!("row_{i}\t{i}\tpayload\t{}\n", i * 7));
+            }
+            let mut conn = pool.acquire().await?;
+            started = Instant::now();
+            let mut copy = conn
+                .copy_in_raw("COPY bench_floor (a, b, c, d) FROM STDIN")
+                .await?;
+            copy.send(data.as_bytes()).await?;
+            copy.finish().await?;
+        }
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Peak resident memory of this process since the last reset, in MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn reset_peak_rss() {
+    // "5" resets the peak RSS counter (Linux ≥ 4.0); harmless where unsupported.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Shoppers the generated subscriptions and pledges belong to (`shp_bench_1` …).
+const BENCH_SHOPPER_COUNT: i64 = 1000;
+const BENCH_SHOPPERS: &str =
+    "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < $1)
+     INSERT INTO shoppers (id, name, email, time_zone, payment_token, created_at)
+     SELECT 'shp_bench_' || n, 'Bench ' || n, 'bench' || n || '@example.com', 'UTC', 'pm_ok', $2
+     FROM seq";
+
+/// Rows one renewal writes: the delivery, its invoice, intent, gateway row, ledger entry and
+/// two lines, an outbox row.
+const RENEWAL_ROWS: i64 = 8;
+/// Rows one settled pledge writes: the pledge, its balance intent, gateway row, ledger entry
+/// and two lines, two outbox rows.
+const SETTLEMENT_ROWS: i64 = 8;
+
+async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
+    let store = f.store();
+    let now = f.now();
+    let n = args.subscriptions;
+    // Four plans (weekly fruit, weekly and fortnightly flowers) and four exclusion sets.
+    let mut plans = Vec::new();
+    for (i, (kind, cadence, portions)) in [
+        ("fruit", 1, 2),
+        ("fruit", 1, 1),
+        ("flower", 1, 5),
+        ("flower", 2, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let plan = crate::store::PlanRow {
+            id: format!("pln_bench_{i}"),
+            name: format!("Bench {kind} {cadence}w"),
+            kind: kind.into(),
+            currency: "EUR".into(),
+            price_minor: 2490,
+            cadence_weeks: cadence,
+            portions_per_day: portions,
+            cutoff_hours: 48,
+            delivery_weekdays: "thu".into(),
+            time_zone: "Europe/Berlin".into(),
+            variety_cap: 6,
+            transit_days: 1,
+            created_at: micros(now),
+        };
+        store.create_plan(&plan).await?;
+        plans.push(plan);
+    }
+    let delivery = chrono::NaiveDate::from_ymd_opt(2026, 1, 15).expect("date");
+    let cutoff = micros(crate::domain::subscription::cutoff_at(
+        delivery,
+        "Europe/Berlin".parse().expect("zone"),
+        48,
+    ));
+    generate(store, &[BENCH_SHOPPERS], BENCH_SHOPPER_COUNT, micros(now)).await?;
+    let subs_sql = match &store.db {
+        Db::Sqlite(_) => {
+            "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < $1)
+             INSERT INTO subscriptions (id, shopper_id, plan_id, delivery_weekday, start_date,
+                 exclusions, status, paused_until, created_at, ended_at)
+             SELECT 'sub_bench_' || n, 'shp_bench_' || (n % 1000 + 1), 'pln_bench_' || (n % 4), 'thu',
+                    '2026-01-15',
+                    CASE n % 4 WHEN 0 THEN '[]' WHEN 1 THEN '[\"kiwifruit\"]'
+                               WHEN 2 THEN '[\"apple\",\"banana\"]' ELSE '[\"mango\"]' END,
+                    'active', NULL, $2, NULL
+             FROM seq"
+        }
+        Db::Postgres(_) => {
+            "INSERT INTO subscriptions (id, shopper_id, plan_id, delivery_weekday, start_date,
+                 exclusions, status, paused_until, created_at, ended_at)
+             SELECT 'sub_bench_' || n, 'shp_bench_' || (n % 1000 + 1), 'pln_bench_' || (n % 4), 'thu',
+                    '2026-01-15',
+                    CASE n % 4 WHEN 0 THEN '[]' WHEN 1 THEN '[\"kiwifruit\"]'
+                               WHEN 2 THEN '[\"apple\",\"banana\"]' ELSE '[\"mango\"]' END,
+                    'active', NULL, $2, NULL
+             FROM generate_series(1, $1::BIGINT) AS n"
+        }
+    };
+    generate(store, &[subs_sql], n, micros(now)).await?;
+    generate(
+        store,
+        &[
+            "INSERT INTO deliveries (id, subscription_id, delivery_date, cutoff_at, status,
+             skip_reason, amount_minor, lines)
+           SELECT 'dlv_' || id, id, '2026-01-15', $2, 'scheduled', NULL, NULL, NULL
+           FROM subscriptions WHERE $1 > 0",
+        ],
+        n,
+        cutoff,
+    )
+    .await?;
+    // The weekly plan runs ahead of the cutoff (growers need their lead time).
+    subscriptions::run_plan(store, now).await?;
+    let at_cutoff = crate::store::instant(cutoff);
+    reset_peak_rss();
+    let started = Instant::now();
+    subscriptions::run_renew(store, &f.app_state.payments, &[1, 3, 5], at_cutoff).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let rss = peak_rss_mb();
+    let check = store.ledger_check().await?;
+    let floor_rows = bulk_load_floor(store, (n * RENEWAL_ROWS).max(1000)).await?;
+    let rate = n as f64 / wall;
+    Ok(Figure::new(
+        "renewal",
+        f.backend,
+        rate,
+        "subscriptions/s",
+        floor_rows / RENEWAL_ROWS as f64,
+    )
+    .with("wall_s", json!(round(wall)))
+    .with("peak_rss_mb", json!(round(rss)))
+    .with("subscriptions", json!(n))
+    .with(
+        "ledger_balanced",
+        json!(check.balanced && check.gateway_matches),
+    ))
+}
+
+async fn settlement(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
+    let store = f.store();
+    let now = f.now();
+    let n = args.pledges;
+    let manufacturer = crate::domain::identity::Manufacturer {
+        id: "mfr_bench".into(),
+        name: "Bench Factory".into(),
+        email: "factory@example.com".into(),
+        created_at: now,
+    };
+    store
+        .create_manufacturer(&manufacturer, "bench-manufacturer-token")
+        .await?;
+    let closes = now + Duration::days(1);
+    let campaign = crate::store::CampaignRow {
+        id: "cmp_bench".into(),
+        title: "Bench jacket".into(),
+        sku: "BENCH".into(),
+        currency: "EUR".into(),
+        reference_price_minor: 20000,
+        deposit_bps: 1000,
+        deposit_per_unit_minor: 2000,
+        deposit_refundable: true,
+        opens_at: micros(now),
+        closes_at: micros(closes),
+        time_zone: "Europe/Berlin".into(),
+        balance_window_hours: 72,
+        variants: r#"["S","M","L"]"#.into(),
+        status: "open".into(),
+        pooled_qty: n,
+        capacity: None,
+        price_ceiling_minor: Some(18000),
+        locked_price_minor: None,
+        final_unit_price_minor: None,
+        balance_due_at: None,
+        surplus_qty: 0,
+        shortfall_minor: 0,
+        closed_at: None,
+        settled_at: None,
+        created_at: micros(now),
+    };
+    let quote = crate::store::QuoteRow {
+        id: "quo_bench".into(),
+        campaign_id: campaign.id.clone(),
+        manufacturer_id: manufacturer.id.clone(),
+        tiers: presales::stored_tiers(&[
+            crate::domain::presale::Tier {
+                min_qty: 1,
+                unit_price: crate::domain::money::UnitPrice::parse("180").expect("price"),
+            },
+            crate::domain::presale::Tier {
+                min_qty: 1000,
+                unit_price: crate::domain::money::UnitPrice::parse("140").expect("price"),
+            },
+        ]),
+        capacity: None,
+        lead_time_days: 60,
+        created_at: micros(now),
+    };
+    store
+        .create_campaign(&campaign, &[quote], presales::CLOSE_JOB)
+        .await?;
+    generate(store, &[BENCH_SHOPPERS], BENCH_SHOPPER_COUNT, micros(now)).await?;
+    // Pledges as joins leave them: active, each with its succeeded deposit, the gateway's
+    // record of it and its ledger entry.
+    generate(store, &settlement_generators(&store.db), n, micros(now)).await?;
+    let started = Instant::now();
+    presales::run_close(store, &f.app_state.payments, closes).await?;
+    let window_end = closes + Duration::hours(72);
+    presales::run_balances(store, &f.app_state.payments, window_end).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let settled = store
+        .campaign("cmp_bench")
+        .await?
+        .map(|c| c.status)
+        .unwrap_or_default();
+    let check = store.ledger_check().await?;
+    let floor_rows = bulk_load_floor(store, (n * SETTLEMENT_ROWS).max(1000)).await?;
+    Ok(Figure::new(
+        "settlement",
+        f.backend,
+        n as f64 / wall,
+        "pledges/s",
+        floor_rows / SETTLEMENT_ROWS as f64,
+    )
+    .with("wall_s", json!(round(wall)))
+    .with("pledges", json!(n))
+    .with("status", json!(settled))
+    .with(
+        "ledger_balanced",
+        json!(check.balanced && check.gateway_matches),
+    ))
+}
+
+/// SQL that generates `$1` active pledges with their deposits (intent, gateway row, ledger).
+fn settlement_generators(db: &Db) -> [&'static str; 5] {
+    match db {
+        Db::Sqlite(_) => [
+            "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < $1)
+             INSERT INTO pledges (id, campaign_id, shopper_id, qty, variant, status, deposit_minor,
+                 price_ceiling_minor, refunded_minor, created_at, updated_at)
+             SELECT 'plg_' || n, 'cmp_bench', 'shp_bench_' || (n % 1000 + 1), 1,
+                    CASE n % 3 WHEN 0 THEN 'S' WHEN 1 THEN 'M' ELSE 'L' END,
+                    'active', 2000, 18000, 0, $2, $2
+             FROM seq",
+            PLEDGE_DEPOSITS,
+            PLEDGE_SANDBOX,
+            PLEDGE_LINES,
+            PLEDGE_ENTRIES,
+        ],
+        Db::Postgres(_) => [
+            "INSERT INTO pledges (id, campaign_id, shopper_id, qty, variant, status, deposit_minor,
+                 price_ceiling_minor, refunded_minor, created_at, updated_at)
+             SELECT 'plg_' || n, 'cmp_bench', 'shp_bench_' || (n % 1000 + 1), 1,
+                    CASE n % 3 WHEN 0 THEN 'S' WHEN 1 THEN 'M' ELSE 'L' END,
+                    'active', 2000, 18000, 0, $2, $2
+             FROM generate_series(1, $1::BIGINT) AS n",
+            PLEDGE_DEPOSITS,
+            PLEDGE_SANDBOX,
+            PLEDGE_LINES,
+            PLEDGE_ENTRIES,
+        ],
+    }
+}
+
+const PLEDGE_DEPOSITS: &str = "INSERT INTO payment_intents (id, idempotency_key, kind, purpose,
+        subject_id, shopper_id, amount_minor, currency, account, status, attempts, next_attempt_at,
+        gateway_ref, memo, created_at, resolved_at)
+     SELECT 'pi_deposit_' || id, 'deposit:' || id, 'charge', 'deposit', id, shopper_id, 2000, 'EUR',
+            'deposits_held', 'succeeded', 1, $2, 'ch_' || id, 'deposit', $2, $2
+     FROM pledges WHERE campaign_id = 'cmp_bench' AND $1 > 0";
+const PLEDGE_SANDBOX: &str = "INSERT INTO sandbox_payments (id, kind, idempotency_key, customer,
+        payment_method, amount_minor, currency, status, refunded_minor, calls, created_at, updated_at)
+     SELECT 'ch_' || id, 'charge', 'deposit:' || id, shopper_id, 'pm_ok', 2000, 'EUR', 'succeeded',
+            0, 1, $2, $2
+     FROM pledges WHERE campaign_id = 'cmp_bench' AND $1 > 0";
+const PLEDGE_LINES: &str =
+    "INSERT INTO ledger_lines (entry_id, line_no, account, shopper_id, amount_minor)
+     SELECT 'je_' || id, 0, 'gateway_clearing', shopper_id, 2000 FROM pledges
+     WHERE campaign_id = 'cmp_bench' AND $1 > 0
+     UNION ALL
+     SELECT 'je_' || id, 1, 'deposits_held', shopper_id, -2000 FROM pledges
+     WHERE campaign_id = 'cmp_bench' AND $2 > 0";
+const PLEDGE_ENTRIES: &str =
+    "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event,
+        memo, created_at)
+     SELECT 'je_' || id, 'EUR', 'payment_intent', 'pi_deposit_' || id, 'succeeded', 'deposit', $2
+     FROM pledges WHERE campaign_id = 'cmp_bench' AND $1 > 0";
+
+async fn joins(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
+    let store = f.store();
+    let now = f.now();
+    let client = reqwest::Client::new();
+    let manufacturer: serde_json::Value = client
+        .post(format!("{}/api/v1/manufacturers", f.base))
+        .bearer_auth(&f.admin)
+        .json(&json!({"name": "Bench Factory", "email": "factory@example.com"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    // Capacity below what the stampede attempts, so sold-out answers are exercised too.
+    let capacity = if args.quick { 300 } else { 20_000 };
+    let campaign: serde_json::Value = client
+        .post(format!("{}/api/v1/campaigns", f.base))
+        .bearer_auth(&f.admin)
+        .json(&json!({
+            "title": "Bench stampede", "sku": "RUSH", "currency": "EUR", "reference_price": "100.00",
+            "deposit_percent": "10", "opens_at": now, "closes_at": now + Duration::days(7),
+            "time_zone": "UTC", "quotes": [{"manufacturer_id": manufacturer["id"], "lead_time_days": 10,
+            "capacity": capacity, "tiers": [{"min_qty": 1, "unit_price": "80.00"}]}]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let url = format!(
+        "{}/api/v1/campaigns/{}/pledges",
+        f.base,
+        campaign["id"].as_str().context("campaign id")?
+    );
+    let mut tokens = Vec::new();
+    for i in 0..args.clients {
+        let shopper: serde_json::Value = client
+            .post(format!("{}/api/v1/shoppers", f.base))
+            .json(&json!({"name": format!("Rush {i}"), "email": format!("rush{i}@example.com"), "payment_token": "pm_ok"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        tokens.push(shopper["token"].as_str().context("token")?.to_owned());
+    }
+    let accepted = Arc::new(AtomicU64::new(0));
+    let sold_out = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + std::time::Duration::from_secs(args.seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for token in tokens {
+        let (client, url) = (client.clone(), url.clone());
+        let (accepted, sold_out, errors) = (accepted.clone(), sold_out.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let res = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&json!({"qty": 1}))
+                    .send()
+                    .await;
+                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                match res.map(|r| r.status().as_u16()) {
+                    Ok(201) => accepted.fetch_add(1, Ordering::Relaxed),
+                    Ok(409) => sold_out.fetch_add(1, Ordering::Relaxed),
+                    _ => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await?);
+    }
+    let wall = started.elapsed().as_secs_f64();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let accepted = accepted.load(Ordering::Relaxed);
+    let attempts = latencies.len() as u64;
+    let pooled = store
+        .campaign(campaign["id"].as_str().unwrap_or_default())
+        .await?
+        .map_or(0, |c| c.pooled_qty);
+    let answered = attempts - errors.load(Ordering::Relaxed);
+    let accepted_ok = accepted == (capacity as u64).min(answered) && accepted as i64 == pooled;
+    let floor = naive_hot_row(store, args).await?;
+    Ok(Figure::new(
+        "joins",
+        f.backend,
+        accepted.min(attempts) as f64 / wall,
+        "joins/s",
+        floor,
+    )
+    .with("p50_ms", json!(round(pct(0.5))))
+    .with("p99_ms", json!(round(pct(0.99))))
+    .with("oversold", json!((pooled - capacity).max(0)))
+    .with("accepted", json!(accepted))
+    .with("attempts", json!(attempts))
+    .with("sold_out", json!(sold_out.load(Ordering::Relaxed)))
+    .with("errors", json!(errors.load(Ordering::Relaxed)))
+    .with("accepted_is_min_capacity_attempts", json!(accepted_ok)))
+}
+
+/// The naive hot-row rate: `clients` tasks each committing one guarded `UPDATE` of one
+/// counter plus one `INSERT` per join, for the same duration.
+async fn naive_hot_row(store: &Store, args: &BenchArgs) -> anyhow::Result<f64> {
+    match &store.db {
+        Db::Sqlite(pool) => {
+            sqlx::query("CREATE TABLE IF NOT EXISTS bench_counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)").execute(pool).await?;
+            sqlx::query("CREATE TABLE IF NOT EXISTS bench_joins (id INTEGER PRIMARY KEY, at INTEGER NOT NULL)").execute(pool).await?;
+            sqlx::query(
+                "INSERT INTO bench_counter (id, n) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+            )
+            .execute(pool)
+            .await?;
+        }
+        Db::Postgres(pool) => {
+            sqlx::query("CREATE TABLE IF NOT EXISTS bench_counter (id BIGINT PRIMARY KEY, n BIGINT NOT NULL)").execute(pool).await?;
+            sqlx::query("CREATE TABLE IF NOT EXISTS bench_joins (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, at BIGINT NOT NULL)").execute(pool).await?;
+            sqlx::query(
+                "INSERT INTO bench_counter (id, n) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+            )
+            .execute(pool)
+            .await?;
+        }
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + std::time::Duration::from_secs(args.seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients {
+        let (store, done) = (store.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let ok: Result<(), sqlx::Error> = async {
+                    match &store.db {
+                        Db::Sqlite(pool) => {
+                            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                            sqlx::query("UPDATE bench_counter SET n = n + 1 WHERE id = 1 AND n < 1000000000").execute(&mut *tx).await?;
+                            sqlx::query("INSERT INTO bench_joins (at) VALUES (1)").execute(&mut *tx).await?;
+                            tx.commit().await
+                        }
+                        Db::Postgres(pool) => {
+                            let mut tx = pool.begin().await?;
+                            sqlx::query("UPDATE bench_counter SET n = n + 1 WHERE id = 1 AND n < 1000000000").execute(&mut *tx).await?;
+                            sqlx::query("INSERT INTO bench_joins (at) VALUES (1)").execute(&mut *tx).await?;
+                            tx.commit().await
+                        }
+                    }
+                }
+                .await;
+                if ok.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
