@@ -1,4 +1,5 @@
-//! The `/ops` page: sign-in, what it shows, and its CSRF-guarded buttons, on both backends.
+//! Pages: `/ops` (sign-in, what it shows, its CSRF-guarded buttons) on both backends, and the
+//! campaign page and sign-in as a real headless Chromium renders them.
 
 use crate::helpers::{ADMIN_TOKEN, TestApp};
 use crate::on_both_backends;
@@ -46,4 +47,95 @@ on_both_backends! {
         assert!(html.contains("paused from /ops"));
         app.stop().await;
     }
+}
+
+/// The page as a real headless Chromium renders it (its DOM after parsing), or `None` to
+/// skip locally when Chromium is not installed (never under CI, which installs it).
+async fn browser_dom(url: &str) -> Option<String> {
+    let chromium = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    let Some(chromium) = chromium else {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"),
+            "CI=true but Chromium is not installed: the browser tests must run"
+        );
+        eprintln!("Chromium not installed: skipping the browser test");
+        return None;
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let run = tokio::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(90), run)
+        .await
+        .expect("chromium finished")
+        .expect("chromium ran");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_browser_renders_the_campaign_page_and_the_sign_in() {
+    let app = TestApp::spawn_manual(
+        crate::helpers::Backend::Sqlite,
+        "2026-06-01T00:00:00Z".parse().unwrap(),
+    )
+    .await;
+    let (factory, _) = app.manufacturer("Northwind").await;
+    let c = app.campaign(serde_json::json!({
+        "title": "Down jacket", "sku": "DJ", "currency": "EUR", "reference_price": "200.00",
+        "deposit_percent": "10", "opens_at": "2026-06-01T00:00:00Z", "closes_at": "2026-06-20T00:00:00Z",
+        "time_zone": "Europe/Berlin", "variants": ["M"],
+        "quotes": [{"manufacturer_id": factory, "lead_time_days": 30, "capacity": 100,
+                    "tiers": [{"min_qty": 2, "unit_price": "180.00"}, {"min_qty": 5, "unit_price": "150.00"}]}]})).await;
+    let id = crate::helpers::str_of(&c["id"]);
+    for i in 0..3 {
+        let (_, token) = app.shopper(&format!("Browser{i}"), "pm_ok").await;
+        let (status, body) = app
+            .pledge(&id, &token, serde_json::json!({"qty": 1, "variant": "M"}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let Some(dom) = browser_dom(&format!("{}/campaigns/{id}", app.base)).await else {
+        return;
+    };
+    for expected in [
+        "<h1>Down jacket</h1>",
+        "<svg",
+        "<path d=\"M",
+        "tier at 5 units",
+        "2 more units unlock 150.00 EUR",
+        "Closes Saturday 20 June 2026, 02:00 CEST",
+        "<progress",
+    ] {
+        assert!(
+            dom.contains(expected),
+            "the rendered page lacks {expected}: {dom}"
+        );
+    }
+    // /ops without a session lands on the sign-in form.
+    let dom = browser_dom(&format!("{}/ops", app.base)).await.unwrap();
+    assert!(
+        dom.contains("<form") && dom.contains("name=\"token\""),
+        "{dom}"
+    );
+    app.stop().await;
 }
