@@ -197,6 +197,43 @@ async fn list_jobs(
 }
 
 pub(super) async fn job_views(state: &AppState) -> Result<Vec<JobOut>, ApiError> {
+    Ok(job_snapshots(state, 1)
+        .await?
+        .into_iter()
+        .map(|j| JobOut {
+            name: j.name,
+            schedule: j.schedule.describe(),
+            spec: j.spec,
+            time_zone: j.schedule.zone().name().to_owned(),
+            catchup_policy: j.def.catchup_policy.clone(),
+            paused: j.def.paused_at.is_some(),
+            paused_note: j.def.paused_note.clone(),
+            next_run_at: if j.def.paused_at.is_some() {
+                None
+            } else {
+                j.upcoming.first().map(|u| u.utc)
+            },
+            upcoming: j.upcoming,
+            last_run: j.recent.into_iter().next().map(RunOut::from),
+        })
+        .collect())
+}
+
+/// One job as ops see it: its definition, parsed schedule, next five slots and most recent
+/// runs (newest first). The API's job list and the `/ops` page both render this.
+pub(super) struct JobSnapshot {
+    pub name: String,
+    pub spec: String,
+    pub schedule: crate::scheduler::schedule::Schedule,
+    pub def: crate::store::JobDefRow,
+    pub upcoming: Vec<UpcomingSlot>,
+    pub recent: Vec<JobRunRow>,
+}
+
+pub(super) async fn job_snapshots(
+    state: &AppState,
+    recent_runs: i64,
+) -> Result<Vec<JobSnapshot>, ApiError> {
     let now = state.clock.now();
     let defs = state.store.job_defs().await?;
     let mut items = Vec::new();
@@ -205,34 +242,21 @@ pub(super) async fn job_views(state: &AppState) -> Result<Vec<JobOut>, ApiError>
             continue;
         };
         let schedule = spec.parsed_schedule().map_err(|e| ApiError::internal(&e))?;
-        let upcoming = schedule.upcoming(now, 5);
-        let last_run = state
+        let recent = state
             .store
             .runs(&RunFilter {
                 job: Some(spec.name.clone()),
-                state: None,
-                before_id: None,
-                limit: 1,
+                limit: recent_runs,
+                ..RunFilter::default()
             })
-            .await?
-            .into_iter()
-            .next()
-            .map(RunOut::from);
-        items.push(JobOut {
+            .await?;
+        items.push(JobSnapshot {
             name: spec.name.clone(),
-            schedule: schedule.describe(),
             spec: spec.schedule.clone(),
-            time_zone: schedule.zone().name().to_owned(),
-            catchup_policy: def.catchup_policy.clone(),
-            paused: def.paused_at.is_some(),
-            paused_note: def.paused_note.clone(),
-            next_run_at: if def.paused_at.is_some() {
-                None
-            } else {
-                upcoming.first().map(|u| u.utc)
-            },
-            upcoming,
-            last_run,
+            upcoming: schedule.upcoming(now, 5),
+            schedule,
+            def: def.clone(),
+            recent,
         });
     }
     Ok(items)

@@ -138,22 +138,10 @@ async fn ops_page(State(state): State<AppState>, headers: HeaderMap) -> Result<R
         return Ok(Redirect::to("/login").into_response());
     }
     let now = state.clock.now();
-    let defs = state.store.job_defs().await?;
     let mut jobs = Vec::new();
-    for spec in state.scheduler.jobs() {
-        let Some(def) = defs.iter().find(|d| d.name == spec.name) else {
-            continue;
-        };
-        let schedule = spec.parsed_schedule().map_err(|e| ApiError::internal(&e))?;
-        let recent = state
-            .store
-            .runs(&RunFilter {
-                job: Some(spec.name.clone()),
-                limit: 30,
-                ..RunFilter::default()
-            })
-            .await?;
-        let last_run = recent
+    for job in super::ops::job_snapshots(&state, 30).await? {
+        let last_run = job
+            .recent
             .iter()
             .find(|r| r.state != "pending")
             .map(|r| LastRun {
@@ -165,14 +153,19 @@ async fn ops_page(State(state): State<AppState>, headers: HeaderMap) -> Result<R
                 }),
                 attempt: r.attempt,
             });
-        let durations: Vec<i64> = recent.iter().rev().filter_map(|r| r.duration_ms).collect();
+        let durations: Vec<i64> = job
+            .recent
+            .iter()
+            .rev()
+            .filter_map(|r| r.duration_ms)
+            .collect();
         jobs.push(JobRow {
-            name: spec.name.clone(),
-            schedule: schedule.describe(),
-            catchup: def.catchup_policy.clone(),
-            paused: def.paused_at.is_some(),
-            paused_note: def.paused_note.clone(),
-            upcoming: schedule.upcoming(now, 5),
+            name: job.name,
+            schedule: job.schedule.describe(),
+            catchup: job.def.catchup_policy.clone(),
+            paused: job.def.paused_at.is_some(),
+            paused_note: job.def.paused_note.clone(),
+            upcoming: job.upcoming,
             last_run,
             chart: duration_chart(&durations),
         });
