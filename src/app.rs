@@ -26,6 +26,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub scheduler: Arc<Scheduler>,
     pub payments: Payments,
+    /// Group-committed `Idempotency-Key` claims and responses.
+    pub idempotency: http::idempotency::Keys,
 }
 
 /// A service that is bound and migrated, ready to run.
@@ -93,6 +95,7 @@ impl App {
             .with_context(|| format!("cannot listen on {}", settings.bind))?;
         let addr = listener.local_addr()?;
         http::observe::prometheus();
+        let idempotency = http::idempotency::Keys::spawn(&store);
         Ok(App {
             listener,
             state: AppState {
@@ -102,6 +105,7 @@ impl App {
                 settings,
                 scheduler,
                 payments,
+                idempotency,
             },
             addr,
             generated_admin_token,

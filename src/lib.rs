@@ -8,9 +8,11 @@
 //! - [`payments`]: payment intents sent through a [`payments::gateway::PaymentGateway`];
 //! - [`http`]: the JSON API, health and metrics, problem+json errors;
 //! - [`app`]: wiring from [`config::Settings`] to a running service;
-//! - [`clock`]: the time source every operation reads once.
+//! - [`clock`]: the time source every operation reads once;
+//! - [`batch`]: group commit, many callers' writes in one transaction.
 
 pub mod app;
+pub mod batch;
 pub mod bench;
 pub mod clock;
 pub mod config;

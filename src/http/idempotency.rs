@@ -4,11 +4,17 @@
 //! same key, different request → 422 `idempotency_key_reused`; same key while the first is still
 //! running → 409 `conflict`. Responses that may change on retry (5xx, 409, 429) are not kept,
 //! so the client can retry them with the same key.
+//!
+//! Claims and completions are group-committed ([`crate::batch`]): a stampede of keyed POSTs
+//! costs one commit per batch, not two per request.
 
 use super::error::ApiError;
 use super::extract::{idempotency_scope, too_large};
 use crate::app::AppState;
-use crate::store::IdempotencyBegin;
+use crate::batch::Batcher;
+use crate::store::{
+    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, Store, StoreResult, per_request,
+};
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
@@ -22,6 +28,55 @@ const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// A claim older than this is taken to belong to a request that died mid-way.
 fn abandon_after() -> chrono::Duration {
     chrono::Duration::minutes(5)
+}
+
+/// The group-commit queues for claims and completions. Cheap to clone.
+#[derive(Clone)]
+pub struct Keys {
+    begin:
+        Batcher<(IdempotencyClaim, chrono::DateTime<chrono::Utc>), StoreResult<IdempotencyBegin>>,
+    complete: Batcher<IdempotencyDone, StoreResult<()>>,
+}
+
+impl Keys {
+    /// Starts the two batch workers on the current runtime.
+    pub fn spawn(store: &Store) -> Keys {
+        let s = store.clone();
+        let begin = Batcher::spawn(
+            "idempotency-begin",
+            256,
+            move |claims: Vec<(IdempotencyClaim, chrono::DateTime<chrono::Utc>)>| {
+                let store = s.clone();
+                async move {
+                    // One instant for the batch: the latest, so no claim is judged earlier than it was made.
+                    let now = claims.iter().map(|(_, at)| *at).max().unwrap_or_default();
+                    let claims: Vec<_> = claims.into_iter().map(|(c, _)| c).collect();
+                    per_request(
+                        store.idempotency_begin(&claims, now, abandon_after()).await,
+                        claims.len(),
+                    )
+                }
+            },
+        );
+        let s = store.clone();
+        let complete = Batcher::spawn(
+            "idempotency-complete",
+            256,
+            move |done: Vec<IdempotencyDone>| {
+                let store = s.clone();
+                async move {
+                    per_request(
+                        store
+                            .idempotency_complete(&done)
+                            .await
+                            .map(|()| vec![(); done.len()]),
+                        done.len(),
+                    )
+                }
+            },
+        );
+        Keys { begin, complete }
+    }
 }
 
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -66,10 +121,17 @@ async fn run_once(
         hex::encode(h.finalize())
     };
     let store = &state.store;
-    let now = state.clock.now();
-    let begin = store
-        .idempotency_begin(&scope, &key, &request_hash, now, abandon_after())
+    let claim = IdempotencyClaim {
+        scope: scope.clone(),
+        key: key.clone(),
+        request_hash,
+    };
+    let begin = state
+        .idempotency
+        .begin
+        .call((claim, state.clock.now()))
         .await
+        .map_err(|e| ApiError::internal(&e).into_response())?
         .map_err(|e| ApiError::from(e).into_response())?;
     match begin {
         IdempotencyBegin::Run => {}
@@ -123,10 +185,21 @@ async fn run_once(
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    store
-        .idempotency_complete(&scope, &key, status.as_u16(), content_type, &body)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let done = IdempotencyDone {
+        scope,
+        key,
+        status: status.as_u16(),
+        content_type,
+        body: body.to_vec(),
+    };
+    state
+        .idempotency
+        .complete
+        .call(done)
         .await
+        .map_err(|e| ApiError::internal(&e).into_response())?
         .map_err(|e| ApiError::from(e).into_response())?;
     Ok(Response::from_parts(parts, Body::from(body)))
 }

@@ -6,7 +6,7 @@
 
 pub mod error;
 pub mod extract;
-mod idempotency;
+pub mod idempotency;
 mod identity;
 pub mod observe;
 mod ops;

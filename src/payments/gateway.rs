@@ -53,9 +53,22 @@ pub enum GatewayError {
 
 pub type GatewayResult = Result<GatewayOutcome, GatewayError>;
 pub type GatewayFuture<'a> = Pin<Box<dyn Future<Output = GatewayResult> + Send + 'a>>;
+pub type GatewayBatchFuture<'a> = Pin<Box<dyn Future<Output = Vec<GatewayResult>> + Send + 'a>>;
 
 /// A payment processor.
 pub trait PaymentGateway: Send + Sync {
     fn charge<'a>(&'a self, request: &'a ChargeRequest) -> GatewayFuture<'a>;
     fn refund<'a>(&'a self, request: &'a RefundRequest) -> GatewayFuture<'a>;
+
+    /// Many charges, answered in order. The default sends them one at a time; a processor
+    /// with a batch interface (or the sandbox, writing its record once per batch) does better.
+    fn charge_many<'a>(&'a self, requests: &'a [ChargeRequest]) -> GatewayBatchFuture<'a> {
+        Box::pin(async move {
+            let mut answers = Vec::with_capacity(requests.len());
+            for request in requests {
+                answers.push(self.charge(request).await);
+            }
+            answers
+        })
+    }
 }

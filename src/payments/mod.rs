@@ -10,10 +10,14 @@
 pub mod gateway;
 pub mod sandbox;
 
+use crate::domain::money::{Currency, Money};
 use crate::scheduler::schedule::retry_delay;
 use crate::store::{IntentResult, IntentRow, Store, StoreError, micros};
 use chrono::{DateTime, Duration, Utc};
-use gateway::{ChargeRequest, GatewayError, GatewayOutcome, PaymentGateway, RefundRequest};
+use gateway::{
+    ChargeRequest, GatewayError, GatewayOutcome, GatewayResult, PaymentGateway, RefundRequest,
+};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The job that resends pending intents (woken by a timer at each intent's retry time).
@@ -21,6 +25,9 @@ pub const PAYMENT_RETRY_JOB: &str = "payment-retry";
 
 /// After this many transient failures an intent is given up as `failed` for ops to look at.
 const MAX_ATTEMPTS: i64 = 8;
+
+/// How many due intents a sweep sends as one batch.
+const SWEEP_CHUNK: i64 = 500;
 
 /// How long a sender holds an intent before a sweep may resend it.
 fn hold() -> Duration {
@@ -54,6 +61,19 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome of a result this caller recorded.
+    fn recorded(result: &IntentResult) -> Outcome {
+        match result {
+            IntentResult::Succeeded { .. } => Outcome::Succeeded,
+            IntentResult::Declined { reason, .. } => Outcome::Declined {
+                reason: reason.clone(),
+            },
+            IntentResult::Failed { error } => Outcome::Failed {
+                error: error.clone(),
+            },
+        }
+    }
+
     /// Where a stored intent stands.
     pub fn of(row: &IntentRow) -> Outcome {
         match row.status.as_str() {
@@ -113,7 +133,7 @@ impl Payments {
     }
 
     /// Resends every pending intent that is due (or every pending one at start-up, when
-    /// `include_held`). Returns how many were attempted.
+    /// `include_held`), a chunk at a time. Returns how many were attempted.
     pub async fn sweep(
         &self,
         now: DateTime<Utc>,
@@ -124,16 +144,15 @@ impl Payments {
         loop {
             let due = self
                 .store
-                .pending_intents(micros(now), include_held, after, 100)
+                .pending_intents(micros(now), include_held, after, SWEEP_CHUNK)
                 .await?;
             let Some(last) = due.last() else {
                 return Ok(attempted);
             };
             after = last.seq;
-            for intent in due {
-                self.attempt(&intent.id, now).await?;
-                attempted += 1;
-            }
+            let ids: Vec<&str> = due.iter().map(|i| i.id.as_str()).collect();
+            self.attempt_many(&ids, now).await?;
+            attempted += ids.len();
         }
     }
 
@@ -143,119 +162,181 @@ impl Payments {
         intent_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Outcome, PaymentsError> {
-        let now_us = micros(now);
-        let Some(intent) = self
-            .store
-            .begin_intent_attempt(intent_id, micros(now + hold()))
-            .await?
-        else {
-            let row = self
-                .store
-                .intent(intent_id)
-                .await?
-                .ok_or_else(|| PaymentsError::UnknownIntent(intent_id.to_owned()))?;
-            return Ok(Outcome::of(&row));
-        };
-        let (method, answer) = self.call_gateway(&intent).await?;
-        if self.crash_after_gateway_call {
-            tracing::error!(intent = %intent.id, "POOLED_DEBUG_CRASH: aborting before recording the gateway's answer");
-            std::process::abort();
-        }
-        let result = match answer {
-            Ok(GatewayOutcome::Succeeded { reference }) => IntentResult::Succeeded {
-                gateway_ref: reference,
-                payment_method: method,
-            },
-            Ok(GatewayOutcome::Declined { reference, reason }) => IntentResult::Declined {
-                gateway_ref: Some(reference).filter(|r| !r.is_empty()),
-                payment_method: method,
-                reason,
-            },
-            Err(GatewayError::Rejected(error)) => IntentResult::Failed { error },
-            Err(GatewayError::Transient(error)) if intent.attempts >= MAX_ATTEMPTS => {
-                IntentResult::Failed {
-                    error: format!("gave up after {} attempts: {error}", intent.attempts),
-                }
-            }
-            Err(GatewayError::Transient(error)) => {
-                let delay = retry_delay(
-                    intent.attempts as u32,
-                    Duration::seconds(30),
-                    Duration::hours(1),
-                    rand::random(),
-                );
-                let retry_at = micros(now + delay);
-                self.store
-                    .record_intent_retry(&intent.id, &error, retry_at, PAYMENT_RETRY_JOB, now_us)
-                    .await?;
-                metrics::counter!("pooled_gateway_calls_total", "kind" => intent.kind.clone(), "outcome" => "transient").increment(1);
-                return Ok(Outcome::Pending { error });
-            }
-        };
-        let label = match &result {
-            IntentResult::Succeeded { .. } => "succeeded",
-            IntentResult::Declined { .. } => "declined",
-            IntentResult::Failed { .. } => "failed",
-        };
-        metrics::counter!("pooled_gateway_calls_total", "kind" => intent.kind.clone(), "outcome" => label).increment(1);
-        self.store
-            .record_intent_result(&intent.id, &result, now_us)
-            .await?;
-        // Whoever recorded first decided; read back what stands.
-        let row = self
-            .store
-            .intent(&intent.id)
-            .await?
-            .ok_or_else(|| PaymentsError::UnknownIntent(intent.id.clone()))?;
-        Ok(Outcome::of(&row))
+        let mut outcomes = self.attempt_many(&[intent_id], now).await?;
+        outcomes
+            .pop()
+            .ok_or_else(|| PaymentsError::UnknownIntent(intent_id.to_owned()))
     }
 
-    /// Calls the gateway for `intent`; returns the payment method used (charges) and the
-    /// gateway's answer.
+    /// One gateway call for each pending intent of `ids` (charges as one batch), with every
+    /// result recorded in one transaction; resolved intents answer with their outcome.
+    /// Outcomes are in the order of `ids`.
+    pub async fn attempt_many(
+        &self,
+        ids: &[&str],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Outcome>, PaymentsError> {
+        let now_us = micros(now);
+        let taken = self
+            .store
+            .begin_intent_attempts(ids, micros(now + hold()))
+            .await?;
+        let answers = self.call_gateway(&taken).await?;
+        if self.crash_after_gateway_call && !taken.is_empty() {
+            tracing::error!(
+                intents = taken.len(),
+                "POOLED_DEBUG_CRASH: aborting before recording the gateway's answers"
+            );
+            std::process::abort();
+        }
+        let mut outcomes: HashMap<&str, Outcome> = HashMap::new();
+        let mut results = Vec::with_capacity(taken.len());
+        for (intent, (method, answer)) in taken.iter().zip(answers) {
+            let result = match answer {
+                Ok(GatewayOutcome::Succeeded { reference }) => IntentResult::Succeeded {
+                    gateway_ref: reference,
+                    payment_method: method,
+                },
+                Ok(GatewayOutcome::Declined { reference, reason }) => IntentResult::Declined {
+                    gateway_ref: Some(reference).filter(|r| !r.is_empty()),
+                    payment_method: method,
+                    reason,
+                },
+                Err(GatewayError::Rejected(error)) => IntentResult::Failed { error },
+                Err(GatewayError::Transient(error)) if intent.attempts >= MAX_ATTEMPTS => {
+                    IntentResult::Failed {
+                        error: format!("gave up after {} attempts: {error}", intent.attempts),
+                    }
+                }
+                Err(GatewayError::Transient(error)) => {
+                    let delay = retry_delay(
+                        intent.attempts as u32,
+                        Duration::seconds(30),
+                        Duration::hours(1),
+                        rand::random(),
+                    );
+                    let retry_at = micros(now + delay);
+                    self.store
+                        .record_intent_retry(
+                            &intent.id,
+                            &error,
+                            retry_at,
+                            PAYMENT_RETRY_JOB,
+                            now_us,
+                        )
+                        .await?;
+                    metrics::counter!("pooled_gateway_calls_total", "kind" => intent.kind.clone(), "outcome" => "transient").increment(1);
+                    outcomes.insert(&intent.id, Outcome::Pending { error });
+                    continue;
+                }
+            };
+            let label = match &result {
+                IntentResult::Succeeded { .. } => "succeeded",
+                IntentResult::Declined { .. } => "declined",
+                IntentResult::Failed { .. } => "failed",
+            };
+            metrics::counter!("pooled_gateway_calls_total", "kind" => intent.kind.clone(), "outcome" => label).increment(1);
+            results.push((intent.id.as_str(), result));
+        }
+        let recorded = self.store.record_intent_results(&results, now_us).await?;
+        for ((id, result), first) in results.iter().zip(recorded) {
+            // Whoever recorded first decided; a loser reads back what stands (below).
+            if first {
+                outcomes.insert(id, Outcome::recorded(result));
+            }
+        }
+        let mut answered = Vec::with_capacity(ids.len());
+        for id in ids {
+            answered.push(match outcomes.remove(id) {
+                Some(outcome) => outcome,
+                None => {
+                    let row = self
+                        .store
+                        .intent(id)
+                        .await?
+                        .ok_or_else(|| PaymentsError::UnknownIntent((*id).to_owned()))?;
+                    Outcome::of(&row)
+                }
+            });
+        }
+        Ok(answered)
+    }
+
+    /// Calls the gateway for each intent (all charges in one batch); returns, in order, the
+    /// payment method used (charges) and the gateway's answer.
     async fn call_gateway(
         &self,
-        intent: &IntentRow,
-    ) -> Result<(Option<String>, Result<GatewayOutcome, GatewayError>), PaymentsError> {
-        let currency = crate::domain::money::Currency::parse(&intent.currency)
-            .map_err(|e| StoreError::Inconsistent(e.to_string()))?;
-        let amount = crate::domain::money::Money::from_minor(intent.amount_minor, currency);
-        if intent.kind == "refund" {
-            let charge = match &intent.refund_of {
-                Some(id) => self.store.intent(id).await?,
-                None => None,
-            };
-            let Some(charge_ref) = charge.and_then(|c| c.gateway_ref) else {
-                return Ok((
+        intents: &[IntentRow],
+    ) -> Result<Vec<(Option<String>, GatewayResult)>, PaymentsError> {
+        // The shoppers' payment methods as they are now: an updated card is used at the next try.
+        let shoppers: Vec<&str> = intents
+            .iter()
+            .filter(|i| i.kind == "charge")
+            .map(|i| i.shopper_id.as_str())
+            .collect();
+        let methods = self.store.payment_tokens(&shoppers).await?;
+        let mut answers: Vec<Option<(Option<String>, GatewayResult)>> = Vec::new();
+        let mut charges = Vec::new();
+        let mut charged_at = Vec::new();
+        for intent in intents {
+            let amount = amount_of(intent)?;
+            if intent.kind == "refund" {
+                answers.push(Some((None, self.refund(intent, amount).await?)));
+                continue;
+            }
+            match methods.get(&intent.shopper_id).cloned().flatten() {
+                None => answers.push(Some((
                     None,
-                    Err(GatewayError::Rejected(
-                        "the refunded charge has no gateway reference".into(),
-                    )),
-                ));
-            };
-            let request = RefundRequest {
-                charge_ref,
-                amount,
-                idempotency_key: intent.idempotency_key.clone(),
-            };
-            return Ok((None, self.gateway.refund(&request).await));
+                    Ok(GatewayOutcome::Declined {
+                        reference: String::new(),
+                        reason: "no_payment_method".into(),
+                    }),
+                ))),
+                Some(method) => {
+                    charged_at.push(answers.len());
+                    answers.push(None);
+                    charges.push(ChargeRequest {
+                        customer: intent.shopper_id.clone(),
+                        payment_method: method,
+                        amount,
+                        idempotency_key: intent.idempotency_key.clone(),
+                    });
+                }
+            }
         }
-        // The shopper's payment method as it is now: an updated card is used at the next try.
-        let method = self.store.shopper(&intent.shopper_id).await?.payment_token;
-        let Some(method) = method else {
-            return Ok((
-                None,
-                Ok(GatewayOutcome::Declined {
-                    reference: String::new(),
-                    reason: "no_payment_method".into(),
-                }),
-            ));
+        let results = self.gateway.charge_many(&charges).await;
+        for ((at, charge), result) in charged_at.into_iter().zip(charges).zip(results) {
+            answers[at] = Some((Some(charge.payment_method), result));
+        }
+        Ok(answers.into_iter().flatten().collect())
+    }
+
+    /// Sends a refund intent: its charge's gateway reference is looked up first.
+    async fn refund(
+        &self,
+        intent: &IntentRow,
+        amount: Money,
+    ) -> Result<GatewayResult, PaymentsError> {
+        let charge = match &intent.refund_of {
+            Some(id) => self.store.intent(id).await?,
+            None => None,
         };
-        let request = ChargeRequest {
-            customer: intent.shopper_id.clone(),
-            payment_method: method.clone(),
+        let Some(charge_ref) = charge.and_then(|c| c.gateway_ref) else {
+            return Ok(Err(GatewayError::Rejected(
+                "the refunded charge has no gateway reference".into(),
+            )));
+        };
+        let request = RefundRequest {
+            charge_ref,
             amount,
             idempotency_key: intent.idempotency_key.clone(),
         };
-        Ok((Some(method), self.gateway.charge(&request).await))
+        Ok(self.gateway.refund(&request).await)
     }
+}
+
+fn amount_of(intent: &IntentRow) -> Result<Money, PaymentsError> {
+    let currency =
+        Currency::parse(&intent.currency).map_err(|e| StoreError::Inconsistent(e.to_string()))?;
+    Ok(Money::from_minor(intent.amount_minor, currency))
 }

@@ -9,8 +9,8 @@
 //! invoice's one key), and a key reused with another amount, currency or customer is rejected.
 
 use super::gateway::{
-    ChargeRequest, GatewayError, GatewayFuture, GatewayOutcome, GatewayResult, PaymentGateway,
-    RefundRequest,
+    ChargeRequest, GatewayBatchFuture, GatewayError, GatewayFuture, GatewayOutcome, GatewayResult,
+    PaymentGateway, RefundRequest,
 };
 use crate::clock::Clock;
 use crate::ids::new_id;
@@ -66,6 +66,28 @@ fn outcome_of(row: &SandboxPaymentRow) -> GatewayResult {
     }
 }
 
+/// The sandbox's record of the first call with a key, decided by the payment token.
+fn first_call(req: &ChargeRequest, now: i64) -> SandboxPaymentRow {
+    let (status, reason) = as_status(decide(&req.payment_method, true));
+    SandboxPaymentRow {
+        seq: 0,
+        id: new_id("ch"),
+        kind: "charge".into(),
+        idempotency_key: req.idempotency_key.clone(),
+        customer: req.customer.clone(),
+        payment_method: Some(req.payment_method.clone()),
+        charge_id: None,
+        amount_minor: req.amount.minor(),
+        currency: req.amount.currency().code().into(),
+        status: status.into(),
+        decline_reason: reason.map(str::to_owned),
+        refunded_minor: 0,
+        calls: 1,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
 impl SandboxGateway {
     pub fn new(store: Store, clock: Arc<dyn Clock>) -> SandboxGateway {
         SandboxGateway { store, clock }
@@ -81,25 +103,13 @@ impl SandboxGateway {
                 .await
                 .map_err(store_error)?;
             let Some(row) = existing else {
-                let (status, reason) = as_status(decide(&req.payment_method, true));
-                let row = SandboxPaymentRow {
-                    seq: 0,
-                    id: new_id("ch"),
-                    kind: "charge".into(),
-                    idempotency_key: req.idempotency_key.clone(),
-                    customer: req.customer.clone(),
-                    payment_method: Some(req.payment_method.clone()),
-                    charge_id: None,
-                    amount_minor: req.amount.minor(),
-                    currency: req.amount.currency().code().into(),
-                    status: status.into(),
-                    decline_reason: reason.map(str::to_owned),
-                    refunded_minor: 0,
-                    calls: 1,
-                    created_at: now,
-                    updated_at: now,
-                };
-                if self.store.sandbox_insert(&row).await.map_err(store_error)? {
+                let row = first_call(req, now);
+                if self
+                    .store
+                    .sandbox_insert(std::slice::from_ref(&row))
+                    .await
+                    .map_err(store_error)?[0]
+                {
                     return outcome_of(&row);
                 }
                 continue;
@@ -134,6 +144,29 @@ impl SandboxGateway {
                 });
             }
         }
+    }
+
+    /// First calls are recorded with one multi-row insert; keys seen before (replays, retries
+    /// after a decline) take the one-at-a-time path that handles them.
+    async fn do_charge_many(&self, requests: &[ChargeRequest]) -> Vec<GatewayResult> {
+        let now = micros(self.clock.now());
+        let rows: Vec<SandboxPaymentRow> = requests.iter().map(|r| first_call(r, now)).collect();
+        let inserted = match self.store.sandbox_insert(&rows).await {
+            Ok(inserted) => inserted,
+            Err(e) => {
+                let error = store_error(e);
+                return requests.iter().map(|_| Err(error.clone())).collect();
+            }
+        };
+        let mut answers = Vec::with_capacity(requests.len());
+        for ((request, row), new) in requests.iter().zip(&rows).zip(inserted) {
+            answers.push(if new {
+                outcome_of(row)
+            } else {
+                self.do_charge(request).await
+            });
+        }
+        answers
     }
 
     async fn do_refund(&self, req: &RefundRequest) -> GatewayResult {
@@ -199,6 +232,10 @@ impl PaymentGateway for SandboxGateway {
 
     fn refund<'a>(&'a self, request: &'a RefundRequest) -> GatewayFuture<'a> {
         Box::pin(self.do_refund(request))
+    }
+
+    fn charge_many<'a>(&'a self, requests: &'a [ChargeRequest]) -> GatewayBatchFuture<'a> {
+        Box::pin(self.do_charge_many(requests))
     }
 }
 

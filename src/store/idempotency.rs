@@ -23,6 +23,24 @@ pub enum IdempotencyBegin {
     Mismatch,
 }
 
+/// A request claiming its key.
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim {
+    pub scope: String,
+    pub key: String,
+    pub request_hash: String,
+}
+
+/// The response to remember for a key.
+#[derive(Debug, Clone)]
+pub struct IdempotencyDone {
+    pub scope: String,
+    pub key: String,
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
 #[derive(sqlx::FromRow)]
 struct KeyRow {
     request_hash: String,
@@ -33,99 +51,99 @@ struct KeyRow {
 }
 
 impl Store {
-    /// Claims `(scope, key)` for a request whose hash is `request_hash`.
+    /// Claims each `(scope, key)` for a request whose hash is `request_hash`, all in one
+    /// transaction (group commit); answers in order. Of two claims of one key in the batch, the
+    /// first runs and the second sees it in flight.
     ///
     /// A claim left in flight for longer than `abandon_after` (its process died between
     /// claiming and answering) may be taken over, so a crash never blocks a key forever.
     pub async fn idempotency_begin(
         &self,
-        scope: &str,
-        key: &str,
-        request_hash: &str,
+        claims: &[IdempotencyClaim],
         now: DateTime<Utc>,
         abandon_after: chrono::Duration,
-    ) -> StoreResult<IdempotencyBegin> {
+    ) -> StoreResult<Vec<IdempotencyBegin>> {
         in_tx!(self, |tx| {
-            let inserted = sqlx::query(
-                "INSERT INTO idempotency_keys (scope, idem_key, request_hash, created_at)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (scope, idem_key) DO NOTHING",
-            )
-            .bind(scope)
-            .bind(key)
-            .bind(request_hash)
-            .bind(micros(now))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 1 {
-                tx.commit().await?;
-                return Ok(IdempotencyBegin::Run);
-            }
-            let row: KeyRow = sqlx::query_as(
-                "SELECT request_hash, status_code, content_type, response_body, created_at
-                 FROM idempotency_keys WHERE scope = $1 AND idem_key = $2",
-            )
-            .bind(scope)
-            .bind(key)
-            .fetch_one(&mut *tx)
-            .await?;
-            let outcome = if row.request_hash != request_hash {
-                IdempotencyBegin::Mismatch
-            } else if let Some(status) = row.status_code {
-                IdempotencyBegin::Replay {
-                    status: u16::try_from(status).unwrap_or(500),
-                    content_type: row.content_type,
-                    body: row.response_body.unwrap_or_default(),
-                }
-            } else if row.created_at < micros(now - abandon_after) {
-                // Guarded on the old created_at: of two takers, one wins.
-                let taken = sqlx::query(
-                    "UPDATE idempotency_keys SET created_at = $3
-                     WHERE scope = $1 AND idem_key = $2 AND status_code IS NULL AND created_at = $4",
+            let mut outcomes = Vec::with_capacity(claims.len());
+            for claim in claims {
+                let inserted = sqlx::query(
+                    "INSERT INTO idempotency_keys (scope, idem_key, request_hash, created_at)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (scope, idem_key) DO NOTHING",
                 )
-                .bind(scope)
-                .bind(key)
+                .bind(&claim.scope)
+                .bind(&claim.key)
+                .bind(&claim.request_hash)
                 .bind(micros(now))
-                .bind(row.created_at)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                if taken == 1 {
-                    IdempotencyBegin::Run
+                if inserted == 1 {
+                    outcomes.push(IdempotencyBegin::Run);
+                    continue;
+                }
+                let row: KeyRow = sqlx::query_as(
+                    "SELECT request_hash, status_code, content_type, response_body, created_at
+                     FROM idempotency_keys WHERE scope = $1 AND idem_key = $2",
+                )
+                .bind(&claim.scope)
+                .bind(&claim.key)
+                .fetch_one(&mut *tx)
+                .await?;
+                outcomes.push(if row.request_hash != claim.request_hash {
+                    IdempotencyBegin::Mismatch
+                } else if let Some(status) = row.status_code {
+                    IdempotencyBegin::Replay {
+                        status: u16::try_from(status).unwrap_or(500),
+                        content_type: row.content_type,
+                        body: row.response_body.unwrap_or_default(),
+                    }
+                } else if row.created_at < micros(now - abandon_after) {
+                    // Guarded on the old created_at: of two takers, one wins.
+                    let taken = sqlx::query(
+                        "UPDATE idempotency_keys SET created_at = $3
+                         WHERE scope = $1 AND idem_key = $2 AND status_code IS NULL
+                           AND created_at = $4",
+                    )
+                    .bind(&claim.scope)
+                    .bind(&claim.key)
+                    .bind(micros(now))
+                    .bind(row.created_at)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if taken == 1 {
+                        IdempotencyBegin::Run
+                    } else {
+                        IdempotencyBegin::InFlight
+                    }
                 } else {
                     IdempotencyBegin::InFlight
-                }
-            } else {
-                IdempotencyBegin::InFlight
-            };
+                });
+            }
             tx.commit().await?;
-            Ok(outcome)
+            Ok(outcomes)
         })
     }
 
-    /// Records the response of a request that ran under `(scope, key)`.
-    pub async fn idempotency_complete(
-        &self,
-        scope: &str,
-        key: &str,
-        status: u16,
-        content_type: Option<&str>,
-        body: &[u8],
-    ) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            sqlx::query(
-                "UPDATE idempotency_keys SET status_code = $3, content_type = $4, response_body = $5
-                 WHERE scope = $1 AND idem_key = $2",
-            )
-            .bind(scope)
-            .bind(key)
-            .bind(i64::from(status))
-            .bind(content_type)
-            .bind(body)
-            .execute(pool)
-            .await
-            .map(|_| ())
-        })?;
+    /// Records the responses of requests that ran under their keys, in one transaction.
+    pub async fn idempotency_complete(&self, done: &[IdempotencyDone]) -> StoreResult<()> {
+        in_tx!(self, |tx| {
+            for d in done {
+                sqlx::query(
+                    "UPDATE idempotency_keys
+                     SET status_code = $3, content_type = $4, response_body = $5
+                     WHERE scope = $1 AND idem_key = $2",
+                )
+                .bind(&d.scope)
+                .bind(&d.key)
+                .bind(i64::from(d.status))
+                .bind(&d.content_type)
+                .bind(&d.body)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
         Ok(())
     }
 

@@ -93,6 +93,29 @@ impl Store {
         row.map(Shopper::from).ok_or(StoreError::NotFound)
     }
 
+    /// The saved payment method of each of `ids` that exists (shoppers without one map to
+    /// `None`).
+    pub async fn payment_tokens(
+        &self,
+        ids: &[&str],
+    ) -> StoreResult<std::collections::HashMap<String, Option<String>>> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let sql = format!(
+            "SELECT id, payment_token FROM shoppers WHERE id IN ({})",
+            super::placeholders(1, ids.len())
+        );
+        let rows: Vec<(String, Option<String>)> = on_pool!(self, |pool| {
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
+            for id in ids {
+                q = q.bind(*id);
+            }
+            q.fetch_all(pool).await?
+        });
+        Ok(rows.into_iter().collect())
+    }
+
     /// Saves the shopper's payment method; later charges use it.
     pub async fn set_payment_token(&self, shopper_id: &str, token: &str) -> StoreResult<()> {
         let done = on_pool!(self, |pool| {

@@ -247,7 +247,7 @@ mod sandbox;
 mod scheduler;
 mod subscription;
 
-pub use idempotency::IdempotencyBegin;
+pub use idempotency::{IdempotencyBegin, IdempotencyClaim, IdempotencyDone};
 pub use identity::TokenSubject;
 pub use outbox::{NewAttachment, NewEmail, OUTBOX_JOB, OutboxRow};
 pub use payments::{AccountBalance, IntentFilter, IntentResult, IntentRow, LedgerCheck, NewIntent};
@@ -280,6 +280,21 @@ pub enum StoreError {
     Inconsistent(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A group-committed batch failed; every request in it gets the same error.
+    #[error("{0}")]
+    Batch(Arc<StoreError>),
+}
+
+/// Answers each of `n` batched requests from their batch's result: a failure reaches every
+/// caller in the batch.
+pub fn per_request<T>(result: StoreResult<Vec<T>>, n: usize) -> Vec<StoreResult<T>> {
+    match result {
+        Ok(answers) => answers.into_iter().map(Ok).collect(),
+        Err(e) => {
+            let e = Arc::new(e);
+            (0..n).map(|_| Err(StoreError::Batch(e.clone()))).collect()
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -432,6 +447,16 @@ async fn create_pg_database(options: &PgConnectOptions) -> Result<(), sqlx::Erro
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(()),
         other => other.map(|_| ()),
     }
+}
+
+/// `$first, $first+1, …, $first+n-1`: the placeholders of an `IN (…)` list of `n` values
+/// bound from position `first`. Batches are chunked by their callers, so `n` stays far below
+/// either backend's limit on bound parameters.
+pub(crate) fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// An instant as stored: microseconds since the Unix epoch.

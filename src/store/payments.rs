@@ -84,6 +84,44 @@ pub enum IntentResult {
     Failed { error: String },
 }
 
+impl IntentResult {
+    /// The stored columns: status, gateway reference, payment method, decline reason, error.
+    fn columns(
+        &self,
+    ) -> (
+        &'static str,
+        Option<&str>,
+        Option<&str>,
+        Option<&str>,
+        Option<&str>,
+    ) {
+        match self {
+            IntentResult::Succeeded {
+                gateway_ref,
+                payment_method,
+            } => (
+                "succeeded",
+                Some(gateway_ref.as_str()),
+                payment_method.as_deref(),
+                None,
+                None,
+            ),
+            IntentResult::Declined {
+                gateway_ref,
+                payment_method,
+                reason,
+            } => (
+                "declined",
+                gateway_ref.as_deref(),
+                payment_method.as_deref(),
+                Some(reason.as_str()),
+                None,
+            ),
+            IntentResult::Failed { error } => ("failed", None, None, None, Some(error.as_str())),
+        }
+    }
+}
+
 /// Filters of the intent listing.
 #[derive(Debug, Default, Clone)]
 pub struct IntentFilter {
@@ -177,123 +215,113 @@ impl Store {
         }))
     }
 
-    /// Takes a pending intent for one gateway call: counts the attempt and holds the intent
-    /// away from sweeps until `hold_until`. `None` when it is no longer pending.
-    pub async fn begin_intent_attempt(
+    /// Takes the pending ones of `ids` for one gateway call each: counts the attempt and holds
+    /// them away from sweeps until `hold_until`. Intents no longer pending are left out.
+    pub async fn begin_intent_attempts(
         &self,
-        id: &str,
+        ids: &[&str],
         hold_until: i64,
-    ) -> StoreResult<Option<IntentRow>> {
-        Ok(on_pool!(self, |pool| {
-            sqlx::query_as(concat!(
-                "UPDATE payment_intents SET attempts = attempts + 1, next_attempt_at = $2
-                 WHERE id = $1 AND status = 'pending' RETURNING ",
+    ) -> StoreResult<Vec<IntentRow>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            concat!(
+                "UPDATE payment_intents SET attempts = attempts + 1, next_attempt_at = $1
+                 WHERE status = 'pending' AND id IN ({}) RETURNING ",
                 intent_columns!()
-            ))
-            .bind(id)
-            .bind(hold_until)
-            .fetch_optional(pool)
-            .await?
+            ),
+            super::placeholders(2, ids.len())
+        );
+        Ok(on_pool!(self, |pool| {
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(hold_until);
+            for id in ids {
+                q = q.bind(*id);
+            }
+            q.fetch_all(pool).await?
         }))
     }
 
-    /// Records how a sent intent ended and books it, once: `false` when another caller
-    /// recorded it first (its result stands).
-    pub async fn record_intent_result(
+    /// Records how sent intents ended and books them, all in one transaction (group commit).
+    /// Each answer is `false` when another caller recorded that intent first (its result
+    /// stands).
+    pub async fn record_intent_results(
         &self,
-        id: &str,
-        result: &IntentResult,
+        results: &[(&str, IntentResult)],
         now: i64,
-    ) -> StoreResult<bool> {
-        let (status, gateway_ref, method, reason, error) = match result {
-            IntentResult::Succeeded {
-                gateway_ref,
-                payment_method,
-            } => (
-                "succeeded",
-                Some(gateway_ref.as_str()),
-                payment_method.as_deref(),
-                None,
-                None,
-            ),
-            IntentResult::Declined {
-                gateway_ref,
-                payment_method,
-                reason,
-            } => (
-                "declined",
-                gateway_ref.as_deref(),
-                payment_method.as_deref(),
-                Some(reason.as_str()),
-                None,
-            ),
-            IntentResult::Failed { error } => ("failed", None, None, None, Some(error.as_str())),
-        };
+    ) -> StoreResult<Vec<bool>> {
         in_tx!(self, |tx| {
-            let row: Option<IntentRow> = sqlx::query_as(concat!(
-                "UPDATE payment_intents
-                 SET status = $2, gateway_ref = COALESCE($3, gateway_ref), payment_method = $4,
-                     decline_reason = $5, last_error = COALESCE($6, last_error), resolved_at = $7
-                 WHERE id = $1 AND status = 'pending' RETURNING ",
-                intent_columns!()
-            ))
-            .bind(id)
-            .bind(status)
-            .bind(gateway_ref)
-            .bind(method)
-            .bind(reason)
-            .bind(error)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(row) = row else {
-                return Ok(false);
-            };
-            for sql in intent_effects(&row.purpose, status) {
-                sqlx::query(*sql)
-                    .bind(&row.subject_id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let entry = match (row.kind.as_str(), status) {
-                ("charge", "succeeded") => Some(intent_entry(
-                    &row,
-                    "succeeded",
-                    Account::GatewayClearing,
-                    parse_account(&row.account)?,
-                )?),
-                ("refund", "succeeded") => Some(intent_entry(
-                    &row,
-                    "succeeded",
-                    Account::Refunds,
-                    Account::GatewayClearing,
-                )?),
-                // A refund that can never be paid is undone: its charge gets the amount back
-                // and the decision is reversed in the ledger.
-                ("refund", _) => {
-                    sqlx::query(
-                        "UPDATE payment_intents SET refunded_minor = refunded_minor - $2
-                         WHERE id = $1",
-                    )
-                    .bind(&row.refund_of)
-                    .bind(row.amount_minor)
-                    .execute(&mut *tx)
-                    .await?;
-                    Some(intent_entry(
-                        &row,
-                        "refund_undone",
-                        Account::Refunds,
-                        parse_account(&row.account)?,
-                    )?)
+            let mut recorded = Vec::with_capacity(results.len());
+            for (id, result) in results {
+                let (status, gateway_ref, method, reason, error) = result.columns();
+                let row: Option<IntentRow> = sqlx::query_as(concat!(
+                    "UPDATE payment_intents
+                     SET status = $2, gateway_ref = COALESCE($3, gateway_ref), payment_method = $4,
+                         decline_reason = $5, last_error = COALESCE($6, last_error),
+                         resolved_at = $7
+                     WHERE id = $1 AND status = 'pending' RETURNING ",
+                    intent_columns!()
+                ))
+                .bind(*id)
+                .bind(status)
+                .bind(gateway_ref)
+                .bind(method)
+                .bind(reason)
+                .bind(error)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = row else {
+                    recorded.push(false);
+                    continue;
+                };
+                for sql in intent_effects(&row.purpose, status) {
+                    sqlx::query(*sql)
+                        .bind(&row.subject_id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
                 }
-                _ => None,
-            };
-            if let Some(entry) = entry {
-                post_entry!(tx, &entry, now);
+                let entry = match (row.kind.as_str(), status) {
+                    ("charge", "succeeded") => Some(intent_entry(
+                        &row,
+                        "succeeded",
+                        Account::GatewayClearing,
+                        parse_account(&row.account)?,
+                    )?),
+                    ("refund", "succeeded") => Some(intent_entry(
+                        &row,
+                        "succeeded",
+                        Account::Refunds,
+                        Account::GatewayClearing,
+                    )?),
+                    // A refund that can never be paid is undone: its charge gets the amount
+                    // back and the decision is reversed in the ledger.
+                    ("refund", _) => {
+                        sqlx::query(
+                            "UPDATE payment_intents SET refunded_minor = refunded_minor - $2
+                             WHERE id = $1",
+                        )
+                        .bind(&row.refund_of)
+                        .bind(row.amount_minor)
+                        .execute(&mut *tx)
+                        .await?;
+                        Some(intent_entry(
+                            &row,
+                            "refund_undone",
+                            Account::Refunds,
+                            parse_account(&row.account)?,
+                        )?)
+                    }
+                    _ => None,
+                };
+                if let Some(entry) = entry {
+                    post_entry!(tx, &entry, now);
+                }
+                recorded.push(true);
             }
             tx.commit().await?;
-            Ok(true)
+            Ok(recorded)
         })
     }
 

@@ -63,35 +63,48 @@ impl Store {
         }))
     }
 
-    /// Records a first call with a new key; `false` when another call took the key first.
-    pub async fn sandbox_insert(&self, row: &SandboxPaymentRow) -> StoreResult<bool> {
-        let inserted = on_pool!(self, |pool| {
-            sqlx::query(
+    /// Records first calls with new keys, in one statement; each answer is `false` when that
+    /// key was taken already (by an earlier call, or earlier in `rows`).
+    pub async fn sandbox_insert(&self, rows: &[SandboxPaymentRow]) -> StoreResult<Vec<bool>> {
+        const COLUMNS: usize = 14;
+        let mut inserted = std::collections::HashSet::new();
+        // Chunked so one statement stays well under either backend's bound-parameter limit.
+        for chunk in rows.chunks(500) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| format!("({})", super::placeholders(1 + i * COLUMNS, COLUMNS)))
+                .collect();
+            let sql = format!(
                 "INSERT INTO sandbox_payments (id, kind, idempotency_key, customer, payment_method,
                      charge_id, amount_minor, currency, status, decline_reason, refunded_minor,
                      calls, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-                 ON CONFLICT (kind, idempotency_key) DO NOTHING",
-            )
-            .bind(&row.id)
-            .bind(&row.kind)
-            .bind(&row.idempotency_key)
-            .bind(&row.customer)
-            .bind(&row.payment_method)
-            .bind(&row.charge_id)
-            .bind(row.amount_minor)
-            .bind(&row.currency)
-            .bind(&row.status)
-            .bind(&row.decline_reason)
-            .bind(row.refunded_minor)
-            .bind(row.calls)
-            .bind(row.created_at)
-            .bind(row.updated_at)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        Ok(inserted == 1)
+                 VALUES {}
+                 ON CONFLICT (kind, idempotency_key) DO NOTHING RETURNING id",
+                values.join(", ")
+            );
+            let ids: Vec<String> = on_pool!(self, |pool| {
+                let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()));
+                for row in chunk {
+                    q = q
+                        .bind(&row.id)
+                        .bind(&row.kind)
+                        .bind(&row.idempotency_key)
+                        .bind(&row.customer)
+                        .bind(&row.payment_method)
+                        .bind(&row.charge_id)
+                        .bind(row.amount_minor)
+                        .bind(&row.currency)
+                        .bind(&row.status)
+                        .bind(&row.decline_reason)
+                        .bind(row.refunded_minor)
+                        .bind(row.calls)
+                        .bind(row.created_at)
+                        .bind(row.updated_at);
+                }
+                q.fetch_all(pool).await?
+            });
+            inserted.extend(ids);
+        }
+        Ok(rows.iter().map(|r| inserted.contains(&r.id)).collect())
     }
 
     /// Re-decides an unsuccessful charge on a later call with the same key, if nobody changed

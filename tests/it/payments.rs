@@ -459,3 +459,42 @@ async fn a_crash_between_charge_and_record_charges_once() {
         assert_eq!(payments["items"].as_array().unwrap().len(), 1);
     }
 }
+
+on_both_backends! {
+    async fn a_batch_of_intents_is_charged_once_each_and_answered_in_order(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let store: &Store = &app.state.store;
+        let payments = app.state.payments.clone();
+        let now = app.state.clock.now();
+        let mut ids = Vec::new();
+        for (i, token) in ["pm_ok", "pm_decline", "pm_flaky", "pm_ok", "pm_insufficient_funds"].iter().enumerate() {
+            let (shopper, _) = app.shopper(&format!("S{i}"), token).await;
+            let id = format!("pi_b{i}");
+            store.create_intent(&intent(&id, &shopper, 100 + i as i64, micros(now)), micros(now)).await.unwrap();
+            ids.push(id);
+        }
+        // pi_b0 was sent and recorded before the batch: the batch answers with what stands.
+        assert_eq!(payments.attempt("pi_b0", now).await.unwrap(), Outcome::Succeeded);
+        let refs: Vec<&str> = ids.iter().map(String::as_str).chain(["pi_b3"]).collect();
+        let outcomes = payments.attempt_many(&refs, now).await.unwrap();
+        assert_eq!(outcomes[0], Outcome::Succeeded);
+        assert_eq!(outcomes[1], Outcome::Declined { reason: "card_declined".into() });
+        assert!(matches!(outcomes[2], Outcome::Pending { .. }), "{:?}", outcomes[2]);
+        assert_eq!(outcomes[3], Outcome::Succeeded);
+        assert_eq!(outcomes[4], Outcome::Declined { reason: "insufficient_funds".into() });
+        assert_eq!(outcomes[5], Outcome::Succeeded, "a repeated id answers with what stands");
+        // The flaky card goes through on the sweep, under the same key.
+        let later = now + chrono::Duration::hours(2);
+        assert_eq!(payments.sweep(later, false).await.unwrap(), 1);
+        let gateway = store.sandbox_payments(None, None, 100).await.unwrap();
+        let mut keys: Vec<&str> = gateway.iter().map(|p| p.idempotency_key.as_str()).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 5, "one gateway record per intent: {gateway:?}");
+        assert_eq!(gateway.iter().filter(|p| p.status == "succeeded").count(), 3);
+        let check = store.ledger_check().await.unwrap();
+        assert!(check.balanced && check.gateway_matches, "{check:?}");
+        assert_eq!(check.entries, 3);
+        app.stop().await;
+    }
+}

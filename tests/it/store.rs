@@ -5,7 +5,7 @@ use crate::on_both_backends;
 use chrono::{TimeZone, Utc};
 use pooled::domain::identity::{Principal, Shopper};
 use pooled::ids::hash_token;
-use pooled::store::{IdempotencyBegin, Store, StoreError};
+use pooled::store::{IdempotencyBegin, IdempotencyClaim, IdempotencyDone, Store, StoreError};
 use std::collections::BTreeSet;
 
 fn versions(dir: &str) -> BTreeSet<String> {
@@ -66,19 +66,38 @@ on_both_backends! {
         let store = open(&db).await;
         let t0 = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
         let five = chrono::Duration::minutes(5);
-        assert_eq!(store.idempotency_begin("s", "k", "h", t0, five).await.unwrap(), IdempotencyBegin::Run);
-        assert_eq!(store.idempotency_begin("s", "k", "h", t0, five).await.unwrap(), IdempotencyBegin::InFlight);
-        assert_eq!(store.idempotency_begin("s", "k", "other", t0, five).await.unwrap(), IdempotencyBegin::Mismatch);
+        let claim = |scope: &str, hash: &str| IdempotencyClaim {
+            scope: scope.into(),
+            key: "k".into(),
+            request_hash: hash.into(),
+        };
+        let begin = |c: IdempotencyClaim, at| {
+            let store = store.clone();
+            async move { store.idempotency_begin(&[c], at, five).await.unwrap().remove(0) }
+        };
+        assert_eq!(begin(claim("s", "h"), t0).await, IdempotencyBegin::Run);
+        assert_eq!(begin(claim("s", "h"), t0).await, IdempotencyBegin::InFlight);
+        assert_eq!(begin(claim("s", "other"), t0).await, IdempotencyBegin::Mismatch);
         let later = t0 + chrono::Duration::minutes(6);
-        assert_eq!(store.idempotency_begin("s", "k", "h", later, five).await.unwrap(), IdempotencyBegin::Run);
-        assert_eq!(store.idempotency_begin("s", "k", "h", later, five).await.unwrap(), IdempotencyBegin::InFlight);
-        store.idempotency_complete("s", "k", 201, Some("application/json"), b"{}").await.unwrap();
+        assert_eq!(begin(claim("s", "h"), later).await, IdempotencyBegin::Run);
+        assert_eq!(begin(claim("s", "h"), later).await, IdempotencyBegin::InFlight);
+        let done = IdempotencyDone {
+            scope: "s".into(),
+            key: "k".into(),
+            status: 201,
+            content_type: Some("application/json".into()),
+            body: b"{}".to_vec(),
+        };
+        store.idempotency_complete(&[done]).await.unwrap();
         assert_eq!(
-            store.idempotency_begin("s", "k", "h", later, five).await.unwrap(),
+            begin(claim("s", "h"), later).await,
             IdempotencyBegin::Replay { status: 201, content_type: Some("application/json".into()), body: b"{}".to_vec() }
         );
-        // Another scope is another key.
-        assert_eq!(store.idempotency_begin("t", "k", "other", later, five).await.unwrap(), IdempotencyBegin::Run);
+        // Another scope is another key; the same key twice in one batch runs once.
+        assert_eq!(
+            store.idempotency_begin(&[claim("t", "other"), claim("t", "other")], later, five).await.unwrap(),
+            vec![IdempotencyBegin::Run, IdempotencyBegin::InFlight]
+        );
         store.close().await;
     }
 }
