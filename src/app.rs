@@ -8,6 +8,7 @@ use crate::http;
 use crate::ids::{hash_token, new_token};
 use crate::payments::Payments;
 use crate::payments::sandbox::SandboxGateway;
+use crate::presales;
 use crate::scheduler::{JobEnv, Scheduler, jobs};
 use crate::store::Store;
 use anyhow::Context;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub scheduler: Arc<Scheduler>,
     pub payments: Payments,
+    /// The group-commit queue every join goes through.
+    pub joins: presales::Joins,
     /// Group-committed `Idempotency-Key` claims and responses.
     pub idempotency: http::idempotency::Keys,
 }
@@ -96,6 +99,7 @@ impl App {
         let addr = listener.local_addr()?;
         http::observe::prometheus();
         let idempotency = http::idempotency::Keys::spawn(&store);
+        let joins = presales::Joins::spawn(store.clone(), payments.clone());
         Ok(App {
             listener,
             state: AppState {
@@ -106,6 +110,7 @@ impl App {
                 scheduler,
                 payments,
                 idempotency,
+                joins,
             },
             addr,
             generated_admin_token,

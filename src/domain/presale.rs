@@ -364,6 +364,38 @@ pub fn purchase_order_lines(award: &Award, demand: &[(String, i64)]) -> Vec<Vec<
         .collect()
 }
 
+/// Why a join was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinRefusal {
+    NotOpen,
+    /// Fewer units than asked were left (`left` of them).
+    SoldOut {
+        left: i64,
+    },
+}
+
+/// Admits joins of `quantities` in order while the campaign's capacity allows (unbounded when
+/// `None`), from `pooled` units already taken; returns each answer and the admitted total.
+pub fn admit(
+    quantities: impl Iterator<Item = i64>,
+    pooled: i64,
+    capacity: Option<i64>,
+) -> (Vec<Result<(), JoinRefusal>>, i64) {
+    let mut total = 0;
+    let answers = quantities
+        .map(|qty| {
+            let left = capacity.map_or(i64::MAX, |cap| cap - pooled - total);
+            if qty <= left {
+                total += qty;
+                Ok(())
+            } else {
+                Err(JoinRefusal::SoldOut { left: left.max(0) })
+            }
+        })
+        .collect();
+    (answers, total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -517,6 +549,32 @@ mod tests {
     }
 
     proptest! {
+        /// Admission never oversells, admits in order, and refuses only what did not fit.
+        #[test]
+        fn admission_fills_capacity_in_order_and_never_oversells(
+            quantities in prop::collection::vec(1i64..20, 0..60),
+            pooled in 0i64..50,
+            room in proptest::option::of(0i64..200),
+        ) {
+            let capacity = room.map(|r| pooled + r);
+            let (answers, total) = admit(quantities.iter().copied(), pooled, capacity);
+            prop_assert_eq!(answers.len(), quantities.len());
+            let mut taken = 0;
+            for (qty, answer) in quantities.iter().zip(&answers) {
+                let left = capacity.map_or(i64::MAX, |c| c - pooled - taken);
+                match answer {
+                    Ok(()) => { prop_assert!(*qty <= left); taken += qty; }
+                    Err(JoinRefusal::SoldOut { left: said }) => {
+                        prop_assert!(*qty > left);
+                        prop_assert_eq!(*said, left);
+                    }
+                    Err(other) => prop_assert!(false, "unexpected {:?}", other),
+                }
+            }
+            prop_assert_eq!(taken, total);
+            if let Some(c) = capacity { prop_assert!(pooled + total <= c); }
+        }
+
         #[test]
         fn award_cost_is_the_brute_force_optimum(
             quotes in proptest::collection::vec(arb_quote(), 1..3),

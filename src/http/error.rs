@@ -146,6 +146,7 @@ impl From<PresaleError> for ApiError {
             PresaleError::Invalid { field, message } => ApiError::field(field, message),
             PresaleError::Payments(e) => e.into(),
             PresaleError::Store(e) => e.into(),
+            e @ (PresaleError::Batch(_) | PresaleError::Stopped(_)) => ApiError::internal(&e),
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::domain::identity::{Principal, parse_name, parse_time_zone};
 use crate::domain::money::{Currency, Money, UnitPrice};
 use crate::domain::presale::{self, Tier, check_tiers};
 use crate::ids::new_id;
-use crate::presales::{self, Joined, Loaded, emails::purchase_order_csv};
+use crate::presales::{self, JoinRequest, Joined, Loaded, emails::purchase_order_csv};
 use crate::store::{CampaignRow, PledgeRow, PurchaseOrderRow, QuoteRow, instant, micros};
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -508,18 +508,16 @@ async fn join(
     if !(1..=10_000).contains(&input.qty) {
         return Err(ApiError::field("qty", "must be 1–10000"));
     }
-    let now = state.clock.now();
-    let joined = presales::join(
-        &state.store,
-        &state.payments,
-        &id,
-        &shopper,
-        input.qty,
-        input.variant.map(|v| v.trim().to_owned()),
-        now,
-    )
-    .await?;
-    let l = presales::load(&state.store, &id).await?;
+    let (joined, l) = state
+        .joins
+        .join(JoinRequest {
+            campaign_id: id,
+            shopper_id: shopper,
+            qty: input.qty,
+            variant: input.variant.map(|v| v.trim().to_owned()),
+            now: state.clock.now(),
+        })
+        .await?;
     Ok(match joined {
         Joined::Active(p) => (
             StatusCode::CREATED,

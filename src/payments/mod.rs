@@ -113,23 +113,44 @@ impl Payments {
         }
     }
 
-    /// Sends an intent the caller just committed, retrying transient errors a few times with a
-    /// short backoff before leaving it to the sweep.
+    /// Sends an intent the caller just committed (see [`Payments::send_many_now`]).
     pub async fn send_now(
         &self,
         intent_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Outcome, PaymentsError> {
-        let mut outcome = self.attempt(intent_id, now).await?;
+        let mut outcomes = self.send_many_now(&[intent_id], now).await?;
+        outcomes
+            .pop()
+            .ok_or_else(|| PaymentsError::UnknownIntent(intent_id.to_owned()))
+    }
+
+    /// Sends intents the caller just committed as one batch, retrying transient errors a few
+    /// times with a short backoff before leaving them to the sweep. Outcomes in order of `ids`.
+    pub async fn send_many_now(
+        &self,
+        ids: &[&str],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Outcome>, PaymentsError> {
+        let mut outcomes = self.attempt_many(ids, now).await?;
         for pause_ms in [100, 400] {
-            if !matches!(outcome, Outcome::Pending { .. }) {
+            let pending: Vec<usize> = (0..ids.len())
+                .filter(|&i| matches!(outcomes[i], Outcome::Pending { .. }))
+                .collect();
+            if pending.is_empty() {
                 break;
             }
             // A network-level pause between immediate retries, not business time.
             tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
-            outcome = self.attempt(intent_id, now).await?;
+            let again: Vec<&str> = pending.iter().map(|&i| ids[i]).collect();
+            for (i, outcome) in pending
+                .into_iter()
+                .zip(self.attempt_many(&again, now).await?)
+            {
+                outcomes[i] = outcome;
+            }
         }
-        Ok(outcome)
+        Ok(outcomes)
     }
 
     /// Resends every pending intent that is due (or every pending one at start-up, when
@@ -274,7 +295,7 @@ impl Payments {
             .filter(|i| i.kind == "charge")
             .map(|i| i.shopper_id.as_str())
             .collect();
-        let methods = self.store.payment_tokens(&shoppers).await?;
+        let shoppers = self.store.shoppers(&shoppers).await?;
         let mut answers: Vec<Option<(Option<String>, GatewayResult)>> = Vec::new();
         let mut charges = Vec::new();
         let mut charged_at = Vec::new();
@@ -284,7 +305,10 @@ impl Payments {
                 answers.push(Some((None, self.refund(intent, amount).await?)));
                 continue;
             }
-            match methods.get(&intent.shopper_id).cloned().flatten() {
+            match shoppers
+                .get(&intent.shopper_id)
+                .and_then(|s| s.payment_token.clone())
+            {
                 None => answers.push(Some((
                     None,
                     Ok(GatewayOutcome::Declined {

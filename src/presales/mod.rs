@@ -8,18 +8,22 @@
 
 pub mod emails;
 
+use crate::batch::Batcher;
+use crate::domain::identity::Shopper;
 use crate::domain::ledger::{Account, JournalEntry, Line};
 use crate::domain::money::{Currency, Money, UnitPrice};
-use crate::domain::presale::{self, Quote, Tier};
+use crate::domain::presale::{self, JoinRefusal, Quote, Tier};
 use crate::payments::{Outcome, Payments, PaymentsError};
 use crate::store::{
-    CampaignRow, JoinRefusal, NewIntent, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow,
-    QuoteRow, Settlement, Store, StoreError, instant, micros,
+    CampaignRow, NewIntent, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow, QuoteRow,
+    Settlement, Store, StoreError, instant, micros,
 };
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 pub const CLOSE_JOB: &str = "presale-close";
 pub const BALANCES_JOB: &str = "presale-balances";
@@ -54,6 +58,11 @@ pub enum PresaleError {
     Payments(#[from] PaymentsError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The batch this request was part of failed; every request in it gets the same error.
+    #[error("{0}")]
+    Batch(Arc<PresaleError>),
+    #[error(transparent)]
+    Stopped(#[from] crate::batch::Stopped),
 }
 
 type Result<T> = std::result::Result<T, PresaleError>;
@@ -167,128 +176,243 @@ pub enum Joined {
     Pending(PledgeRow),
 }
 
-/// Joins a campaign: the units are taken and the deposit intent committed in one guarded
-/// transaction, then the deposit is charged; a decline releases the units.
-pub async fn join(
+/// A shopper's request to pledge `qty` units.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    pub campaign_id: String,
+    pub shopper_id: String,
+    pub qty: i64,
+    pub variant: Option<String>,
+    pub now: DateTime<Utc>,
+}
+
+/// Answers to joins: the pledge with its campaign as it stood when the batch was taken.
+pub type JoinAnswer = Result<(Joined, Arc<Loaded>)>;
+
+/// The join queue: every join goes through one group-commit worker, so a stampede on a
+/// campaign costs a few commits per batch instead of several per join. Cheap to clone.
+#[derive(Clone)]
+pub struct Joins(Batcher<JoinRequest, JoinAnswer>);
+
+impl Joins {
+    /// Starts the worker on the current runtime.
+    pub fn spawn(store: Store, payments: Payments) -> Joins {
+        Joins(Batcher::spawn(
+            "joins",
+            512,
+            move |requests: Vec<JoinRequest>| {
+                let (store, payments) = (store.clone(), payments.clone());
+                async move { join_many(&store, &payments, requests).await }
+            },
+        ))
+    }
+
+    /// Joins a campaign; answers once the pledge (and its deposit's result) is committed.
+    pub async fn join(&self, request: JoinRequest) -> JoinAnswer {
+        self.0.call(request).await?
+    }
+}
+
+/// Joins in batches, grouped by campaign. Per campaign: the units are taken and the deposit
+/// intents committed in one guarded transaction, the deposits charged as one gateway batch
+/// (recorded in one transaction; a decline releases its units), then the confirmations
+/// written in one transaction. Answers are in the order of `requests`.
+pub async fn join_many(
     store: &Store,
     payments: &Payments,
-    campaign_id: &str,
-    shopper_id: &str,
-    qty: i64,
-    variant: Option<String>,
-    now: DateTime<Utc>,
-) -> Result<Joined> {
-    let l = load(store, campaign_id).await?;
-    let c = &l.campaign;
-    let variants = variants_of(c);
-    match (&variant, variants.is_empty()) {
-        (None, false) => {
-            return Err(PresaleError::Invalid {
-                field: "variant",
-                message: format!("must be one of {}", variants.join(", ")),
-            });
-        }
-        (Some(v), false) if !variants.contains(v) => {
-            return Err(PresaleError::Invalid {
-                field: "variant",
-                message: format!("must be one of {}", variants.join(", ")),
-            });
-        }
-        (Some(_), true) => {
-            return Err(PresaleError::Invalid {
-                field: "variant",
-                message: "this campaign has no variants".into(),
-            });
-        }
-        _ => {}
+    requests: Vec<JoinRequest>,
+) -> Vec<JoinAnswer> {
+    let mut answers: Vec<Option<JoinAnswer>> = requests.iter().map(|_| None).collect();
+    let mut by_campaign: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, r) in requests.iter().enumerate() {
+        by_campaign.entry(&r.campaign_id).or_default().push(i);
     }
-    let Some(ceiling) = c.price_ceiling_minor else {
+    for (campaign_id, at) in by_campaign {
+        let group: Vec<&JoinRequest> = at.iter().map(|&i| &requests[i]).collect();
+        match join_campaign(store, payments, campaign_id, &group).await {
+            Ok(done) => {
+                for (i, answer) in at.into_iter().zip(done) {
+                    answers[i] = Some(answer);
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for i in at {
+                    answers[i] = Some(Err(PresaleError::Batch(e.clone())));
+                }
+            }
+        }
+    }
+    answers.into_iter().flatten().collect()
+}
+
+/// Checks a request against its campaign: the variant, a quote to pledge on, a payment method.
+fn check_join(l: &Loaded, r: &JoinRequest, shoppers: &HashMap<String, Shopper>) -> Result<()> {
+    let variants = variants_of(&l.campaign);
+    let invalid_variant = match (&r.variant, variants.is_empty()) {
+        (None, false) => true,
+        (Some(v), false) => !variants.contains(v),
+        _ => false,
+    };
+    if invalid_variant {
+        return Err(PresaleError::Invalid {
+            field: "variant",
+            message: format!("must be one of {}", variants.join(", ")),
+        });
+    }
+    if r.variant.is_some() && variants.is_empty() {
+        return Err(PresaleError::Invalid {
+            field: "variant",
+            message: "this campaign has no variants".into(),
+        });
+    }
+    if l.campaign.price_ceiling_minor.is_none() {
         return Err(PresaleError::NotOpen(
             "no manufacturer has quoted on this campaign yet".into(),
         ));
-    };
-    let shopper = store.shopper(shopper_id).await?;
-    if shopper.payment_token.is_none() {
-        return Err(PresaleError::Declined(
+    }
+    match shoppers.get(&r.shopper_id) {
+        None => Err(PresaleError::NotFound(format!(
+            "no shopper {}",
+            r.shopper_id
+        ))),
+        Some(s) if s.payment_token.is_none() => Err(PresaleError::Declined(
             "no_payment_method: save a payment method first".into(),
-        ));
+        )),
+        Some(_) => Ok(()),
     }
-    let deposit = Money::from_minor(c.deposit_per_unit_minor, l.currency)
-        .times(qty)
-        .map_err(|_| PresaleError::Invalid {
-            field: "qty",
-            message: "is too large".into(),
-        })?;
+}
+
+/// One campaign's share of a join batch.
+async fn join_campaign(
+    store: &Store,
+    payments: &Payments,
+    campaign_id: &str,
+    requests: &[&JoinRequest],
+) -> Result<Vec<JoinAnswer>> {
+    let l = match load(store, campaign_id).await {
+        Ok(l) => Arc::new(l),
+        Err(PresaleError::NotFound(detail)) => {
+            return Ok(requests
+                .iter()
+                .map(|_| Err(PresaleError::NotFound(detail.clone())))
+                .collect());
+        }
+        Err(e) => return Err(e),
+    };
+    let c = &l.campaign;
+    let shoppers: Vec<&str> = requests.iter().map(|r| r.shopper_id.as_str()).collect();
+    let shoppers = store.shoppers(&shoppers).await?;
+    // The batch is judged at its latest request's instant.
+    let now = requests.iter().map(|r| r.now).max().unwrap_or_default();
     let now_us = micros(now);
-    let pledge_id = crate::ids::new_id("plg");
-    let mut pledge = PledgeRow {
-        seq: 0,
-        id: pledge_id.clone(),
-        campaign_id: c.id.clone(),
-        shopper_id: shopper_id.to_owned(),
-        qty,
-        variant,
-        status: if deposit.is_positive() {
-            "pending".into()
-        } else {
-            "active".into()
-        },
-        deposit_minor: deposit.minor(),
-        price_ceiling_minor: ceiling,
-        balance_minor: None,
-        balance_paid_at: None,
-        refunded_minor: 0,
-        created_at: now_us,
-        ended_at: None,
-        updated_at: now_us,
-    };
-    let intent = deposit.is_positive().then(|| NewIntent {
-        id: intent_id("deposit", &pledge_id),
-        idempotency_key: format!("deposit:{pledge_id}"),
-        kind: "charge",
-        purpose: "deposit",
-        subject_id: pledge_id.clone(),
-        shopper_id: shopper_id.to_owned(),
-        amount: deposit,
-        account: Account::DepositsHeld,
-        refund_of: None,
-        memo: format!("deposit for {qty} × {}", c.sku),
-        first_sweep_at: micros(now + Duration::minutes(1)),
-    });
-    match store
-        .join_campaign(&pledge, intent.as_ref(), now_us)
-        .await?
-    {
-        Err(JoinRefusal::NotOpen) => {
-            return Err(PresaleError::NotOpen(format!(
-                "campaign {} is not open for pledges",
-                c.id
-            )));
-        }
-        Err(JoinRefusal::SoldOut) => {
-            return Err(PresaleError::SoldOut(format!(
-                "only {} units are left",
-                c.capacity.map_or(0, |cap| cap - c.pooled_qty).max(0)
-            )));
-        }
-        Ok(()) => {}
+    let mut answers: Vec<Option<JoinAnswer>> = Vec::with_capacity(requests.len());
+    let mut joins = Vec::new();
+    let mut joined_at = Vec::new();
+    for r in requests {
+        let checked = check_join(&l, r, &shoppers).and_then(|()| {
+            Money::from_minor(c.deposit_per_unit_minor, l.currency)
+                .times(r.qty)
+                .map_err(|_| PresaleError::Invalid {
+                    field: "qty",
+                    message: "is too large".into(),
+                })
+        });
+        let deposit = match checked {
+            Ok(deposit) => deposit,
+            Err(e) => {
+                answers.push(Some(Err(e)));
+                continue;
+            }
+        };
+        let pledge_id = crate::ids::new_id("plg");
+        let pledge = PledgeRow {
+            seq: 0,
+            id: pledge_id.clone(),
+            campaign_id: c.id.clone(),
+            shopper_id: r.shopper_id.clone(),
+            qty: r.qty,
+            variant: r.variant.clone(),
+            status: if deposit.is_positive() {
+                "pending".into()
+            } else {
+                "active".into()
+            },
+            deposit_minor: deposit.minor(),
+            price_ceiling_minor: c.price_ceiling_minor.unwrap_or_default(),
+            balance_minor: None,
+            balance_paid_at: None,
+            refunded_minor: 0,
+            created_at: now_us,
+            ended_at: None,
+            updated_at: now_us,
+        };
+        let intent = deposit.is_positive().then(|| NewIntent {
+            id: intent_id("deposit", &pledge_id),
+            idempotency_key: format!("deposit:{pledge_id}"),
+            kind: "charge",
+            purpose: "deposit",
+            subject_id: pledge_id.clone(),
+            shopper_id: r.shopper_id.clone(),
+            amount: deposit,
+            account: Account::DepositsHeld,
+            refund_of: None,
+            memo: format!("deposit for {} × {}", r.qty, c.sku),
+            first_sweep_at: micros(now + Duration::minutes(1)),
+        });
+        joined_at.push(answers.len());
+        answers.push(None);
+        joins.push((pledge, intent));
     }
-    metrics::counter!("pooled_joins_total").increment(1);
-    let outcome = match &intent {
-        Some(intent) => payments.send_now(&intent.id, now).await?,
-        None => Outcome::Succeeded,
-    };
-    pledge = store.pledge(&pledge_id).await?.unwrap_or(pledge);
-    match outcome {
-        Outcome::Succeeded => {
-            let email = emails::pledge_confirmed(&l, &pledge, &shopper.email, &shopper.name);
-            store.enqueue_emails(&[email], now_us).await?;
-            Ok(Joined::Active(pledge))
+    let taken = store.join_campaign(&c.id, &joins, now_us).await?;
+    let mut admitted = Vec::new();
+    for ((at, (pledge, intent)), refusal) in joined_at.into_iter().zip(joins).zip(taken) {
+        match refusal {
+            Ok(()) => admitted.push((at, pledge, intent)),
+            Err(JoinRefusal::NotOpen) => {
+                answers[at] = Some(Err(PresaleError::NotOpen(format!(
+                    "campaign {} is not open for pledges",
+                    c.id
+                ))));
+            }
+            Err(JoinRefusal::SoldOut { left }) => {
+                answers[at] = Some(Err(PresaleError::SoldOut(format!(
+                    "only {left} units are left"
+                ))));
+            }
         }
-        Outcome::Pending { .. } => Ok(Joined::Pending(pledge)),
-        Outcome::Declined { reason } => Err(PresaleError::Declined(reason)),
-        Outcome::Failed { error } => Err(PresaleError::Declined(error)),
     }
+    metrics::counter!("pooled_joins_total").increment(admitted.len() as u64);
+    let deposits: Vec<&str> = admitted
+        .iter()
+        .filter_map(|(_, _, i)| i.as_ref().map(|i| i.id.as_str()))
+        .collect();
+    let mut outcomes = payments.send_many_now(&deposits, now).await?.into_iter();
+    let mut emails = Vec::new();
+    for (at, mut pledge, intent) in admitted {
+        let outcome = match intent {
+            Some(_) => outcomes.next().unwrap_or(Outcome::Pending {
+                error: "no answer".into(),
+            }),
+            None => Outcome::Succeeded,
+        };
+        answers[at] = Some(match outcome {
+            Outcome::Succeeded => {
+                pledge.status = "active".into();
+                if let Some(s) = shoppers.get(&pledge.shopper_id) {
+                    emails.push(emails::pledge_confirmed(&l, &pledge, &s.email, &s.name));
+                }
+                Ok((Joined::Active(pledge), l.clone()))
+            }
+            Outcome::Pending { .. } => Ok((Joined::Pending(pledge), l.clone())),
+            Outcome::Declined { reason } => Err(PresaleError::Declined(reason)),
+            Outcome::Failed { error } => Err(PresaleError::Declined(error)),
+        });
+    }
+    if !emails.is_empty() {
+        store.enqueue_emails(&emails, now_us).await?;
+    }
+    Ok(answers.into_iter().flatten().collect())
 }
 
 /// Cancels an active pledge before the deadline: its deposit is refunded when refundable,

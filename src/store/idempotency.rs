@@ -63,21 +63,34 @@ impl Store {
         now: DateTime<Utc>,
         abandon_after: chrono::Duration,
     ) -> StoreResult<Vec<IdempotencyBegin>> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        const COLUMNS: usize = 3;
         in_tx!(self, |tx| {
+            // New keys, the common case, are claimed with one multi-row insert per chunk.
+            let mut claimed = std::collections::HashSet::new();
+            for chunk in claims.chunks(500) {
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("({}, $1)", super::placeholders(2 + i * COLUMNS, COLUMNS)))
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO idempotency_keys (scope, idem_key, request_hash, created_at)
+                     VALUES {} ON CONFLICT (scope, idem_key) DO NOTHING
+                     RETURNING scope, idem_key",
+                    values.join(", ")
+                );
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(micros(now));
+                for c in chunk {
+                    q = q.bind(&c.scope).bind(&c.key).bind(&c.request_hash);
+                }
+                let rows: Vec<(String, String)> = q.fetch_all(&mut *tx).await?;
+                claimed.extend(rows);
+            }
             let mut outcomes = Vec::with_capacity(claims.len());
             for claim in claims {
-                let inserted = sqlx::query(
-                    "INSERT INTO idempotency_keys (scope, idem_key, request_hash, created_at)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (scope, idem_key) DO NOTHING",
-                )
-                .bind(&claim.scope)
-                .bind(&claim.key)
-                .bind(&claim.request_hash)
-                .bind(micros(now))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if inserted == 1 {
+                // The first claim of a new key runs; any other is judged against the row.
+                if claimed.remove(&(claim.scope.clone(), claim.key.clone())) {
                     outcomes.push(IdempotencyBegin::Run);
                     continue;
                 }
@@ -127,23 +140,31 @@ impl Store {
 
     /// Records the responses of requests that ran under their keys, in one transaction.
     pub async fn idempotency_complete(&self, done: &[IdempotencyDone]) -> StoreResult<()> {
-        in_tx!(self, |tx| {
-            for d in done {
-                sqlx::query(
-                    "UPDATE idempotency_keys
-                     SET status_code = $3, content_type = $4, response_body = $5
-                     WHERE scope = $1 AND idem_key = $2",
-                )
-                .bind(&d.scope)
-                .bind(&d.key)
-                .bind(i64::from(d.status))
-                .bind(&d.content_type)
-                .bind(&d.body)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-        });
+        const COLUMNS: usize = 5;
+        for chunk in done.chunks(500) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| format!("({})", super::placeholders(1 + i * COLUMNS, COLUMNS)))
+                .collect();
+            let sql = format!(
+                "UPDATE idempotency_keys
+                 SET status_code = v.column3, content_type = v.column4, response_body = v.column5
+                 FROM (VALUES {}) AS v
+                 WHERE idempotency_keys.scope = v.column1 AND idempotency_keys.idem_key = v.column2",
+                values.join(", ")
+            );
+            on_pool!(self, |pool| {
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
+                for d in chunk {
+                    q = q
+                        .bind(&d.scope)
+                        .bind(&d.key)
+                        .bind(i64::from(d.status))
+                        .bind(&d.content_type)
+                        .bind(&d.body);
+                }
+                q.execute(pool).await?;
+            });
+        }
         Ok(())
     }
 

@@ -93,27 +93,31 @@ impl Store {
         row.map(Shopper::from).ok_or(StoreError::NotFound)
     }
 
-    /// The saved payment method of each of `ids` that exists (shoppers without one map to
-    /// `None`).
-    pub async fn payment_tokens(
+    /// The shoppers of `ids` that exist, by id (one query for a batch).
+    pub async fn shoppers(
         &self,
         ids: &[&str],
-    ) -> StoreResult<std::collections::HashMap<String, Option<String>>> {
+    ) -> StoreResult<std::collections::HashMap<String, Shopper>> {
         if ids.is_empty() {
             return Ok(Default::default());
         }
         let sql = format!(
-            "SELECT id, payment_token FROM shoppers WHERE id IN ({})",
+            "SELECT id, name, email, time_zone, payment_token, created_at
+             FROM shoppers WHERE id IN ({})",
             super::placeholders(1, ids.len())
         );
-        let rows: Vec<(String, Option<String>)> = on_pool!(self, |pool| {
+        let rows: Vec<ShopperRow> = on_pool!(self, |pool| {
             let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
             for id in ids {
                 q = q.bind(*id);
             }
             q.fetch_all(pool).await?
         });
-        Ok(rows.into_iter().collect())
+        Ok(rows
+            .into_iter()
+            .map(Shopper::from)
+            .map(|s| (s.id.clone(), s))
+            .collect())
     }
 
     /// Saves the shopper's payment method; later charges use it.

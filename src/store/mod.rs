@@ -71,6 +71,25 @@ macro_rules! schedule_timer {
     };
 }
 
+/// Wakes `outbox-deliver` now, inside the caller's transaction (`$tx`), unless a pending run
+/// that will see the new outbox rows exists.
+macro_rules! wake_deliverer {
+    ($tx:ident, $now:expr) => {
+        sqlx::query(
+            "INSERT INTO job_runs (job_name, scheduled_for, trigger, state, exclusive, due_at, created_at)
+             SELECT name, $2, 'timer', 'pending', overlap_policy = 'skip', $2, $2
+             FROM job_defs WHERE name = $1 AND NOT EXISTS (
+                 SELECT 1 FROM job_runs r
+                 WHERE r.job_name = $1 AND r.state = 'pending' AND r.due_at <= $2)
+             ON CONFLICT (job_name, scheduled_for) DO NOTHING",
+        )
+        .bind($crate::store::OUTBOX_JOB)
+        .bind($now)
+        .execute(&mut *$tx)
+        .await?
+    };
+}
+
 /// Writes an email to the outbox inside the caller's transaction (`$tx`), with its
 /// attachments, and wakes `outbox-deliver` unless a pending run will already see it. Evaluates
 /// to whether the email is new (its `(template, entity, event)` key had not been used).
@@ -108,19 +127,7 @@ macro_rules! enqueue_email {
                 .execute(&mut *$tx)
                 .await?;
             }
-            // Wake the deliverer now, unless a pending run that will see this row exists.
-            sqlx::query(
-                "INSERT INTO job_runs (job_name, scheduled_for, trigger, state, exclusive, due_at, created_at)
-                 SELECT name, $2, 'timer', 'pending', overlap_policy = 'skip', $2, $2
-                 FROM job_defs WHERE name = $1 AND NOT EXISTS (
-                     SELECT 1 FROM job_runs r
-                     WHERE r.job_name = $1 AND r.state = 'pending' AND r.due_at <= $2)
-                 ON CONFLICT (job_name, scheduled_for) DO NOTHING",
-            )
-            .bind($crate::store::OUTBOX_JOB)
-            .bind(now)
-            .execute(&mut *$tx)
-            .await?;
+            wake_deliverer!($tx, now);
         }
         id.is_some()
     }};
@@ -172,6 +179,67 @@ macro_rules! post_entry {
     }};
 }
 
+/// Posts new balanced entries (`$entries`: `&[JournalEntry]`) inside the caller's transaction
+/// with two multi-row inserts: lines first, then the entry rows, which the database refuses
+/// unless their lines sum to zero. For causes whose entries cannot have been booked yet
+/// (guarded by the caller); a repeat fails on the `(cause, event)` key.
+macro_rules! post_entries {
+    ($tx:ident, $entries:expr, $now:expr) => {{
+        let entries: &[$crate::domain::ledger::JournalEntry] = $entries;
+        let ids: Vec<String> = entries.iter().map(|_| $crate::ids::new_id("je")).collect();
+        let lines: Vec<(&str, usize, &$crate::domain::ledger::Line)> = entries
+            .iter()
+            .zip(&ids)
+            .flat_map(|(e, id)| e.lines.iter().enumerate().map(move |(n, l)| (id.as_str(), n, l)))
+            .collect();
+        for chunk in lines.chunks(500) {
+            const COLUMNS: usize = 5;
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| format!("({})", $crate::store::placeholders(1 + i * COLUMNS, COLUMNS)))
+                .collect();
+            let sql = format!(
+                "INSERT INTO ledger_lines (entry_id, line_no, account, shopper_id, amount_minor)
+                 VALUES {}",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, n, line) in chunk {
+                q = q
+                    .bind(*id)
+                    .bind(*n as i64)
+                    .bind(line.account.as_str())
+                    .bind(&line.shopper_id)
+                    .bind(line.amount_minor);
+            }
+            q.execute(&mut *$tx).await?;
+        }
+        let rows: Vec<(&String, &$crate::domain::ledger::JournalEntry)> = ids.iter().zip(entries).collect();
+        for chunk in rows.chunks(500) {
+            const COLUMNS: usize = 7;
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| format!("({})", $crate::store::placeholders(1 + i * COLUMNS, COLUMNS)))
+                .collect();
+            let sql = format!(
+                "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event, memo, created_at)
+                 VALUES {}",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, entry) in chunk {
+                q = q
+                    .bind(*id)
+                    .bind(entry.currency.code())
+                    .bind(entry.cause_type)
+                    .bind(&entry.cause_id)
+                    .bind(entry.event)
+                    .bind(&entry.memo)
+                    .bind($now);
+            }
+            q.execute(&mut *$tx).await?;
+        }
+    }};
+}
+
 /// Commits a payment intent ([`NewIntent`]) inside the caller's transaction, pending, to be
 /// sent after the commit. Evaluates to `false` when its idempotency key already names one.
 macro_rules! insert_intent {
@@ -200,6 +268,50 @@ macro_rules! insert_intent {
         .await?
         .rows_affected()
             == 1
+    }};
+}
+
+/// Commits many pending intents (`$intents`: `&[&NewIntent]`) with one multi-row statement
+/// inside the caller's transaction; keys already used are skipped.
+macro_rules! insert_intents {
+    ($tx:ident, $intents:expr, $now:expr) => {{
+        const COLUMNS: usize = 13;
+        let intents: &[&$crate::store::NewIntent] = $intents;
+        let values: Vec<String> = (0..intents.len())
+            .map(|i| {
+                let at = |k: usize| format!("${}", 1 + i * COLUMNS + k);
+                format!(
+                    "({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 'pending', {}, {}, {})",
+                    at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7), at(8), at(9),
+                    at(10), at(11), at(12)
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO payment_intents (id, idempotency_key, kind, purpose, subject_id, shopper_id,
+                 amount_minor, currency, account, refund_of, status, next_attempt_at, memo, created_at)
+             VALUES {}
+             ON CONFLICT (idempotency_key) DO NOTHING",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for intent in intents {
+            q = q
+                .bind(&intent.id)
+                .bind(&intent.idempotency_key)
+                .bind(intent.kind)
+                .bind(intent.purpose)
+                .bind(&intent.subject_id)
+                .bind(&intent.shopper_id)
+                .bind(intent.amount.minor())
+                .bind(intent.amount.currency().code())
+                .bind(intent.account.as_str())
+                .bind(&intent.refund_of)
+                .bind(intent.first_sweep_at)
+                .bind(&intent.memo)
+                .bind($now);
+        }
+        q.execute(&mut *$tx).await?;
     }};
 }
 
@@ -252,8 +364,7 @@ pub use identity::TokenSubject;
 pub use outbox::{NewAttachment, NewEmail, OUTBOX_JOB, OutboxRow};
 pub use payments::{AccountBalance, IntentFilter, IntentResult, IntentRow, LedgerCheck, NewIntent};
 pub use presale::{
-    CampaignRow, JoinRefusal, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow, QuoteRow,
-    Settlement,
+    CampaignRow, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow, QuoteRow, Settlement,
 };
 pub use sandbox::{SandboxPaymentRow, SandboxRefund};
 pub use scheduler::{Claimed, JobDefRow, JobRunRow, NewRun, RunFilter, SchedulerInstanceRow};

@@ -66,6 +66,16 @@ macro_rules! intent_columns {
          account, refund_of, refunded_minor, status, attempts, next_attempt_at, gateway_ref,
          payment_method, decline_reason, last_error, memo, created_at, resolved_at"
     };
+    (qualified) => {
+        "payment_intents.seq, payment_intents.id, payment_intents.idempotency_key,
+         payment_intents.kind, payment_intents.purpose, payment_intents.subject_id,
+         payment_intents.shopper_id, payment_intents.amount_minor, payment_intents.currency,
+         payment_intents.account, payment_intents.refund_of, payment_intents.refunded_minor,
+         payment_intents.status, payment_intents.attempts, payment_intents.next_attempt_at,
+         payment_intents.gateway_ref, payment_intents.payment_method,
+         payment_intents.decline_reason, payment_intents.last_error, payment_intents.memo,
+         payment_intents.created_at, payment_intents.resolved_at"
+    };
 }
 
 /// How a sent intent ended.
@@ -242,87 +252,113 @@ impl Store {
         }))
     }
 
-    /// Records how sent intents ended and books them, all in one transaction (group commit).
-    /// Each answer is `false` when another caller recorded that intent first (its result
-    /// stands).
+    /// Records how sent intents ended and books them, all in one transaction (group commit)
+    /// and set-based: one guarded update per chunk, one update per effect, one multi-row
+    /// insert of ledger lines and one of entries. Each answer is `false` when another caller
+    /// recorded that intent first (its result stands).
     pub async fn record_intent_results(
         &self,
         results: &[(&str, IntentResult)],
         now: i64,
     ) -> StoreResult<Vec<bool>> {
+        const COLUMNS: usize = 6;
+        let mut recorded_ids = std::collections::HashSet::new();
         in_tx!(self, |tx| {
-            let mut recorded = Vec::with_capacity(results.len());
-            for (id, result) in results {
-                let (status, gateway_ref, method, reason, error) = result.columns();
-                let row: Option<IntentRow> = sqlx::query_as(concat!(
-                    "UPDATE payment_intents
-                     SET status = $2, gateway_ref = COALESCE($3, gateway_ref), payment_method = $4,
-                         decline_reason = $5, last_error = COALESCE($6, last_error),
-                         resolved_at = $7
-                     WHERE id = $1 AND status = 'pending' RETURNING ",
-                    intent_columns!()
-                ))
-                .bind(*id)
-                .bind(status)
-                .bind(gateway_ref)
-                .bind(method)
-                .bind(reason)
-                .bind(error)
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some(row) = row else {
-                    recorded.push(false);
-                    continue;
-                };
-                for sql in intent_effects(&row.purpose, status) {
-                    sqlx::query(*sql)
-                        .bind(&row.subject_id)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
+            for chunk in results.chunks(500) {
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("({})", super::placeholders(2 + i * COLUMNS, COLUMNS)))
+                    .collect();
+                let sql = format!(
+                    concat!(
+                        "UPDATE payment_intents
+                         SET status = v.column2, gateway_ref = COALESCE(v.column3, gateway_ref),
+                             payment_method = v.column4, decline_reason = v.column5,
+                             last_error = COALESCE(v.column6, last_error), resolved_at = $1
+                         FROM (VALUES {}) AS v
+                         WHERE payment_intents.id = v.column1 AND payment_intents.status = 'pending'
+                         RETURNING ",
+                        intent_columns!(qualified)
+                    ),
+                    values.join(", ")
+                );
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(now);
+                for (id, result) in chunk {
+                    let (status, gateway_ref, method, reason, error) = result.columns();
+                    q = q
+                        .bind(*id)
+                        .bind(status)
+                        .bind(gateway_ref)
+                        .bind(method)
+                        .bind(reason)
+                        .bind(error);
                 }
-                let entry = match (row.kind.as_str(), status) {
-                    ("charge", "succeeded") => Some(intent_entry(
-                        &row,
-                        "succeeded",
-                        Account::GatewayClearing,
-                        parse_account(&row.account)?,
-                    )?),
-                    ("refund", "succeeded") => Some(intent_entry(
-                        &row,
-                        "succeeded",
-                        Account::Refunds,
-                        Account::GatewayClearing,
-                    )?),
-                    // A refund that can never be paid is undone: its charge gets the amount
-                    // back and the decision is reversed in the ledger.
-                    ("refund", _) => {
-                        sqlx::query(
-                            "UPDATE payment_intents SET refunded_minor = refunded_minor - $2
-                             WHERE id = $1",
-                        )
-                        .bind(&row.refund_of)
-                        .bind(row.amount_minor)
-                        .execute(&mut *tx)
-                        .await?;
-                        Some(intent_entry(
-                            &row,
-                            "refund_undone",
-                            Account::Refunds,
-                            parse_account(&row.account)?,
-                        )?)
+                let rows: Vec<IntentRow> = q.fetch_all(&mut *tx).await?;
+                // Effects on the subjects, one statement per (purpose, status) and effect.
+                let mut by_effect: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+                for row in &rows {
+                    by_effect
+                        .entry((row.purpose.as_str(), row.status.as_str()))
+                        .or_default()
+                        .push(row.subject_id.as_str());
+                }
+                for ((purpose, status), subjects) in by_effect {
+                    for sql in intent_effects(purpose, status) {
+                        let sql =
+                            sql.replace("{subjects}", &super::placeholders(2, subjects.len()));
+                        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+                        for subject in &subjects {
+                            q = q.bind(*subject);
+                        }
+                        q.execute(&mut *tx).await?;
                     }
-                    _ => None,
-                };
-                if let Some(entry) = entry {
-                    post_entry!(tx, &entry, now);
                 }
-                recorded.push(true);
+                let mut entries = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    let entry = match (row.kind.as_str(), row.status.as_str()) {
+                        ("charge", "succeeded") => Some(intent_entry(
+                            row,
+                            "succeeded",
+                            Account::GatewayClearing,
+                            parse_account(&row.account)?,
+                        )?),
+                        ("refund", "succeeded") => Some(intent_entry(
+                            row,
+                            "succeeded",
+                            Account::Refunds,
+                            Account::GatewayClearing,
+                        )?),
+                        // A refund that can never be paid is undone: its charge gets the
+                        // amount back and the decision is reversed in the ledger.
+                        ("refund", _) => {
+                            sqlx::query(
+                                "UPDATE payment_intents SET refunded_minor = refunded_minor - $2
+                                 WHERE id = $1",
+                            )
+                            .bind(&row.refund_of)
+                            .bind(row.amount_minor)
+                            .execute(&mut *tx)
+                            .await?;
+                            Some(intent_entry(
+                                row,
+                                "refund_undone",
+                                Account::Refunds,
+                                parse_account(&row.account)?,
+                            )?)
+                        }
+                        _ => None,
+                    };
+                    entries.extend(entry);
+                    recorded_ids.insert(row.id.clone());
+                }
+                // Each intent is resolved once (the guarded update), so its entry is new.
+                post_entries!(tx, &entries, now);
             }
             tx.commit().await?;
-            Ok(recorded)
-        })
+        });
+        Ok(results
+            .iter()
+            .map(|(id, _)| recorded_ids.contains(*id))
+            .collect())
     }
 
     /// Leaves an intent pending after a transient failure, to be resent at `retry_at` (a timer
@@ -536,29 +572,32 @@ impl Store {
     }
 }
 
-/// What an intent's result does to its subject, in the same transaction as the result
-/// (`$1` the subject id, `$2` now).
+/// What intents' results do to their subjects, in the same transaction as the results
+/// (`$1` now, `{subjects}` the placeholders of the subject ids, bound from `$2`).
 fn intent_effects(purpose: &str, status: &str) -> &'static [&'static str] {
     match (purpose, status) {
-        ("deposit", "succeeded") => &["UPDATE pledges SET status = 'active', updated_at = $2
-             WHERE id = $1 AND status = 'pending'"],
+        ("deposit", "succeeded") => &["UPDATE pledges SET status = 'active', updated_at = $1
+             WHERE id IN ({subjects}) AND status = 'pending'"],
         // A deposit that does not go through: the pledge never counted; its units go back.
         ("deposit", _) => &[
             "UPDATE campaigns SET pooled_qty = pooled_qty
-                 - (SELECT qty FROM pledges WHERE id = $1 AND status = 'pending')
-             WHERE id = (SELECT campaign_id FROM pledges WHERE id = $1 AND status = 'pending')",
-            "UPDATE pledges SET status = 'declined', ended_at = $2, updated_at = $2
-             WHERE id = $1 AND status = 'pending'",
+                 - (SELECT COALESCE(SUM(p.qty), 0) FROM pledges p
+                    WHERE p.campaign_id = campaigns.id AND p.id IN ({subjects})
+                      AND p.status = 'pending')
+             WHERE id IN (SELECT campaign_id FROM pledges
+                          WHERE id IN ({subjects}) AND status = 'pending')",
+            "UPDATE pledges SET status = 'declined', ended_at = $1, updated_at = $1
+             WHERE id IN ({subjects}) AND status = 'pending'",
         ],
         ("renewal", "succeeded") => &[
-            "UPDATE invoices SET status = 'paid', paid_at = $2, attempts = attempts + 1,
+            "UPDATE invoices SET status = 'paid', paid_at = $1, attempts = attempts + 1,
                  next_attempt_at = NULL
-             WHERE id = $1 AND status IN ('pending', 'past_due')",
+             WHERE id IN ({subjects}) AND status IN ('pending', 'past_due')",
             "UPDATE deliveries SET status = 'paid'
-             WHERE id = (SELECT delivery_id FROM invoices WHERE id = $1)
+             WHERE id IN (SELECT delivery_id FROM invoices WHERE id IN ({subjects}))
                AND status IN ('locked', 'payment_failed')",
             "UPDATE subscriptions SET status = 'active'
-             WHERE id = (SELECT subscription_id FROM invoices WHERE id = $1)
+             WHERE id IN (SELECT subscription_id FROM invoices WHERE id IN ({subjects}))
                AND status = 'past_due'
                AND NOT EXISTS (SELECT 1 FROM invoices i
                                WHERE i.subscription_id = subscriptions.id AND i.status = 'past_due')",
@@ -566,16 +605,18 @@ fn intent_effects(purpose: &str, status: &str) -> &'static [&'static str] {
         // Declined: past due, the box held; dunning decides the next retry.
         ("renewal", _) => &[
             "UPDATE invoices SET status = 'past_due', attempts = attempts + 1,
-                 first_failed_at = COALESCE(first_failed_at, $2), next_attempt_at = NULL
-             WHERE id = $1 AND status IN ('pending', 'past_due')",
+                 first_failed_at = COALESCE(first_failed_at, $1), next_attempt_at = NULL
+             WHERE id IN ({subjects}) AND status IN ('pending', 'past_due')",
             "UPDATE deliveries SET status = 'payment_failed'
-             WHERE id = (SELECT delivery_id FROM invoices WHERE id = $1) AND status = 'locked'",
+             WHERE id IN (SELECT delivery_id FROM invoices WHERE id IN ({subjects}))
+               AND status = 'locked'",
             "UPDATE subscriptions SET status = 'past_due'
-             WHERE id = (SELECT subscription_id FROM invoices WHERE id = $1) AND status = 'active'",
+             WHERE id IN (SELECT subscription_id FROM invoices WHERE id IN ({subjects}))
+               AND status = 'active'",
         ],
         ("balance", "succeeded") => &["UPDATE pledges
-             SET status = 'paid', balance_paid_at = $2, updated_at = $2
-             WHERE id = $1 AND status = 'awaiting_balance'"],
+             SET status = 'paid', balance_paid_at = $1, updated_at = $1
+             WHERE id IN ({subjects}) AND status = 'awaiting_balance'"],
         _ => &[],
     }
 }

@@ -4,6 +4,7 @@
 
 use super::{NewEmail, NewIntent, Store, StoreResult};
 use crate::domain::ledger::JournalEntry;
+use crate::domain::presale::{JoinRefusal, admit};
 use serde::Serialize;
 
 /// Inserts one quote inside the caller's transaction.
@@ -101,6 +102,45 @@ pub struct CampaignRow {
     pub created_at: i64,
 }
 
+/// Inserts pledges (`$rows`: `&[&(PledgeRow, _)]`) with one multi-row statement inside the
+/// caller's transaction.
+macro_rules! insert_pledges {
+    ($tx:ident, $rows:expr, $now:expr) => {{
+        const COLUMNS: usize = 9;
+        let rows: &[&(PledgeRow, Option<NewIntent>)] = $rows;
+        let values: Vec<String> = (0..rows.len())
+            .map(|i| {
+                format!(
+                    "({}, NULL, NULL, 0, NULL, ${})",
+                    super::placeholders(1 + i * COLUMNS, COLUMNS),
+                    1 + i * COLUMNS + 8
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO pledges (id, campaign_id, shopper_id, qty, variant, status,
+                 deposit_minor, price_ceiling_minor, created_at, balance_minor, balance_paid_at,
+                 refunded_minor, ended_at, updated_at)
+             VALUES {}",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (p, _) in rows {
+            q = q
+                .bind(&p.id)
+                .bind(&p.campaign_id)
+                .bind(&p.shopper_id)
+                .bind(p.qty)
+                .bind(&p.variant)
+                .bind(&p.status)
+                .bind(p.deposit_minor)
+                .bind(p.price_ceiling_minor)
+                .bind($now);
+        }
+        q.execute(&mut *$tx).await?;
+    }};
+}
+
 macro_rules! campaign_columns {
     () => {
         "id, title, sku, currency, reference_price_minor, deposit_bps, deposit_per_unit_minor,
@@ -191,13 +231,6 @@ pub struct PurchaseOrderRow {
     pub lines: String,
     pub issued_at: i64,
     pub ship_by: String,
-}
-
-/// Why a join was not taken.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JoinRefusal {
-    NotOpen,
-    SoldOut,
 }
 
 /// One pledge's move at close or at the end of the balance window, with what it books.
@@ -386,65 +419,70 @@ impl Store {
         }))
     }
 
-    /// Takes `pledge.qty` units of the campaign for a pending pledge and commits its deposit
-    /// intent, atomically: the guarded update fails when the campaign is not open at `now` or
-    /// the units are not left, and then nothing is written.
+    /// Takes the units of a batch of joins of one campaign (group commit): pledges are
+    /// admitted in order while units are left, then one guarded update adds their total and
+    /// multi-row inserts write the pledges and their deposit intents, all in one transaction.
+    /// Refused pledges write nothing. The update is guarded on the quantity read, so a
+    /// concurrent writer (another instance) makes the batch start over, never oversell.
     pub async fn join_campaign(
         &self,
-        pledge: &PledgeRow,
-        deposit: Option<&NewIntent>,
+        campaign_id: &str,
+        joins: &[(PledgeRow, Option<NewIntent>)],
         now: i64,
-    ) -> StoreResult<Result<(), JoinRefusal>> {
-        in_tx!(self, |tx| {
-            let taken = sqlx::query(
-                "UPDATE campaigns SET pooled_qty = pooled_qty + $2
-                 WHERE id = $1 AND status = 'open' AND opens_at <= $3 AND closes_at > $3
-                   AND (capacity IS NULL OR pooled_qty + $2 <= capacity)",
-            )
-            .bind(&pledge.campaign_id)
-            .bind(pledge.qty)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if taken == 0 {
-                let open: Option<i32> = sqlx::query_scalar(
-                    "SELECT 1 FROM campaigns
-                     WHERE id = $1 AND status = 'open' AND opens_at <= $2 AND closes_at > $2",
+    ) -> StoreResult<Vec<Result<(), JoinRefusal>>> {
+        loop {
+            let decided = in_tx!(self, |tx| {
+                let state: Option<(i64, Option<i64>, bool)> = sqlx::query_as(
+                    "SELECT pooled_qty, capacity,
+                            status = 'open' AND opens_at <= $2 AND closes_at > $2
+                     FROM campaigns WHERE id = $1",
                 )
-                .bind(&pledge.campaign_id)
+                .bind(campaign_id)
                 .bind(now)
                 .fetch_optional(&mut *tx)
                 .await?;
-                return Ok(Err(if open.is_some() {
-                    JoinRefusal::SoldOut
+                let Some((pooled, capacity, true)) = state else {
+                    return Ok(vec![Err(JoinRefusal::NotOpen); joins.len()]);
+                };
+                let (answers, total) = admit(joins.iter().map(|(p, _)| p.qty), pooled, capacity);
+                if total == 0 {
+                    return Ok(answers);
+                }
+                let taken = sqlx::query(
+                    "UPDATE campaigns SET pooled_qty = pooled_qty + $2
+                     WHERE id = $1 AND pooled_qty = $3 AND status = 'open'",
+                )
+                .bind(campaign_id)
+                .bind(total)
+                .bind(pooled)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if taken == 0 {
+                    None
                 } else {
-                    JoinRefusal::NotOpen
-                }));
+                    let admitted: Vec<&(PledgeRow, Option<NewIntent>)> = joins
+                        .iter()
+                        .zip(&answers)
+                        .filter(|(_, a)| a.is_ok())
+                        .map(|(j, _)| j)
+                        .collect();
+                    for chunk in admitted.chunks(500) {
+                        insert_pledges!(tx, chunk, now);
+                        let intents: Vec<&NewIntent> =
+                            chunk.iter().filter_map(|(_, i)| i.as_ref()).collect();
+                        if !intents.is_empty() {
+                            insert_intents!(tx, &intents, now);
+                        }
+                    }
+                    tx.commit().await?;
+                    Some(answers)
+                }
+            });
+            if let Some(answers) = decided {
+                return Ok(answers);
             }
-            sqlx::query(
-                "INSERT INTO pledges (id, campaign_id, shopper_id, qty, variant, status,
-                     deposit_minor, price_ceiling_minor, balance_minor, balance_paid_at,
-                     refunded_minor, created_at, ended_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, 0, $9, NULL, $9)",
-            )
-            .bind(&pledge.id)
-            .bind(&pledge.campaign_id)
-            .bind(&pledge.shopper_id)
-            .bind(pledge.qty)
-            .bind(&pledge.variant)
-            .bind(&pledge.status)
-            .bind(pledge.deposit_minor)
-            .bind(pledge.price_ceiling_minor)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            if let Some(deposit) = deposit {
-                let _new = insert_intent!(tx, deposit, now);
-            }
-            tx.commit().await?;
-            Ok(Ok(()))
-        })
+        }
     }
 
     pub async fn pledge(&self, id: &str) -> StoreResult<Option<PledgeRow>> {
@@ -826,9 +864,47 @@ impl Store {
 
     /// Enqueues emails on their own transaction (each once by its key).
     pub async fn enqueue_emails(&self, emails: &[NewEmail], now: i64) -> StoreResult<()> {
+        // Emails without attachments (nearly all) go in with one multi-row insert per chunk
+        // and one wake-up of the deliverer; the rest one at a time.
+        let (plain, attached): (Vec<&NewEmail>, Vec<&NewEmail>) =
+            emails.iter().partition(|e| e.attachments.is_empty());
         in_tx!(self, |tx| {
-            for email in emails {
+            for email in attached {
                 let _new = enqueue_email!(tx, email, now);
+            }
+            let mut any_new = false;
+            for chunk in plain.chunks(500) {
+                const COLUMNS: usize = 7;
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| {
+                        format!(
+                            "({}, 'pending', $1, $1)",
+                            super::placeholders(2 + i * COLUMNS, COLUMNS)
+                        )
+                    })
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO outbox (template, entity, event, to_addr, subject, text_body,
+                         html_body, status, next_attempt_at, created_at)
+                     VALUES {}
+                     ON CONFLICT (template, entity, event) DO NOTHING",
+                    values.join(", ")
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+                for e in chunk {
+                    q = q
+                        .bind(&e.template)
+                        .bind(&e.entity)
+                        .bind(&e.event)
+                        .bind(&e.to)
+                        .bind(&e.subject)
+                        .bind(&e.text)
+                        .bind(&e.html);
+                }
+                any_new |= q.execute(&mut *tx).await?.rows_affected() > 0;
+            }
+            if any_new {
+                wake_deliverer!(tx, now);
             }
             tx.commit().await?;
         });
