@@ -152,7 +152,7 @@ impl Store {
                  WHERE idempotency_keys.scope = v.column1 AND idempotency_keys.idem_key = v.column2",
                 values.join(", ")
             );
-            on_pool!(self, |pool| {
+            on_writer!(self, |pool| {
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
                 for d in chunk {
                     q = q
@@ -171,7 +171,7 @@ impl Store {
     /// Forgets an in-flight claim whose outcome should not be replayed (a server error, a
     /// conflict that may clear), so the client may retry with the same key.
     pub async fn idempotency_release(&self, scope: &str, key: &str) -> StoreResult<()> {
-        on_pool!(self, |pool| {
+        on_writer!(self, |pool| {
             sqlx::query(
                 "DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2 AND status_code IS NULL",
             )

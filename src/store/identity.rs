@@ -122,7 +122,7 @@ impl Store {
 
     /// Saves the shopper's payment method; later charges use it.
     pub async fn set_payment_token(&self, shopper_id: &str, token: &str) -> StoreResult<()> {
-        let done = on_pool!(self, |pool| {
+        let done = on_writer!(self, |pool| {
             sqlx::query("UPDATE shoppers SET payment_token = $1 WHERE id = $2")
                 .bind(token)
                 .bind(shopper_id)

@@ -31,16 +31,33 @@ macro_rules! on_pool {
     };
 }
 
+/// Runs the single-statement write `$body` with `$pool` bound to the backend's writer: on
+/// SQLite the one writer connection [`in_tx!`] uses, so writes queue in the process rather
+/// than in SQLite's busy handler.
+macro_rules! on_writer {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.db {
+            $crate::store::Db::Sqlite(pool) => {
+                let $pool = $store.sqlite_writer.as_ref().unwrap_or(pool);
+                $body
+            }
+            $crate::store::Db::Postgres($pool) => $body,
+        }
+    };
+}
+
 /// Runs `$body` inside a write transaction bound to `$tx`; the body commits it.
 ///
-/// SQLite transactions start with `BEGIN IMMEDIATE` so the write lock is taken up front and
-/// two writers never deadlock upgrading a read lock (they queue on `busy_timeout` instead).
+/// SQLite transactions run on the one writer connection, queued in order in the process (a
+/// writer waiting on SQLite's own lock would sleep in its busy handler, which under load costs
+/// more than the writes), and start with `BEGIN IMMEDIATE` so the lock is taken up front.
 macro_rules! in_tx {
     ($store:expr, |$tx:ident| $body:expr) => {
         match &$store.db {
             $crate::store::Db::Sqlite(pool) => {
+                let writer = $store.sqlite_writer.as_ref().unwrap_or(pool);
                 #[allow(unused_mut)]
-                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let mut $tx = writer.begin_with("BEGIN IMMEDIATE").await?;
                 $body
             }
             $crate::store::Db::Postgres(pool) => {
@@ -369,7 +386,7 @@ pub use presale::{
 pub use sandbox::{SandboxPaymentRow, SandboxRefund};
 pub use scheduler::{Claimed, JobDefRow, JobRunRow, NewRun, RunFilter, SchedulerInstanceRow};
 pub use subscription::{
-    CatalogRow, DeliveryRow, GrowerOrderRow, InvoiceRow, PlanRow, SubscriptionRow,
+    CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderRow, InvoiceRow, PlanRow, SubscriptionRow,
 };
 
 /// Errors of the storage layer.
@@ -421,6 +438,8 @@ pub(crate) enum Db {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) db: Db,
+    /// SQLite: the single connection every write transaction uses ([`in_tx!`]).
+    pub(crate) sqlite_writer: Option<sqlx::SqlitePool>,
     /// Held for the life of the process: a second `pooled` on the same SQLite file is refused.
     _lock: Option<Arc<File>>,
 }
@@ -445,11 +464,17 @@ impl Store {
                     .foreign_keys(true);
                 let pool = SqlitePoolOptions::new()
                     .max_connections(8)
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(|e| open_err(&e))?;
+                let writer = SqlitePoolOptions::new()
+                    .max_connections(1)
                     .connect_with(options)
                     .await
                     .map_err(|e| open_err(&e))?;
                 Ok(Store {
                     db: Db::Sqlite(pool),
+                    sqlite_writer: Some(writer),
                     _lock: Some(Arc::new(lock)),
                 })
             }
@@ -467,6 +492,7 @@ impl Store {
                 .map_err(|e| open_err(&e))?;
                 Ok(Store {
                     db: Db::Postgres(pool),
+                    sqlite_writer: None,
                     _lock: None,
                 })
             }
@@ -501,6 +527,9 @@ impl Store {
 
     /// Closes every connection; the store is unusable afterwards.
     pub async fn close(&self) {
+        if let Some(writer) = &self.sqlite_writer {
+            writer.close().await;
+        }
         on_pool!(self, |pool| pool.close().await)
     }
 }

@@ -95,7 +95,7 @@ impl Store {
 
     /// Marks a pending email sent; false if it was not pending (already handled).
     pub async fn mark_email_sent(&self, id: i64, now: i64) -> StoreResult<bool> {
-        let n = on_pool!(self, |pool| {
+        let n = on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE outbox SET status = 'sent', sent_at = $2, attempts = attempts + 1, last_error = NULL
                  WHERE id = $1 AND status = 'pending'",
@@ -116,7 +116,7 @@ impl Store {
         error: &str,
         retry_at: Option<i64>,
     ) -> StoreResult<()> {
-        on_pool!(self, |pool| {
+        on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = $2,
                         status = CASE WHEN $3 IS NULL THEN 'failed' ELSE 'pending' END,

@@ -243,7 +243,7 @@ impl Store {
             ),
             super::placeholders(2, ids.len())
         );
-        Ok(on_pool!(self, |pool| {
+        Ok(on_writer!(self, |pool| {
             let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(hold_until);
             for id in ids {
                 q = q.bind(*id);
@@ -390,7 +390,7 @@ impl Store {
     /// Puts a declined charge back to pending (a dunning retry, or a card update), keeping its
     /// key: the gateway decides a declined key afresh. `false` if it was not declined.
     pub async fn retry_declined_intent(&self, id: &str, now: i64) -> StoreResult<bool> {
-        let done = on_pool!(self, |pool| {
+        let done = on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE payment_intents
                  SET status = 'pending', next_attempt_at = $2, resolved_at = NULL

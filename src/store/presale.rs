@@ -390,7 +390,7 @@ impl Store {
         capacity: Option<i64>,
         ceiling_minor: Option<i64>,
     ) -> StoreResult<()> {
-        on_pool!(self, |pool| {
+        on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE campaigns SET capacity = $2, price_ceiling_minor = $3
                  WHERE id = $1 AND status = 'scheduled'",
@@ -407,7 +407,7 @@ impl Store {
 
     /// Opens scheduled campaigns whose time has come.
     pub async fn open_due_campaigns(&self, now: i64) -> StoreResult<u64> {
-        Ok(on_pool!(self, |pool| {
+        Ok(on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE campaigns SET status = 'open'
                  WHERE status = 'scheduled' AND opens_at <= $1 AND closes_at > $1",
@@ -545,7 +545,8 @@ impl Store {
     }
 
     /// Pledges of a campaign whose `purpose` intent is in `intent_status`, with contacts (for
-    /// the emails that follow a gateway result).
+    /// the emails that follow a gateway result). Intents are found by their deterministic id
+    /// (`pi_{purpose}_{pledge}`), a unique-key lookup whatever the planner's statistics say.
     pub async fn pledges_by_intent(
         &self,
         campaign_id: &str,
@@ -558,7 +559,7 @@ impl Store {
                 "SELECT p.id, p.shopper_id, p.qty, p.variant, p.deposit_minor, p.balance_minor,
                             s.email, s.name, i.attempts
                      FROM pledges p JOIN shoppers s ON s.id = p.shopper_id
-                     JOIN payment_intents i ON i.subject_id = p.id AND i.purpose = $3
+                     JOIN payment_intents i ON i.id = 'pi_' || $3 || '_' || p.id
                      WHERE p.campaign_id = $1 AND p.status = $2 AND i.status = $4
                      ORDER BY p.seq",
             )

@@ -81,7 +81,7 @@ impl Store {
                  ON CONFLICT (kind, idempotency_key) DO NOTHING RETURNING id",
                 values.join(", ")
             );
-            let ids: Vec<String> = on_pool!(self, |pool| {
+            let ids: Vec<String> = on_writer!(self, |pool| {
                 let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()));
                 for row in chunk {
                     q = q
@@ -118,7 +118,7 @@ impl Store {
         decline_reason: Option<&str>,
         now: i64,
     ) -> StoreResult<bool> {
-        let done = on_pool!(self, |pool| {
+        let done = on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE sandbox_payments
                  SET status = $3, payment_method = $4, decline_reason = $5, calls = calls + 1,
@@ -140,7 +140,7 @@ impl Store {
 
     /// Counts a replayed call (a key whose answer is already decided).
     pub async fn sandbox_replayed(&self, id: &str, now: i64) -> StoreResult<()> {
-        on_pool!(self, |pool| {
+        on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE sandbox_payments SET calls = calls + 1, updated_at = $2 WHERE id = $1",
             )

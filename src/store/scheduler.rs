@@ -139,7 +139,7 @@ impl Store {
 
     /// Creates or updates a job's definition; keeps its pause, `known_since` and watermark.
     pub async fn sync_job_def(&self, def: &JobDefRow) -> StoreResult<()> {
-        on_pool!(self, |pool| {
+        on_writer!(self, |pool| {
             sqlx::query(
                 "INSERT INTO job_defs (name, schedule, time_zone, catchup_policy, catchup_window_secs,
                     start_grace_secs, overlap_policy, max_attempts, lease_secs, known_since)
@@ -229,7 +229,7 @@ impl Store {
     /// Slots of exclusive jobs that came due while the job is still running are skipped
     /// (overlap policy `skip`); timers, manual runs and backfills wait instead.
     pub async fn skip_overlapping(&self, now: i64) -> StoreResult<u64> {
-        Ok(on_pool!(self, |pool| {
+        Ok(on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE job_runs SET state = 'skipped', skip_reason = 'overlap', finished_at = $1
                  WHERE state = 'pending' AND trigger IN ('schedule', 'catchup') AND due_at <= $1
@@ -311,7 +311,7 @@ impl Store {
     /// Extends the lease of attempt `attempt`; false if that attempt no longer holds it.
     pub async fn heartbeat_run(&self, id: i64, attempt: i64) -> StoreResult<bool> {
         let db_now = self.db_now().await?;
-        let n = on_pool!(self, |pool| {
+        let n = on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE job_runs SET heartbeat_at = $3,
                     lease_expires_at = $3 + (SELECT lease_secs FROM job_defs d WHERE d.name = job_runs.job_name) * 1000000
@@ -337,7 +337,7 @@ impl Store {
         duration_ms: i64,
         result: &str,
     ) -> StoreResult<bool> {
-        let n = on_pool!(self, |pool| {
+        let n = on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE job_runs SET state = 'succeeded', finished_at = $3, duration_ms = $4, result = $5,
                     lease_expires_at = NULL
@@ -434,7 +434,7 @@ impl Store {
     ) -> StoreResult<i64> {
         let mut at = at;
         loop {
-            let id: Option<i64> = on_pool!(self, |pool| {
+            let id: Option<i64> = on_writer!(self, |pool| {
                 sqlx::query_scalar(
                     "INSERT INTO job_runs (job_name, scheduled_for, trigger, state, exclusive, due_at, created_at)
                      SELECT name, $2, $3, 'pending', overlap_policy = 'skip', $4, $4 FROM job_defs WHERE name = $1
@@ -506,7 +506,7 @@ impl Store {
 
     /// Resumes a job from `now`: slots that fell in the pause are never planned.
     pub async fn resume_job(&self, job: &str, now: i64) -> StoreResult<bool> {
-        let n = on_pool!(self, |pool| {
+        let n = on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE job_defs SET paused_at = NULL, paused_note = NULL,
                     last_planned_slot = CASE WHEN last_planned_slot IS NULL OR last_planned_slot < $2
@@ -582,7 +582,7 @@ impl Store {
     ) -> StoreResult<()> {
         let db_now = self.db_now().await?;
         let skew_ms = (clock_now - db_now) / 1000;
-        on_pool!(self, |pool| {
+        on_writer!(self, |pool| {
             sqlx::query(
                 "INSERT INTO scheduler_instances (id, version, started_at, heartbeat_at, clock_skew_ms)
                  VALUES ($1, $2, $3, $4, $5)

@@ -193,6 +193,15 @@ macro_rules! insert_deliveries {
     }};
 }
 
+/// A due delivery locked with what it causes (see [`Store::lock_deliveries`]).
+#[derive(Debug, Clone)]
+pub struct DeliveryLock {
+    pub delivery: DeliveryRow,
+    pub invoice: InvoiceRow,
+    pub charge: NewIntent,
+    pub email: NewEmail,
+}
+
 impl Store {
     /// Adds catalog items that are not there yet (a fresh database gets the shipped catalog;
     /// ops' edits are kept).
@@ -240,7 +249,7 @@ impl Store {
     }
 
     pub async fn create_plan(&self, p: &PlanRow) -> StoreResult<()> {
-        on_pool!(self, |pool| {
+        on_writer!(self, |pool| {
             sqlx::query(concat!(
                 "INSERT INTO plans (",
                 plan_columns!(),
@@ -465,7 +474,7 @@ impl Store {
         date: &str,
         now: i64,
     ) -> StoreResult<bool> {
-        let done = on_pool!(self, |pool| {
+        let done = on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE deliveries SET status = 'skipped', skip_reason = 'skipped'
                  WHERE subscription_id = $1 AND delivery_date = $2 AND status = 'scheduled'
@@ -519,7 +528,7 @@ impl Store {
 
     /// Stores a provisional box on a delivery that is still scheduled.
     pub async fn set_provisional_box(&self, delivery_id: &str, lines: &str) -> StoreResult<()> {
-        on_pool!(self, |pool| {
+        on_writer!(self, |pool| {
             sqlx::query("UPDATE deliveries SET lines = $2 WHERE id = $1 AND status = 'scheduled'")
                 .bind(delivery_id)
                 .bind(lines)
@@ -533,7 +542,7 @@ impl Store {
     /// Skips a due delivery that will not be billed (its subscription is suspended or
     /// cancelled).
     pub async fn skip_due_delivery(&self, delivery_id: &str, reason: &str) -> StoreResult<()> {
-        on_pool!(self, |pool| {
+        on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE deliveries SET status = 'skipped', skip_reason = $2
                  WHERE id = $1 AND status = 'scheduled'",
@@ -550,51 +559,59 @@ impl Store {
     /// Locks a due delivery with its final box and price, creates its one invoice and commits
     /// the renewal charge, with the "box planned" email, in one transaction. `false` when it
     /// was no longer scheduled.
-    pub async fn lock_delivery(
-        &self,
-        delivery: &DeliveryRow,
-        invoice: &InvoiceRow,
-        charge: &NewIntent,
-        email: &NewEmail,
-        now: i64,
-    ) -> StoreResult<bool> {
+    /// Locks due deliveries with their final boxes, invoices, charges and emails, in one
+    /// transaction; each only if it is still scheduled. Returns how many were locked.
+    pub async fn lock_deliveries(&self, locks: &[DeliveryLock], now: i64) -> StoreResult<usize> {
+        if locks.is_empty() {
+            return Ok(0);
+        }
         in_tx!(self, |tx| {
-            let locked = sqlx::query(
-                "UPDATE deliveries SET status = 'locked', lines = $2, amount_minor = $3
-                 WHERE id = $1 AND status = 'scheduled'",
-            )
-            .bind(&delivery.id)
-            .bind(&delivery.lines)
-            .bind(delivery.amount_minor)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if locked == 0 {
-                return Ok(false);
+            let mut locked = 0;
+            for DeliveryLock {
+                delivery,
+                invoice,
+                charge,
+                email,
+            } in locks
+            {
+                let taken = sqlx::query(
+                    "UPDATE deliveries SET status = 'locked', lines = $2, amount_minor = $3
+                     WHERE id = $1 AND status = 'scheduled'",
+                )
+                .bind(&delivery.id)
+                .bind(&delivery.lines)
+                .bind(delivery.amount_minor)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if taken == 0 {
+                    continue;
+                }
+                sqlx::query(concat!(
+                    "INSERT INTO invoices (",
+                    invoice_columns!(),
+                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                ))
+                .bind(&invoice.id)
+                .bind(&invoice.subscription_id)
+                .bind(&invoice.delivery_id)
+                .bind(&invoice.delivery_date)
+                .bind(invoice.amount_minor)
+                .bind(&invoice.currency)
+                .bind(&invoice.status)
+                .bind(invoice.attempts)
+                .bind(invoice.first_failed_at)
+                .bind(invoice.next_attempt_at)
+                .bind(invoice.created_at)
+                .bind(invoice.paid_at)
+                .execute(&mut *tx)
+                .await?;
+                let _new = insert_intent!(tx, charge, now);
+                let _new = enqueue_email!(tx, email, now);
+                locked += 1;
             }
-            sqlx::query(concat!(
-                "INSERT INTO invoices (",
-                invoice_columns!(),
-                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-            ))
-            .bind(&invoice.id)
-            .bind(&invoice.subscription_id)
-            .bind(&invoice.delivery_id)
-            .bind(&invoice.delivery_date)
-            .bind(invoice.amount_minor)
-            .bind(&invoice.currency)
-            .bind(&invoice.status)
-            .bind(invoice.attempts)
-            .bind(invoice.first_failed_at)
-            .bind(invoice.next_attempt_at)
-            .bind(invoice.created_at)
-            .bind(invoice.paid_at)
-            .execute(&mut *tx)
-            .await?;
-            let _new = insert_intent!(tx, charge, now);
-            let _new = enqueue_email!(tx, email, now);
             tx.commit().await?;
-            Ok(true)
+            Ok(locked)
         })
     }
 
@@ -614,7 +631,7 @@ impl Store {
         cost: i64,
         now: i64,
     ) -> StoreResult<()> {
-        on_pool!(self, |pool| {
+        on_writer!(self, |pool| {
             sqlx::query(
                 "INSERT INTO box_plans (profile, lines, cost_minor, created_at) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (profile) DO NOTHING",
@@ -692,7 +709,7 @@ impl Store {
 
     /// Clears a due retry before it is sent, so its result gets a fresh dunning decision.
     pub async fn begin_dunning_retry(&self, invoice_id: &str, now: i64) -> StoreResult<bool> {
-        let done = on_pool!(self, |pool| {
+        let done = on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE invoices SET next_attempt_at = NULL
                  WHERE id = $1 AND status = 'past_due' AND next_attempt_at <= $2",

@@ -14,8 +14,8 @@ use crate::domain::subscription::{
 };
 use crate::payments::{Payments, PaymentsError};
 use crate::store::{
-    CatalogRow, DeliveryRow, GrowerOrderRow, InvoiceRow, NewIntent, PlanRow, Store, StoreError,
-    SubscriptionRow, micros,
+    CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderRow, InvoiceRow, NewIntent, PlanRow, Store,
+    StoreError, SubscriptionRow, micros,
 };
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use chrono_tz::Tz;
@@ -266,6 +266,9 @@ pub async fn box_for(
 
 /// `subscription-renew`: keeps deliveries ahead, resumes pauses that ended, and at each
 /// cutoff locks the delivery, plans its final box, invoices it once and charges it.
+/// Rows written per transaction by the renewal run.
+const CHUNK: usize = 500;
+
 pub async fn run_renew(
     store: &Store,
     payments: &Payments,
@@ -274,6 +277,8 @@ pub async fn run_renew(
 ) -> Result<serde_json::Value> {
     let now_us = micros(now);
     let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
+    // Writes go a chunk at a time: one transaction (one commit) per chunk, not per row.
+    let mut upcoming = Vec::new();
     for sub in store.live_subscriptions().await? {
         if !plans.contains_key(&sub.plan_id) {
             plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
@@ -289,12 +294,16 @@ pub async fn run_renew(
             resume(store, &sub, now).await?;
         }
         if sub.status != "suspended" {
-            store
-                .add_deliveries(&upcoming_rows(&sub, plan, today)?, RENEW_JOB, now_us)
-                .await?;
+            upcoming.extend(upcoming_rows(&sub, plan, today)?);
+        }
+        if upcoming.len() >= CHUNK {
+            store.add_deliveries(&upcoming, RENEW_JOB, now_us).await?;
+            upcoming.clear();
         }
     }
+    store.add_deliveries(&upcoming, RENEW_JOB, now_us).await?;
     let mut locked = 0;
+    let mut locks = Vec::new();
     for d in store.deliveries_due(now_us).await? {
         let Some(sub) = store.subscription(&d.subscription_id).await? else {
             continue;
@@ -315,23 +324,30 @@ pub async fn run_renew(
             store.skip_due_delivery(&d.id, &sub.status).await?;
             continue;
         }
-        let plan = plan_of(store, &sub.plan_id).await?;
-        if lock_and_bill(store, &plan, &sub, d, now).await? {
-            locked += 1;
+        if !plans.contains_key(&sub.plan_id) {
+            plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
+        }
+        locks.extend(lock_and_bill(store, &plans[&sub.plan_id], &sub, d, now).await?);
+        if locks.len() >= CHUNK {
+            locked += store.lock_deliveries(&locks, now_us).await?;
+            locks.clear();
         }
     }
+    locked += store.lock_deliveries(&locks, now_us).await?;
     payments.sweep(now, false).await?;
     let dunned = dunning_decisions(store, dunning_days, now).await?;
     Ok(json!({"locked": locked, "dunning_planned": dunned}))
 }
 
+/// What locking a due delivery writes (its final box, invoice, charge and email), or `None`
+/// when it cannot be planned in time and was skipped.
 async fn lock_and_bill(
     store: &Store,
     plan: &PlanRow,
     sub: &SubscriptionRow,
     mut d: DeliveryRow,
     now: DateTime<Utc>,
-) -> Result<bool> {
+) -> Result<Option<DeliveryLock>> {
     let date = date_of(&d.delivery_date)?;
     let lines = match box_for(store, plan, sub, date, now).await {
         Ok(lines) => lines,
@@ -340,7 +356,7 @@ async fn lock_and_bill(
         Err(SubscriptionError::Conflict(why)) => {
             tracing::warn!(delivery = %d.id, %why, "delivery cannot be planned in time; skipped");
             store.skip_due_delivery(&d.id, "unplannable").await?;
-            return Ok(false);
+            return Ok(None);
         }
         Err(e) => return Err(e),
     };
@@ -378,9 +394,12 @@ async fn lock_and_bill(
     };
     let shopper = store.shopper(&sub.shopper_id).await?;
     let email = emails::box_planned(plan, &d, date, &lines, &shopper.email, &shopper.name);
-    Ok(store
-        .lock_delivery(&d, &invoice, &charge, &email, micros(now))
-        .await?)
+    Ok(Some(DeliveryLock {
+        delivery: d,
+        invoice,
+        charge,
+        email,
+    }))
 }
 
 /// Past-due invoices without a next step get one (retry at +1/+3/+5 days after the first
