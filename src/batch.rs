@@ -55,15 +55,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                 let (requests, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
                 metrics::histogram!("pooled_batch_size", "batch" => name)
                     .record(requests.len() as f64);
-                let size = requests.len();
-                let started = std::time::Instant::now();
                 let responses = run(requests).await;
-                tracing::trace!(
-                    batch = name,
-                    size,
-                    took_us = started.elapsed().as_micros() as u64,
-                    "batch committed"
-                );
                 debug_assert_eq!(responses.len(), replies.len());
                 for (reply, response) in replies.into_iter().zip(responses) {
                     // A caller that went away no longer needs its answer.

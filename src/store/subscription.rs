@@ -381,6 +381,32 @@ impl Store {
         }))
     }
 
+    /// The subscriptions of `ids` that exist, by id (one query for a chunk).
+    pub async fn subscriptions_by_id(
+        &self,
+        ids: &[&str],
+    ) -> StoreResult<std::collections::HashMap<String, SubscriptionRow>> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let sql = format!(
+            concat!(
+                "SELECT ",
+                subscription_columns!(),
+                " FROM subscriptions WHERE id IN ({})"
+            ),
+            super::placeholders(1, ids.len())
+        );
+        let rows: Vec<SubscriptionRow> = on_pool!(self, |pool| {
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
+            for id in ids {
+                q = q.bind(*id);
+            }
+            q.fetch_all(pool).await?
+        });
+        Ok(rows.into_iter().map(|s| (s.id.clone(), s)).collect())
+    }
+
     /// Subscriptions that still receive deliveries (everything but cancelled).
     pub async fn live_subscriptions(&self) -> StoreResult<Vec<SubscriptionRow>> {
         Ok(on_pool!(self, |pool| {
@@ -527,14 +553,23 @@ impl Store {
     }
 
     /// Stores a provisional box on a delivery that is still scheduled.
-    pub async fn set_provisional_box(&self, delivery_id: &str, lines: &str) -> StoreResult<()> {
-        on_writer!(self, |pool| {
-            sqlx::query("UPDATE deliveries SET lines = $2 WHERE id = $1 AND status = 'scheduled'")
+    /// Saves provisional boxes (`(delivery id, lines)`) of deliveries still scheduled, in one
+    /// transaction.
+    pub async fn set_provisional_boxes(&self, boxes: &[(String, String)]) -> StoreResult<()> {
+        if boxes.is_empty() {
+            return Ok(());
+        }
+        in_tx!(self, |tx| {
+            for (delivery_id, lines) in boxes {
+                sqlx::query(
+                    "UPDATE deliveries SET lines = $2 WHERE id = $1 AND status = 'scheduled'",
+                )
                 .bind(delivery_id)
                 .bind(lines)
-                .execute(pool)
-                .await
-                .map(|_| ())?
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
         });
         Ok(())
     }

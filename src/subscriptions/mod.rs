@@ -6,6 +6,7 @@
 
 pub mod emails;
 
+use crate::domain::identity::Shopper;
 use crate::domain::ledger::Account;
 use crate::domain::money::{Currency, Money};
 use crate::domain::ripening::{self, BoxRequest, Ethylene, Item};
@@ -21,7 +22,7 @@ use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 pub const RENEW_JOB: &str = "subscription-renew";
 pub const DUNNING_JOB: &str = "billing-dunning";
@@ -208,19 +209,28 @@ pub async fn plan_of(store: &Store, id: &str) -> Result<PlanRow> {
 }
 
 /// The box for a delivery: solved once per (plan, exclusions, weekday, date) profile.
+///
+/// `memo` keeps the profiles a run has already seen, so a run over many subscriptions reads
+/// each profile's box once.
 pub async fn box_for(
     store: &Store,
     plan: &PlanRow,
     sub: &SubscriptionRow,
     date: NaiveDate,
     now: DateTime<Utc>,
+    memo: &mut HashMap<String, Vec<StoredLine>>,
 ) -> Result<Vec<StoredLine>> {
     let profile = format!(
         "{}|{}|{}|{}",
         plan.id, sub.exclusions, sub.delivery_weekday, date
     );
+    if let Some(lines) = memo.get(&profile) {
+        return Ok(lines.clone());
+    }
     if let Some(lines) = store.box_plan(&profile).await? {
-        return Ok(serde_json::from_str(&lines).unwrap_or_default());
+        let lines: Vec<StoredLine> = serde_json::from_str(&lines).unwrap_or_default();
+        memo.insert(profile, lines.clone());
+        return Ok(lines);
     }
     let catalog: Vec<CatalogRow> = store
         .catalog()
@@ -261,6 +271,7 @@ pub async fn box_for(
     store
         .save_box_plan(&profile, &json, planned.cost_minor, micros(now))
         .await?;
+    memo.insert(profile, lines.clone());
     Ok(lines)
 }
 
@@ -303,37 +314,46 @@ pub async fn run_renew(
     }
     store.add_deliveries(&upcoming, RENEW_JOB, now_us).await?;
     let mut locked = 0;
-    let mut locks = Vec::new();
-    for d in store.deliveries_due(now_us).await? {
-        let Some(sub) = store.subscription(&d.subscription_id).await? else {
-            continue;
-        };
-        let mut sub = sub;
-        // A pause that ends by this delivery's date ends now.
-        if sub.status == "paused"
-            && sub
-                .paused_until
-                .as_deref()
-                .is_some_and(|until| until <= d.delivery_date.as_str())
-        {
-            resume(store, &sub, now).await?;
-            sub.status = "active".into();
+    let mut memo = HashMap::new();
+    let due = store.deliveries_due(now_us).await?;
+    for chunk in due.chunks(CHUNK) {
+        // One read each for the chunk's subscriptions and shoppers, one write for its locks.
+        let sub_ids: Vec<&str> = chunk.iter().map(|d| d.subscription_id.as_str()).collect();
+        let subs = store.subscriptions_by_id(&sub_ids).await?;
+        let shopper_ids: Vec<&str> = subs.values().map(|s| s.shopper_id.as_str()).collect();
+        let shoppers = store.shoppers(&shopper_ids).await?;
+        let mut locks = Vec::with_capacity(chunk.len());
+        for d in chunk {
+            let Some(mut sub) = subs.get(&d.subscription_id).cloned() else {
+                continue;
+            };
+            // A pause that ends by this delivery's date ends now.
+            if sub.status == "paused"
+                && sub
+                    .paused_until
+                    .as_deref()
+                    .is_some_and(|until| until <= d.delivery_date.as_str())
+            {
+                resume(store, &sub, now).await?;
+                sub.status = "active".into();
+            }
+            if !matches!(sub.status.as_str(), "active" | "past_due") {
+                // Paused deliveries are already skipped; suspended and cancelled ones never bill.
+                store.skip_due_delivery(&d.id, &sub.status).await?;
+                continue;
+            }
+            if !plans.contains_key(&sub.plan_id) {
+                plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
+            }
+            let shopper = shoppers.get(&sub.shopper_id).ok_or_else(|| {
+                StoreError::Inconsistent(format!("subscription {} has no shopper", sub.id))
+            })?;
+            let plan = &plans[&sub.plan_id];
+            let lock = lock_and_bill(store, plan, &sub, shopper, d.clone(), now, &mut memo).await?;
+            locks.extend(lock);
         }
-        if !matches!(sub.status.as_str(), "active" | "past_due") {
-            // Paused deliveries are already skipped; suspended and cancelled ones never bill.
-            store.skip_due_delivery(&d.id, &sub.status).await?;
-            continue;
-        }
-        if !plans.contains_key(&sub.plan_id) {
-            plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
-        }
-        locks.extend(lock_and_bill(store, &plans[&sub.plan_id], &sub, d, now).await?);
-        if locks.len() >= CHUNK {
-            locked += store.lock_deliveries(&locks, now_us).await?;
-            locks.clear();
-        }
+        locked += store.lock_deliveries(&locks, now_us).await?;
     }
-    locked += store.lock_deliveries(&locks, now_us).await?;
     payments.sweep(now, false).await?;
     let dunned = dunning_decisions(store, dunning_days, now).await?;
     Ok(json!({"locked": locked, "dunning_planned": dunned}))
@@ -345,11 +365,13 @@ async fn lock_and_bill(
     store: &Store,
     plan: &PlanRow,
     sub: &SubscriptionRow,
+    shopper: &Shopper,
     mut d: DeliveryRow,
     now: DateTime<Utc>,
+    memo: &mut HashMap<String, Vec<StoredLine>>,
 ) -> Result<Option<DeliveryLock>> {
     let date = date_of(&d.delivery_date)?;
-    let lines = match box_for(store, plan, sub, date, now).await {
+    let lines = match box_for(store, plan, sub, date, now, memo).await {
         Ok(lines) => lines,
         // Nothing can reach the warehouse in time any more (the box was never planned ahead):
         // the delivery is skipped, and never billed.
@@ -392,7 +414,6 @@ async fn lock_and_bill(
         memo: format!("{} delivery {}", plan.name, d.delivery_date),
         first_sweep_at: micros(now),
     };
-    let shopper = store.shopper(&sub.shopper_id).await?;
     let email = emails::box_planned(plan, &d, date, &lines, &shopper.email, &shopper.name);
     Ok(Some(DeliveryLock {
         delivery: d,
@@ -537,20 +558,21 @@ pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<U
     let plan = plan_of(store, &sub.plan_id).await?;
     let today = today(&plan, now);
     let until = today + Duration::days(15);
+    let mut memo = HashMap::new();
+    let mut boxes = Vec::new();
     for d in store.deliveries_of(&sub.id).await? {
         let date = date_of(&d.delivery_date)?;
         if d.status == "scheduled" && date < until {
             // A delivery too close to plan is skipped at its cutoff (see `lock_and_bill`).
-            let lines = match box_for(store, &plan, sub, date, now).await {
+            let lines = match box_for(store, &plan, sub, date, now, &mut memo).await {
                 Ok(lines) => lines,
                 Err(SubscriptionError::Conflict(_)) => continue,
                 Err(e) => return Err(e),
             };
-            store
-                .set_provisional_box(&d.id, &serde_json::to_string(&lines).unwrap_or_default())
-                .await?;
+            boxes.push((d.id, serde_json::to_string(&lines).unwrap_or_default()));
         }
     }
+    store.set_provisional_boxes(&boxes).await?;
     refresh_grower_orders(store, today, until).await?;
     Ok(())
 }
@@ -561,6 +583,9 @@ pub async fn run_plan(store: &Store, now: DateTime<Utc>) -> Result<serde_json::V
     let today = now.date_naive();
     let until = today + Duration::days(15);
     let mut planned = 0;
+    let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
+    let mut memo = HashMap::new();
+    let mut boxes = Vec::new();
     for d in store
         .deliveries_between(&today.to_string(), &until.to_string())
         .await?
@@ -571,13 +596,27 @@ pub async fn run_plan(store: &Store, now: DateTime<Utc>) -> Result<serde_json::V
         let Some(sub) = store.subscription(&d.subscription_id).await? else {
             continue;
         };
-        let plan = plan_of(store, &sub.plan_id).await?;
-        let lines = box_for(store, &plan, &sub, date_of(&d.delivery_date)?, now).await?;
-        store
-            .set_provisional_box(&d.id, &serde_json::to_string(&lines).unwrap_or_default())
-            .await?;
+        if !plans.contains_key(&sub.plan_id) {
+            plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
+        }
+        let plan = &plans[&sub.plan_id];
+        let lines = box_for(
+            store,
+            plan,
+            &sub,
+            date_of(&d.delivery_date)?,
+            now,
+            &mut memo,
+        )
+        .await?;
+        boxes.push((d.id, serde_json::to_string(&lines).unwrap_or_default()));
+        if boxes.len() >= CHUNK {
+            store.set_provisional_boxes(&boxes).await?;
+            boxes.clear();
+        }
         planned += 1;
     }
+    store.set_provisional_boxes(&boxes).await?;
     let orders = refresh_grower_orders(store, today, until).await?;
     Ok(json!({"boxes": planned, "grower_order_lines": orders}))
 }
