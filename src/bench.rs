@@ -129,6 +129,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             "bench", "backend", "value", "unit", "floor", "ratio"
         );
     }
+    let mut broken = Vec::new();
     for &backend in backends {
         for &bench in &args.only {
             let fresh = Fresh::new(backend, &args.postgres_url).await?;
@@ -138,13 +139,50 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
                 Bench::Joins => joins(&fresh, &args).await,
             };
             fresh.drop_database().await;
-            print(
-                &figure.with_context(|| format!("{bench:?} on {backend}"))?,
-                args.json,
-            );
+            let figure = figure.with_context(|| format!("{bench:?} on {backend}"))?;
+            print(&figure, args.json);
+            broken.extend(broken_invariants(&figure));
         }
     }
+    // A fast wrong answer is no answer: the run fails when an invariant did not hold.
+    anyhow::ensure!(
+        broken.is_empty(),
+        "invariants broken: {}",
+        broken.join("; ")
+    );
     Ok(())
+}
+
+/// The invariants a figure reports that did not hold, in words.
+fn broken_invariants(f: &Figure) -> Vec<String> {
+    let mut broken = Vec::new();
+    let says =
+        |key: &str, expected: serde_json::Value| f.extra.get(key).is_some_and(|v| *v != expected);
+    if says("ledger_balanced", json!(true)) {
+        broken.push(format!(
+            "{} on {}: the ledger is unbalanced or off the gateway",
+            f.bench, f.backend
+        ));
+    }
+    if says("oversold", json!(0)) {
+        broken.push(format!("{} on {}: oversold", f.bench, f.backend));
+    }
+    if says("accepted_is_min_capacity_attempts", json!(true)) {
+        broken.push(format!(
+            "{} on {}: accepted ≠ min(capacity, attempts) or ≠ the pooled quantity",
+            f.bench, f.backend
+        ));
+    }
+    if says("status", json!("succeeded")) {
+        broken.push(format!(
+            "{} on {}: the campaign did not settle",
+            f.bench, f.backend
+        ));
+    }
+    if says("errors", json!(0)) {
+        broken.push(format!("{} on {}: requests failed", f.bench, f.backend));
+    }
+    broken
 }
 
 fn print(f: &Figure, json: bool) {
