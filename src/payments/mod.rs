@@ -12,7 +12,7 @@ pub mod sandbox;
 
 use crate::domain::money::{Currency, Money};
 use crate::scheduler::schedule::retry_delay;
-use crate::store::{IntentResult, IntentRow, Store, StoreError, micros};
+use crate::store::{IntentResult, IntentRow, NewEmail, Store, StoreError, micros};
 use chrono::{DateTime, Duration, Utc};
 use gateway::{
     ChargeRequest, GatewayError, GatewayOutcome, GatewayResult, PaymentGateway, RefundRequest,
@@ -119,20 +119,24 @@ impl Payments {
         intent_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Outcome, PaymentsError> {
-        let mut outcomes = self.send_many_now(&[intent_id], now).await?;
+        let mut outcomes = self
+            .send_many_now(&[intent_id], &HashMap::new(), now)
+            .await?;
         outcomes
             .pop()
             .ok_or_else(|| PaymentsError::UnknownIntent(intent_id.to_owned()))
     }
 
     /// Sends intents the caller just committed as one batch, retrying transient errors a few
-    /// times with a short backoff before leaving them to the sweep. Outcomes in order of `ids`.
+    /// times with a short backoff before leaving them to the sweep. Outcomes in order of `ids`;
+    /// `on_success` as for [`Payments::attempt_many`].
     pub async fn send_many_now(
         &self,
         ids: &[&str],
+        on_success: &HashMap<String, NewEmail>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
-        let mut outcomes = self.attempt_many(ids, now).await?;
+        let mut outcomes = self.attempt_many(ids, on_success, now).await?;
         for pause_ms in [100, 400] {
             let pending: Vec<usize> = (0..ids.len())
                 .filter(|&i| matches!(outcomes[i], Outcome::Pending { .. }))
@@ -145,7 +149,7 @@ impl Payments {
             let again: Vec<&str> = pending.iter().map(|&i| ids[i]).collect();
             for (i, outcome) in pending
                 .into_iter()
-                .zip(self.attempt_many(&again, now).await?)
+                .zip(self.attempt_many(&again, on_success, now).await?)
             {
                 outcomes[i] = outcome;
             }
@@ -172,7 +176,7 @@ impl Payments {
             };
             after = last.seq;
             let ids: Vec<&str> = due.iter().map(|i| i.id.as_str()).collect();
-            self.attempt_many(&ids, now).await?;
+            self.attempt_many(&ids, &HashMap::new(), now).await?;
             attempted += ids.len();
         }
     }
@@ -183,7 +187,9 @@ impl Payments {
         intent_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Outcome, PaymentsError> {
-        let mut outcomes = self.attempt_many(&[intent_id], now).await?;
+        let mut outcomes = self
+            .attempt_many(&[intent_id], &HashMap::new(), now)
+            .await?;
         outcomes
             .pop()
             .ok_or_else(|| PaymentsError::UnknownIntent(intent_id.to_owned()))
@@ -191,10 +197,12 @@ impl Payments {
 
     /// One gateway call for each pending intent of `ids` (charges as one batch), with every
     /// result recorded in one transaction; resolved intents answer with their outcome.
-    /// Outcomes are in the order of `ids`.
+    /// Outcomes are in the order of `ids`. `on_success` holds emails (by intent id) written
+    /// with the recording when that intent succeeds.
     pub async fn attempt_many(
         &self,
         ids: &[&str],
+        on_success: &HashMap<String, NewEmail>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
         let now_us = micros(now);
@@ -259,7 +267,10 @@ impl Payments {
             metrics::counter!("pooled_gateway_calls_total", "kind" => intent.kind.clone(), "outcome" => label).increment(1);
             results.push((intent.id.as_str(), result));
         }
-        let recorded = self.store.record_intent_results(&results, now_us).await?;
+        let recorded = self
+            .store
+            .record_intent_results(&results, on_success, now_us)
+            .await?;
         for ((id, result), first) in results.iter().zip(recorded) {
             // Whoever recorded first decided; a loser reads back what stands (below).
             if first {

@@ -15,8 +15,8 @@ use crate::domain::money::{Currency, Money, UnitPrice};
 use crate::domain::presale::{self, JoinRefusal, Quote, Tier};
 use crate::payments::{Outcome, Payments, PaymentsError};
 use crate::store::{
-    CampaignRow, NewIntent, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow, QuoteRow,
-    Settlement, Store, StoreError, instant, micros,
+    CampaignRow, NewEmail, NewIntent, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow,
+    QuoteRow, Settlement, Store, StoreError, instant, micros,
 };
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
@@ -387,8 +387,30 @@ async fn join_campaign(
         .iter()
         .filter_map(|(_, _, i)| i.as_ref().map(|i| i.id.as_str()))
         .collect();
-    let mut outcomes = payments.send_many_now(&deposits, now).await?.into_iter();
-    let mut emails = Vec::new();
+    // Each confirmation is written with its deposit's result, in the same transaction.
+    let confirmation = |pledge: &PledgeRow| {
+        let active = PledgeRow {
+            status: "active".into(),
+            ..pledge.clone()
+        };
+        shoppers
+            .get(&pledge.shopper_id)
+            .map(|s| emails::pledge_confirmed(&l, &active, &s.email, &s.name))
+    };
+    let on_success: HashMap<String, NewEmail> = admitted
+        .iter()
+        .filter_map(|(_, p, i)| Some((i.as_ref()?.id.clone(), confirmation(p)?)))
+        .collect();
+    let mut outcomes = payments
+        .send_many_now(&deposits, &on_success, now)
+        .await?
+        .into_iter();
+    // Pledges with nothing to pay are confirmed on their own.
+    let free: Vec<NewEmail> = admitted
+        .iter()
+        .filter(|(_, _, i)| i.is_none())
+        .filter_map(|(_, p, _)| confirmation(p))
+        .collect();
     for (at, mut pledge, intent) in admitted {
         let outcome = match intent {
             Some(_) => outcomes.next().unwrap_or(Outcome::Pending {
@@ -399,9 +421,6 @@ async fn join_campaign(
         answers[at] = Some(match outcome {
             Outcome::Succeeded => {
                 pledge.status = "active".into();
-                if let Some(s) = shoppers.get(&pledge.shopper_id) {
-                    emails.push(emails::pledge_confirmed(&l, &pledge, &s.email, &s.name));
-                }
                 Ok((Joined::Active(pledge), l.clone()))
             }
             Outcome::Pending { .. } => Ok((Joined::Pending(pledge), l.clone())),
@@ -409,8 +428,8 @@ async fn join_campaign(
             Outcome::Failed { error } => Err(PresaleError::Declined(error)),
         });
     }
-    if !emails.is_empty() {
-        store.enqueue_emails(&emails, now_us).await?;
+    if !free.is_empty() {
+        store.enqueue_emails(&free, now_us).await?;
     }
     Ok(answers.into_iter().flatten().collect())
 }

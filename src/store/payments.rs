@@ -6,11 +6,11 @@
 //! state change that causes them; [`crate::payments::Payments`] sends them and records the
 //! result here, posting the ledger in the same transaction as the result.
 
-use super::{Store, StoreError, StoreResult};
+use super::{NewEmail, Store, StoreError, StoreResult};
 use crate::domain::ledger::{Account, JournalEntry};
 use crate::domain::money::{Currency, Money};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// A charge or refund to commit before sending.
 #[derive(Debug, Clone)]
@@ -255,10 +255,12 @@ impl Store {
     /// Records how sent intents ended and books them, all in one transaction (group commit)
     /// and set-based: one guarded update per chunk, one update per effect, one multi-row
     /// insert of ledger lines and one of entries. Each answer is `false` when another caller
-    /// recorded that intent first (its result stands).
+    /// recorded that intent first (its result stands). `on_success` holds emails to send when
+    /// an intent succeeds (a confirmation), written in the same transaction.
     pub async fn record_intent_results(
         &self,
         results: &[(&str, IntentResult)],
+        on_success: &HashMap<String, NewEmail>,
         now: i64,
     ) -> StoreResult<Vec<bool>> {
         const COLUMNS: usize = 6;
@@ -352,6 +354,12 @@ impl Store {
                 }
                 // Each intent is resolved once (the guarded update), so its entry is new.
                 post_entries!(tx, &entries, now);
+                let emails: Vec<&NewEmail> = rows
+                    .iter()
+                    .filter(|r| r.status == "succeeded")
+                    .filter_map(|r| on_success.get(&r.id))
+                    .collect();
+                enqueue_plain_emails!(tx, &emails, now);
             }
             tx.commit().await?;
         });

@@ -873,40 +873,7 @@ impl Store {
             for email in attached {
                 let _new = enqueue_email!(tx, email, now);
             }
-            let mut any_new = false;
-            for chunk in plain.chunks(500) {
-                const COLUMNS: usize = 7;
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| {
-                        format!(
-                            "({}, 'pending', $1, $1)",
-                            super::placeholders(2 + i * COLUMNS, COLUMNS)
-                        )
-                    })
-                    .collect();
-                let sql = format!(
-                    "INSERT INTO outbox (template, entity, event, to_addr, subject, text_body,
-                         html_body, status, next_attempt_at, created_at)
-                     VALUES {}
-                     ON CONFLICT (template, entity, event) DO NOTHING",
-                    values.join(", ")
-                );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
-                for e in chunk {
-                    q = q
-                        .bind(&e.template)
-                        .bind(&e.entity)
-                        .bind(&e.event)
-                        .bind(&e.to)
-                        .bind(&e.subject)
-                        .bind(&e.text)
-                        .bind(&e.html);
-                }
-                any_new |= q.execute(&mut *tx).await?.rows_affected() > 0;
-            }
-            if any_new {
-                wake_deliverer!(tx, now);
-            }
+            enqueue_plain_emails!(tx, &plain, now);
             tx.commit().await?;
         });
         Ok(())

@@ -476,7 +476,7 @@ on_both_backends! {
         // pi_b0 was sent and recorded before the batch: the batch answers with what stands.
         assert_eq!(payments.attempt("pi_b0", now).await.unwrap(), Outcome::Succeeded);
         let refs: Vec<&str> = ids.iter().map(String::as_str).chain(["pi_b3"]).collect();
-        let outcomes = payments.attempt_many(&refs, now).await.unwrap();
+        let outcomes = payments.attempt_many(&refs, &Default::default(), now).await.unwrap();
         assert_eq!(outcomes[0], Outcome::Succeeded);
         assert_eq!(outcomes[1], Outcome::Declined { reason: "card_declined".into() });
         assert!(matches!(outcomes[2], Outcome::Pending { .. }), "{:?}", outcomes[2]);
