@@ -119,12 +119,10 @@ impl Payments {
         intent_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Outcome, PaymentsError> {
-        let mut outcomes = self
+        let outcomes = self
             .send_many_now(&[intent_id], &HashMap::new(), now)
             .await?;
-        outcomes
-            .pop()
-            .ok_or_else(|| PaymentsError::UnknownIntent(intent_id.to_owned()))
+        single(outcomes, intent_id)
     }
 
     /// Sends intents the caller just committed as one batch, retrying transient errors a few
@@ -187,12 +185,10 @@ impl Payments {
         intent_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Outcome, PaymentsError> {
-        let mut outcomes = self
+        let outcomes = self
             .attempt_many(&[intent_id], &HashMap::new(), now)
             .await?;
-        outcomes
-            .pop()
-            .ok_or_else(|| PaymentsError::UnknownIntent(intent_id.to_owned()))
+        single(outcomes, intent_id)
     }
 
     /// One gateway call for each pending intent of `ids` (charges as one batch), with every
@@ -368,6 +364,13 @@ impl Payments {
         };
         Ok(self.gateway.refund(&request).await)
     }
+}
+
+/// The outcome of a batch of one.
+fn single(mut outcomes: Vec<Outcome>, intent_id: &str) -> Result<Outcome, PaymentsError> {
+    outcomes
+        .pop()
+        .ok_or_else(|| PaymentsError::UnknownIntent(intent_id.to_owned()))
 }
 
 fn amount_of(intent: &IntentRow) -> Result<Money, PaymentsError> {

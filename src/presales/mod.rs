@@ -249,21 +249,16 @@ pub async fn join_many(
 /// Checks a request against its campaign: the variant, a quote to pledge on, a payment method.
 fn check_join(l: &Loaded, r: &JoinRequest, shoppers: &HashMap<String, Shopper>) -> Result<()> {
     let variants = variants_of(&l.campaign);
-    let invalid_variant = match (&r.variant, variants.is_empty()) {
-        (None, false) => true,
-        (Some(v), false) => !variants.contains(v),
-        _ => false,
+    let wrong_variant = match (&r.variant, variants.is_empty()) {
+        (Some(_), true) => Some("this campaign has no variants".to_owned()),
+        (Some(v), false) if variants.contains(v) => None,
+        (_, false) => Some(format!("must be one of {}", variants.join(", "))),
+        (None, true) => None,
     };
-    if invalid_variant {
+    if let Some(message) = wrong_variant {
         return Err(PresaleError::Invalid {
             field: "variant",
-            message: format!("must be one of {}", variants.join(", ")),
-        });
-    }
-    if r.variant.is_some() && variants.is_empty() {
-        return Err(PresaleError::Invalid {
-            field: "variant",
-            message: "this campaign has no variants".into(),
+            message,
         });
     }
     if l.campaign.price_ceiling_minor.is_none() {

@@ -66,19 +66,16 @@ impl Store {
         if claims.is_empty() {
             return Ok(Vec::new());
         }
-        const COLUMNS: usize = 3;
         in_tx!(self, |tx| {
             // New keys, the common case, are claimed with one multi-row insert per chunk.
             let mut claimed = std::collections::HashSet::new();
             for chunk in claims.chunks(500) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("({}, $1)", super::placeholders(2 + i * COLUMNS, COLUMNS)))
-                    .collect();
+                let values = super::value_rows(2, chunk.len(), 3, "$1");
                 let sql = format!(
                     "INSERT INTO idempotency_keys (scope, idem_key, request_hash, created_at)
                      VALUES {} ON CONFLICT (scope, idem_key) DO NOTHING
                      RETURNING scope, idem_key",
-                    values.join(", ")
+                    values
                 );
                 let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(micros(now));
                 for c in chunk {
@@ -140,17 +137,14 @@ impl Store {
 
     /// Records the responses of requests that ran under their keys, in one transaction.
     pub async fn idempotency_complete(&self, done: &[IdempotencyDone]) -> StoreResult<()> {
-        const COLUMNS: usize = 5;
         for chunk in done.chunks(500) {
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| format!("({})", super::placeholders(1 + i * COLUMNS, COLUMNS)))
-                .collect();
+            let values = super::value_rows(1, chunk.len(), 5, "");
             let sql = format!(
                 "UPDATE idempotency_keys
                  SET status_code = v.column3, content_type = v.column4, response_body = v.column5
                  FROM (VALUES {}) AS v
                  WHERE idempotency_keys.scope = v.column1 AND idempotency_keys.idem_key = v.column2",
-                values.join(", ")
+                values
             );
             on_writer!(self, |pool| {
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));

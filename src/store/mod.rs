@@ -116,21 +116,13 @@ macro_rules! enqueue_plain_emails {
         let now: i64 = $now;
         let mut any_new = false;
         for chunk in emails.chunks(500) {
-            const COLUMNS: usize = 7;
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    format!(
-                        "({}, 'pending', $1, $1)",
-                        $crate::store::placeholders(2 + i * COLUMNS, COLUMNS)
-                    )
-                })
-                .collect();
+            let values = $crate::store::value_rows(2, chunk.len(), 7, "'pending', $1, $1");
             let sql = format!(
                 "INSERT INTO outbox (template, entity, event, to_addr, subject, text_body,
                      html_body, status, next_attempt_at, created_at)
                  VALUES {}
                  ON CONFLICT (template, entity, event) DO NOTHING",
-                values.join(", ")
+                values
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
             for e in chunk {
@@ -254,14 +246,11 @@ macro_rules! post_entries {
             .flat_map(|(e, id)| e.lines.iter().enumerate().map(move |(n, l)| (id.as_str(), n, l)))
             .collect();
         for chunk in lines.chunks(500) {
-            const COLUMNS: usize = 5;
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| format!("({})", $crate::store::placeholders(1 + i * COLUMNS, COLUMNS)))
-                .collect();
+            let values = $crate::store::value_rows(1, chunk.len(), 5, "");
             let sql = format!(
                 "INSERT INTO ledger_lines (entry_id, line_no, account, shopper_id, amount_minor)
                  VALUES {}",
-                values.join(", ")
+                values
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (id, n, line) in chunk {
@@ -276,14 +265,11 @@ macro_rules! post_entries {
         }
         let rows: Vec<(&String, &$crate::domain::ledger::JournalEntry)> = ids.iter().zip(entries).collect();
         for chunk in rows.chunks(500) {
-            const COLUMNS: usize = 7;
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| format!("({})", $crate::store::placeholders(1 + i * COLUMNS, COLUMNS)))
-                .collect();
+            let values = $crate::store::value_rows(1, chunk.len(), 7, "");
             let sql = format!(
                 "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event, memo, created_at)
                  VALUES {}",
-                values.join(", ")
+                values
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (id, entry) in chunk {
@@ -336,26 +322,16 @@ macro_rules! insert_intent {
 /// inside the caller's transaction; keys already used are skipped.
 macro_rules! insert_intents {
     ($tx:ident, $intents:expr, $now:expr) => {{
-        const COLUMNS: usize = 13;
         let intents: &[&$crate::store::NewIntent] = $intents;
-        let values: Vec<String> = (0..intents.len())
-            .map(|i| {
-                let at = |k: usize| format!("${}", 1 + i * COLUMNS + k);
-                format!(
-                    "({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 'pending', {}, {}, {})",
-                    at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7), at(8), at(9),
-                    at(10), at(11), at(12)
-                )
-            })
-            .collect();
         let sql = format!(
             "INSERT INTO payment_intents (id, idempotency_key, kind, purpose, subject_id, shopper_id,
-                 amount_minor, currency, account, refund_of, status, next_attempt_at, memo, created_at)
+                 amount_minor, currency, account, refund_of, next_attempt_at, memo, created_at,
+                 status)
              VALUES {}
              ON CONFLICT (idempotency_key) DO NOTHING",
-            values.join(", ")
+            $crate::store::value_rows(2, intents.len(), 12, "$1, 'pending'")
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind($now);
         for intent in intents {
             q = q
                 .bind(&intent.id)
@@ -369,8 +345,7 @@ macro_rules! insert_intents {
                 .bind(intent.account.as_str())
                 .bind(&intent.refund_of)
                 .bind(intent.first_sweep_at)
-                .bind(&intent.memo)
-                .bind($now);
+                .bind(&intent.memo);
         }
         q.execute(&mut *$tx).await?;
     }};
@@ -642,6 +617,23 @@ async fn create_pg_database(options: &PgConnectOptions) -> Result<(), sqlx::Erro
 pub(crate) fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The rows of a multi-row `VALUES` list: `rows` rows of `columns` placeholders each,
+/// numbered on from `first`, each row ending with `tail` (SQL every row shares, such as
+/// `'pending', $1`; empty for none). Chunked by callers like [`placeholders`].
+pub(crate) fn value_rows(first: usize, rows: usize, columns: usize, tail: &str) -> String {
+    (0..rows)
+        .map(|i| {
+            let own = placeholders(first + i * columns, columns);
+            if tail.is_empty() {
+                format!("({own})")
+            } else {
+                format!("({own}, {tail})")
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -263,13 +263,10 @@ impl Store {
         on_success: &HashMap<String, NewEmail>,
         now: i64,
     ) -> StoreResult<Vec<bool>> {
-        const COLUMNS: usize = 6;
         let mut recorded_ids = std::collections::HashSet::new();
         in_tx!(self, |tx| {
             for chunk in results.chunks(500) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("({})", super::placeholders(2 + i * COLUMNS, COLUMNS)))
-                    .collect();
+                let values = super::value_rows(2, chunk.len(), 6, "");
                 let sql = format!(
                     concat!(
                         "UPDATE payment_intents
@@ -281,7 +278,7 @@ impl Store {
                          RETURNING ",
                         intent_columns!(qualified)
                     ),
-                    values.join(", ")
+                    values
                 );
                 let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(now);
                 for (id, result) in chunk {

@@ -106,25 +106,15 @@ pub struct CampaignRow {
 /// caller's transaction.
 macro_rules! insert_pledges {
     ($tx:ident, $rows:expr, $now:expr) => {{
-        const COLUMNS: usize = 9;
         let rows: &[&(PledgeRow, Option<NewIntent>)] = $rows;
-        let values: Vec<String> = (0..rows.len())
-            .map(|i| {
-                format!(
-                    "({}, NULL, NULL, 0, NULL, ${})",
-                    super::placeholders(1 + i * COLUMNS, COLUMNS),
-                    1 + i * COLUMNS + 8
-                )
-            })
-            .collect();
         let sql = format!(
             "INSERT INTO pledges (id, campaign_id, shopper_id, qty, variant, status,
                  deposit_minor, price_ceiling_minor, created_at, balance_minor, balance_paid_at,
                  refunded_minor, ended_at, updated_at)
              VALUES {}",
-            values.join(", ")
+            super::value_rows(2, rows.len(), 8, "$1, NULL, NULL, 0, NULL, $1")
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind($now);
         for (p, _) in rows {
             q = q
                 .bind(&p.id)
@@ -134,8 +124,7 @@ macro_rules! insert_pledges {
                 .bind(&p.variant)
                 .bind(&p.status)
                 .bind(p.deposit_minor)
-                .bind(p.price_ceiling_minor)
-                .bind($now);
+                .bind(p.price_ceiling_minor);
         }
         q.execute(&mut *$tx).await?;
     }};

@@ -66,20 +66,17 @@ impl Store {
     /// Records first calls with new keys, in one statement; each answer is `false` when that
     /// key was taken already (by an earlier call, or earlier in `rows`).
     pub async fn sandbox_insert(&self, rows: &[SandboxPaymentRow]) -> StoreResult<Vec<bool>> {
-        const COLUMNS: usize = 14;
         let mut inserted = std::collections::HashSet::new();
         // Chunked so one statement stays well under either backend's bound-parameter limit.
         for chunk in rows.chunks(500) {
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| format!("({})", super::placeholders(1 + i * COLUMNS, COLUMNS)))
-                .collect();
+            let values = super::value_rows(1, chunk.len(), 14, "");
             let sql = format!(
                 "INSERT INTO sandbox_payments (id, kind, idempotency_key, customer, payment_method,
                      charge_id, amount_minor, currency, status, decline_reason, refunded_minor,
                      calls, created_at, updated_at)
                  VALUES {}
                  ON CONFLICT (kind, idempotency_key) DO NOTHING RETURNING id",
-                values.join(", ")
+                values
             );
             let ids: Vec<String> = on_writer!(self, |pool| {
                 let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()));

@@ -4,6 +4,8 @@
 
 use crate::helpers::{ADMIN_TOKEN, TestApp, str_of};
 use crate::on_both_backends;
+use pooled::domain::presale::JoinRefusal;
+use pooled::store::{NewIntent, PledgeRow, Store, micros};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -399,6 +401,91 @@ on_both_backends! {
         let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
         assert_eq!(c["pooled_qty"], 150);
         assert_eq!(app.gateway_totals().await["charge"], (150, 150 * 2000));
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn concurrent_join_batches_from_two_instances_never_oversell(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let mut body = jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z");
+        body["quotes"][0]["capacity"] = json!(150);
+        let id = str_of(&app.campaign(body).await["id"]);
+        let (shopper, _) = app.shopper("Rush", "pm_ok").await;
+        // PostgreSQL: a second instance on the same database writes half the batches, so the
+        // guard on the pooled quantity decides between them. SQLite allows one process.
+        let other = match backend {
+            crate::helpers::Backend::Postgres => Store::connect(&app.state.settings.database).await.unwrap(),
+            crate::helpers::Backend::Sqlite => app.state.store.clone(),
+        };
+        let now = micros(app.state.clock.now());
+        let batches = (0..200).map(|b| {
+            let store = if b % 2 == 0 { app.state.store.clone() } else { other.clone() };
+            let (id, shopper) = (id.clone(), shopper.clone());
+            tokio::spawn(async move {
+                let joins: Vec<(PledgeRow, Option<NewIntent>)> = (0..5)
+                    .map(|i| (PledgeRow {
+                        seq: 0, id: format!("plg_{b}_{i}"), campaign_id: id.clone(), shopper_id: shopper.clone(),
+                        qty: 1, variant: Some("M".into()), status: "active".into(), deposit_minor: 0,
+                        price_ceiling_minor: 18000, balance_minor: None, balance_paid_at: None,
+                        refunded_minor: 0, created_at: now, ended_at: None, updated_at: now,
+                    }, None))
+                    .collect();
+                store.join_campaign(&id, &joins, now).await.unwrap()
+            })
+        }).collect::<Vec<_>>();
+        let (mut accepted, mut sold_out) = (0, 0);
+        for batch in batches {
+            for answer in batch.await.unwrap() {
+                match answer {
+                    Ok(()) => accepted += 1,
+                    Err(JoinRefusal::SoldOut { .. }) => sold_out += 1,
+                    Err(other) => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!((accepted, sold_out), (150, 850), "accepted = min(capacity, attempts)");
+        assert_eq!(app.state.store.campaign(&id).await.unwrap().unwrap().pooled_qty, 150);
+        assert_eq!(app.state.store.count_pledges(&id, "active").await.unwrap(), 150, "refused joins wrote nothing");
+
+        // PostgreSQL, made deterministic: another writer takes 148 units after this batch read
+        // the campaign and before its update. The guard sends the batch round again, and it
+        // admits the 2 units left instead of overselling.
+        if let pooled::config::DatabaseUrl::Postgres(url) = &app.state.settings.database {
+            let mut body = jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z");
+            body["quotes"][0]["capacity"] = json!(150);
+            let id = str_of(&app.campaign(body).await["id"]);
+            let pg = sqlx::PgPool::connect(url).await.unwrap();
+            let mut rival = pg.begin().await.unwrap();
+            sqlx::query("UPDATE campaigns SET pooled_qty = pooled_qty + 148 WHERE id = $1")
+                .bind(&id).execute(&mut *rival).await.unwrap();
+            let store = app.state.store.clone();
+            let joins: Vec<(PledgeRow, Option<NewIntent>)> = (0..5)
+                .map(|i| (PledgeRow {
+                    seq: 0, id: format!("plg_late_{i}"), campaign_id: id.clone(), shopper_id: shopper.clone(),
+                    qty: 1, variant: Some("M".into()), status: "active".into(), deposit_minor: 0,
+                    price_ceiling_minor: 18000, balance_minor: None, balance_paid_at: None,
+                    refunded_minor: 0, created_at: now, ended_at: None, updated_at: now,
+                }, None))
+                .collect();
+            let batch_id = id.clone();
+            let batch = tokio::spawn(async move { store.join_campaign(&batch_id, &joins, now).await.unwrap() });
+            // Wait until the batch's update is blocked on the rival's row lock.
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                )
+                .fetch_one(&pg).await.unwrap();
+                if waiting > 0 { break; }
+                tokio::task::yield_now().await;
+            }
+            rival.commit().await.unwrap();
+            let answers = batch.await.unwrap();
+            assert_eq!(answers.iter().filter(|a| a.is_ok()).count(), 2, "{answers:?}");
+            assert_eq!(app.state.store.campaign(&id).await.unwrap().unwrap().pooled_qty, 150);
+            pg.close().await;
+        }
         app.stop().await;
     }
 }
