@@ -405,6 +405,37 @@ on_both_backends! {
     }
 }
 
+/// Five paid-for pledges of one unit each, as a join batch (no deposit to charge).
+fn five_pledges(
+    prefix: &str,
+    campaign: &str,
+    shopper: &str,
+    now: i64,
+) -> Vec<(PledgeRow, Option<NewIntent>)> {
+    (0..5)
+        .map(|i| {
+            let pledge = PledgeRow {
+                seq: 0,
+                id: format!("{prefix}_{i}"),
+                campaign_id: campaign.into(),
+                shopper_id: shopper.into(),
+                qty: 1,
+                variant: Some("M".into()),
+                status: "active".into(),
+                deposit_minor: 0,
+                price_ceiling_minor: 18000,
+                balance_minor: None,
+                balance_paid_at: None,
+                refunded_minor: 0,
+                created_at: now,
+                ended_at: None,
+                updated_at: now,
+            };
+            (pledge, None)
+        })
+        .collect()
+}
+
 on_both_backends! {
     async fn concurrent_join_batches_from_two_instances_never_oversell(backend) {
         let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
@@ -424,14 +455,7 @@ on_both_backends! {
             let store = if b % 2 == 0 { app.state.store.clone() } else { other.clone() };
             let (id, shopper) = (id.clone(), shopper.clone());
             tokio::spawn(async move {
-                let joins: Vec<(PledgeRow, Option<NewIntent>)> = (0..5)
-                    .map(|i| (PledgeRow {
-                        seq: 0, id: format!("plg_{b}_{i}"), campaign_id: id.clone(), shopper_id: shopper.clone(),
-                        qty: 1, variant: Some("M".into()), status: "active".into(), deposit_minor: 0,
-                        price_ceiling_minor: 18000, balance_minor: None, balance_paid_at: None,
-                        refunded_minor: 0, created_at: now, ended_at: None, updated_at: now,
-                    }, None))
-                    .collect();
+                let joins = five_pledges(&format!("plg_{b}"), &id, &shopper, now);
                 store.join_campaign(&id, &joins, now).await.unwrap()
             })
         }).collect::<Vec<_>>();
@@ -461,14 +485,7 @@ on_both_backends! {
             sqlx::query("UPDATE campaigns SET pooled_qty = pooled_qty + 148 WHERE id = $1")
                 .bind(&id).execute(&mut *rival).await.unwrap();
             let store = app.state.store.clone();
-            let joins: Vec<(PledgeRow, Option<NewIntent>)> = (0..5)
-                .map(|i| (PledgeRow {
-                    seq: 0, id: format!("plg_late_{i}"), campaign_id: id.clone(), shopper_id: shopper.clone(),
-                    qty: 1, variant: Some("M".into()), status: "active".into(), deposit_minor: 0,
-                    price_ceiling_minor: 18000, balance_minor: None, balance_paid_at: None,
-                    refunded_minor: 0, created_at: now, ended_at: None, updated_at: now,
-                }, None))
-                .collect();
+            let joins = five_pledges("plg_late", &id, &shopper, now);
             let batch_id = id.clone();
             let batch = tokio::spawn(async move { store.join_campaign(&batch_id, &joins, now).await.unwrap() });
             // Wait until the batch's update is blocked on the rival's row lock.
