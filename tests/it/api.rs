@@ -50,7 +50,16 @@ on_both_backends! {
             ("no token", app.client.post(url("/api/v1/manufacturers")).json(&json!({"name": "F", "email": "f@x.co"})).build().unwrap(), 401, "unauthorized"),
         ];
         for (what, request, status, code) in cases {
-            let res = app.client.execute(request).await.unwrap();
+            // A client still writing the oversized body when the server has answered and
+            // closed can see a broken pipe instead of the answer; it sends again, as clients do.
+            let mut res = app.client.execute(request.try_clone().unwrap()).await;
+            for _ in 0..4 {
+                if res.is_ok() {
+                    break;
+                }
+                res = app.client.execute(request.try_clone().unwrap()).await;
+            }
+            let res = res.unwrap();
             assert_eq!(res.status().as_u16(), status, "{what}");
             assert_eq!(
                 res.headers()[header::CONTENT_TYPE], "application/problem+json",
