@@ -69,7 +69,7 @@ impl Store {
         in_tx!(self, |tx| {
             // New keys, the common case, are claimed with one multi-row insert per chunk.
             let mut claimed = std::collections::HashSet::new();
-            for chunk in claims.chunks(500) {
+            for chunk in claims.chunks(super::rows_per_statement(3)) {
                 let values = super::value_rows(2, chunk.len(), 3, "$1");
                 let sql = format!(
                     "INSERT INTO idempotency_keys (scope, idem_key, request_hash, created_at)
@@ -137,7 +137,7 @@ impl Store {
 
     /// Records the responses of requests that ran under their keys, in one transaction.
     pub async fn idempotency_complete(&self, done: &[IdempotencyDone]) -> StoreResult<()> {
-        for chunk in done.chunks(500) {
+        for chunk in done.chunks(super::rows_per_statement(5)) {
             let values = super::value_rows(1, chunk.len(), 5, "");
             let sql = format!(
                 "UPDATE idempotency_keys

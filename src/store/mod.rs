@@ -115,7 +115,7 @@ macro_rules! enqueue_plain_emails {
         let emails: &[&$crate::store::NewEmail] = $emails;
         let now: i64 = $now;
         let mut any_new = false;
-        for chunk in emails.chunks(500) {
+        for chunk in emails.chunks($crate::store::rows_per_statement(7)) {
             let values = $crate::store::value_rows(2, chunk.len(), 7, "'pending', $1, $1");
             let sql = format!(
                 "INSERT INTO outbox (template, entity, event, to_addr, subject, text_body,
@@ -245,7 +245,7 @@ macro_rules! post_entries {
             .zip(&ids)
             .flat_map(|(e, id)| e.lines.iter().enumerate().map(move |(n, l)| (id.as_str(), n, l)))
             .collect();
-        for chunk in lines.chunks(500) {
+        for chunk in lines.chunks($crate::store::rows_per_statement(5)) {
             let values = $crate::store::value_rows(1, chunk.len(), 5, "");
             let sql = format!(
                 "INSERT INTO ledger_lines (entry_id, line_no, account, shopper_id, amount_minor)
@@ -264,7 +264,7 @@ macro_rules! post_entries {
             q.execute(&mut *$tx).await?;
         }
         let rows: Vec<(&String, &$crate::domain::ledger::JournalEntry)> = ids.iter().zip(entries).collect();
-        for chunk in rows.chunks(500) {
+        for chunk in rows.chunks($crate::store::rows_per_statement(7)) {
             let values = $crate::store::value_rows(1, chunk.len(), 7, "");
             let sql = format!(
                 "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event, memo, created_at)
@@ -459,8 +459,9 @@ pub struct Store {
     pub(crate) db: Db,
     /// SQLite: the single connection every write transaction uses ([`in_tx!`]).
     pub(crate) sqlite_writer: Option<sqlx::SqlitePool>,
-    /// Held for the life of the process: a second `pooled` on the same SQLite file is refused.
-    _lock: Option<Arc<File>>,
+    /// Held until [`Store::close`] or the end of the process: a second `pooled` on the same
+    /// SQLite file is refused.
+    lock: Option<Arc<File>>,
 }
 
 impl Store {
@@ -497,7 +498,7 @@ impl Store {
                 Ok(Store {
                     db: Db::Sqlite(pool),
                     sqlite_writer: Some(writer),
-                    _lock: Some(Arc::new(lock)),
+                    lock: Some(Arc::new(lock)),
                 })
             }
             DatabaseUrl::Postgres(raw) => {
@@ -515,7 +516,7 @@ impl Store {
                 Ok(Store {
                     db: Db::Postgres(pool),
                     sqlite_writer: None,
-                    _lock: None,
+                    lock: None,
                 })
             }
         }
@@ -547,12 +548,18 @@ impl Store {
         Ok(())
     }
 
-    /// Closes every connection; the store is unusable afterwards.
+    /// Closes every connection and releases the SQLite file for another process; the store
+    /// is unusable afterwards.
     pub async fn close(&self) {
         if let Some(writer) = &self.sqlite_writer {
             writer.close().await;
         }
-        on_pool!(self, |pool| pool.close().await)
+        on_pool!(self, |pool| pool.close().await);
+        // Released here rather than when the last clone drops: background tasks (the batch
+        // workers) hold clones until they next run, which would keep a restart out.
+        if let Some(lock) = &self.lock {
+            let _ = lock.unlock();
+        }
     }
 }
 
@@ -609,6 +616,19 @@ async fn create_pg_database(options: &PgConnectOptions) -> Result<(), sqlx::Erro
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(()),
         other => other.map(|_| ()),
     }
+}
+
+/// Bound parameters one multi-row statement carries at most. SQLite looks each `$N` up by a
+/// linear search of the statement's parameter names (when it prepares the statement, and again
+/// when sqlx binds by name), so a statement costs the square of its parameter count: at 500
+/// rows of 14 columns, that search took a quarter of the renewal's time. Around a thousand
+/// keeps it small on SQLite and costs PostgreSQL a few more round trips per batch.
+const STATEMENT_PARAMS: usize = 1000;
+
+/// How many rows of `columns` bound values one multi-row statement takes (see
+/// [`STATEMENT_PARAMS`]); callers chunk their batches by it.
+pub(crate) fn rows_per_statement(columns: usize) -> usize {
+    (STATEMENT_PARAMS / columns).max(1)
 }
 
 /// `$first, $first+1, …, $first+n-1`: the placeholders of an `IN (…)` list of `n` values

@@ -265,7 +265,7 @@ impl Store {
     ) -> StoreResult<Vec<bool>> {
         let mut recorded_ids = std::collections::HashSet::new();
         in_tx!(self, |tx| {
-            for chunk in results.chunks(500) {
+            for chunk in results.chunks(super::rows_per_statement(6)) {
                 let values = super::value_rows(2, chunk.len(), 6, "");
                 let sql = format!(
                     concat!(

@@ -456,7 +456,8 @@ impl Store {
                         .filter(|(_, a)| a.is_ok())
                         .map(|(j, _)| j)
                         .collect();
-                    for chunk in admitted.chunks(500) {
+                    // Sized by the wider of the two inserts (intents, 12 columns).
+                    for chunk in admitted.chunks(super::rows_per_statement(12)) {
                         insert_pledges!(tx, chunk, now);
                         let intents: Vec<&NewIntent> =
                             chunk.iter().filter_map(|(_, i)| i.as_ref()).collect();

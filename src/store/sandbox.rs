@@ -67,8 +67,7 @@ impl Store {
     /// key was taken already (by an earlier call, or earlier in `rows`).
     pub async fn sandbox_insert(&self, rows: &[SandboxPaymentRow]) -> StoreResult<Vec<bool>> {
         let mut inserted = std::collections::HashSet::new();
-        // Chunked so one statement stays well under either backend's bound-parameter limit.
-        for chunk in rows.chunks(500) {
+        for chunk in rows.chunks(super::rows_per_statement(14)) {
             let values = super::value_rows(1, chunk.len(), 14, "");
             let sql = format!(
                 "INSERT INTO sandbox_payments (id, kind, idempotency_key, customer, payment_method,

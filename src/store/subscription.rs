@@ -163,32 +163,39 @@ macro_rules! upsert_catalog {
     }};
 }
 
-/// Inserts deliveries (an existing date is kept) and a timer at each cutoff.
+/// Inserts deliveries (`$rows`: `&[DeliveryRow]`; an existing date is kept) with one
+/// multi-row statement per chunk, and a timer at each new cutoff (one per distinct instant).
 macro_rules! insert_deliveries {
     ($tx:ident, $rows:expr, $job:expr, $now:expr) => {{
-        for d in $rows {
-            let d: &DeliveryRow = d;
-            let new = sqlx::query(concat!(
-                "INSERT INTO deliveries (",
-                delivery_columns!(),
-                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                 ON CONFLICT (subscription_id, delivery_date) DO NOTHING"
-            ))
-            .bind(&d.id)
-            .bind(&d.subscription_id)
-            .bind(&d.delivery_date)
-            .bind(d.cutoff_at)
-            .bind(&d.status)
-            .bind(&d.skip_reason)
-            .bind(d.amount_minor)
-            .bind(&d.lines)
-            .execute(&mut *$tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if new && d.cutoff_at > $now {
-                schedule_timer!(&mut *$tx, $job, d.cutoff_at, $now).await?;
+        let rows: &[DeliveryRow] = $rows;
+        let mut cutoffs = std::collections::BTreeSet::new();
+        for chunk in rows.chunks(super::rows_per_statement(8)) {
+            let sql = format!(
+                concat!(
+                    "INSERT INTO deliveries (",
+                    delivery_columns!(),
+                    ") VALUES {} ON CONFLICT (subscription_id, delivery_date) DO NOTHING
+                     RETURNING cutoff_at"
+                ),
+                super::value_rows(1, chunk.len(), 8, "")
+            );
+            let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));
+            for d in chunk {
+                q = q
+                    .bind(&d.id)
+                    .bind(&d.subscription_id)
+                    .bind(&d.delivery_date)
+                    .bind(d.cutoff_at)
+                    .bind(&d.status)
+                    .bind(&d.skip_reason)
+                    .bind(d.amount_minor)
+                    .bind(&d.lines);
             }
+            let new: Vec<i64> = q.fetch_all(&mut *$tx).await?;
+            cutoffs.extend(new.into_iter().filter(|at| *at > $now));
+        }
+        for at in cutoffs {
+            schedule_timer!(&mut *$tx, $job, at, $now).await?;
         }
     }};
 }
@@ -591,62 +598,75 @@ impl Store {
         Ok(())
     }
 
-    /// Locks a due delivery with its final box and price, creates its one invoice and commits
-    /// the renewal charge, with the "box planned" email, in one transaction. `false` when it
-    /// was no longer scheduled.
-    /// Locks due deliveries with their final boxes, invoices, charges and emails, in one
-    /// transaction; each only if it is still scheduled. Returns how many were locked.
+    /// Locks due deliveries with their final boxes and prices, creates their invoices and
+    /// commits their renewal charges, with the "box planned" emails, in one transaction and
+    /// set-based: a delivery no longer scheduled is left out (one guarded update per chunk
+    /// decides which), and the rest is written with multi-row inserts. Returns how many were
+    /// locked.
     pub async fn lock_deliveries(&self, locks: &[DeliveryLock], now: i64) -> StoreResult<usize> {
         if locks.is_empty() {
             return Ok(0);
         }
         in_tx!(self, |tx| {
-            let mut locked = 0;
-            for DeliveryLock {
-                delivery,
-                invoice,
-                charge,
-                email,
-            } in locks
-            {
-                let taken = sqlx::query(
-                    "UPDATE deliveries SET status = 'locked', lines = $2, amount_minor = $3
-                     WHERE id = $1 AND status = 'scheduled'",
-                )
-                .bind(&delivery.id)
-                .bind(&delivery.lines)
-                .bind(delivery.amount_minor)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if taken == 0 {
-                    continue;
+            let mut taken = std::collections::HashSet::new();
+            for chunk in locks.chunks(super::rows_per_statement(3)) {
+                let sql = format!(
+                    "UPDATE deliveries SET status = 'locked', lines = v.column2,
+                         amount_minor = v.column3
+                     FROM (VALUES {}) AS v
+                     WHERE deliveries.id = v.column1 AND deliveries.status = 'scheduled'
+                     RETURNING deliveries.id",
+                    super::value_rows(1, chunk.len(), 3, "")
+                );
+                let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));
+                for lock in chunk {
+                    q = q
+                        .bind(&lock.delivery.id)
+                        .bind(&lock.delivery.lines)
+                        .bind(lock.delivery.amount_minor);
                 }
-                sqlx::query(concat!(
-                    "INSERT INTO invoices (",
-                    invoice_columns!(),
-                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-                ))
-                .bind(&invoice.id)
-                .bind(&invoice.subscription_id)
-                .bind(&invoice.delivery_id)
-                .bind(&invoice.delivery_date)
-                .bind(invoice.amount_minor)
-                .bind(&invoice.currency)
-                .bind(&invoice.status)
-                .bind(invoice.attempts)
-                .bind(invoice.first_failed_at)
-                .bind(invoice.next_attempt_at)
-                .bind(invoice.created_at)
-                .bind(invoice.paid_at)
-                .execute(&mut *tx)
-                .await?;
-                let _new = insert_intent!(tx, charge, now);
+                let ids: Vec<String> = q.fetch_all(&mut *tx).await?;
+                taken.extend(ids);
+            }
+            let locked: Vec<&DeliveryLock> = locks
+                .iter()
+                .filter(|l| taken.contains(&l.delivery.id))
+                .collect();
+            for chunk in locked.chunks(super::rows_per_statement(12)) {
+                let sql = format!(
+                    concat!("INSERT INTO invoices (", invoice_columns!(), ") VALUES {}"),
+                    super::value_rows(1, chunk.len(), 12, "")
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for DeliveryLock { invoice, .. } in chunk {
+                    q = q
+                        .bind(&invoice.id)
+                        .bind(&invoice.subscription_id)
+                        .bind(&invoice.delivery_id)
+                        .bind(&invoice.delivery_date)
+                        .bind(invoice.amount_minor)
+                        .bind(&invoice.currency)
+                        .bind(&invoice.status)
+                        .bind(invoice.attempts)
+                        .bind(invoice.first_failed_at)
+                        .bind(invoice.next_attempt_at)
+                        .bind(invoice.created_at)
+                        .bind(invoice.paid_at);
+                }
+                q.execute(&mut *tx).await?;
+                let charges: Vec<&NewIntent> = chunk.iter().map(|l| &l.charge).collect();
+                insert_intents!(tx, &charges, now);
+            }
+            let (plain, attached): (Vec<&NewEmail>, Vec<&NewEmail>) = locked
+                .iter()
+                .map(|l| &l.email)
+                .partition(|e| e.attachments.is_empty());
+            enqueue_plain_emails!(tx, &plain, now);
+            for email in attached {
                 let _new = enqueue_email!(tx, email, now);
-                locked += 1;
             }
             tx.commit().await?;
-            Ok(locked)
+            Ok(locked.len())
         })
     }
 
