@@ -108,37 +108,42 @@ macro_rules! wake_deliverer {
 }
 
 /// Writes emails without attachments (`$emails`: `&[&NewEmail]`) to the outbox with one
-/// multi-row insert per chunk inside the caller's transaction (`$tx`), skipping keys already
-/// used, and wakes the deliverer once if any is new.
+/// statement inside the caller's transaction (`$tx`), skipping keys already used, and wakes
+/// the deliverer once if any is new.
 macro_rules! enqueue_plain_emails {
     ($tx:ident, $emails:expr, $now:expr) => {{
         let emails: &[&$crate::store::NewEmail] = $emails;
         let now: i64 = $now;
-        let mut any_new = false;
-        for chunk in emails.chunks($crate::store::rows_per_statement(7)) {
-            let values = $crate::store::value_rows(2, chunk.len(), 7, "'pending', $1, $1");
+        if !emails.is_empty() {
             let sql = format!(
                 "INSERT INTO outbox (template, entity, event, to_addr, subject, text_body,
                      html_body, status, next_attempt_at, created_at)
-                 VALUES {}
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
+                     value->>6, 'pending', $2, $2
+                 FROM {} WHERE true
                  ON CONFLICT (template, entity, event) DO NOTHING",
-                values
+                $crate::store::json_rows(&$tx, 1)
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
-            for e in chunk {
-                q = q
-                    .bind(&e.template)
-                    .bind(&e.entity)
-                    .bind(&e.event)
-                    .bind(&e.to)
-                    .bind(&e.subject)
-                    .bind(&e.text)
-                    .bind(&e.html);
+            let json = $crate::store::json_array(emails.iter().map(|e| {
+                (
+                    &e.template,
+                    &e.entity,
+                    &e.event,
+                    &e.to,
+                    &e.subject,
+                    &e.text,
+                    &e.html,
+                )
+            }));
+            let written = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(json)
+                .bind(now)
+                .execute(&mut *$tx)
+                .await?
+                .rows_affected();
+            if written > 0 {
+                wake_deliverer!($tx, now);
             }
-            any_new |= q.execute(&mut *$tx).await?.rows_affected() > 0;
-        }
-        if any_new {
-            wake_deliverer!($tx, now);
         }
     }};
 }
@@ -233,56 +238,45 @@ macro_rules! post_entry {
 }
 
 /// Posts new balanced entries (`$entries`: `&[JournalEntry]`) inside the caller's transaction
-/// with two multi-row inserts: lines first, then the entry rows, which the database refuses
-/// unless their lines sum to zero. For causes whose entries cannot have been booked yet
-/// (guarded by the caller); a repeat fails on the `(cause, event)` key.
+/// with two statements: lines first, then the entry rows, which the database refuses unless
+/// their lines sum to zero. For causes whose entries cannot have been booked yet (guarded by
+/// the caller); a repeat fails on the `(cause, event)` key.
 macro_rules! post_entries {
     ($tx:ident, $entries:expr, $now:expr) => {{
         let entries: &[$crate::domain::ledger::JournalEntry] = $entries;
-        let ids: Vec<String> = entries.iter().map(|_| $crate::ids::new_id("je")).collect();
-        let lines: Vec<(&str, usize, &$crate::domain::ledger::Line)> = entries
-            .iter()
-            .zip(&ids)
-            .flat_map(|(e, id)| e.lines.iter().enumerate().map(move |(n, l)| (id.as_str(), n, l)))
-            .collect();
-        for chunk in lines.chunks($crate::store::rows_per_statement(5)) {
-            let values = $crate::store::value_rows(1, chunk.len(), 5, "");
+        if !entries.is_empty() {
+            let ids: Vec<String> = entries.iter().map(|_| $crate::ids::new_id("je")).collect();
+            let lines = $crate::store::json_array(entries.iter().zip(&ids).flat_map(|(e, id)| {
+                e.lines.iter().enumerate().map(move |(n, l)| {
+                    (id, n, l.account.as_str(), &l.shopper_id, l.amount_minor)
+                })
+            }));
             let sql = format!(
                 "INSERT INTO ledger_lines (entry_id, line_no, account, shopper_id, amount_minor)
-                 VALUES {}",
-                values
+                 SELECT value->>0, CAST(value->>1 AS BIGINT), value->>2, value->>3,
+                     CAST(value->>4 AS BIGINT)
+                 FROM {}",
+                $crate::store::json_rows(&$tx, 1)
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (id, n, line) in chunk {
-                q = q
-                    .bind(*id)
-                    .bind(*n as i64)
-                    .bind(line.account.as_str())
-                    .bind(&line.shopper_id)
-                    .bind(line.amount_minor);
-            }
-            q.execute(&mut *$tx).await?;
-        }
-        let rows: Vec<(&String, &$crate::domain::ledger::JournalEntry)> = ids.iter().zip(entries).collect();
-        for chunk in rows.chunks($crate::store::rows_per_statement(7)) {
-            let values = $crate::store::value_rows(1, chunk.len(), 7, "");
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(lines)
+                .execute(&mut *$tx)
+                .await?;
+            let rows = $crate::store::json_array(ids.iter().zip(entries).map(|(id, e)| {
+                (id, e.currency.code(), e.cause_type, &e.cause_id, e.event, &e.memo)
+            }));
             let sql = format!(
-                "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event, memo, created_at)
-                 VALUES {}",
-                values
+                "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event, memo,
+                     created_at)
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, $2
+                 FROM {}",
+                $crate::store::json_rows(&$tx, 1)
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (id, entry) in chunk {
-                q = q
-                    .bind(*id)
-                    .bind(entry.currency.code())
-                    .bind(entry.cause_type)
-                    .bind(&entry.cause_id)
-                    .bind(entry.event)
-                    .bind(&entry.memo)
-                    .bind($now);
-            }
-            q.execute(&mut *$tx).await?;
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(rows)
+                .bind($now)
+                .execute(&mut *$tx)
+                .await?;
         }
     }};
 }
@@ -318,8 +312,8 @@ macro_rules! insert_intent {
     }};
 }
 
-/// Commits many pending intents (`$intents`: `&[&NewIntent]`) with one multi-row statement
-/// inside the caller's transaction; keys already used are skipped.
+/// Commits many pending intents (`$intents`: `&[&NewIntent]`) with one statement inside the
+/// caller's transaction; keys already used are skipped.
 macro_rules! insert_intents {
     ($tx:ident, $intents:expr, $now:expr) => {{
         let intents: &[&$crate::store::NewIntent] = $intents;
@@ -327,27 +321,34 @@ macro_rules! insert_intents {
             "INSERT INTO payment_intents (id, idempotency_key, kind, purpose, subject_id, shopper_id,
                  amount_minor, currency, account, refund_of, next_attempt_at, memo, created_at,
                  status)
-             VALUES {}
+             SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
+                 CAST(value->>6 AS BIGINT), value->>7, value->>8, value->>9,
+                 CAST(value->>10 AS BIGINT), value->>11, $2, 'pending'
+             FROM {} WHERE true
              ON CONFLICT (idempotency_key) DO NOTHING",
-            $crate::store::value_rows(2, intents.len(), 12, "$1, 'pending'")
+            $crate::store::json_rows(&$tx, 1)
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind($now);
-        for intent in intents {
-            q = q
-                .bind(&intent.id)
-                .bind(&intent.idempotency_key)
-                .bind(intent.kind)
-                .bind(intent.purpose)
-                .bind(&intent.subject_id)
-                .bind(&intent.shopper_id)
-                .bind(intent.amount.minor())
-                .bind(intent.amount.currency().code())
-                .bind(intent.account.as_str())
-                .bind(&intent.refund_of)
-                .bind(intent.first_sweep_at)
-                .bind(&intent.memo);
-        }
-        q.execute(&mut *$tx).await?;
+        let json = $crate::store::json_array(intents.iter().map(|i| {
+            (
+                &i.id,
+                &i.idempotency_key,
+                i.kind,
+                i.purpose,
+                &i.subject_id,
+                &i.shopper_id,
+                i.amount.minor(),
+                i.amount.currency().code(),
+                i.account.as_str(),
+                &i.refund_of,
+                i.first_sweep_at,
+                &i.memo,
+            )
+        }));
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(json)
+            .bind($now)
+            .execute(&mut *$tx)
+            .await?;
     }};
 }
 
@@ -618,11 +619,59 @@ async fn create_pg_database(options: &PgConnectOptions) -> Result<(), sqlx::Erro
     }
 }
 
-/// Bound parameters one multi-row statement carries at most. SQLite looks each `$N` up by a
-/// linear search of the statement's parameter names (when it prepares the statement, and again
-/// when sqlx binds by name), so a statement costs the square of its parameter count: at 500
-/// rows of 14 columns, that search took a quarter of the renewal's time. Around a thousand
-/// keeps it small on SQLite and costs PostgreSQL a few more round trips per batch.
+/// What a shared query needs to say differently on each backend.
+pub(crate) trait Dialect: sqlx::Database {
+    /// A table with one row per element of the JSON array bound at `$n`, the element as
+    /// `value` (read with `value->>i` on both backends).
+    fn json_rows(n: usize) -> String;
+}
+
+impl Dialect for sqlx::Sqlite {
+    fn json_rows(n: usize) -> String {
+        format!("json_each(${n})")
+    }
+}
+
+impl Dialect for sqlx::Postgres {
+    fn json_rows(n: usize) -> String {
+        format!("json_array_elements(${n}::json)")
+    }
+}
+
+/// Anything bound to one backend (a pool, a transaction), to pick its [`Dialect`].
+pub(crate) trait OnBackend {
+    type Db: Dialect;
+}
+
+impl<DB: Dialect> OnBackend for sqlx::Pool<DB> {
+    type Db = DB;
+}
+
+impl<DB: Dialect> OnBackend for sqlx::Transaction<'_, DB> {
+    type Db = DB;
+}
+
+/// [`Dialect::json_rows`] for the backend `_on` (a pool or a transaction) talks to.
+///
+/// Why rows travel as one JSON parameter: a multi-row `VALUES` list binds every value
+/// separately, and SQLite looks each `$N` up by a linear search (when preparing, and again when
+/// sqlx binds), so a statement costs the square of its width; its text also changes with the
+/// number of rows, so it is prepared afresh each time. One JSON array keeps the statement's
+/// text, and its cost per row, the same for any batch.
+pub(crate) fn json_rows<B: OnBackend>(_on: &B, n: usize) -> String {
+    B::Db::json_rows(n)
+}
+
+/// The JSON array of `rows` (each a tuple, which serializes as an array) for [`json_rows`].
+pub(crate) fn json_array<T: serde::Serialize>(rows: impl Iterator<Item = T>) -> String {
+    let rows: Vec<T> = rows.collect();
+    serde_json::to_string(&rows).expect("tuples of strings and numbers serialize")
+}
+
+/// Bound parameters one multi-row `VALUES` statement carries at most (batches that carry bytes,
+/// which a JSON array can't; the rest use [`json_rows`]). SQLite looks each `$N` up by a linear
+/// search, so a statement costs the square of its parameter count: at 500 rows of 14 columns,
+/// that search took a quarter of the renewal's time.
 const STATEMENT_PARAMS: usize = 1000;
 
 /// How many rows of `columns` bound values one multi-row statement takes (see

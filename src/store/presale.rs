@@ -111,22 +111,29 @@ macro_rules! insert_pledges {
             "INSERT INTO pledges (id, campaign_id, shopper_id, qty, variant, status,
                  deposit_minor, price_ceiling_minor, created_at, balance_minor, balance_paid_at,
                  refunded_minor, ended_at, updated_at)
-             VALUES {}",
-            super::value_rows(2, rows.len(), 8, "$1, NULL, NULL, 0, NULL, $1")
+             SELECT value->>0, value->>1, value->>2, CAST(value->>3 AS BIGINT), value->>4,
+                 value->>5, CAST(value->>6 AS BIGINT), CAST(value->>7 AS BIGINT), $2, NULL, NULL,
+                 0, NULL, $2
+             FROM {}",
+            super::json_rows(&$tx, 1)
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind($now);
-        for (p, _) in rows {
-            q = q
-                .bind(&p.id)
-                .bind(&p.campaign_id)
-                .bind(&p.shopper_id)
-                .bind(p.qty)
-                .bind(&p.variant)
-                .bind(&p.status)
-                .bind(p.deposit_minor)
-                .bind(p.price_ceiling_minor);
-        }
-        q.execute(&mut *$tx).await?;
+        let json = super::json_array(rows.iter().map(|(p, _)| {
+            (
+                &p.id,
+                &p.campaign_id,
+                &p.shopper_id,
+                p.qty,
+                &p.variant,
+                &p.status,
+                p.deposit_minor,
+                p.price_ceiling_minor,
+            )
+        }));
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(json)
+            .bind($now)
+            .execute(&mut *$tx)
+            .await?;
     }};
 }
 
@@ -456,14 +463,11 @@ impl Store {
                         .filter(|(_, a)| a.is_ok())
                         .map(|(j, _)| j)
                         .collect();
-                    // Sized by the wider of the two inserts (intents, 12 columns).
-                    for chunk in admitted.chunks(super::rows_per_statement(12)) {
-                        insert_pledges!(tx, chunk, now);
-                        let intents: Vec<&NewIntent> =
-                            chunk.iter().filter_map(|(_, i)| i.as_ref()).collect();
-                        if !intents.is_empty() {
-                            insert_intents!(tx, &intents, now);
-                        }
+                    insert_pledges!(tx, &admitted, now);
+                    let intents: Vec<&NewIntent> =
+                        admitted.iter().filter_map(|(_, i)| i.as_ref()).collect();
+                    if !intents.is_empty() {
+                        insert_intents!(tx, &intents, now);
                     }
                     tx.commit().await?;
                     Some(answers)

@@ -66,40 +66,46 @@ impl Store {
     /// Records first calls with new keys, in one statement; each answer is `false` when that
     /// key was taken already (by an earlier call, or earlier in `rows`).
     pub async fn sandbox_insert(&self, rows: &[SandboxPaymentRow]) -> StoreResult<Vec<bool>> {
-        let mut inserted = std::collections::HashSet::new();
-        for chunk in rows.chunks(super::rows_per_statement(14)) {
-            let values = super::value_rows(1, chunk.len(), 14, "");
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let json = super::json_array(rows.iter().map(|r| {
+            (
+                &r.id,
+                &r.kind,
+                &r.idempotency_key,
+                &r.customer,
+                &r.payment_method,
+                &r.charge_id,
+                r.amount_minor,
+                &r.currency,
+                &r.status,
+                &r.decline_reason,
+                r.refunded_minor,
+                r.calls,
+                r.created_at,
+                r.updated_at,
+            )
+        }));
+        let ids: Vec<String> = on_writer!(self, |pool| {
             let sql = format!(
                 "INSERT INTO sandbox_payments (id, kind, idempotency_key, customer, payment_method,
                      charge_id, amount_minor, currency, status, decline_reason, refunded_minor,
                      calls, created_at, updated_at)
-                 VALUES {}
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
+                     CAST(value->>6 AS BIGINT), value->>7, value->>8, value->>9,
+                     CAST(value->>10 AS BIGINT), CAST(value->>11 AS BIGINT),
+                     CAST(value->>12 AS BIGINT), CAST(value->>13 AS BIGINT)
+                 FROM {} WHERE true
                  ON CONFLICT (kind, idempotency_key) DO NOTHING RETURNING id",
-                values
+                super::json_rows(pool, 1)
             );
-            let ids: Vec<String> = on_writer!(self, |pool| {
-                let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()));
-                for row in chunk {
-                    q = q
-                        .bind(&row.id)
-                        .bind(&row.kind)
-                        .bind(&row.idempotency_key)
-                        .bind(&row.customer)
-                        .bind(&row.payment_method)
-                        .bind(&row.charge_id)
-                        .bind(row.amount_minor)
-                        .bind(&row.currency)
-                        .bind(&row.status)
-                        .bind(&row.decline_reason)
-                        .bind(row.refunded_minor)
-                        .bind(row.calls)
-                        .bind(row.created_at)
-                        .bind(row.updated_at);
-                }
-                q.fetch_all(pool).await?
-            });
-            inserted.extend(ids);
-        }
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(&json)
+                .fetch_all(pool)
+                .await?
+        });
+        let inserted: std::collections::HashSet<String> = ids.into_iter().collect();
         Ok(rows.iter().map(|r| inserted.contains(&r.id)).collect())
     }
 

@@ -164,36 +164,40 @@ macro_rules! upsert_catalog {
 }
 
 /// Inserts deliveries (`$rows`: `&[DeliveryRow]`; an existing date is kept) with one
-/// multi-row statement per chunk, and a timer at each new cutoff (one per distinct instant).
+/// statement, and a timer at each new cutoff (one per distinct instant).
 macro_rules! insert_deliveries {
     ($tx:ident, $rows:expr, $job:expr, $now:expr) => {{
         let rows: &[DeliveryRow] = $rows;
-        let mut cutoffs = std::collections::BTreeSet::new();
-        for chunk in rows.chunks(super::rows_per_statement(8)) {
-            let sql = format!(
-                concat!(
-                    "INSERT INTO deliveries (",
-                    delivery_columns!(),
-                    ") VALUES {} ON CONFLICT (subscription_id, delivery_date) DO NOTHING
-                     RETURNING cutoff_at"
-                ),
-                super::value_rows(1, chunk.len(), 8, "")
-            );
-            let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));
-            for d in chunk {
-                q = q
-                    .bind(&d.id)
-                    .bind(&d.subscription_id)
-                    .bind(&d.delivery_date)
-                    .bind(d.cutoff_at)
-                    .bind(&d.status)
-                    .bind(&d.skip_reason)
-                    .bind(d.amount_minor)
-                    .bind(&d.lines);
-            }
-            let new: Vec<i64> = q.fetch_all(&mut *$tx).await?;
-            cutoffs.extend(new.into_iter().filter(|at| *at > $now));
-        }
+        let sql = format!(
+            concat!(
+                "INSERT INTO deliveries (",
+                delivery_columns!(),
+                ") SELECT value->>0, value->>1, value->>2, CAST(value->>3 AS BIGINT), value->>4,
+                     value->>5, CAST(value->>6 AS BIGINT), value->>7
+                 FROM {} WHERE true
+                 ON CONFLICT (subscription_id, delivery_date) DO NOTHING
+                 RETURNING cutoff_at"
+            ),
+            super::json_rows(&$tx, 1)
+        );
+        let json = super::json_array(rows.iter().map(|d| {
+            (
+                &d.id,
+                &d.subscription_id,
+                &d.delivery_date,
+                d.cutoff_at,
+                &d.status,
+                &d.skip_reason,
+                d.amount_minor,
+                &d.lines,
+            )
+        }));
+        let new: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(json)
+            .fetch_all(&mut *$tx)
+            .await?;
+        let cutoffs: std::collections::BTreeSet<i64> =
+            new.into_iter().filter(|at| *at > $now).collect();
         for at in cutoffs {
             schedule_timer!(&mut *$tx, $job, at, $now).await?;
         }
@@ -608,53 +612,69 @@ impl Store {
             return Ok(0);
         }
         in_tx!(self, |tx| {
-            let mut taken = std::collections::HashSet::new();
-            for chunk in locks.chunks(super::rows_per_statement(3)) {
-                let sql = format!(
-                    "UPDATE deliveries SET status = 'locked', lines = v.column2,
-                         amount_minor = v.column3
-                     FROM (VALUES {}) AS v
-                     WHERE deliveries.id = v.column1 AND deliveries.status = 'scheduled'
-                     RETURNING deliveries.id",
-                    super::value_rows(1, chunk.len(), 3, "")
-                );
-                let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));
-                for lock in chunk {
-                    q = q
-                        .bind(&lock.delivery.id)
-                        .bind(&lock.delivery.lines)
-                        .bind(lock.delivery.amount_minor);
-                }
-                let ids: Vec<String> = q.fetch_all(&mut *tx).await?;
-                taken.extend(ids);
-            }
+            // `status || ''` keeps SQLite from reading every scheduled delivery through the
+            // status index instead of looking each one up by id.
+            let sql = format!(
+                "UPDATE deliveries SET status = 'locked', lines = v.lines, amount_minor = v.amount
+                 FROM (SELECT value->>0 AS id, value->>1 AS lines,
+                           CAST(value->>2 AS BIGINT) AS amount
+                       FROM {}) AS v
+                 WHERE deliveries.id = v.id AND deliveries.status || '' = 'scheduled'
+                 RETURNING deliveries.id",
+                super::json_rows(&tx, 1)
+            );
+            let json = super::json_array(
+                locks
+                    .iter()
+                    .map(|l| (&l.delivery.id, &l.delivery.lines, l.delivery.amount_minor)),
+            );
+            let taken: std::collections::HashSet<String> =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                    .bind(json)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect();
             let locked: Vec<&DeliveryLock> = locks
                 .iter()
                 .filter(|l| taken.contains(&l.delivery.id))
                 .collect();
-            for chunk in locked.chunks(super::rows_per_statement(12)) {
+            if !locked.is_empty() {
                 let sql = format!(
-                    concat!("INSERT INTO invoices (", invoice_columns!(), ") VALUES {}"),
-                    super::value_rows(1, chunk.len(), 12, "")
+                    concat!(
+                        "INSERT INTO invoices (",
+                        invoice_columns!(),
+                        ") SELECT value->>0, value->>1, value->>2, value->>3,
+                             CAST(value->>4 AS BIGINT), value->>5, value->>6,
+                             CAST(value->>7 AS BIGINT), CAST(value->>8 AS BIGINT),
+                             CAST(value->>9 AS BIGINT), CAST(value->>10 AS BIGINT),
+                             CAST(value->>11 AS BIGINT)
+                         FROM {}"
+                    ),
+                    super::json_rows(&tx, 1)
                 );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for DeliveryLock { invoice, .. } in chunk {
-                    q = q
-                        .bind(&invoice.id)
-                        .bind(&invoice.subscription_id)
-                        .bind(&invoice.delivery_id)
-                        .bind(&invoice.delivery_date)
-                        .bind(invoice.amount_minor)
-                        .bind(&invoice.currency)
-                        .bind(&invoice.status)
-                        .bind(invoice.attempts)
-                        .bind(invoice.first_failed_at)
-                        .bind(invoice.next_attempt_at)
-                        .bind(invoice.created_at)
-                        .bind(invoice.paid_at);
-                }
-                q.execute(&mut *tx).await?;
-                let charges: Vec<&NewIntent> = chunk.iter().map(|l| &l.charge).collect();
+                let json = super::json_array(locked.iter().map(|l| {
+                    let i = &l.invoice;
+                    (
+                        &i.id,
+                        &i.subscription_id,
+                        &i.delivery_id,
+                        &i.delivery_date,
+                        i.amount_minor,
+                        &i.currency,
+                        &i.status,
+                        i.attempts,
+                        i.first_failed_at,
+                        i.next_attempt_at,
+                        i.created_at,
+                        i.paid_at,
+                    )
+                }));
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(json)
+                    .execute(&mut *tx)
+                    .await?;
+                let charges: Vec<&NewIntent> = locked.iter().map(|l| &l.charge).collect();
                 insert_intents!(tx, &charges, now);
             }
             let (plain, attached): (Vec<&NewEmail>, Vec<&NewEmail>) = locked
