@@ -563,23 +563,24 @@ impl Store {
         }))
     }
 
-    /// Stores a provisional box on a delivery that is still scheduled.
     /// Saves provisional boxes (`(delivery id, lines)`) of deliveries still scheduled, in one
-    /// transaction.
+    /// statement.
     pub async fn set_provisional_boxes(&self, boxes: &[(String, String)]) -> StoreResult<()> {
         if boxes.is_empty() {
             return Ok(());
         }
         in_tx!(self, |tx| {
-            for (delivery_id, lines) in boxes {
-                sqlx::query(
-                    "UPDATE deliveries SET lines = $2 WHERE id = $1 AND status = 'scheduled'",
-                )
-                .bind(delivery_id)
-                .bind(lines)
+            // `status || ''`: see `lock_deliveries`.
+            let sql = format!(
+                "UPDATE deliveries SET lines = v.lines
+                 FROM (SELECT value->>0 AS id, value->>1 AS lines FROM {}) AS v
+                 WHERE deliveries.id = v.id AND deliveries.status || '' = 'scheduled'",
+                super::json_rows(&tx, 1)
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(super::json_array(boxes.iter()))
                 .execute(&mut *tx)
                 .await?;
-            }
             tx.commit().await?;
         });
         Ok(())

@@ -507,11 +507,16 @@ async fn refresh_grower_orders(store: &Store, from: NaiveDate, until: NaiveDate)
         .collect();
     let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
     let mut orders: BTreeMap<(String, String, NaiveDate), GrowerOrderRow> = BTreeMap::new();
-    for d in store
+    let upcoming = store
         .deliveries_between(&from.to_string(), &until.to_string())
-        .await?
-    {
-        let Some(sub) = store.subscription(&d.subscription_id).await? else {
+        .await?;
+    let mut subs = HashMap::new();
+    for chunk in upcoming.chunks(CHUNK) {
+        let ids: Vec<&str> = chunk.iter().map(|d| d.subscription_id.as_str()).collect();
+        subs.extend(store.subscriptions_by_id(&ids).await?);
+    }
+    for d in &upcoming {
+        let Some(sub) = subs.get(&d.subscription_id) else {
             continue;
         };
         if !plans.contains_key(&sub.plan_id) {
@@ -519,7 +524,7 @@ async fn refresh_grower_orders(store: &Store, from: NaiveDate, until: NaiveDate)
         }
         let plan = &plans[&sub.plan_id];
         let date = date_of(&d.delivery_date)?;
-        for line in lines_of(&d) {
+        for line in lines_of(d) {
             let Some(item) = catalog.get(&line.sku) else {
                 continue;
             };
@@ -585,38 +590,35 @@ pub async fn run_plan(store: &Store, now: DateTime<Utc>) -> Result<serde_json::V
     let mut planned = 0;
     let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
     let mut memo = HashMap::new();
-    let mut boxes = Vec::new();
-    for d in store
+    let upcoming = store
         .deliveries_between(&today.to_string(), &until.to_string())
-        .await?
-    {
-        if d.status != "scheduled" {
-            continue;
-        }
-        let Some(sub) = store.subscription(&d.subscription_id).await? else {
-            continue;
-        };
-        if !plans.contains_key(&sub.plan_id) {
-            plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
-        }
-        let plan = &plans[&sub.plan_id];
-        let lines = box_for(
-            store,
-            plan,
-            &sub,
-            date_of(&d.delivery_date)?,
-            now,
-            &mut memo,
-        )
         .await?;
-        boxes.push((d.id, serde_json::to_string(&lines).unwrap_or_default()));
-        if boxes.len() >= CHUNK {
-            store.set_provisional_boxes(&boxes).await?;
-            boxes.clear();
+    for chunk in upcoming.chunks(CHUNK) {
+        // One read for the chunk's subscriptions, one write for its boxes.
+        let sub_ids: Vec<&str> = chunk.iter().map(|d| d.subscription_id.as_str()).collect();
+        let subs = store.subscriptions_by_id(&sub_ids).await?;
+        let mut boxes = Vec::with_capacity(chunk.len());
+        for d in chunk {
+            if d.status != "scheduled" {
+                continue;
+            }
+            let Some(sub) = subs.get(&d.subscription_id) else {
+                continue;
+            };
+            if !plans.contains_key(&sub.plan_id) {
+                plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
+            }
+            let plan = &plans[&sub.plan_id];
+            let date = date_of(&d.delivery_date)?;
+            let lines = box_for(store, plan, sub, date, now, &mut memo).await?;
+            boxes.push((
+                d.id.clone(),
+                serde_json::to_string(&lines).unwrap_or_default(),
+            ));
+            planned += 1;
         }
-        planned += 1;
+        store.set_provisional_boxes(&boxes).await?;
     }
-    store.set_provisional_boxes(&boxes).await?;
     let orders = refresh_grower_orders(store, today, until).await?;
     Ok(json!({"boxes": planned, "grower_order_lines": orders}))
 }
