@@ -7,7 +7,9 @@
 //! [`in_tx!`]. Columns are restricted to TEXT, BIGINT/INTEGER, BOOLEAN and bytes, which both
 //! backends decode into the same Rust types; instants are microseconds since the Unix epoch
 //! and money is minor units (see the first migration). Dialect differences, when a query needs
-//! one, live in the module that owns the query, side by side, named by backend.
+//! one, live in the module that owns the query, side by side, named by backend; the one
+//! shared difference is `Dialect`: batches of rows travel as one JSON array parameter, read
+//! as a table with `json_rows`, so one statement writes a batch of any size.
 
 use crate::config::DatabaseUrl;
 use chrono::{DateTime, Utc};

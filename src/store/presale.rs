@@ -663,18 +663,78 @@ impl Store {
         })
     }
 
-    /// Applies pledge steps in one transaction; returns how many applied (a step whose pledge
-    /// is no longer in its `from` status changes nothing).
+    /// Applies pledge steps (one per pledge) in one transaction, set-based: one guarded update
+    /// moves every pledge still in its step's `from` status, and what the moved ones book is
+    /// written with one statement per kind (refunds, which take from their charge, one by
+    /// one). Returns how many applied; a step whose pledge moved on changes nothing.
     pub async fn apply_pledge_steps(&self, steps: &[PledgeStep], now: i64) -> StoreResult<usize> {
+        if steps.is_empty() {
+            return Ok(0);
+        }
         in_tx!(self, |tx| {
-            let mut applied = 0;
-            for step in steps {
-                if apply_step!(tx, step, now) {
-                    applied += 1;
-                }
+            let sql = format!(
+                "UPDATE pledges
+                 SET status = v.to_status,
+                     balance_minor = COALESCE(v.balance, pledges.balance_minor),
+                     refunded_minor = pledges.refunded_minor + v.refunded,
+                     balance_paid_at = CASE WHEN v.to_status = 'paid' THEN $2
+                                            ELSE pledges.balance_paid_at END,
+                     ended_at = CASE WHEN v.to_status IN ('cancelled', 'refunded', 'defaulted')
+                                     THEN $2 ELSE pledges.ended_at END,
+                     updated_at = $2
+                 FROM (SELECT value->>0 AS id, value->>1 AS from_status, value->>2 AS to_status,
+                           CAST(value->>3 AS BIGINT) AS balance,
+                           CAST(value->>4 AS BIGINT) AS refunded
+                       FROM {}) AS v
+                 WHERE pledges.id = v.id AND pledges.status = v.from_status
+                 RETURNING pledges.id",
+                super::json_rows(&tx, 1)
+            );
+            let json = super::json_array(steps.iter().map(|s| {
+                (
+                    &s.pledge_id,
+                    s.from,
+                    s.to,
+                    s.balance_minor,
+                    s.refunded_minor,
+                )
+            }));
+            let moved: std::collections::HashSet<String> =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                    .bind(json)
+                    .bind(now)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+            let applied: Vec<&PledgeStep> = steps
+                .iter()
+                .filter(|s| moved.contains(&s.pledge_id))
+                .collect();
+            let charges: Vec<&NewIntent> =
+                applied.iter().filter_map(|s| s.charge.as_ref()).collect();
+            if !charges.is_empty() {
+                insert_intents!(tx, &charges, now);
+            }
+            for refund in applied.iter().filter_map(|s| s.refund.as_ref()) {
+                // The deposit succeeded (the pledge was active), so there is room to refund.
+                let _taken = decide_refund!(tx, refund, now);
+            }
+            // Each entry's cause is its pledge's move, which the guarded update let through
+            // once, so none can have been booked before.
+            let entries: Vec<JournalEntry> =
+                applied.iter().filter_map(|s| s.entry.clone()).collect();
+            post_entries!(tx, &entries, now);
+            let (plain, attached): (Vec<&NewEmail>, Vec<&NewEmail>) = applied
+                .iter()
+                .filter_map(|s| s.email.as_ref())
+                .partition(|e| e.attachments.is_empty());
+            enqueue_plain_emails!(tx, &plain, now);
+            for email in attached {
+                let _new = enqueue_email!(tx, email, now);
             }
             tx.commit().await?;
-            Ok(applied)
+            Ok(applied.len())
         })
     }
 
