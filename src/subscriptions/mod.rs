@@ -510,45 +510,45 @@ async fn refresh_grower_orders(store: &Store, from: NaiveDate, until: NaiveDate)
     let upcoming = store
         .deliveries_between(&from.to_string(), &until.to_string())
         .await?;
-    let mut subs = HashMap::new();
+    // A chunk at a time: one read for its subscriptions, none kept past it.
     for chunk in upcoming.chunks(CHUNK) {
         let ids: Vec<&str> = chunk.iter().map(|d| d.subscription_id.as_str()).collect();
-        subs.extend(store.subscriptions_by_id(&ids).await?);
-    }
-    for d in &upcoming {
-        let Some(sub) = subs.get(&d.subscription_id) else {
-            continue;
-        };
-        if !plans.contains_key(&sub.plan_id) {
-            plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
-        }
-        let plan = &plans[&sub.plan_id];
-        let date = date_of(&d.delivery_date)?;
-        for line in lines_of(d) {
-            let Some(item) = catalog.get(&line.sku) else {
+        let subs = store.subscriptions_by_id(&ids).await?;
+        for d in chunk {
+            let Some(sub) = subs.get(&d.subscription_id) else {
                 continue;
             };
-            let (_, start, order_by) = ripening::backward_schedule(
-                line.ripened_days,
-                plan.transit_days,
-                item.lead_time_days,
-            );
-            let ripening_start = date + Duration::days(start);
-            let order = orders
-                .entry((item.grower.clone(), item.sku.clone(), ripening_start))
-                .or_insert_with(|| GrowerOrderRow {
-                    id: crate::ids::new_id("gro"),
-                    week: iso_week(date),
-                    supplier: item.grower.clone(),
-                    supplier_email: item.grower_email.clone(),
-                    sku: item.sku.clone(),
-                    qty: 0,
-                    ripening_start: ripening_start.to_string(),
-                    order_by: (date + Duration::days(order_by)).to_string(),
-                    status: "planned".into(),
-                    sent_at: None,
-                });
-            order.qty += line.qty;
+            if !plans.contains_key(&sub.plan_id) {
+                plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
+            }
+            let plan = &plans[&sub.plan_id];
+            let date = date_of(&d.delivery_date)?;
+            for line in lines_of(d) {
+                let Some(item) = catalog.get(&line.sku) else {
+                    continue;
+                };
+                let (_, start, order_by) = ripening::backward_schedule(
+                    line.ripened_days,
+                    plan.transit_days,
+                    item.lead_time_days,
+                );
+                let ripening_start = date + Duration::days(start);
+                let order = orders
+                    .entry((item.grower.clone(), item.sku.clone(), ripening_start))
+                    .or_insert_with(|| GrowerOrderRow {
+                        id: crate::ids::new_id("gro"),
+                        week: iso_week(date),
+                        supplier: item.grower.clone(),
+                        supplier_email: item.grower_email.clone(),
+                        sku: item.sku.clone(),
+                        qty: 0,
+                        ripening_start: ripening_start.to_string(),
+                        order_by: (date + Duration::days(order_by)).to_string(),
+                        status: "planned".into(),
+                        sent_at: None,
+                    });
+                order.qty += line.qty;
+            }
         }
     }
     let rows: Vec<GrowerOrderRow> = orders.into_values().collect();
