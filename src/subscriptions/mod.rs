@@ -208,6 +208,18 @@ pub async fn plan_of(store: &Store, id: &str) -> Result<PlanRow> {
         .ok_or_else(|| SubscriptionError::NotFound(format!("no plan {id}")))
 }
 
+/// The plan `id`, read once per run into `plans`.
+async fn plan_in<'a>(
+    store: &Store,
+    plans: &'a mut BTreeMap<String, PlanRow>,
+    id: &str,
+) -> Result<&'a PlanRow> {
+    if !plans.contains_key(id) {
+        plans.insert(id.to_owned(), plan_of(store, id).await?);
+    }
+    Ok(&plans[id])
+}
+
 /// The box for a delivery: solved once per (plan, exclusions, weekday, date) profile.
 ///
 /// `memo` keeps the profiles a run has already seen, so a run over many subscriptions reads
@@ -291,10 +303,7 @@ pub async fn run_renew(
     // Writes go a chunk at a time: one transaction (one commit) per chunk, not per row.
     let mut upcoming = Vec::new();
     for sub in store.live_subscriptions().await? {
-        if !plans.contains_key(&sub.plan_id) {
-            plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
-        }
-        let plan = &plans[&sub.plan_id];
+        let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
         let today = today(plan, now);
         if sub.status == "paused"
             && sub
@@ -342,13 +351,10 @@ pub async fn run_renew(
                 store.skip_due_delivery(&d.id, &sub.status).await?;
                 continue;
             }
-            if !plans.contains_key(&sub.plan_id) {
-                plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
-            }
             let shopper = shoppers.get(&sub.shopper_id).ok_or_else(|| {
                 StoreError::Inconsistent(format!("subscription {} has no shopper", sub.id))
             })?;
-            let plan = &plans[&sub.plan_id];
+            let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
             let lock = lock_and_bill(store, plan, &sub, shopper, d.clone(), now, &mut memo).await?;
             locks.extend(lock);
         }
@@ -518,10 +524,7 @@ async fn refresh_grower_orders(store: &Store, from: NaiveDate, until: NaiveDate)
             let Some(sub) = subs.get(&d.subscription_id) else {
                 continue;
             };
-            if !plans.contains_key(&sub.plan_id) {
-                plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
-            }
-            let plan = &plans[&sub.plan_id];
+            let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
             let date = date_of(&d.delivery_date)?;
             for line in lines_of(d) {
                 let Some(item) = catalog.get(&line.sku) else {
@@ -605,10 +608,7 @@ pub async fn run_plan(store: &Store, now: DateTime<Utc>) -> Result<serde_json::V
             let Some(sub) = subs.get(&d.subscription_id) else {
                 continue;
             };
-            if !plans.contains_key(&sub.plan_id) {
-                plans.insert(sub.plan_id.clone(), plan_of(store, &sub.plan_id).await?);
-            }
-            let plan = &plans[&sub.plan_id];
+            let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
             let date = date_of(&d.delivery_date)?;
             let lines = box_for(store, plan, sub, date, now, &mut memo).await?;
             boxes.push((
