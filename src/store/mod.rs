@@ -109,13 +109,18 @@ macro_rules! wake_deliverer {
     };
 }
 
-/// Writes emails without attachments (`$emails`: `&[&NewEmail]`) to the outbox with one
-/// statement inside the caller's transaction (`$tx`), skipping keys already used, and wakes
-/// the deliverer once if any is new.
-macro_rules! enqueue_plain_emails {
+/// Writes emails (`$emails`: `&[&NewEmail]`) to the outbox inside the caller's transaction
+/// (`$tx`), skipping keys already used: those without attachments (nearly all) with one
+/// statement and one wake-up of the deliverer, the rest one at a time.
+macro_rules! enqueue_emails {
     ($tx:ident, $emails:expr, $now:expr) => {{
         let emails: &[&$crate::store::NewEmail] = $emails;
         let now: i64 = $now;
+        let (emails, attached): (Vec<&$crate::store::NewEmail>, Vec<&$crate::store::NewEmail>) =
+            emails.iter().partition(|e| e.attachments.is_empty());
+        for email in attached {
+            let _new = enqueue_email!($tx, email, now);
+        }
         if !emails.is_empty() {
             let sql = format!(
                 "INSERT INTO outbox (template, entity, event, to_addr, subject, text_body,

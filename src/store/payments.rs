@@ -359,7 +359,7 @@ impl Store {
                     .filter(|r| r.status == "succeeded")
                     .filter_map(|r| on_success.get(&r.id))
                     .collect();
-                enqueue_plain_emails!(tx, &emails, now);
+                enqueue_emails!(tx, &emails, now);
             }
             tx.commit().await?;
         });

@@ -725,14 +725,8 @@ impl Store {
             let entries: Vec<JournalEntry> =
                 applied.iter().filter_map(|s| s.entry.clone()).collect();
             post_entries!(tx, &entries, now);
-            let (plain, attached): (Vec<&NewEmail>, Vec<&NewEmail>) = applied
-                .iter()
-                .filter_map(|s| s.email.as_ref())
-                .partition(|e| e.attachments.is_empty());
-            enqueue_plain_emails!(tx, &plain, now);
-            for email in attached {
-                let _new = enqueue_email!(tx, email, now);
-            }
+            let emails: Vec<&NewEmail> = applied.iter().filter_map(|s| s.email.as_ref()).collect();
+            enqueue_emails!(tx, &emails, now);
             tx.commit().await?;
             Ok(applied.len())
         })
@@ -919,15 +913,9 @@ impl Store {
 
     /// Enqueues emails on their own transaction (each once by its key).
     pub async fn enqueue_emails(&self, emails: &[NewEmail], now: i64) -> StoreResult<()> {
-        // Emails without attachments (nearly all) go in with one multi-row insert per chunk
-        // and one wake-up of the deliverer; the rest one at a time.
-        let (plain, attached): (Vec<&NewEmail>, Vec<&NewEmail>) =
-            emails.iter().partition(|e| e.attachments.is_empty());
+        let emails: Vec<&NewEmail> = emails.iter().collect();
         in_tx!(self, |tx| {
-            for email in attached {
-                let _new = enqueue_email!(tx, email, now);
-            }
-            enqueue_plain_emails!(tx, &plain, now);
+            enqueue_emails!(tx, &emails, now);
             tx.commit().await?;
         });
         Ok(())

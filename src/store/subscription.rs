@@ -678,14 +678,8 @@ impl Store {
                 let charges: Vec<&NewIntent> = locked.iter().map(|l| &l.charge).collect();
                 insert_intents!(tx, &charges, now);
             }
-            let (plain, attached): (Vec<&NewEmail>, Vec<&NewEmail>) = locked
-                .iter()
-                .map(|l| &l.email)
-                .partition(|e| e.attachments.is_empty());
-            enqueue_plain_emails!(tx, &plain, now);
-            for email in attached {
-                let _new = enqueue_email!(tx, email, now);
-            }
+            let emails: Vec<&NewEmail> = locked.iter().map(|l| &l.email).collect();
+            enqueue_emails!(tx, &emails, now);
             tx.commit().await?;
             Ok(locked.len())
         })
