@@ -134,7 +134,32 @@ impl Payments {
         on_success: &HashMap<String, NewEmail>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
-        let mut outcomes = self.attempt_many(ids, on_success, now).await?;
+        let outcomes = self.attempt_many(ids, on_success, now).await?;
+        self.retry_pending(ids, outcomes, on_success, now).await
+    }
+
+    /// As [`Payments::send_many_now`], for intents the caller committed with their first
+    /// attempt already taken (`insert_intents!(…, begun)`), so no commit is spent taking them.
+    pub async fn send_begun_now(
+        &self,
+        begun: &[IntentRow],
+        on_success: &HashMap<String, NewEmail>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Outcome>, PaymentsError> {
+        let ids: Vec<&str> = begun.iter().map(|i| i.id.as_str()).collect();
+        let outcomes = self.attempt_taken(&ids, begun, on_success, now).await?;
+        self.retry_pending(&ids, outcomes, on_success, now).await
+    }
+
+    /// Sends again, after a short pause, the intents of `ids` whose `outcomes` are still
+    /// pending (a transient error), twice at most.
+    async fn retry_pending(
+        &self,
+        ids: &[&str],
+        mut outcomes: Vec<Outcome>,
+        on_success: &HashMap<String, NewEmail>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Outcome>, PaymentsError> {
         for pause_ms in [100, 400] {
             let pending: Vec<usize> = (0..ids.len())
                 .filter(|&i| matches!(outcomes[i], Outcome::Pending { .. }))
@@ -201,12 +226,24 @@ impl Payments {
         on_success: &HashMap<String, NewEmail>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
-        let now_us = micros(now);
         let taken = self
             .store
             .begin_intent_attempts(ids, micros(now + hold()))
             .await?;
-        let answers = self.call_gateway(&taken).await?;
+        self.attempt_taken(ids, &taken, on_success, now).await
+    }
+
+    /// The gateway calls and the recording of [`Payments::attempt_many`], for the intents of
+    /// `ids` this caller has `taken` (the others answer with what stands).
+    async fn attempt_taken(
+        &self,
+        ids: &[&str],
+        taken: &[IntentRow],
+        on_success: &HashMap<String, NewEmail>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Outcome>, PaymentsError> {
+        let now_us = micros(now);
+        let answers = self.call_gateway(taken).await?;
         if self.crash_after_gateway_call && !taken.is_empty() {
             tracing::error!(
                 intents = taken.len(),

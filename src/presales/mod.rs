@@ -359,7 +359,7 @@ async fn join_campaign(
         answers.push(None);
         joins.push((pledge, intent));
     }
-    let taken = store.join_campaign(&c.id, &joins, now_us).await?;
+    let (taken, begun) = store.join_campaign(&c.id, &joins, now_us).await?;
     let mut admitted = Vec::new();
     for ((at, (pledge, intent)), refusal) in joined_at.into_iter().zip(joins).zip(taken) {
         match refusal {
@@ -378,10 +378,6 @@ async fn join_campaign(
         }
     }
     metrics::counter!("pooled_joins_total").increment(admitted.len() as u64);
-    let deposits: Vec<&str> = admitted
-        .iter()
-        .filter_map(|(_, _, i)| i.as_ref().map(|i| i.id.as_str()))
-        .collect();
     // Each confirmation is written with its deposit's result, in the same transaction.
     let confirmation = |pledge: &PledgeRow| {
         let active = PledgeRow {
@@ -396,10 +392,9 @@ async fn join_campaign(
         .iter()
         .filter_map(|(_, p, i)| Some((i.as_ref()?.id.clone(), confirmation(p)?)))
         .collect();
-    let mut outcomes = payments
-        .send_many_now(&deposits, &on_success, now)
-        .await?
-        .into_iter();
+    let outcomes = payments.send_begun_now(&begun, &on_success, now).await?;
+    let mut outcomes: HashMap<String, Outcome> =
+        begun.into_iter().map(|i| i.id).zip(outcomes).collect();
     // Pledges with nothing to pay are confirmed on their own.
     let free: Vec<NewEmail> = admitted
         .iter()
@@ -408,7 +403,7 @@ async fn join_campaign(
         .collect();
     for (at, mut pledge, intent) in admitted {
         let outcome = match intent {
-            Some(_) => outcomes.next().unwrap_or(Outcome::Pending {
+            Some(i) => outcomes.remove(&i.id).unwrap_or(Outcome::Pending {
                 error: "no answer".into(),
             }),
             None => Outcome::Succeeded,

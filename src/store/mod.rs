@@ -319,21 +319,56 @@ macro_rules! insert_intent {
     }};
 }
 
+/// The columns of an [`IntentRow`], in its field order (`qualified` for statements with joins).
+macro_rules! intent_columns {
+    () => {
+        "seq, id, idempotency_key, kind, purpose, subject_id, shopper_id, amount_minor, currency,
+         account, refund_of, refunded_minor, status, attempts, next_attempt_at, gateway_ref,
+         payment_method, decline_reason, last_error, memo, created_at, resolved_at"
+    };
+    (qualified) => {
+        "payment_intents.seq, payment_intents.id, payment_intents.idempotency_key,
+         payment_intents.kind, payment_intents.purpose, payment_intents.subject_id,
+         payment_intents.shopper_id, payment_intents.amount_minor, payment_intents.currency,
+         payment_intents.account, payment_intents.refund_of, payment_intents.refunded_minor,
+         payment_intents.status, payment_intents.attempts, payment_intents.next_attempt_at,
+         payment_intents.gateway_ref, payment_intents.payment_method,
+         payment_intents.decline_reason, payment_intents.last_error, payment_intents.memo,
+         payment_intents.created_at, payment_intents.resolved_at"
+    };
+}
+
 /// Commits many pending intents (`$intents`: `&[&NewIntent]`) with one statement inside the
-/// caller's transaction; keys already used are skipped.
+/// caller's transaction; keys already used are skipped. With `begun`, the intents are inserted
+/// with their first attempt already taken (held until `first_sweep_at`, as
+/// `Store::begin_intent_attempts` would) and evaluate to their rows: for a caller that sends
+/// them right after its commit, this saves the separate commit that would take them.
 macro_rules! insert_intents {
     ($tx:ident, $intents:expr, $now:expr) => {{
+        insert_intents!(@query sqlx::query, $tx, $intents, $now, 0, "")
+            .execute(&mut *$tx)
+            .await?;
+    }};
+    ($tx:ident, $intents:expr, $now:expr, begun) => {{
+        let rows: Vec<$crate::store::IntentRow> =
+            insert_intents!(@query sqlx::query_as, $tx, $intents, $now, 1, concat!(" RETURNING ", intent_columns!()))
+                .fetch_all(&mut *$tx)
+                .await?;
+        rows
+    }};
+    (@query $make:path, $tx:ident, $intents:expr, $now:expr, $attempts:expr, $returning:expr) => {{
         let intents: &[&$crate::store::NewIntent] = $intents;
         let sql = format!(
             "INSERT INTO payment_intents (id, idempotency_key, kind, purpose, subject_id, shopper_id,
                  amount_minor, currency, account, refund_of, next_attempt_at, memo, created_at,
-                 status)
+                 status, attempts)
              SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
                  CAST(value->>6 AS BIGINT), value->>7, value->>8, value->>9,
-                 CAST(value->>10 AS BIGINT), value->>11, $2, 'pending'
+                 CAST(value->>10 AS BIGINT), value->>11, $2, 'pending', $3
              FROM {} WHERE true
-             ON CONFLICT (idempotency_key) DO NOTHING",
-            $crate::store::json_rows(&$tx, 1)
+             ON CONFLICT (idempotency_key) DO NOTHING{}",
+            $crate::store::json_rows(&$tx, 1),
+            $returning
         );
         let json = $crate::store::json_array(intents.iter().map(|i| {
             (
@@ -351,11 +386,10 @@ macro_rules! insert_intents {
                 &i.memo,
             )
         }));
-        sqlx::query(sqlx::AssertSqlSafe(sql))
+        $make(sqlx::AssertSqlSafe(sql))
             .bind(json)
             .bind($now)
-            .execute(&mut *$tx)
-            .await?;
+            .bind($attempts as i64)
     }};
 }
 

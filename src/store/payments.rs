@@ -60,24 +60,6 @@ pub struct IntentRow {
     pub resolved_at: Option<i64>,
 }
 
-macro_rules! intent_columns {
-    () => {
-        "seq, id, idempotency_key, kind, purpose, subject_id, shopper_id, amount_minor, currency,
-         account, refund_of, refunded_minor, status, attempts, next_attempt_at, gateway_ref,
-         payment_method, decline_reason, last_error, memo, created_at, resolved_at"
-    };
-    (qualified) => {
-        "payment_intents.seq, payment_intents.id, payment_intents.idempotency_key,
-         payment_intents.kind, payment_intents.purpose, payment_intents.subject_id,
-         payment_intents.shopper_id, payment_intents.amount_minor, payment_intents.currency,
-         payment_intents.account, payment_intents.refund_of, payment_intents.refunded_minor,
-         payment_intents.status, payment_intents.attempts, payment_intents.next_attempt_at,
-         payment_intents.gateway_ref, payment_intents.payment_method,
-         payment_intents.decline_reason, payment_intents.last_error, payment_intents.memo,
-         payment_intents.created_at, payment_intents.resolved_at"
-    };
-}
-
 /// How a sent intent ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IntentResult {

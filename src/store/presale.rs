@@ -2,7 +2,7 @@
 //! the row's status (so a re-run or a race changes nothing twice), and the joins' capacity
 //! guard is one conditional `UPDATE` of the campaign's pooled quantity backed by a `CHECK`.
 
-use super::{NewEmail, NewIntent, Store, StoreResult};
+use super::{IntentRow, NewEmail, NewIntent, Store, StoreResult};
 use crate::domain::ledger::JournalEntry;
 use crate::domain::presale::{JoinRefusal, admit};
 use serde::Serialize;
@@ -420,12 +420,14 @@ impl Store {
     /// multi-row inserts write the pledges and their deposit intents, all in one transaction.
     /// Refused pledges write nothing. The update is guarded on the quantity read, so a
     /// concurrent writer (another instance) makes the batch start over, never oversell.
+    /// The deposit intents are inserted with their first attempt taken, and returned, for
+    /// the caller to send at once.
     pub async fn join_campaign(
         &self,
         campaign_id: &str,
         joins: &[(PledgeRow, Option<NewIntent>)],
         now: i64,
-    ) -> StoreResult<Vec<Result<(), JoinRefusal>>> {
+    ) -> StoreResult<(Vec<Result<(), JoinRefusal>>, Vec<IntentRow>)> {
         loop {
             let decided = in_tx!(self, |tx| {
                 let state: Option<(i64, Option<i64>, bool)> = sqlx::query_as(
@@ -438,11 +440,11 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
                 let Some((pooled, capacity, true)) = state else {
-                    return Ok(vec![Err(JoinRefusal::NotOpen); joins.len()]);
+                    return Ok((vec![Err(JoinRefusal::NotOpen); joins.len()], Vec::new()));
                 };
                 let (answers, total) = admit(joins.iter().map(|(p, _)| p.qty), pooled, capacity);
                 if total == 0 {
-                    return Ok(answers);
+                    return Ok((answers, Vec::new()));
                 }
                 let taken = sqlx::query(
                     "UPDATE campaigns SET pooled_qty = pooled_qty + $2
@@ -466,11 +468,13 @@ impl Store {
                     insert_pledges!(tx, &admitted, now);
                     let intents: Vec<&NewIntent> =
                         admitted.iter().filter_map(|(_, i)| i.as_ref()).collect();
-                    if !intents.is_empty() {
-                        insert_intents!(tx, &intents, now);
-                    }
+                    let begun = if intents.is_empty() {
+                        Vec::new()
+                    } else {
+                        insert_intents!(tx, &intents, now, begun)
+                    };
                     tx.commit().await?;
-                    Some(answers)
+                    Some((answers, begun))
                 }
             });
             if let Some(answers) = decided {

@@ -461,7 +461,7 @@ on_both_backends! {
         }).collect::<Vec<_>>();
         let (mut accepted, mut sold_out) = (0, 0);
         for batch in batches {
-            for answer in batch.await.unwrap() {
+            for answer in batch.await.unwrap().0 {
                 match answer {
                     Ok(()) => accepted += 1,
                     Err(JoinRefusal::SoldOut { .. }) => sold_out += 1,
@@ -498,7 +498,7 @@ on_both_backends! {
                 tokio::task::yield_now().await;
             }
             rival.commit().await.unwrap();
-            let answers = batch.await.unwrap();
+            let (answers, _) = batch.await.unwrap();
             assert_eq!(answers.iter().filter(|a| a.is_ok()).count(), 2, "{answers:?}");
             assert_eq!(app.state.store.campaign(&id).await.unwrap().unwrap().pooled_qty, 150);
             pg.close().await;
