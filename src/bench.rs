@@ -486,6 +486,13 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     let wall = started.elapsed().as_secs_f64();
     let rss = peak_rss_mb();
     let check = store.ledger_check().await?;
+    let signup_ms = signup(
+        store,
+        &plans[0],
+        delivery + chrono::Duration::days(7),
+        at_cutoff,
+    )
+    .await?;
     let floor_rows = bulk_load_floor(store, (n * RENEWAL_ROWS).max(1000)).await?;
     let rate = n as f64 / wall;
     Ok(Figure::new(
@@ -498,11 +505,42 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     .with("wall_s", json!(round(wall)))
     .with("plan_s", json!(round(planned)))
     .with("peak_rss_mb", json!(round(rss)))
+    .with("signup_ms", json!(round(signup_ms)))
     .with("subscriptions", json!(n))
     .with(
         "ledger_balanced",
         json!(check.balanced && check.gateway_matches),
     ))
+}
+
+/// One more subscription among all the others, as the API creates it: its deliveries, its
+/// boxes of the coming two weeks and their grower orders. Returns the milliseconds it took,
+/// which should not grow with the number of subscribers.
+async fn signup(
+    store: &Store,
+    plan: &crate::store::PlanRow,
+    first: chrono::NaiveDate,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let sub = crate::store::SubscriptionRow {
+        id: "sub_bench_signup".into(),
+        shopper_id: "shp_bench_1".into(),
+        plan_id: plan.id.clone(),
+        delivery_weekday: "thu".into(),
+        start_date: first.to_string(),
+        exclusions: "[]".into(),
+        status: "active".into(),
+        paused_until: None,
+        created_at: micros(now),
+        ended_at: None,
+    };
+    let deliveries = subscriptions::upcoming_rows(&sub, plan, first)?;
+    store
+        .create_subscription(&sub, &deliveries, subscriptions::RENEW_JOB, micros(now))
+        .await?;
+    subscriptions::plan_upcoming(store, &sub, now).await?;
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
 }
 
 async fn settlement(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {

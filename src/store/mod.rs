@@ -447,7 +447,8 @@ pub use presale::{
 pub use sandbox::{SandboxPaymentRow, SandboxRefund};
 pub use scheduler::{Claimed, JobDefRow, JobRunRow, NewRun, RunFilter, SchedulerInstanceRow};
 pub use subscription::{
-    CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderRow, InvoiceRow, PlanRow, SubscriptionRow,
+    CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderMerge, GrowerOrderRow, InvoiceRow, PlanRow,
+    SubscriptionRow,
 };
 
 /// Errors of the storage layer.

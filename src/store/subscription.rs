@@ -83,6 +83,14 @@ pub struct InvoiceRow {
     pub paid_at: Option<i64>,
 }
 
+/// How [`Store::put_grower_orders`] merges a row into a planned order of the same grower,
+/// item and ripening start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrowerOrderMerge {
+    Replace,
+    Add,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
 pub struct GrowerOrderRow {
     pub id: String,
@@ -834,29 +842,48 @@ impl Store {
         })
     }
 
-    /// Sets the planned grower orders to `rows` (quantities of orders already sent stay).
-    pub async fn put_grower_orders(&self, rows: &[GrowerOrderRow]) -> StoreResult<()> {
-        in_tx!(self, |tx| {
-            for g in rows {
-                sqlx::query(
-                    "INSERT INTO grower_orders (id, week, supplier, supplier_email, sku, qty,
-                         ripening_start, order_by, status, sent_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'planned', NULL)
-                     ON CONFLICT (supplier, sku, ripening_start) DO UPDATE SET qty = excluded.qty
-                     WHERE grower_orders.status = 'planned'",
-                )
-                .bind(&g.id)
-                .bind(&g.week)
-                .bind(&g.supplier)
-                .bind(&g.supplier_email)
-                .bind(&g.sku)
-                .bind(g.qty)
-                .bind(&g.ripening_start)
-                .bind(&g.order_by)
-                .execute(&mut *tx)
+    /// Writes planned grower orders, one statement: `Replace` sets each order's quantity to
+    /// the row's (a full recomputation), `Add` adds the row's quantity to it (a new
+    /// subscription's boxes; concurrent adds both count). Orders already sent never change.
+    pub async fn put_grower_orders(
+        &self,
+        rows: &[GrowerOrderRow],
+        merge: GrowerOrderMerge,
+    ) -> StoreResult<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let qty = match merge {
+            GrowerOrderMerge::Replace => "excluded.qty",
+            GrowerOrderMerge::Add => "grower_orders.qty + excluded.qty",
+        };
+        let json = super::json_array(rows.iter().map(|g| {
+            (
+                &g.id,
+                &g.week,
+                &g.supplier,
+                &g.supplier_email,
+                &g.sku,
+                g.qty,
+                &g.ripening_start,
+                &g.order_by,
+            )
+        }));
+        on_writer!(self, |pool| {
+            let sql = format!(
+                "INSERT INTO grower_orders (id, week, supplier, supplier_email, sku, qty,
+                     ripening_start, order_by, status, sent_at)
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4,
+                     CAST(value->>5 AS BIGINT), value->>6, value->>7, 'planned', NULL
+                 FROM {} WHERE true
+                 ON CONFLICT (supplier, sku, ripening_start) DO UPDATE SET qty = {qty}
+                 WHERE grower_orders.status = 'planned'",
+                super::json_rows(pool, 1)
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&json)
+                .execute(pool)
                 .await?;
-            }
-            tx.commit().await?;
         });
         Ok(())
     }

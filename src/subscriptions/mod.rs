@@ -15,8 +15,8 @@ use crate::domain::subscription::{
 };
 use crate::payments::{Payments, PaymentsError};
 use crate::store::{
-    CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderRow, InvoiceRow, NewIntent, PlanRow, Store,
-    StoreError, SubscriptionRow, micros,
+    CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderMerge, GrowerOrderRow, InvoiceRow, NewIntent,
+    PlanRow, Store, StoreError, SubscriptionRow, micros,
 };
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use chrono_tz::Tz;
@@ -502,17 +502,72 @@ fn iso_week(d: NaiveDate) -> String {
     format!("{}-W{:02}", w.year(), w.week())
 }
 
-/// Grower orders for every boxed line of deliveries in `[from, until)`: ripening starts
+/// Grower order lines summed by grower, item and ripening start: ripening starts
 /// `transit + k` days before delivery, and the grower is ordered from `lead time` before that.
-async fn refresh_grower_orders(store: &Store, from: NaiveDate, until: NaiveDate) -> Result<usize> {
-    let catalog: BTreeMap<String, CatalogRow> = store
+struct GrowerOrders<'a> {
+    catalog: &'a BTreeMap<String, CatalogRow>,
+    orders: BTreeMap<(String, String, NaiveDate), GrowerOrderRow>,
+}
+
+impl<'a> GrowerOrders<'a> {
+    fn new(catalog: &'a BTreeMap<String, CatalogRow>) -> Self {
+        GrowerOrders {
+            catalog,
+            orders: BTreeMap::new(),
+        }
+    }
+
+    /// Adds the lines of one box delivered on `date` (items no longer in the catalog are left out).
+    fn add(&mut self, plan: &PlanRow, date: NaiveDate, lines: &[StoredLine]) {
+        for line in lines {
+            let Some(item) = self.catalog.get(&line.sku) else {
+                continue;
+            };
+            let (_, start, order_by) = ripening::backward_schedule(
+                line.ripened_days,
+                plan.transit_days,
+                item.lead_time_days,
+            );
+            let ripening_start = date + Duration::days(start);
+            let order = self
+                .orders
+                .entry((item.grower.clone(), item.sku.clone(), ripening_start))
+                .or_insert_with(|| GrowerOrderRow {
+                    id: crate::ids::new_id("gro"),
+                    week: iso_week(date),
+                    supplier: item.grower.clone(),
+                    supplier_email: item.grower_email.clone(),
+                    sku: item.sku.clone(),
+                    qty: 0,
+                    ripening_start: ripening_start.to_string(),
+                    order_by: (date + Duration::days(order_by)).to_string(),
+                    status: "planned".into(),
+                    sent_at: None,
+                });
+            order.qty += line.qty;
+        }
+    }
+
+    fn rows(self) -> Vec<GrowerOrderRow> {
+        self.orders.into_values().collect()
+    }
+}
+
+/// The catalog by SKU.
+async fn catalog_by_sku(store: &Store) -> Result<BTreeMap<String, CatalogRow>> {
+    Ok(store
         .catalog()
         .await?
         .into_iter()
         .map(|c| (c.sku.clone(), c))
-        .collect();
+        .collect())
+}
+
+/// Recomputes the planned grower orders from every boxed delivery in `[from, until)`.
+async fn refresh_grower_orders(store: &Store, from: NaiveDate, until: NaiveDate) -> Result<usize> {
+    let catalog = catalog_by_sku(store).await?;
     let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
-    let mut orders: BTreeMap<(String, String, NaiveDate), GrowerOrderRow> = BTreeMap::new();
+    let mut orders = GrowerOrders::new(&catalog);
     let upcoming = store
         .deliveries_between(&from.to_string(), &until.to_string())
         .await?;
@@ -525,47 +580,27 @@ async fn refresh_grower_orders(store: &Store, from: NaiveDate, until: NaiveDate)
                 continue;
             };
             let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
-            let date = date_of(&d.delivery_date)?;
-            for line in lines_of(d) {
-                let Some(item) = catalog.get(&line.sku) else {
-                    continue;
-                };
-                let (_, start, order_by) = ripening::backward_schedule(
-                    line.ripened_days,
-                    plan.transit_days,
-                    item.lead_time_days,
-                );
-                let ripening_start = date + Duration::days(start);
-                let order = orders
-                    .entry((item.grower.clone(), item.sku.clone(), ripening_start))
-                    .or_insert_with(|| GrowerOrderRow {
-                        id: crate::ids::new_id("gro"),
-                        week: iso_week(date),
-                        supplier: item.grower.clone(),
-                        supplier_email: item.grower_email.clone(),
-                        sku: item.sku.clone(),
-                        qty: 0,
-                        ripening_start: ripening_start.to_string(),
-                        order_by: (date + Duration::days(order_by)).to_string(),
-                        status: "planned".into(),
-                        sent_at: None,
-                    });
-                order.qty += line.qty;
-            }
+            orders.add(plan, date_of(&d.delivery_date)?, &lines_of(d));
         }
     }
-    let rows: Vec<GrowerOrderRow> = orders.into_values().collect();
-    store.put_grower_orders(&rows).await?;
+    let rows = orders.rows();
+    store
+        .put_grower_orders(&rows, GrowerOrderMerge::Replace)
+        .await?;
     Ok(rows.len())
 }
 
-/// Plans the boxes of a subscription's deliveries in the coming two weeks now (a new
-/// subscription can't wait for the weekly plan: growers need their lead time) and updates the
-/// grower orders.
+/// Plans the boxes of a new subscription's deliveries in the coming two weeks now (it can't
+/// wait for the weekly plan: growers need their lead time) and adds their lines to the
+/// grower orders. Only this subscription's boxes are read and added, so a signup costs the
+/// same with ten subscribers or a hundred thousand; the next full refresh (`subscription-plan`,
+/// `grower-orders`) recomputes every total from the boxes.
 pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<Utc>) -> Result<()> {
     let plan = plan_of(store, &sub.plan_id).await?;
     let today = today(&plan, now);
     let until = today + Duration::days(15);
+    let catalog = catalog_by_sku(store).await?;
+    let mut orders = GrowerOrders::new(&catalog);
     let mut memo = HashMap::new();
     let mut boxes = Vec::new();
     for d in store.deliveries_of(&sub.id).await? {
@@ -577,11 +612,14 @@ pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<U
                 Err(SubscriptionError::Conflict(_)) => continue,
                 Err(e) => return Err(e),
             };
+            orders.add(&plan, date, &lines);
             boxes.push((d.id, serde_json::to_string(&lines).unwrap_or_default()));
         }
     }
     store.set_provisional_boxes(&boxes).await?;
-    refresh_grower_orders(store, today, until).await?;
+    store
+        .put_grower_orders(&orders.rows(), GrowerOrderMerge::Add)
+        .await?;
     Ok(())
 }
 

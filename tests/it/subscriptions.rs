@@ -225,6 +225,12 @@ on_both_backends! {
         let orders = week["items"].as_array().unwrap().clone();
         assert!(!orders.is_empty(), "{week}");
         assert!(orders.iter().all(|o| o["status"] == "planned" && o["qty"].as_i64().unwrap() % 3 == 0), "three identical boxes: {week}");
+        // Each signup added its own boxes; a full refresh (the job, run by hand before any
+        // order is due) recomputes every total from all boxes and finds the same.
+        let (status, run) = app.post("/api/v1/ops/jobs/grower-orders/run", Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!((status, run["state"].as_str()), (StatusCode::ACCEPTED, Some("succeeded")), "{run}");
+        let (_, refreshed) = app.get("/api/v1/grower-orders?week=2026-W41", Some(ADMIN_TOKEN)).await;
+        assert_eq!(refreshed["items"].as_array().unwrap(), &orders, "signups and the refresh agree");
         let first_order_by = orders.iter().map(|o| str_of(&o["order_by"])).min().unwrap();
         // grower-orders runs at 05:00 Berlin time (03:00 UTC in October).
         app.advance(&format!("{first_order_by}T02:00:00Z")).await;
