@@ -609,11 +609,13 @@ async fn settlement(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     // Pledges as joins leave them: active, each with its succeeded deposit, the gateway's
     // record of it and its ledger entry.
     generate(store, &settlement_generators(&store.db), n, micros(now)).await?;
+    reset_peak_rss();
     let started = Instant::now();
     presales::run_close(store, &f.app_state.payments, closes).await?;
     let window_end = closes + Duration::hours(72);
     presales::run_balances(store, &f.app_state.payments, window_end).await?;
     let wall = started.elapsed().as_secs_f64();
+    let rss = peak_rss_mb();
     let settled = store
         .campaign("cmp_bench")
         .await?
@@ -629,6 +631,7 @@ async fn settlement(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
         floor_rows / SETTLEMENT_ROWS as f64,
     )
     .with("wall_s", json!(round(wall)))
+    .with("peak_rss_mb", json!(round(rss)))
     .with("pledges", json!(n))
     .with("status", json!(settled))
     .with(

@@ -628,12 +628,13 @@ pub async fn run_close(
 /// Refunds every active pledge of a failed or cancelled campaign (each once).
 async fn refund_all(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> Result<usize> {
     let l = load(store, &c.id).await?;
-    let mut applied = 0;
+    let (mut applied, mut after) = (0, 0);
     loop {
-        let batch = store.pledge_contacts(&c.id, "active", CHUNK).await?;
-        if batch.is_empty() {
+        let batch = store.pledge_contacts(&c.id, "active", after, CHUNK).await?;
+        let Some(last) = batch.last() else {
             return Ok(applied);
-        }
+        };
+        after = last.seq;
         let steps: Vec<PledgeStep> = batch
             .iter()
             .map(|p| {
@@ -664,12 +665,13 @@ async fn charge_balances(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> 
     };
     let locked = Money::from_minor(locked, l.currency);
     let due = instant(c.balance_due_at.unwrap_or(micros(now)));
-    let mut applied = 0;
+    let (mut applied, mut after) = (0, 0);
     loop {
-        let batch = store.pledge_contacts(&c.id, "active", CHUNK).await?;
-        if batch.is_empty() {
+        let batch = store.pledge_contacts(&c.id, "active", after, CHUNK).await?;
+        let Some(last) = batch.last() else {
             return Ok(applied);
-        }
+        };
+        after = last.seq;
         let mut steps = Vec::with_capacity(batch.len());
         for p in &batch {
             let pledge = pledge_of(p, &c.id);
@@ -747,31 +749,26 @@ pub async fn run_balances(
             0
         };
         // Tell shoppers what the gateway said (each email once per attempt).
-        let mut emails = Vec::new();
-        for (p, attempts) in store
-            .pledges_by_intent(&c.id, "awaiting_balance", "balance", "declined")
-            .await?
-        {
-            emails.push(emails::balance_failed(&l, &p, attempts, instant(due)));
-        }
-        for (p, _) in store
-            .pledges_by_intent(&c.id, "paid", "balance", "succeeded")
-            .await?
-        {
-            emails.push(emails::balance_paid(&l, &p, locked));
-        }
-        store.enqueue_emails(&emails, now_us).await?;
+        let declined = ("awaiting_balance", "balance", "declined");
+        email_by_intent(store, &c.id, declined, now_us, |p, attempts| {
+            emails::balance_failed(&l, p, attempts, instant(due))
+        })
+        .await?;
+        let paid = ("paid", "balance", "succeeded");
+        email_by_intent(store, &c.id, paid, now_us, |p, _| {
+            emails::balance_paid(&l, p, locked)
+        })
+        .await?;
         if now_us < due {
             summary.push(json!({"campaign": c.id, "retried": retried}));
             continue;
         }
         // The window is over. A balance still being charged decides its pledge: wait for it.
-        if store
-            .pledges_by_intent(&c.id, "awaiting_balance", "balance", "pending")
+        let pending = ("awaiting_balance", "balance", "pending");
+        if !store
+            .pledges_by_intent(&c.id, pending, 0, 1)
             .await?
-            .into_iter()
-            .next()
-            .is_some()
+            .is_empty()
         {
             summary.push(json!({"campaign": c.id, "waiting_for_balances": true}));
             continue;
@@ -784,6 +781,29 @@ pub async fn run_balances(
     Ok(json!({ "campaigns": summary }))
 }
 
+/// Writes `email` for each pledge of a campaign whose intent stands as `statuses` says
+/// (`(pledge status, purpose, intent status)`), a chunk at a time.
+async fn email_by_intent(
+    store: &Store,
+    campaign_id: &str,
+    statuses: (&str, &str, &str),
+    now_us: i64,
+    email: impl Fn(&PledgeContact, i64) -> NewEmail,
+) -> Result<()> {
+    let mut after = 0;
+    loop {
+        let batch = store
+            .pledges_by_intent(campaign_id, statuses, after, CHUNK)
+            .await?;
+        let Some((last, _)) = batch.last() else {
+            return Ok(());
+        };
+        after = last.seq;
+        let emails: Vec<NewEmail> = batch.iter().map(|(p, n)| email(p, *n)).collect();
+        store.enqueue_emails(&emails, now_us).await?;
+    }
+}
+
 /// Retries balances declined at least a day ago, with the key they had (an updated card is
 /// used), and plans the next round.
 async fn retry_declined_balances(
@@ -794,21 +814,28 @@ async fn retry_declined_balances(
 ) -> Result<usize> {
     let now_us = micros(now);
     let cutoff = micros(now - retry_every());
-    let mut retried = 0;
-    for (p, _) in store
-        .pledges_by_intent(&c.id, "awaiting_balance", "balance", "declined")
-        .await?
-    {
-        let id = intent_id("balance", &p.id);
-        let Some(intent) = store.intent(&id).await? else {
-            continue;
+    let (mut retried, mut after) = (0, 0);
+    let declined = ("awaiting_balance", "balance", "declined");
+    loop {
+        let batch = store
+            .pledges_by_intent(&c.id, declined, after, CHUNK)
+            .await?;
+        let Some((last, _)) = batch.last() else {
+            break;
         };
-        if intent.resolved_at.is_none_or(|t| t > cutoff) {
-            continue;
-        }
-        if store.retry_declined_intent(&id, now_us).await? {
-            payments.attempt(&id, now).await?;
-            retried += 1;
+        after = last.seq;
+        for (p, _) in &batch {
+            let id = intent_id("balance", &p.id);
+            let Some(intent) = store.intent(&id).await? else {
+                continue;
+            };
+            if intent.resolved_at.is_none_or(|t| t > cutoff) {
+                continue;
+            }
+            if store.retry_declined_intent(&id, now_us).await? {
+                payments.attempt(&id, now).await?;
+                retried += 1;
+            }
         }
     }
     let next = now + retry_every();
@@ -822,14 +849,15 @@ async fn retry_declined_balances(
 /// forfeited per the campaign's policy.
 async fn default_unpaid(store: &Store, l: &Loaded, now: DateTime<Utc>) -> Result<usize> {
     let c = &l.campaign;
-    let mut applied = 0;
+    let (mut applied, mut after) = (0, 0);
     loop {
         let batch = store
-            .pledge_contacts(&c.id, "awaiting_balance", CHUNK)
+            .pledge_contacts(&c.id, "awaiting_balance", after, CHUNK)
             .await?;
-        if batch.is_empty() {
+        let Some(last) = batch.last() else {
             return Ok(applied);
-        }
+        };
+        after = last.seq;
         let mut steps = Vec::with_capacity(batch.len());
         for p in &batch {
             let pledge = pledge_of(p, &c.id);
@@ -965,13 +993,20 @@ pub async fn run_reminders(store: &Store, now: DateTime<Utc>) -> Result<serde_js
         }
         let l = load(store, &c.id).await?;
         let progress = presale::progress(&l.rules(), c.pooled_qty, l.currency);
-        let pledges = store.pledge_contacts(&c.id, "active", i64::MAX).await?;
-        let emails: Vec<_> = pledges
-            .iter()
-            .map(|p| emails::deadline_reminder(&l, p, &progress))
-            .collect();
-        sent += emails.len();
-        store.enqueue_emails(&emails, now_us).await?;
+        let mut after = 0;
+        loop {
+            let pledges = store.pledge_contacts(&c.id, "active", after, CHUNK).await?;
+            let Some(last) = pledges.last() else {
+                break;
+            };
+            after = last.seq;
+            let emails: Vec<_> = pledges
+                .iter()
+                .map(|p| emails::deadline_reminder(&l, p, &progress))
+                .collect();
+            sent += emails.len();
+            store.enqueue_emails(&emails, now_us).await?;
+        }
     }
     Ok(json!({ "reminded": sent }))
 }

@@ -188,6 +188,7 @@ macro_rules! pledge_columns {
 
 /// A [`PledgeContact`] as selected, with its intent's attempt count last.
 type PledgeIntentTuple = (
+    i64,
     String,
     String,
     i64,
@@ -202,6 +203,7 @@ type PledgeIntentTuple = (
 /// A pledge with what its emails need.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PledgeContact {
+    pub seq: i64,
     pub id: String,
     pub shopper_id: String,
     pub qty: i64,
@@ -519,23 +521,27 @@ impl Store {
         }))
     }
 
-    /// Up to `limit` pledges of a campaign in `status`, with their shoppers' contact details.
+    /// Up to `limit` pledges of a campaign in `status` after `after_seq`, in `seq` order, with
+    /// their shoppers' contact details. Callers page through with the last `seq`, so a
+    /// campaign of any size is read a chunk at a time.
     pub async fn pledge_contacts(
         &self,
         campaign_id: &str,
         status: &str,
+        after_seq: i64,
         limit: i64,
     ) -> StoreResult<Vec<PledgeContact>> {
         Ok(on_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT p.id, p.shopper_id, p.qty, p.variant, p.deposit_minor, p.balance_minor,
-                        s.email, s.name
+                "SELECT p.seq, p.id, p.shopper_id, p.qty, p.variant, p.deposit_minor,
+                        p.balance_minor, s.email, s.name
                  FROM pledges p JOIN shoppers s ON s.id = p.shopper_id
-                 WHERE p.campaign_id = $1 AND p.status = $2
-                 ORDER BY p.seq LIMIT $3",
+                 WHERE p.campaign_id = $1 AND p.status = $2 AND p.seq > $3
+                 ORDER BY p.seq LIMIT $4",
             )
             .bind(campaign_id)
             .bind(status)
+            .bind(after_seq)
             .bind(limit)
             .fetch_all(pool)
             .await?
@@ -545,26 +551,30 @@ impl Store {
     /// Pledges of a campaign whose `purpose` intent is in `intent_status`, with contacts (for
     /// the emails that follow a gateway result). Intents are found by their deterministic id
     /// (`pi_{purpose}_{pledge}`), a unique-key lookup whatever the planner's statistics say.
+    /// Up to `limit` after `after_seq`, in `seq` order (page with the last `seq`).
     pub async fn pledges_by_intent(
         &self,
         campaign_id: &str,
-        pledge_status: &str,
-        purpose: &str,
-        intent_status: &str,
+        (pledge_status, purpose, intent_status): (&str, &str, &str),
+        after_seq: i64,
+        limit: i64,
     ) -> StoreResult<Vec<(PledgeContact, i64)>> {
         let rows: Vec<PledgeIntentTuple> = on_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT p.id, p.shopper_id, p.qty, p.variant, p.deposit_minor, p.balance_minor,
-                            s.email, s.name, i.attempts
+                "SELECT p.seq, p.id, p.shopper_id, p.qty, p.variant, p.deposit_minor,
+                            p.balance_minor, s.email, s.name, i.attempts
                      FROM pledges p JOIN shoppers s ON s.id = p.shopper_id
                      JOIN payment_intents i ON i.id = 'pi_' || $3 || '_' || p.id
                      WHERE p.campaign_id = $1 AND p.status = $2 AND i.status = $4
-                     ORDER BY p.seq",
+                       AND p.seq > $5
+                     ORDER BY p.seq LIMIT $6",
             )
             .bind(campaign_id)
             .bind(pledge_status)
             .bind(purpose)
             .bind(intent_status)
+            .bind(after_seq)
+            .bind(limit)
             .fetch_all(pool)
             .await?
         });
@@ -573,16 +583,17 @@ impl Store {
             .map(|r| {
                 (
                     PledgeContact {
-                        id: r.0,
-                        shopper_id: r.1,
-                        qty: r.2,
-                        variant: r.3,
-                        deposit_minor: r.4,
-                        balance_minor: r.5,
-                        email: r.6,
-                        name: r.7,
+                        seq: r.0,
+                        id: r.1,
+                        shopper_id: r.2,
+                        qty: r.3,
+                        variant: r.4,
+                        deposit_minor: r.5,
+                        balance_minor: r.6,
+                        email: r.7,
+                        name: r.8,
                     },
-                    r.8,
+                    r.9,
                 )
             })
             .collect())
