@@ -749,13 +749,12 @@ pub async fn run_balances(
             0
         };
         // Tell shoppers what the gateway said (each email once per attempt).
-        let declined = ("awaiting_balance", "balance", "declined");
-        email_by_intent(store, &c.id, declined, now_us, |p, attempts| {
+        let declined = ("awaiting_balance", "declined");
+        email_by_balance(store, &c.id, declined, now_us, |p, attempts| {
             emails::balance_failed(&l, p, attempts, instant(due))
         })
         .await?;
-        let paid = ("paid", "balance", "succeeded");
-        email_by_intent(store, &c.id, paid, now_us, |p, _| {
+        email_by_balance(store, &c.id, ("paid", "succeeded"), now_us, |p, _| {
             emails::balance_paid(&l, p, locked)
         })
         .await?;
@@ -764,11 +763,11 @@ pub async fn run_balances(
             continue;
         }
         // The window is over. A balance still being charged decides its pledge: wait for it.
-        let pending = ("awaiting_balance", "balance", "pending");
-        if !store
-            .pledges_by_intent(&c.id, pending, 0, 1)
+        let pending = ("awaiting_balance", "pending");
+        if ByBalance::new(store, &c.id, pending)
+            .next()
             .await?
-            .is_empty()
+            .is_some()
         {
             summary.push(json!({"campaign": c.id, "waiting_for_balances": true}));
             continue;
@@ -781,27 +780,69 @@ pub async fn run_balances(
     Ok(json!({ "campaigns": summary }))
 }
 
-/// Writes `email` for each pledge of a campaign whose intent stands as `statuses` says
-/// (`(pledge status, purpose, intent status)`), a chunk at a time.
-async fn email_by_intent(
+/// The pledges of a campaign in one status whose balance intent is in one status, read a
+/// chunk of pledges at a time (chunks without a match are skipped).
+struct ByBalance<'a> {
+    store: &'a Store,
+    campaign_id: &'a str,
+    pledge_status: &'a str,
+    intent_status: &'a str,
+    after: i64,
+}
+
+impl<'a> ByBalance<'a> {
+    fn new(store: &'a Store, campaign_id: &'a str, (pledge, intent): (&'a str, &'a str)) -> Self {
+        ByBalance {
+            store,
+            campaign_id,
+            pledge_status: pledge,
+            intent_status: intent,
+            after: 0,
+        }
+    }
+
+    /// The next pledges that match, with their intent's attempts; `None` past the last.
+    async fn next(&mut self) -> Result<Option<Vec<(PledgeContact, i64)>>> {
+        loop {
+            let chunk = self
+                .store
+                .pledges_with_intents(
+                    self.campaign_id,
+                    (self.pledge_status, "balance"),
+                    self.after,
+                    CHUNK,
+                )
+                .await?;
+            let Some((last, _, _)) = chunk.last() else {
+                return Ok(None);
+            };
+            self.after = last.seq;
+            let matching: Vec<(PledgeContact, i64)> = chunk
+                .into_iter()
+                .filter(|(_, status, _)| status.as_deref() == Some(self.intent_status))
+                .map(|(p, _, attempts)| (p, attempts))
+                .collect();
+            if !matching.is_empty() {
+                return Ok(Some(matching));
+            }
+        }
+    }
+}
+
+/// Writes `email` for each pledge of a campaign in `statuses` (pledge, balance intent).
+async fn email_by_balance(
     store: &Store,
     campaign_id: &str,
-    statuses: (&str, &str, &str),
+    statuses: (&str, &str),
     now_us: i64,
     email: impl Fn(&PledgeContact, i64) -> NewEmail,
 ) -> Result<()> {
-    let mut after = 0;
-    loop {
-        let batch = store
-            .pledges_by_intent(campaign_id, statuses, after, CHUNK)
-            .await?;
-        let Some((last, _)) = batch.last() else {
-            return Ok(());
-        };
-        after = last.seq;
+    let mut pledges = ByBalance::new(store, campaign_id, statuses);
+    while let Some(batch) = pledges.next().await? {
         let emails: Vec<NewEmail> = batch.iter().map(|(p, n)| email(p, *n)).collect();
         store.enqueue_emails(&emails, now_us).await?;
     }
+    Ok(())
 }
 
 /// Retries balances declined at least a day ago, with the key they had (an updated card is
@@ -814,16 +855,9 @@ async fn retry_declined_balances(
 ) -> Result<usize> {
     let now_us = micros(now);
     let cutoff = micros(now - retry_every());
-    let (mut retried, mut after) = (0, 0);
-    let declined = ("awaiting_balance", "balance", "declined");
-    loop {
-        let batch = store
-            .pledges_by_intent(&c.id, declined, after, CHUNK)
-            .await?;
-        let Some((last, _)) = batch.last() else {
-            break;
-        };
-        after = last.seq;
+    let mut retried = 0;
+    let mut declined = ByBalance::new(store, &c.id, ("awaiting_balance", "declined"));
+    while let Some(batch) = declined.next().await? {
         for (p, _) in &batch {
             let id = intent_id("balance", &p.id);
             let Some(intent) = store.intent(&id).await? else {

@@ -186,7 +186,7 @@ macro_rules! pledge_columns {
     };
 }
 
-/// A [`PledgeContact`] as selected, with its intent's attempt count last.
+/// A [`PledgeContact`] as selected, with its intent's status and attempt count last.
 type PledgeIntentTuple = (
     i64,
     String,
@@ -197,6 +197,7 @@ type PledgeIntentTuple = (
     Option<i64>,
     String,
     String,
+    Option<String>,
     i64,
 );
 
@@ -548,31 +549,33 @@ impl Store {
         }))
     }
 
-    /// Pledges of a campaign whose `purpose` intent is in `intent_status`, with contacts (for
-    /// the emails that follow a gateway result). Intents are found by their deterministic id
-    /// (`pi_{purpose}_{pledge}`), a unique-key lookup whatever the planner's statistics say.
-    /// Up to `limit` after `after_seq`, in `seq` order (page with the last `seq`).
-    pub async fn pledges_by_intent(
+    /// Up to `limit` pledges of a campaign in `pledge_status` after `after_seq`, in `seq`
+    /// order, with contacts and their `purpose` intent's status and attempts (`None` for a
+    /// pledge without one), for the emails and retries that follow gateway results. Callers
+    /// page with the last `seq` and filter on the intent: the chunk is taken from the pledges'
+    /// index first, so each read costs one chunk whatever the planner makes of the join.
+    /// Intents are found by their deterministic id (`pi_{purpose}_{pledge}`).
+    pub async fn pledges_with_intents(
         &self,
         campaign_id: &str,
-        (pledge_status, purpose, intent_status): (&str, &str, &str),
+        (pledge_status, purpose): (&str, &str),
         after_seq: i64,
         limit: i64,
-    ) -> StoreResult<Vec<(PledgeContact, i64)>> {
+    ) -> StoreResult<Vec<(PledgeContact, Option<String>, i64)>> {
         let rows: Vec<PledgeIntentTuple> = on_pool!(self, |pool| {
             sqlx::query_as(
                 "SELECT p.seq, p.id, p.shopper_id, p.qty, p.variant, p.deposit_minor,
-                            p.balance_minor, s.email, s.name, i.attempts
-                     FROM pledges p JOIN shoppers s ON s.id = p.shopper_id
-                     JOIN payment_intents i ON i.id = 'pi_' || $3 || '_' || p.id
-                     WHERE p.campaign_id = $1 AND p.status = $2 AND i.status = $4
-                       AND p.seq > $5
-                     ORDER BY p.seq LIMIT $6",
+                        p.balance_minor, s.email, s.name, i.status, COALESCE(i.attempts, 0)
+                 FROM (SELECT * FROM pledges
+                       WHERE campaign_id = $1 AND status = $2 AND seq > $4
+                       ORDER BY seq LIMIT $5) AS p
+                 JOIN shoppers s ON s.id = p.shopper_id
+                 LEFT JOIN payment_intents i ON i.id = 'pi_' || $3 || '_' || p.id
+                 ORDER BY p.seq",
             )
             .bind(campaign_id)
             .bind(pledge_status)
             .bind(purpose)
-            .bind(intent_status)
             .bind(after_seq)
             .bind(limit)
             .fetch_all(pool)
@@ -594,6 +597,7 @@ impl Store {
                         name: r.8,
                     },
                     r.9,
+                    r.10,
                 )
             })
             .collect())
