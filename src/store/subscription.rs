@@ -83,11 +83,14 @@ pub struct InvoiceRow {
     pub paid_at: Option<i64>,
 }
 
-/// How [`Store::put_grower_orders`] merges a row into a planned order of the same grower,
-/// item and ripening start.
+/// How [`Store::put_grower_orders`] merges rows into the planned orders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GrowerOrderMerge {
-    Replace,
+pub enum GrowerOrderMerge<'a> {
+    /// The rows are every order whose ripening starts in `[from, until)` (ISO dates): each
+    /// order's quantity becomes its row's, and a planned order there with no row is deleted
+    /// (its boxes were skipped or cancelled).
+    Replace { from: &'a str, until: &'a str },
+    /// Each row's quantity is added to the order of the same grower, item and ripening start.
     Add,
 }
 
@@ -842,21 +845,14 @@ impl Store {
         })
     }
 
-    /// Writes planned grower orders, one statement: `Replace` sets each order's quantity to
-    /// the row's (a full recomputation), `Add` adds the row's quantity to it (a new
-    /// subscription's boxes; concurrent adds both count). Orders already sent never change.
+    /// Writes planned grower orders in one transaction, as `merge` says (a full
+    /// recomputation, or a new subscription's boxes; concurrent adds both count). Orders
+    /// already sent never change.
     pub async fn put_grower_orders(
         &self,
         rows: &[GrowerOrderRow],
-        merge: GrowerOrderMerge,
+        merge: GrowerOrderMerge<'_>,
     ) -> StoreResult<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let qty = match merge {
-            GrowerOrderMerge::Replace => "excluded.qty",
-            GrowerOrderMerge::Add => "grower_orders.qty + excluded.qty",
-        };
         let json = super::json_array(rows.iter().map(|g| {
             (
                 &g.id,
@@ -869,7 +865,27 @@ impl Store {
                 &g.order_by,
             )
         }));
-        on_writer!(self, |pool| {
+        in_tx!(self, |tx| {
+            let qty = match merge {
+                GrowerOrderMerge::Replace { from, until } => {
+                    let sql = format!(
+                        "DELETE FROM grower_orders
+                         WHERE status = 'planned' AND ripening_start >= $2 AND ripening_start < $3
+                           AND NOT EXISTS (SELECT 1 FROM {} WHERE value->>2 = grower_orders.supplier
+                               AND value->>4 = grower_orders.sku
+                               AND value->>6 = grower_orders.ripening_start)",
+                        super::json_rows(&tx, 1)
+                    );
+                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .bind(&json)
+                        .bind(from)
+                        .bind(until)
+                        .execute(&mut *tx)
+                        .await?;
+                    "excluded.qty"
+                }
+                GrowerOrderMerge::Add => "grower_orders.qty + excluded.qty",
+            };
             let sql = format!(
                 "INSERT INTO grower_orders (id, week, supplier, supplier_email, sku, qty,
                      ripening_start, order_by, status, sent_at)
@@ -878,12 +894,13 @@ impl Store {
                  FROM {} WHERE true
                  ON CONFLICT (supplier, sku, ripening_start) DO UPDATE SET qty = {qty}
                  WHERE grower_orders.status = 'planned'",
-                super::json_rows(pool, 1)
+                super::json_rows(&tx, 1)
             );
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(&json)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+            tx.commit().await?;
         });
         Ok(())
     }

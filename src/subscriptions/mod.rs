@@ -584,9 +584,15 @@ async fn refresh_grower_orders(store: &Store, from: NaiveDate, until: NaiveDate)
         }
     }
     let rows = orders.rows();
-    store
-        .put_grower_orders(&rows, GrowerOrderMerge::Replace)
-        .await?;
+    // A box ripens before its delivery, so no delivery before the window has an order that
+    // ripens from `from` on, and none after it is planned yet (plans and signups look as far
+    // ahead): the planned orders ripening in the window are the window's to replace.
+    let (from, until) = (from.to_string(), until.to_string());
+    let window = GrowerOrderMerge::Replace {
+        from: &from,
+        until: &until,
+    };
+    store.put_grower_orders(&rows, window).await?;
     Ok(rows.len())
 }
 

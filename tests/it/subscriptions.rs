@@ -214,23 +214,47 @@ on_both_backends! {
     async fn grower_orders_go_out_on_their_order_by_dates(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(fruit_plan("24.90", 2)).await;
-        for name in ["Ann", "Ben", "Cid"] {
+        let mut subs = Vec::new();
+        for name in ["Ann", "Ben", "Cid", "Dee"] {
+            let (_, token) = app.shopper(name, "pm_ok").await;
+            let (status, body) = app.post("/api/v1/subscriptions", Some(&token), json!({
+                "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            subs.push((str_of(&body["id"]), token));
+        }
+        // Dee cancels: the next refresh takes her boxes out of the orders.
+        let (dee, dee_token) = subs.pop().unwrap();
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{dee}/cancel"), Some(&dee_token), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, week) = app.get("/api/v1/grower-orders?week=2026-W41", Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, StatusCode::OK, "{week}");
+        let orders = week["items"].as_array().unwrap().clone();
+        assert!(!orders.is_empty(), "{week}");
+        assert!(orders.iter().all(|o| o["status"] == "planned" && o["qty"].as_i64().unwrap() % 4 == 0), "four identical boxes, added by the signups: {week}");
+        // A full refresh (the job, run by hand before any order is due) recomputes every
+        // total from the boxes still wanted: three of four.
+        let (status, run) = app.post("/api/v1/ops/jobs/grower-orders/run", Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!((status, run["state"].as_str()), (StatusCode::ACCEPTED, Some("succeeded")), "{run}");
+        let (_, refreshed) = app.get("/api/v1/grower-orders?week=2026-W41", Some(ADMIN_TOKEN)).await;
+        let qty = |orders: &[Value]| orders.iter().map(|o| (str_of(&o["sku"]), str_of(&o["ripening_start"]), o["qty"].as_i64().unwrap())).collect::<Vec<_>>();
+        let three_quarters: Vec<_> = qty(&orders).into_iter().map(|(sku, start, q)| (sku, start, q / 4 * 3)).collect();
+        assert_eq!(qty(refreshed["items"].as_array().unwrap()), three_quarters, "{refreshed}");
+        // When every subscriber cancels, nothing is left to order.
+        for (id, token) in &subs {
+            let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/cancel"), Some(token), json!({})).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+        let (status, run) = app.post("/api/v1/ops/jobs/grower-orders/run", Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!((status, run["state"].as_str()), (StatusCode::ACCEPTED, Some("succeeded")), "{run}");
+        let (_, empty) = app.get("/api/v1/grower-orders?week=2026-W41", Some(ADMIN_TOKEN)).await;
+        assert_eq!(empty["items"], json!([]), "orders nobody wants are not kept: {empty}");
+        // Three subscribers again, for the sending below.
+        for name in ["Eve", "Fay", "Gus"] {
             let (_, token) = app.shopper(name, "pm_ok").await;
             let (status, body) = app.post("/api/v1/subscriptions", Some(&token), json!({
                 "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
             assert_eq!(status, StatusCode::CREATED, "{body}");
         }
-        let (status, week) = app.get("/api/v1/grower-orders?week=2026-W41", Some(ADMIN_TOKEN)).await;
-        assert_eq!(status, StatusCode::OK, "{week}");
-        let orders = week["items"].as_array().unwrap().clone();
-        assert!(!orders.is_empty(), "{week}");
-        assert!(orders.iter().all(|o| o["status"] == "planned" && o["qty"].as_i64().unwrap() % 3 == 0), "three identical boxes: {week}");
-        // Each signup added its own boxes; a full refresh (the job, run by hand before any
-        // order is due) recomputes every total from all boxes and finds the same.
-        let (status, run) = app.post("/api/v1/ops/jobs/grower-orders/run", Some(ADMIN_TOKEN), json!({})).await;
-        assert_eq!((status, run["state"].as_str()), (StatusCode::ACCEPTED, Some("succeeded")), "{run}");
-        let (_, refreshed) = app.get("/api/v1/grower-orders?week=2026-W41", Some(ADMIN_TOKEN)).await;
-        assert_eq!(refreshed["items"].as_array().unwrap(), &orders, "signups and the refresh agree");
         let first_order_by = orders.iter().map(|o| str_of(&o["order_by"])).min().unwrap();
         // grower-orders runs at 05:00 Berlin time (03:00 UTC in October).
         app.advance(&format!("{first_order_by}T02:00:00Z")).await;
