@@ -563,24 +563,51 @@ async fn catalog_by_sku(store: &Store) -> Result<BTreeMap<String, CatalogRow>> {
         .collect())
 }
 
-/// Recomputes the planned grower orders from every boxed delivery in `[from, until)`.
-async fn refresh_grower_orders(store: &Store, from: NaiveDate, until: NaiveDate) -> Result<usize> {
+/// Sums the boxes of every delivery in `[from, until)` into the planned grower orders, which
+/// then replace those ripening in the window. With `replan_at`, the boxes of deliveries still
+/// scheduled are planned anew first (provisionally, until each cutoff) and saved, so the
+/// orders count them without reading the deliveries twice. A chunk at a time: one read for
+/// its subscriptions, one write for its boxes, none kept past it. Returns how many boxes were
+/// planned and how many grower order lines were written.
+async fn plan_window(
+    store: &Store,
+    (from, until): (NaiveDate, NaiveDate),
+    replan_at: Option<DateTime<Utc>>,
+) -> Result<(usize, usize)> {
     let catalog = catalog_by_sku(store).await?;
     let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
+    let mut memo = HashMap::new();
     let mut orders = GrowerOrders::new(&catalog);
+    let mut planned = 0;
     let upcoming = store
         .deliveries_between(&from.to_string(), &until.to_string())
         .await?;
-    // A chunk at a time: one read for its subscriptions, none kept past it.
     for chunk in upcoming.chunks(CHUNK) {
         let ids: Vec<&str> = chunk.iter().map(|d| d.subscription_id.as_str()).collect();
         let subs = store.subscriptions_by_id(&ids).await?;
+        let mut boxes = Vec::new();
         for d in chunk {
             let Some(sub) = subs.get(&d.subscription_id) else {
                 continue;
             };
             let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
-            orders.add(plan, date_of(&d.delivery_date)?, &lines_of(d));
+            let date = date_of(&d.delivery_date)?;
+            let lines = match replan_at {
+                Some(now) if d.status == "scheduled" => {
+                    let lines = box_for(store, plan, sub, date, now, &mut memo).await?;
+                    boxes.push((
+                        d.id.clone(),
+                        serde_json::to_string(&lines).unwrap_or_default(),
+                    ));
+                    lines
+                }
+                _ => lines_of(d),
+            };
+            orders.add(plan, date, &lines);
+        }
+        if !boxes.is_empty() {
+            planned += boxes.len();
+            store.set_provisional_boxes(&boxes).await?;
         }
     }
     let rows = orders.rows();
@@ -593,7 +620,7 @@ async fn refresh_grower_orders(store: &Store, from: NaiveDate, until: NaiveDate)
         until: &until,
     };
     store.put_grower_orders(&rows, window).await?;
-    Ok(rows.len())
+    Ok((planned, rows.len()))
 }
 
 /// Plans the boxes of a new subscription's deliveries in the coming two weeks now (it can't
@@ -633,37 +660,8 @@ pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<U
 /// cutoff) and aggregates them into grower orders with their order-by dates.
 pub async fn run_plan(store: &Store, now: DateTime<Utc>) -> Result<serde_json::Value> {
     let today = now.date_naive();
-    let until = today + Duration::days(15);
-    let mut planned = 0;
-    let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
-    let mut memo = HashMap::new();
-    let upcoming = store
-        .deliveries_between(&today.to_string(), &until.to_string())
-        .await?;
-    for chunk in upcoming.chunks(CHUNK) {
-        // One read for the chunk's subscriptions, one write for its boxes.
-        let sub_ids: Vec<&str> = chunk.iter().map(|d| d.subscription_id.as_str()).collect();
-        let subs = store.subscriptions_by_id(&sub_ids).await?;
-        let mut boxes = Vec::with_capacity(chunk.len());
-        for d in chunk {
-            if d.status != "scheduled" {
-                continue;
-            }
-            let Some(sub) = subs.get(&d.subscription_id) else {
-                continue;
-            };
-            let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
-            let date = date_of(&d.delivery_date)?;
-            let lines = box_for(store, plan, sub, date, now, &mut memo).await?;
-            boxes.push((
-                d.id.clone(),
-                serde_json::to_string(&lines).unwrap_or_default(),
-            ));
-            planned += 1;
-        }
-        store.set_provisional_boxes(&boxes).await?;
-    }
-    let orders = refresh_grower_orders(store, today, until).await?;
+    let window = (today, today + Duration::days(15));
+    let (planned, orders) = plan_window(store, window, Some(now)).await?;
     Ok(json!({"boxes": planned, "grower_order_lines": orders}))
 }
 
@@ -671,7 +669,7 @@ pub async fn run_plan(store: &Store, now: DateTime<Utc>) -> Result<serde_json::V
 /// email with a CSV per grower), once.
 pub async fn run_grower_orders(store: &Store, now: DateTime<Utc>) -> Result<serde_json::Value> {
     let today = now.date_naive();
-    refresh_grower_orders(store, today, today + Duration::days(15)).await?;
+    plan_window(store, (today, today + Duration::days(15)), None).await?;
     let mut by_supplier: BTreeMap<String, Vec<GrowerOrderRow>> = BTreeMap::new();
     for g in store.grower_orders(None).await? {
         if g.status == "planned" && g.order_by.as_str() <= today.to_string().as_str() {
