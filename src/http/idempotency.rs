@@ -13,7 +13,8 @@ use super::extract::{idempotency_scope, too_large};
 use crate::app::AppState;
 use crate::batch::Batcher;
 use crate::store::{
-    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, Store, StoreResult, per_request,
+    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, Store, StoreResult, StoredResponse,
+    per_request,
 };
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
@@ -29,6 +30,13 @@ const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 fn abandon_after() -> chrono::Duration {
     chrono::Duration::minutes(5)
 }
+
+/// The key a request runs under, claimed by this layer (a request extension). A route whose
+/// commit is the point of no return (a join: units taken, a deposit charged) writes its
+/// response for the key in that same transaction, so a retry after a crash between the commit
+/// and the layer's own record replays it instead of running the request a second time.
+#[derive(Debug, Clone)]
+pub struct ClaimedKey(pub IdempotencyClaim);
 
 /// The group-commit queues for claims and completions. Cheap to clone.
 #[derive(Clone)]
@@ -107,7 +115,7 @@ async fn run_once(
         })?
         .to_owned();
     let scope = idempotency_scope(req.headers());
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let body = to_bytes(body, super::BODY_LIMIT)
         .await
         .map_err(|_| too_large().into_response())?;
@@ -129,17 +137,17 @@ async fn run_once(
     let begin = state
         .idempotency
         .begin
-        .call((claim, state.clock.now()))
+        .call((claim.clone(), state.clock.now()))
         .await
         .map_err(|e| ApiError::internal(&e).into_response())?
         .map_err(|e| ApiError::from(e).into_response())?;
     match begin {
         IdempotencyBegin::Run => {}
-        IdempotencyBegin::Replay {
+        IdempotencyBegin::Replay(StoredResponse {
             status,
             content_type,
             body,
-        } => {
+        }) => {
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
             if let Some(ct) = content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
@@ -167,6 +175,9 @@ async fn run_once(
         }
     }
 
+    // A route that commits state may remember its own response with that state (see
+    // `ClaimedKey`); the one remembered below, after the route answered, replaces it.
+    parts.extensions.insert(ClaimedKey(claim));
     let response = next.run(Request::from_parts(parts, Body::from(body))).await;
     let status = response.status();
     let remember = !(status.is_server_error()
@@ -190,9 +201,11 @@ async fn run_once(
     let done = IdempotencyDone {
         scope,
         key,
-        status: status.as_u16(),
-        content_type,
-        body: body.to_vec(),
+        response: StoredResponse {
+            status: status.as_u16(),
+            content_type,
+            body: body.to_vec(),
+        },
     };
     state
         .idempotency

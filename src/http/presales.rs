@@ -2,18 +2,21 @@
 
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller, Validation};
+use super::idempotency::ClaimedKey;
 use super::ops::{Page, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::identity::{Principal, parse_name, parse_time_zone};
 use crate::domain::money::{Currency, Money, UnitPrice};
 use crate::domain::presale::{self, Tier, check_tiers};
 use crate::ids::new_id;
-use crate::presales::{self, JoinRequest, Joined, Loaded, emails::purchase_order_csv};
-use crate::store::{CampaignRow, PledgeRow, PurchaseOrderRow, QuoteRow, instant, micros};
-use axum::Json;
+use crate::presales::{self, JoinKey, JoinRequest, Loaded, emails::purchase_order_csv};
+use crate::store::{
+    CampaignRow, PledgeRow, PurchaseOrderRow, QuoteRow, StoredResponse, instant, micros,
+};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -501,6 +504,7 @@ impl PledgeOut {
 async fn join(
     State(state): State<AppState>,
     caller: Caller,
+    key: Option<Extension<ClaimedKey>>,
     Path(id): Path<String>,
     ApiJson(input): ApiJson<PledgeIn>,
 ) -> Result<(StatusCode, Json<PledgeOut>), ApiError> {
@@ -508,7 +512,7 @@ async fn join(
     if !(1..=10_000).contains(&input.qty) {
         return Err(ApiError::field("qty", "must be 1–10000"));
     }
-    let (joined, l) = state
+    let (pledge, l) = state
         .joins
         .join(JoinRequest {
             campaign_id: id,
@@ -516,18 +520,34 @@ async fn join(
             qty: input.qty,
             variant: input.variant.map(|v| v.trim().to_owned()),
             now: state.clock.now(),
+            key: key.map(|Extension(ClaimedKey(claim))| JoinKey {
+                claim,
+                respond: remembered_join,
+            }),
         })
         .await?;
-    Ok(match joined {
-        Joined::Active(p) => (
-            StatusCode::CREATED,
-            Json(PledgeOut::of(p, &l.campaign, l.currency)),
-        ),
-        Joined::Pending(p) => (
-            StatusCode::ACCEPTED,
-            Json(PledgeOut::of(p, &l.campaign, l.currency)),
-        ),
-    })
+    Ok(join_answer(pledge, &l))
+}
+
+/// A join's answer for its pledge: 201 once the deposit went through (or none was due), 202
+/// while it is pending.
+fn join_answer(p: PledgeRow, l: &Loaded) -> (StatusCode, Json<PledgeOut>) {
+    let status = if p.status == "pending" {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::CREATED
+    };
+    (status, Json(PledgeOut::of(p, &l.campaign, l.currency)))
+}
+
+/// [`join_answer`] as remembered for the join's `Idempotency-Key` with the pledge.
+fn remembered_join(p: &PledgeRow, l: &Loaded) -> StoredResponse {
+    let (status, Json(body)) = join_answer(p.clone(), l);
+    StoredResponse {
+        status: status.as_u16(),
+        content_type: Some("application/json".into()),
+        body: serde_json::to_vec(&body).expect("a pledge serializes"),
+    }
 }
 
 /// A pledge the caller may see (its shopper or ops), else 404.

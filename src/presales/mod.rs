@@ -15,8 +15,9 @@ use crate::domain::money::{Currency, Money, UnitPrice};
 use crate::domain::presale::{self, JoinRefusal, Quote, Tier};
 use crate::payments::{Outcome, Payments, PaymentsError};
 use crate::store::{
-    CampaignRow, NewEmail, NewIntent, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow,
-    QuoteRow, Settlement, Store, StoreError, instant, micros,
+    CampaignRow, IdempotencyClaim, IdempotencyDone, NewEmail, NewIntent, NewPledge, PledgeContact,
+    PledgeRow, PledgeStep, PurchaseOrderRow, QuoteRow, Settlement, Store, StoreError,
+    StoredResponse, instant, micros,
 };
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
@@ -168,14 +169,6 @@ fn intent_id(purpose: &str, pledge_id: &str) -> String {
     format!("pi_{purpose}_{pledge_id}")
 }
 
-/// The result of a join.
-pub enum Joined {
-    /// The deposit went through; the pledge counts.
-    Active(PledgeRow),
-    /// The gateway has not answered yet; the pledge holds its units until it does.
-    Pending(PledgeRow),
-}
-
 /// A shopper's request to pledge `qty` units.
 #[derive(Debug, Clone)]
 pub struct JoinRequest {
@@ -184,10 +177,24 @@ pub struct JoinRequest {
     pub qty: i64,
     pub variant: Option<String>,
     pub now: DateTime<Utc>,
+    /// The `Idempotency-Key` the request runs under, if any.
+    pub key: Option<JoinKey>,
 }
 
-/// Answers to joins: the pledge with its campaign as it stood when the batch was taken.
-pub type JoinAnswer = Result<(Joined, Arc<Loaded>)>;
+/// A join's `Idempotency-Key` and the answer its request gives for a pledge as committed.
+/// The answer is remembered with the pledge, in the transaction that takes its units: a retry
+/// after a crash before the request's own answer was recorded replays it (the pledge, its
+/// deposit still pending) instead of joining, and charging, a second time.
+#[derive(Debug, Clone)]
+pub struct JoinKey {
+    pub claim: IdempotencyClaim,
+    pub respond: fn(&PledgeRow, &Loaded) -> StoredResponse,
+}
+
+/// Answers to joins: the pledge with its campaign as it stood when the batch was taken. The
+/// pledge is `active` once its deposit went through (or none was due), `pending` while the
+/// gateway has not answered (it holds its units until it does).
+pub type JoinAnswer = Result<(PledgeRow, Arc<Loaded>)>;
 
 /// The join queue: every join goes through one group-commit worker, so a stampede on a
 /// campaign costs a few commits per batch instead of several per join. Cheap to clone.
@@ -355,15 +362,24 @@ async fn join_campaign(
             memo: format!("deposit for {} × {}", r.qty, c.sku),
             first_sweep_at: micros(now + Duration::minutes(1)),
         });
+        let response = r.key.as_ref().map(|k| IdempotencyDone {
+            scope: k.claim.scope.clone(),
+            key: k.claim.key.clone(),
+            response: (k.respond)(&pledge, &l),
+        });
         joined_at.push(answers.len());
         answers.push(None);
-        joins.push((pledge, intent));
+        joins.push(NewPledge {
+            pledge,
+            deposit: intent,
+            response,
+        });
     }
     let (taken, begun) = store.join_campaign(&c.id, &joins, now_us).await?;
     let mut admitted = Vec::new();
-    for ((at, (pledge, intent)), refusal) in joined_at.into_iter().zip(joins).zip(taken) {
+    for ((at, join), refusal) in joined_at.into_iter().zip(joins).zip(taken) {
         match refusal {
-            Ok(()) => admitted.push((at, pledge, intent)),
+            Ok(()) => admitted.push((at, join.pledge, join.deposit)),
             Err(JoinRefusal::NotOpen) => {
                 answers[at] = Some(Err(PresaleError::NotOpen(format!(
                     "campaign {} is not open for pledges",
@@ -411,9 +427,9 @@ async fn join_campaign(
         answers[at] = Some(match outcome {
             Outcome::Succeeded => {
                 pledge.status = "active".into();
-                Ok((Joined::Active(pledge), l.clone()))
+                Ok((pledge, l.clone()))
             }
-            Outcome::Pending { .. } => Ok((Joined::Pending(pledge), l.clone())),
+            Outcome::Pending { .. } => Ok((pledge, l.clone())),
             Outcome::Declined { reason } => Err(PresaleError::Declined(reason)),
             Outcome::Failed { error } => Err(PresaleError::Declined(error)),
         });

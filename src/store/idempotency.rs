@@ -12,11 +12,7 @@ pub enum IdempotencyBegin {
     /// The key is new (or its earlier attempt was abandoned): run the request.
     Run,
     /// The same request already completed: send this response again.
-    Replay {
-        status: u16,
-        content_type: Option<String>,
-        body: Vec<u8>,
-    },
+    Replay(StoredResponse),
     /// The same key is still being processed by another request.
     InFlight,
     /// The key was used with a different request.
@@ -31,14 +27,20 @@ pub struct IdempotencyClaim {
     pub request_hash: String,
 }
 
+/// A response as remembered for a key, replayed byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
 /// The response to remember for a key.
 #[derive(Debug, Clone)]
 pub struct IdempotencyDone {
     pub scope: String,
     pub key: String,
-    pub status: u16,
-    pub content_type: Option<String>,
-    pub body: Vec<u8>,
+    pub response: StoredResponse,
 }
 
 #[derive(sqlx::FromRow)]
@@ -102,11 +104,11 @@ impl Store {
                 outcomes.push(if row.request_hash != claim.request_hash {
                     IdempotencyBegin::Mismatch
                 } else if let Some(status) = row.status_code {
-                    IdempotencyBegin::Replay {
+                    IdempotencyBegin::Replay(StoredResponse {
                         status: u16::try_from(status).unwrap_or(500),
                         content_type: row.content_type,
                         body: row.response_body.unwrap_or_default(),
-                    }
+                    })
                 } else if row.created_at < micros(now - abandon_after) {
                     // Guarded on the old created_at: of two takers, one wins.
                     let taken = sqlx::query(
@@ -135,30 +137,9 @@ impl Store {
         })
     }
 
-    /// Records the responses of requests that ran under their keys, in one transaction.
+    /// Records the responses of requests that ran under their keys.
     pub async fn idempotency_complete(&self, done: &[IdempotencyDone]) -> StoreResult<()> {
-        for chunk in done.chunks(super::rows_per_statement(5)) {
-            let values = super::value_rows(1, chunk.len(), 5, "");
-            let sql = format!(
-                "UPDATE idempotency_keys
-                 SET status_code = v.column3, content_type = v.column4, response_body = v.column5
-                 FROM (VALUES {}) AS v
-                 WHERE idempotency_keys.scope = v.column1 AND idempotency_keys.idem_key = v.column2",
-                values
-            );
-            on_writer!(self, |pool| {
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
-                for d in chunk {
-                    q = q
-                        .bind(&d.scope)
-                        .bind(&d.key)
-                        .bind(i64::from(d.status))
-                        .bind(&d.content_type)
-                        .bind(&d.body);
-                }
-                q.execute(pool).await?;
-            });
-        }
+        on_writer!(self, |pool| remember_responses!(pool, done));
         Ok(())
     }
 

@@ -393,6 +393,34 @@ macro_rules! insert_intents {
     }};
 }
 
+/// Remembers the responses of requests that ran under their `Idempotency-Key`s, on `$exec` (a
+/// pool, or `&mut *tx` to write them with the state they describe). Multi-row `VALUES`, chunked:
+/// the bodies are bytes, which a JSON array can't carry.
+macro_rules! remember_responses {
+    ($exec:expr, $done:expr) => {{
+        let done: &[$crate::store::IdempotencyDone] = $done;
+        for chunk in done.chunks($crate::store::rows_per_statement(5)) {
+            let sql = format!(
+                "UPDATE idempotency_keys
+                 SET status_code = v.column3, content_type = v.column4, response_body = v.column5
+                 FROM (VALUES {}) AS v
+                 WHERE idempotency_keys.scope = v.column1 AND idempotency_keys.idem_key = v.column2",
+                $crate::store::value_rows(1, chunk.len(), 5, "")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for d in chunk {
+                q = q
+                    .bind(&d.scope)
+                    .bind(&d.key)
+                    .bind(i64::from(d.response.status))
+                    .bind(&d.response.content_type)
+                    .bind(&d.response.body);
+            }
+            q.execute($exec).await?;
+        }
+    }};
+}
+
 /// Decides a refund inside the caller's transaction: takes its amount off the charge intent
 /// named by `refund_of` (guarded, so refunds never exceed the charge), commits the refund
 /// intent and books the decision (debit the intent's account, credit `refunds`). Evaluates to
@@ -437,12 +465,13 @@ mod sandbox;
 mod scheduler;
 mod subscription;
 
-pub use idempotency::{IdempotencyBegin, IdempotencyClaim, IdempotencyDone};
+pub use idempotency::{IdempotencyBegin, IdempotencyClaim, IdempotencyDone, StoredResponse};
 pub use identity::TokenSubject;
 pub use outbox::{NewAttachment, NewEmail, OUTBOX_JOB, OutboxRow};
 pub use payments::{AccountBalance, IntentFilter, IntentResult, IntentRow, LedgerCheck, NewIntent};
 pub use presale::{
-    CampaignRow, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow, QuoteRow, Settlement,
+    CampaignRow, NewPledge, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow, QuoteRow,
+    Settlement,
 };
 pub use sandbox::{SandboxPaymentRow, SandboxRefund};
 pub use scheduler::{Claimed, JobDefRow, JobRunRow, NewRun, RunFilter, SchedulerInstanceRow};

@@ -2,7 +2,7 @@
 //! the row's status (so a re-run or a race changes nothing twice), and the joins' capacity
 //! guard is one conditional `UPDATE` of the campaign's pooled quantity backed by a `CHECK`.
 
-use super::{IntentRow, NewEmail, NewIntent, Store, StoreResult};
+use super::{IdempotencyDone, IntentRow, NewEmail, NewIntent, Store, StoreResult};
 use crate::domain::ledger::JournalEntry;
 use crate::domain::presale::{JoinRefusal, admit};
 use serde::Serialize;
@@ -106,7 +106,7 @@ pub struct CampaignRow {
 /// caller's transaction.
 macro_rules! insert_pledges {
     ($tx:ident, $rows:expr, $now:expr) => {{
-        let rows: &[&(PledgeRow, Option<NewIntent>)] = $rows;
+        let rows: &[&NewPledge] = $rows;
         let sql = format!(
             "INSERT INTO pledges (id, campaign_id, shopper_id, qty, variant, status,
                  deposit_minor, price_ceiling_minor, created_at, balance_minor, balance_paid_at,
@@ -117,7 +117,7 @@ macro_rules! insert_pledges {
              FROM {}",
             super::json_rows(&$tx, 1)
         );
-        let json = super::json_array(rows.iter().map(|(p, _)| {
+        let json = super::json_array(rows.iter().map(|NewPledge { pledge: p, .. }| {
             (
                 &p.id,
                 &p.campaign_id,
@@ -157,6 +157,17 @@ pub struct QuoteRow {
     pub capacity: Option<i64>,
     pub lead_time_days: i64,
     pub created_at: i64,
+}
+
+/// A pledge to write in a join batch ([`Store::join_campaign`]).
+#[derive(Debug, Clone)]
+pub struct NewPledge {
+    pub pledge: PledgeRow,
+    /// The deposit to charge; none when nothing is due.
+    pub deposit: Option<NewIntent>,
+    /// The answer to remember for the joining request's `Idempotency-Key`, written with the
+    /// pledge: a retry after a crash then replays it instead of joining a second time.
+    pub response: Option<IdempotencyDone>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
@@ -424,11 +435,12 @@ impl Store {
     /// Refused pledges write nothing. The update is guarded on the quantity read, so a
     /// concurrent writer (another instance) makes the batch start over, never oversell.
     /// The deposit intents are inserted with their first attempt taken, and returned, for
-    /// the caller to send at once.
+    /// the caller to send at once. An admitted pledge's `response` is remembered for its
+    /// `Idempotency-Key` in the same transaction.
     pub async fn join_campaign(
         &self,
         campaign_id: &str,
-        joins: &[(PledgeRow, Option<NewIntent>)],
+        joins: &[NewPledge],
         now: i64,
     ) -> StoreResult<(Vec<Result<(), JoinRefusal>>, Vec<IntentRow>)> {
         loop {
@@ -445,7 +457,7 @@ impl Store {
                 let Some((pooled, capacity, true)) = state else {
                     return Ok((vec![Err(JoinRefusal::NotOpen); joins.len()], Vec::new()));
                 };
-                let (answers, total) = admit(joins.iter().map(|(p, _)| p.qty), pooled, capacity);
+                let (answers, total) = admit(joins.iter().map(|j| j.pledge.qty), pooled, capacity);
                 if total == 0 {
                     return Ok((answers, Vec::new()));
                 }
@@ -462,7 +474,7 @@ impl Store {
                 if taken == 0 {
                     None
                 } else {
-                    let admitted: Vec<&(PledgeRow, Option<NewIntent>)> = joins
+                    let admitted: Vec<&NewPledge> = joins
                         .iter()
                         .zip(&answers)
                         .filter(|(_, a)| a.is_ok())
@@ -470,12 +482,15 @@ impl Store {
                         .collect();
                     insert_pledges!(tx, &admitted, now);
                     let intents: Vec<&NewIntent> =
-                        admitted.iter().filter_map(|(_, i)| i.as_ref()).collect();
+                        admitted.iter().filter_map(|j| j.deposit.as_ref()).collect();
                     let begun = if intents.is_empty() {
                         Vec::new()
                     } else {
                         insert_intents!(tx, &intents, now, begun)
                     };
+                    let responses: Vec<IdempotencyDone> =
+                        admitted.iter().filter_map(|j| j.response.clone()).collect();
+                    remember_responses!(&mut *tx, &responses);
                     tx.commit().await?;
                     Some((answers, begun))
                 }

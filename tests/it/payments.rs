@@ -2,7 +2,7 @@
 //! intents with retries, ops charges and refunds over HTTP, the ledger's database checks, and a
 //! process killed between the gateway's answer and its recording.
 
-use crate::cli::{pooled, serve};
+use crate::cli::{Served, pooled, serve};
 use crate::helpers::{ADMIN_TOKEN, TestApp, TestDb, str_of};
 use crate::on_both_backends;
 use pooled::config::DatabaseUrl;
@@ -362,23 +362,27 @@ on_both_backends! {
     }
 }
 
+/// Serves `db` on a manual clock from 2026-06-01; with `crash`, the process aborts right after
+/// its first gateway call, before recording the answer.
+fn serve_manual(db: &TestDb, crash: bool) -> Served {
+    let mut cmd = pooled(db.dir.path());
+    cmd.env("POOLED_CLOCK", "manual")
+        .env("POOLED_CLOCK_START", "2026-06-01T00:00:00Z")
+        .env("POOLED_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("DATABASE_URL", db.url_string());
+    if crash {
+        cmd.env("POOLED_DEBUG_CRASH", "after-gateway-call");
+    }
+    serve(cmd)
+}
+
 /// SIGKILL-equivalent between the gateway's answer and its recording: the restarted process
 /// resends the same key and records the one charge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_charge_and_record_charges_once() {
     for backend in crate::helpers::backends() {
         let db = TestDb::new(backend);
-        let start = |crash: bool| {
-            let mut cmd = pooled(db.dir.path());
-            cmd.env("POOLED_CLOCK", "manual")
-                .env("POOLED_CLOCK_START", "2026-06-01T00:00:00Z")
-                .env("POOLED_ADMIN_TOKEN", ADMIN_TOKEN)
-                .env("DATABASE_URL", db.url_string());
-            if crash {
-                cmd.env("POOLED_DEBUG_CRASH", "after-gateway-call");
-            }
-            serve(cmd)
-        };
+        let start = |crash: bool| serve_manual(&db, crash);
         let client = reqwest::Client::new();
         let mut first = start(true);
         let res: Value = client
@@ -457,6 +461,153 @@ async fn a_crash_between_charge_and_record_charges_once() {
         assert_eq!(body["id"], intents["items"][0]["id"]);
         let payments = get("/api/v1/ops/payments").await;
         assert_eq!(payments["items"].as_array().unwrap().len(), 1);
+    }
+}
+
+/// A join dies between its deposit's charge and the recording of the answer: the pledge and
+/// its units are committed, the request's own answer never is. The client's retries with the
+/// same `Idempotency-Key`, before and after the dead request's claim lapses, replay the pledge
+/// committed with the units; nothing joins or charges twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_that_crashes_mid_way_is_replayed_not_joined_twice() {
+    for backend in crate::helpers::backends() {
+        let db = TestDb::new(backend);
+        let client = reqwest::Client::new();
+        let admin_post = |base: &str, path: &str, body: Value| {
+            client
+                .post(format!("{base}{path}"))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&body)
+                .send()
+        };
+        let first = serve_manual(&db, true);
+        let factory: Value = admin_post(
+            &first.base,
+            "/api/v1/manufacturers",
+            json!({"name": "Northwind", "email": "northwind@factory.example"}),
+        )
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        let campaign: Value = admin_post(
+            &first.base,
+            "/api/v1/campaigns",
+            json!({
+            "title": "Rain jacket", "sku": "RJ-26", "currency": "EUR", "reference_price": "100.00",
+            "deposit_percent": "10", "opens_at": "2026-06-01T00:00:00Z",
+            "closes_at": "2026-06-08T00:00:00Z", "time_zone": "UTC",
+            "quotes": [{"manufacturer_id": factory["id"], "lead_time_days": 30, "capacity": 100,
+                        "tiers": [{"min_qty": 1, "unit_price": "80.00"}]}]}),
+        )
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        let shopper: Value = client
+            .post(format!("{}/api/v1/shoppers", first.base))
+            .json(&json!({"name": "Ana", "email": "ana@example.com", "payment_token": "pm_ok"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = str_of(&shopper["token"]);
+        let join = |base: &str| {
+            client
+                .post(format!(
+                    "{base}/api/v1/campaigns/{}/pledges",
+                    str_of(&campaign["id"])
+                ))
+                .bearer_auth(&token)
+                .header("Idempotency-Key", "join-1")
+                .json(&json!({"qty": 2}))
+                .send()
+        };
+        assert!(
+            join(&first.base).await.is_err(),
+            "the process died mid-request"
+        );
+        let mut first = first;
+        assert!(!first.child.wait().unwrap().success());
+
+        let second = serve_manual(&db, false);
+        let replayed = |res: reqwest::Response| async move {
+            assert_eq!(res.headers()["idempotent-replayed"], "true");
+            (res.status(), res.json::<Value>().await.unwrap())
+        };
+        // At once: the answer committed with the pledge (its deposit was pending then).
+        let (status, pledge) = replayed(join(&second.base).await.unwrap()).await;
+        assert_eq!(
+            (status, pledge["status"].as_str(), pledge["qty"].as_i64()),
+            (StatusCode::ACCEPTED, Some("pending"), Some(2)),
+            "{pledge}"
+        );
+        // After the dead claim would have lapsed (5 minutes) and the deposit's retry ran.
+        let res = admin_post(
+            &second.base,
+            "/api/v1/ops/clock/advance",
+            json!({"to": "2026-06-01T00:10:00Z"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let (status, again) = replayed(join(&second.base).await.unwrap()).await;
+        assert_eq!(
+            (status, &again["id"]),
+            (StatusCode::ACCEPTED, &pledge["id"])
+        );
+
+        let get = |path: String, bearer: String| {
+            let (client, url) = (client.clone(), format!("{}{path}", second.base));
+            async move {
+                client
+                    .get(url)
+                    .bearer_auth(bearer)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<Value>()
+                    .await
+                    .unwrap()
+            }
+        };
+        let mine = get(
+            format!("/api/v1/shoppers/{}/pledges", str_of(&shopper["id"])),
+            token.clone(),
+        )
+        .await;
+        let items = mine["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "one pledge: {mine}");
+        assert_eq!(
+            (&items[0]["id"], items[0]["status"].as_str()),
+            (&pledge["id"], Some("active"))
+        );
+        let c = get(
+            format!("/api/v1/campaigns/{}", str_of(&campaign["id"])),
+            token.clone(),
+        )
+        .await;
+        assert_eq!(c["pooled_qty"], 2, "{c}");
+        let payments = get("/api/v1/ops/payments".into(), ADMIN_TOKEN.into()).await;
+        let charges = payments["items"].as_array().unwrap();
+        assert_eq!(charges.len(), 1, "one deposit charged: {payments}");
+        assert_eq!(
+            (charges[0]["amount"].as_str(), charges[0]["status"].as_str()),
+            (Some("20.00"), Some("succeeded"))
+        );
+        let check = get("/api/v1/ops/ledger/check".into(), ADMIN_TOKEN.into()).await;
+        assert_eq!(
+            (
+                check["balanced"].as_bool(),
+                check["gateway_matches"].as_bool()
+            ),
+            (Some(true), Some(true)),
+            "{check}"
+        );
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::helpers::{ADMIN_TOKEN, TestApp, str_of};
 use crate::on_both_backends;
 use pooled::domain::presale::JoinRefusal;
-use pooled::store::{NewIntent, PledgeRow, Store, micros};
+use pooled::store::{NewPledge, PledgeRow, Store, micros};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -406,12 +406,7 @@ on_both_backends! {
 }
 
 /// Five paid-for pledges of one unit each, as a join batch (no deposit to charge).
-fn five_pledges(
-    prefix: &str,
-    campaign: &str,
-    shopper: &str,
-    now: i64,
-) -> Vec<(PledgeRow, Option<NewIntent>)> {
+fn five_pledges(prefix: &str, campaign: &str, shopper: &str, now: i64) -> Vec<NewPledge> {
     (0..5)
         .map(|i| {
             let pledge = PledgeRow {
@@ -431,7 +426,11 @@ fn five_pledges(
                 ended_at: None,
                 updated_at: now,
             };
-            (pledge, None)
+            NewPledge {
+                pledge,
+                deposit: None,
+                response: None,
+            }
         })
         .collect()
 }

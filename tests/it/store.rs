@@ -5,7 +5,9 @@ use crate::on_both_backends;
 use chrono::{TimeZone, Utc};
 use pooled::domain::identity::{Principal, Shopper};
 use pooled::ids::hash_token;
-use pooled::store::{IdempotencyBegin, IdempotencyClaim, IdempotencyDone, Store, StoreError};
+use pooled::store::{
+    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, Store, StoreError, StoredResponse,
+};
 use std::collections::BTreeSet;
 
 fn versions(dir: &str) -> BTreeSet<String> {
@@ -84,14 +86,16 @@ on_both_backends! {
         let done = IdempotencyDone {
             scope: "s".into(),
             key: "k".into(),
-            status: 201,
-            content_type: Some("application/json".into()),
-            body: b"{}".to_vec(),
+            response: StoredResponse {
+                status: 201,
+                content_type: Some("application/json".into()),
+                body: b"{}".to_vec(),
+            },
         };
-        store.idempotency_complete(&[done]).await.unwrap();
+        store.idempotency_complete(std::slice::from_ref(&done)).await.unwrap();
         assert_eq!(
             begin(claim("s", "h"), later).await,
-            IdempotencyBegin::Replay { status: 201, content_type: Some("application/json".into()), body: b"{}".to_vec() }
+            IdempotencyBegin::Replay(done.response.clone())
         );
         // Another scope is another key; the same key twice in one batch runs once.
         assert_eq!(
