@@ -707,8 +707,11 @@ impl Dialect for sqlx::Sqlite {
 }
 
 impl Dialect for sqlx::Postgres {
+    // `jsonb`, not `json`: `value->>i` on a `json` element parses its text again for every
+    // column read, which made JSON parsing PostgreSQL's busiest work in a join batch;
+    // `jsonb` is parsed once (renewal +29 %, settlement +17 % at 10,000 / 20,000).
     fn json_rows(n: usize) -> String {
-        format!("json_array_elements(${n}::json)")
+        format!("jsonb_array_elements(${n}::jsonb)")
     }
 }
 
