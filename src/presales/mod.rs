@@ -779,12 +779,7 @@ pub async fn run_balances(
             continue;
         }
         // The window is over. A balance still being charged decides its pledge: wait for it.
-        let pending = ("awaiting_balance", "pending");
-        if ByBalance::new(store, &c.id, pending)
-            .next()
-            .await?
-            .is_some()
-        {
+        if store.balance_pending(&c.id).await? {
             summary.push(json!({"campaign": c.id, "waiting_for_balances": true}));
             continue;
         }

@@ -564,6 +564,22 @@ impl Store {
         }))
     }
 
+    /// Whether a pledge of the campaign still awaits a balance the gateway has not answered.
+    /// Read from the pending intents' side: there are few of them, whatever the campaign's size.
+    pub async fn balance_pending(&self, campaign_id: &str) -> StoreResult<bool> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_scalar(
+                "SELECT EXISTS (
+                     SELECT 1 FROM payment_intents i JOIN pledges p ON p.id = i.subject_id
+                     WHERE i.status = 'pending' AND i.purpose = 'balance'
+                       AND p.campaign_id = $1 AND p.status = 'awaiting_balance')",
+            )
+            .bind(campaign_id)
+            .fetch_one(pool)
+            .await?
+        }))
+    }
+
     /// Up to `limit` pledges of a campaign in `pledge_status` after `after_seq`, in `seq`
     /// order, with contacts and their `purpose` intent's status and attempts (`None` for a
     /// pledge without one), for the emails and retries that follow gateway results. Callers

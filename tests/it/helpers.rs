@@ -368,3 +368,35 @@ pub fn str_of(v: &Value) -> String {
         .unwrap_or_else(|| panic!("expected a string, got {v}"))
         .to_owned()
 }
+
+/// Runs raw statements in one transaction on a connection of our own, past the store's checks.
+pub async fn raw_tx(url: &DatabaseUrl, statements: &[&str]) -> Result<(), sqlx::Error> {
+    use sqlx::{Connection, Executor};
+    async fn run<C>(conn: &mut C, statements: &[&str]) -> Result<(), sqlx::Error>
+    where
+        C: Connection,
+        for<'c> &'c mut <C::Database as sqlx::Database>::Connection:
+            Executor<'c, Database = C::Database>,
+    {
+        let mut tx = conn.begin().await?;
+        for sql in statements {
+            tx.execute(sqlx::AssertSqlSafe(sql.to_string())).await?;
+        }
+        tx.commit().await
+    }
+    match url {
+        DatabaseUrl::Sqlite(path) => {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(path)
+                .foreign_keys(true);
+            run(
+                &mut sqlx::SqliteConnection::connect_with(&options).await?,
+                statements,
+            )
+            .await
+        }
+        DatabaseUrl::Postgres(url) => {
+            run(&mut sqlx::PgConnection::connect(url).await?, statements).await
+        }
+    }
+}

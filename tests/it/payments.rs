@@ -3,9 +3,8 @@
 //! process killed between the gateway's answer and its recording.
 
 use crate::cli::{Served, pooled, serve};
-use crate::helpers::{ADMIN_TOKEN, TestApp, TestDb, str_of};
+use crate::helpers::{ADMIN_TOKEN, TestApp, TestDb, raw_tx, str_of};
 use crate::on_both_backends;
-use pooled::config::DatabaseUrl;
 use pooled::domain::ledger::Account;
 use pooled::domain::money::{Currency, Money};
 use pooled::payments::gateway::{
@@ -302,38 +301,6 @@ on_both_backends! {
     }
 }
 
-/// Runs raw statements in one transaction on a connection of our own, past the store's checks.
-async fn raw_tx(db: &TestDb, statements: &[&'static str]) -> Result<(), sqlx::Error> {
-    use sqlx::{Connection, Executor};
-    async fn run<C>(conn: &mut C, statements: &[&'static str]) -> Result<(), sqlx::Error>
-    where
-        C: Connection,
-        for<'c> &'c mut <C::Database as sqlx::Database>::Connection:
-            Executor<'c, Database = C::Database>,
-    {
-        let mut tx = conn.begin().await?;
-        for sql in statements {
-            tx.execute(*sql).await?;
-        }
-        tx.commit().await
-    }
-    match &db.url {
-        DatabaseUrl::Sqlite(path) => {
-            let options = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(path)
-                .foreign_keys(true);
-            run(
-                &mut sqlx::SqliteConnection::connect_with(&options).await?,
-                statements,
-            )
-            .await
-        }
-        DatabaseUrl::Postgres(url) => {
-            run(&mut sqlx::PgConnection::connect(url).await?, statements).await
-        }
-    }
-}
-
 on_both_backends! {
     async fn the_database_refuses_unbalanced_or_edited_entries(backend) {
         let db = TestDb::new(backend);
@@ -347,14 +314,14 @@ on_both_backends! {
                         VALUES ('je_y', 0, 'gateway_clearing', 100), ('je_y', 1, 'deposits_held', -100)";
         let entry_y = "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event, memo, created_at)
                        VALUES ('je_y', 'EUR', 'test', 'y', 'posted', 'y', 0)";
-        assert!(raw_tx(&db, &[lines, entry]).await.is_err(), "an unbalanced entry is refused");
-        raw_tx(&db, &[balanced, entry_y]).await.expect("a balanced entry is accepted");
+        assert!(raw_tx(&db.url, &[lines, entry]).await.is_err(), "an unbalanced entry is refused");
+        raw_tx(&db.url, &[balanced, entry_y]).await.expect("a balanced entry is accepted");
         for sql in [
             "UPDATE ledger_lines SET amount_minor = 5 WHERE entry_id = 'je_y'",
             "DELETE FROM ledger_entries WHERE id = 'je_y'",
             "INSERT INTO ledger_lines (entry_id, line_no, account, amount_minor) VALUES ('je_y', 2, 'refunds', 1)",
         ] {
-            assert!(raw_tx(&db, &[sql]).await.is_err(), "refused: {sql}");
+            assert!(raw_tx(&db.url, &[sql]).await.is_err(), "refused: {sql}");
         }
         let check = store.ledger_check().await.unwrap();
         assert_eq!((check.balanced, check.entries), (true, 1), "{check:?}");

@@ -2,7 +2,7 @@
 //! reaches 30% off, a campaign below its minimum, defaults in the balance window, a split
 //! award, a deadline at local midnight across DST, and a stampede of concurrent joins.
 
-use crate::helpers::{ADMIN_TOKEN, TestApp, str_of};
+use crate::helpers::{ADMIN_TOKEN, TestApp, raw_tx, str_of};
 use crate::on_both_backends;
 use pooled::domain::presale::JoinRefusal;
 use pooled::store::{NewPledge, PledgeRow, Store, micros};
@@ -402,6 +402,42 @@ on_both_backends! {
         assert_eq!(c["pooled_qty"], 150);
         assert_eq!(app.gateway_totals().await["charge"], (150, 150 * 2000));
         app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn the_window_ends_only_once_no_balance_is_still_being_charged(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-07-25T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let mut body = jacket(&factory, "2026-07-26T00:00:00Z", "2026-08-01T00:00:00Z");
+        body["quotes"][0]["tiers"] = json!([{"min_qty": 1, "unit_price": "180.00"}]);
+        let id = str_of(&app.campaign(body).await["id"]);
+        app.advance("2026-07-26T00:00:00Z").await;
+        let mut pledges = Vec::new();
+        for name in ["Ana", "Bo"] {
+            let (_, token) = app.shopper(name, "pm_ok").await;
+            let (status, p) = app.pledge(&id, &token, json!({"qty": 2, "variant": "M"})).await;
+            assert_eq!(status, StatusCode::CREATED, "{p}");
+            pledges.push(str_of(&p["id"]));
+        }
+        app.advance("2026-08-01T00:05:00Z").await;
+        let store = &app.state.store;
+        assert!(!store.balance_pending(&id).await.unwrap(), "both balances are paid");
+        // Bo's balance is still with the gateway, its retry planned after the window's end.
+        let bo = &pledges[1];
+        let stuck = [
+            format!("UPDATE pledges SET status = 'awaiting_balance' WHERE id = '{bo}'"),
+            format!("UPDATE payment_intents SET status = 'pending', next_attempt_at = 9000000000000000
+                     WHERE id = 'pi_balance_{bo}'"),
+        ];
+        let stuck: Vec<&str> = stuck.iter().map(String::as_str).collect();
+        raw_tx(&app.state.settings.database, &stuck).await.unwrap();
+        assert!(store.balance_pending(&id).await.unwrap());
+        app.advance("2026-08-04T00:00:00Z").await;
+        let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
+        assert_eq!(c["status"], "settling", "the window waits for Bo's answer: {c}");
+        let (_, orders) = app.get("/api/v1/purchase-orders", Some(ADMIN_TOKEN)).await;
+        assert_eq!(orders["items"], json!([]), "no purchase order yet");
     }
 }
 
