@@ -1,7 +1,9 @@
 //! The `pooled` binary as a newcomer meets it: bad configuration ends with one clear line and a
 //! non-zero exit; `serve` answers on both backends and stops gracefully on SIGTERM.
 
-use crate::helpers::{Backend, TestDb, postgres_server};
+use crate::helpers::{Backend, TestDb, call_json, postgres_server};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -90,6 +92,20 @@ fn bad_configuration_ends_with_one_clear_line() {
 pub struct Served {
     pub child: Child,
     pub base: String,
+}
+
+impl Served {
+    /// GET `path` of this process as JSON.
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        let client = reqwest::Client::new();
+        call_json(&client, &self.base, Method::GET, path, token, None).await
+    }
+
+    /// POST `body` to `path` of this process as JSON.
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        let client = reqwest::Client::new();
+        call_json(&client, &self.base, Method::POST, path, token, Some(body)).await
+    }
 }
 
 impl Drop for Served {

@@ -76,18 +76,12 @@ async fn a_run_killed_with_its_process_is_reaped_and_retried() {
     // Wait until the prune run is running, then kill the process mid-run.
     let running = async {
         loop {
-            let res: serde_json::Value = client
-                .get(format!(
-                    "{}/api/v1/ops/runs?job=maintenance-prune&state=running",
-                    first.base
-                ))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let (_, res) = first
+                .get(
+                    "/api/v1/ops/runs?job=maintenance-prune&state=running",
+                    Some(ADMIN_TOKEN),
+                )
+                .await;
             if let Some(run) = res["items"].as_array().and_then(|a| a.first()) {
                 return str_of(&run["id"]);
             }

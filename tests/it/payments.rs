@@ -329,6 +329,19 @@ on_both_backends! {
     }
 }
 
+/// Signs up Ana (a card that pays) on `served`; her shopper as created.
+async fn ana(served: &Served) -> Value {
+    let (status, shopper) = served
+        .post(
+            "/api/v1/shoppers",
+            None,
+            json!({"name": "Ana", "email": "ana@example.com", "payment_token": "pm_ok"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{shopper}");
+    shopper
+}
+
 /// Serves `db` on a manual clock from 2026-06-01; with `crash`, the process aborts right after
 /// its first gateway call, before recording the answer.
 fn serve_manual(db: &TestDb, crash: bool) -> Served {
@@ -352,16 +365,7 @@ async fn a_crash_between_charge_and_record_charges_once() {
         let start = |crash: bool| serve_manual(&db, crash);
         let client = reqwest::Client::new();
         let mut first = start(true);
-        let res: Value = client
-            .post(format!("{}/api/v1/shoppers", first.base))
-            .json(&json!({"name": "Ana", "email": "ana@example.com", "payment_token": "pm_ok"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let shopper = str_of(&res["id"]);
+        let shopper = str_of(&ana(&first).await["id"]);
         let charge = |base: &str| {
             client
                 .post(format!("{base}/api/v1/ops/payments/charges"))
@@ -379,19 +383,8 @@ async fn a_crash_between_charge_and_record_charges_once() {
 
         let second = start(false);
         let get = |path: &'static str| {
-            let url = format!("{}{path}", second.base);
-            let client = client.clone();
-            async move {
-                client
-                    .get(url)
-                    .bearer_auth(ADMIN_TOKEN)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json::<Value>()
-                    .await
-                    .unwrap()
-            }
+            let second = &second;
+            async move { second.get(path, Some(ADMIN_TOKEN)).await.1 }
         };
         let payments = get("/api/v1/ops/payments").await;
         let items = payments["items"].as_array().unwrap();
@@ -414,14 +407,14 @@ async fn a_crash_between_charge_and_record_charges_once() {
         );
         // The client's retry with the same key, once the dead request's claim has lapsed,
         // finds the same charge.
-        let res = client
-            .post(format!("{}/api/v1/ops/clock/advance", second.base))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&json!({"to": "2026-06-01T00:06:00Z"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
+        let (status, _) = second
+            .post(
+                "/api/v1/ops/clock/advance",
+                Some(ADMIN_TOKEN),
+                json!({"to": "2026-06-01T00:06:00Z"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
         let res = charge(&second.base).await.unwrap();
         assert_eq!(res.status(), StatusCode::CREATED);
         let body: Value = res.json().await.unwrap();
@@ -440,48 +433,25 @@ async fn a_join_that_crashes_mid_way_is_replayed_not_joined_twice() {
     for backend in crate::helpers::backends() {
         let db = TestDb::new(backend);
         let client = reqwest::Client::new();
-        let admin_post = |base: &str, path: &str, body: Value| {
-            client
-                .post(format!("{base}{path}"))
-                .bearer_auth(ADMIN_TOKEN)
-                .json(&body)
-                .send()
-        };
         let first = serve_manual(&db, true);
-        let factory: Value = admin_post(
-            &first.base,
-            "/api/v1/manufacturers",
-            json!({"name": "Northwind", "email": "northwind@factory.example"}),
-        )
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-        let campaign: Value = admin_post(
-            &first.base,
-            "/api/v1/campaigns",
-            json!({
-            "title": "Rain jacket", "sku": "RJ-26", "currency": "EUR", "reference_price": "100.00",
-            "deposit_percent": "10", "opens_at": "2026-06-01T00:00:00Z",
-            "closes_at": "2026-06-08T00:00:00Z", "time_zone": "UTC",
-            "quotes": [{"manufacturer_id": factory["id"], "lead_time_days": 30, "capacity": 100,
-                        "tiers": [{"min_qty": 1, "unit_price": "80.00"}]}]}),
-        )
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-        let shopper: Value = client
-            .post(format!("{}/api/v1/shoppers", first.base))
-            .json(&json!({"name": "Ana", "email": "ana@example.com", "payment_token": "pm_ok"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let admin = Some(ADMIN_TOKEN);
+        let (_, factory) = first
+            .post(
+                "/api/v1/manufacturers",
+                admin,
+                json!({"name": "Northwind", "email": "northwind@factory.example"}),
+            )
+            .await;
+        let (status, campaign) = first
+            .post("/api/v1/campaigns", admin, json!({
+                "title": "Rain jacket", "sku": "RJ-26", "currency": "EUR", "reference_price": "100.00",
+                "deposit_percent": "10", "opens_at": "2026-06-01T00:00:00Z",
+                "closes_at": "2026-06-08T00:00:00Z", "time_zone": "UTC",
+                "quotes": [{"manufacturer_id": factory["id"], "lead_time_days": 30, "capacity": 100,
+                            "tiers": [{"min_qty": 1, "unit_price": "80.00"}]}]}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{campaign}");
+        let shopper = ana(&first).await;
         let token = str_of(&shopper["token"]);
         let join = |base: &str| {
             client
@@ -514,59 +484,47 @@ async fn a_join_that_crashes_mid_way_is_replayed_not_joined_twice() {
             "{pledge}"
         );
         // After the dead claim would have lapsed (5 minutes) and the deposit's retry ran.
-        let res = admin_post(
-            &second.base,
-            "/api/v1/ops/clock/advance",
-            json!({"to": "2026-06-01T00:10:00Z"}),
-        )
-        .await
-        .unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
+        let (status, _) = second
+            .post(
+                "/api/v1/ops/clock/advance",
+                admin,
+                json!({"to": "2026-06-01T00:10:00Z"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
         let (status, again) = replayed(join(&second.base).await.unwrap()).await;
         assert_eq!(
             (status, &again["id"]),
             (StatusCode::ACCEPTED, &pledge["id"])
         );
 
-        let get = |path: String, bearer: String| {
-            let (client, url) = (client.clone(), format!("{}{path}", second.base));
-            async move {
-                client
-                    .get(url)
-                    .bearer_auth(bearer)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json::<Value>()
-                    .await
-                    .unwrap()
-            }
-        };
-        let mine = get(
-            format!("/api/v1/shoppers/{}/pledges", str_of(&shopper["id"])),
-            token.clone(),
-        )
-        .await;
+        let (_, mine) = second
+            .get(
+                &format!("/api/v1/shoppers/{}/pledges", str_of(&shopper["id"])),
+                Some(&token),
+            )
+            .await;
         let items = mine["items"].as_array().unwrap();
         assert_eq!(items.len(), 1, "one pledge: {mine}");
         assert_eq!(
             (&items[0]["id"], items[0]["status"].as_str()),
             (&pledge["id"], Some("active"))
         );
-        let c = get(
-            format!("/api/v1/campaigns/{}", str_of(&campaign["id"])),
-            token.clone(),
-        )
-        .await;
+        let (_, c) = second
+            .get(
+                &format!("/api/v1/campaigns/{}", str_of(&campaign["id"])),
+                Some(&token),
+            )
+            .await;
         assert_eq!(c["pooled_qty"], 2, "{c}");
-        let payments = get("/api/v1/ops/payments".into(), ADMIN_TOKEN.into()).await;
+        let (_, payments) = second.get("/api/v1/ops/payments", admin).await;
         let charges = payments["items"].as_array().unwrap();
         assert_eq!(charges.len(), 1, "one deposit charged: {payments}");
         assert_eq!(
             (charges[0]["amount"].as_str(), charges[0]["status"].as_str()),
             (Some("20.00"), Some("succeeded"))
         );
-        let check = get("/api/v1/ops/ledger/check".into(), ADMIN_TOKEN.into()).await;
+        let (_, check) = second.get("/api/v1/ops/ledger/check", admin).await;
         assert_eq!(
             (
                 check["balanced"].as_bool(),
