@@ -6,7 +6,7 @@
 
 use crate::payments::PaymentsError;
 use crate::presales::PresaleError;
-use crate::store::StoreError;
+use crate::store::{StoreError, StoredResponse};
 use crate::subscriptions::SubscriptionError;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -107,10 +107,48 @@ impl ApiError {
         )
     }
 
-    fn title(&self) -> &'static str {
-        self.status.canonical_reason().unwrap_or("Error")
+    /// A request with this `Idempotency-Key` is still running.
+    pub fn key_in_flight() -> Self {
+        Self::conflict(
+            "conflict",
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+        )
+    }
+
+    /// This `Idempotency-Key` already ran another request.
+    pub fn key_reused() -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with a different request",
+        )
+    }
+
+    /// The problem as remembered for an `Idempotency-Key`, replayed byte for byte.
+    pub fn remembered(self) -> StoredResponse {
+        let (status, body) = self.problem();
+        StoredResponse {
+            status: status.as_u16(),
+            content_type: Some(PROBLEM_JSON.to_owned()),
+            body: serde_json::to_vec(&body).expect("a problem serializes"),
+        }
+    }
+
+    fn problem(self) -> (StatusCode, Problem) {
+        let title = self.status.canonical_reason().unwrap_or("Error");
+        let body = Problem {
+            kind: format!("/problems/{}", self.code),
+            title,
+            status: self.status.as_u16(),
+            detail: self.detail,
+            code: self.code,
+            errors: self.errors,
+        };
+        (self.status, body)
     }
 }
+
+const PROBLEM_JSON: &str = "application/problem+json";
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
@@ -144,6 +182,8 @@ impl From<PresaleError> for ApiError {
                 format!("the payment was declined: {reason}"),
             ),
             PresaleError::Invalid { field, message } => ApiError::field(field, message),
+            PresaleError::KeyInFlight => ApiError::key_in_flight(),
+            PresaleError::KeyReused => ApiError::key_reused(),
             PresaleError::Payments(e) => e.into(),
             PresaleError::Store(e) => e.into(),
             e @ (PresaleError::Batch(_) | PresaleError::Stopped(_)) => ApiError::internal(&e),
@@ -166,19 +206,11 @@ impl From<SubscriptionError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Problem {
-            kind: format!("/problems/{}", self.code),
-            title: self.title(),
-            status: self.status.as_u16(),
-            detail: self.detail,
-            code: self.code,
-            errors: self.errors,
-        };
-        let mut response = (self.status, axum::Json(body)).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        let (status, body) = self.problem();
+        let mut response = (status, axum::Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         response
     }
 }

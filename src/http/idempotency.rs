@@ -6,7 +6,8 @@
 //! so the client can retry them with the same key.
 //!
 //! Claims and completions are group-committed ([`crate::batch`]): a stampede of keyed POSTs
-//! costs one commit per batch, not two per request.
+//! costs one commit per batch, not two per request. Joins go further and claim their key in
+//! their own transaction ([`ROUTES_CLAIMING_THEIR_KEY`]).
 
 use super::error::ApiError;
 use super::extract::{idempotency_scope, too_large};
@@ -14,10 +15,10 @@ use crate::app::AppState;
 use crate::batch::Batcher;
 use crate::store::{
     IdempotencyBegin, IdempotencyClaim, IdempotencyDone, Store, StoreResult, StoredResponse,
-    per_request,
+    abandon_claims_after, per_request,
 };
 use axum::body::{Body, to_bytes};
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -26,17 +27,45 @@ use sha2::{Digest, Sha256};
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-/// A claim older than this is taken to belong to a request that died mid-way.
-fn abandon_after() -> chrono::Duration {
-    chrono::Duration::minutes(5)
+/// Routes that claim their request's key themselves, in the transaction that commits what the
+/// request does, and remember their answers with it (a join: [`crate::presales::Joins`]). Why:
+/// the key's claim, the units taken and the answer then cost no commits of their own, and a
+/// crash between the commit and the answer can't leave the key to run the request again.
+const ROUTES_CLAIMING_THEIR_KEY: &[&str] = &["/api/v1/campaigns/{id}/pledges"];
+
+/// A request's key as this layer checked it, for a route that claims it itself
+/// ([`ROUTES_CLAIMING_THEIR_KEY`]); a request extension.
+#[derive(Debug, Clone)]
+pub struct UnclaimedKey(pub IdempotencyClaim);
+
+/// What makes two requests under one key the same request: method, path and query, body.
+pub fn request_hash(method: &Method, path_and_query: &str, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(method.as_str());
+    h.update([0]);
+    h.update(path_and_query);
+    h.update([0]);
+    h.update(body);
+    hex::encode(h.finalize())
 }
 
-/// The key a request runs under, claimed by this layer (a request extension). A route whose
-/// commit is the point of no return (a join: units taken, a deposit charged) writes its
-/// response for the key in that same transaction, so a retry after a crash between the commit
-/// and the layer's own record replays it instead of running the request a second time.
-#[derive(Debug, Clone)]
-pub struct ClaimedKey(pub IdempotencyClaim);
+/// The remembered `answer` to a key, sent again.
+pub fn replayed(answer: StoredResponse) -> Response {
+    let StoredResponse {
+        status,
+        content_type,
+        body,
+    } = answer;
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    if let Some(ct) = content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        response.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    response
+        .headers_mut()
+        .insert(REPLAYED, HeaderValue::from_static("true"));
+    response
+}
 
 /// The group-commit queues for claims and completions. Cheap to clone.
 #[derive(Clone)]
@@ -60,7 +89,9 @@ impl Keys {
                     let now = claims.iter().map(|(_, at)| *at).max().unwrap_or_default();
                     let claims: Vec<_> = claims.into_iter().map(|(c, _)| c).collect();
                     per_request(
-                        store.idempotency_begin(&claims, now, abandon_after()).await,
+                        store
+                            .idempotency_begin(&claims, now, abandon_claims_after())
+                            .await,
                         claims.len(),
                     )
                 }
@@ -119,21 +150,25 @@ async fn run_once(
     let body = to_bytes(body, super::BODY_LIMIT)
         .await
         .map_err(|_| too_large().into_response())?;
-    let request_hash = {
-        let mut h = Sha256::new();
-        h.update(parts.method.as_str());
-        h.update([0]);
-        h.update(parts.uri.path_and_query().map_or("", |p| p.as_str()));
-        h.update([0]);
-        h.update(&body);
-        hex::encode(h.finalize())
-    };
+    let request_hash = request_hash(
+        &parts.method,
+        parts.uri.path_and_query().map_or("", |p| p.as_str()),
+        &body,
+    );
     let store = &state.store;
     let claim = IdempotencyClaim {
         scope: scope.clone(),
         key: key.clone(),
         request_hash,
     };
+    let route = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    if route.is_some_and(|r| ROUTES_CLAIMING_THEIR_KEY.contains(&r)) {
+        parts.extensions.insert(UnclaimedKey(claim));
+        return Ok(next.run(Request::from_parts(parts, Body::from(body))).await);
+    }
     let begin = state
         .idempotency
         .begin
@@ -143,41 +178,11 @@ async fn run_once(
         .map_err(|e| ApiError::from(e).into_response())?;
     match begin {
         IdempotencyBegin::Run => {}
-        IdempotencyBegin::Replay(StoredResponse {
-            status,
-            content_type,
-            body,
-        }) => {
-            let mut response = Response::new(Body::from(body));
-            *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-            if let Some(ct) = content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
-                response.headers_mut().insert(header::CONTENT_TYPE, ct);
-            }
-            response
-                .headers_mut()
-                .insert(REPLAYED, HeaderValue::from_static("true"));
-            return Ok(response);
-        }
-        IdempotencyBegin::InFlight => {
-            return Err(ApiError::conflict(
-                "conflict",
-                "a request with this Idempotency-Key is still being processed; retry shortly",
-            )
-            .into_response());
-        }
-        IdempotencyBegin::Mismatch => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                "this Idempotency-Key was already used with a different request",
-            )
-            .into_response());
-        }
+        IdempotencyBegin::Replay(answer) => return Ok(replayed(answer)),
+        IdempotencyBegin::InFlight => return Err(ApiError::key_in_flight().into_response()),
+        IdempotencyBegin::Mismatch => return Err(ApiError::key_reused().into_response()),
     }
 
-    // A route that commits state may remember its own response with that state (see
-    // `ClaimedKey`); the one remembered below, after the route answered, replaces it.
-    parts.extensions.insert(ClaimedKey(claim));
     let response = next.run(Request::from_parts(parts, Body::from(body))).await;
     let status = response.status();
     let remember = !(status.is_server_error()

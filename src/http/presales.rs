@@ -2,14 +2,16 @@
 
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller, Validation};
-use super::idempotency::ClaimedKey;
+use super::idempotency::{self, UnclaimedKey};
 use super::ops::{Page, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::identity::{Principal, parse_name, parse_time_zone};
 use crate::domain::money::{Currency, Money, UnitPrice};
 use crate::domain::presale::{self, Tier, check_tiers};
 use crate::ids::new_id;
-use crate::presales::{self, JoinKey, JoinRequest, Loaded, emails::purchase_order_csv};
+use crate::presales::{
+    self, JoinKey, JoinRequest, Joined, Loaded, PresaleError, emails::purchase_order_csv,
+};
 use crate::store::{
     CampaignRow, PledgeRow, PurchaseOrderRow, QuoteRow, StoredResponse, instant, micros,
 };
@@ -504,15 +506,15 @@ impl PledgeOut {
 async fn join(
     State(state): State<AppState>,
     caller: Caller,
-    key: Option<Extension<ClaimedKey>>,
+    key: Option<Extension<UnclaimedKey>>,
     Path(id): Path<String>,
     ApiJson(input): ApiJson<PledgeIn>,
-) -> Result<(StatusCode, Json<PledgeOut>), ApiError> {
+) -> Result<Response, ApiError> {
     let shopper = caller.require_shopper()?.to_owned();
     if !(1..=10_000).contains(&input.qty) {
         return Err(ApiError::field("qty", "must be 1–10000"));
     }
-    let (pledge, l) = state
+    let joined = state
         .joins
         .join(JoinRequest {
             campaign_id: id,
@@ -520,13 +522,17 @@ async fn join(
             qty: input.qty,
             variant: input.variant.map(|v| v.trim().to_owned()),
             now: state.clock.now(),
-            key: key.map(|Extension(ClaimedKey(claim))| JoinKey {
+            key: key.map(|Extension(UnclaimedKey(claim))| JoinKey {
                 claim,
                 respond: remembered_join,
+                declined: remembered_decline,
             }),
         })
         .await?;
-    Ok(join_answer(pledge, &l))
+    Ok(match joined {
+        Joined::Pledged(pledge, l) => join_answer(pledge, &l).into_response(),
+        Joined::Replayed(answer) => idempotency::replayed(answer),
+    })
 }
 
 /// A join's answer for its pledge: 201 once the deposit went through (or none was due), 202
@@ -548,6 +554,11 @@ fn remembered_join(p: &PledgeRow, l: &Loaded) -> StoredResponse {
         content_type: Some("application/json".into()),
         body: serde_json::to_vec(&body).expect("a pledge serializes"),
     }
+}
+
+/// A declined deposit's answer as remembered for the join's `Idempotency-Key`.
+fn remembered_decline(reason: &str) -> StoredResponse {
+    ApiError::from(PresaleError::Declined(reason.to_owned())).remembered()
 }
 
 /// A pledge the caller may see (its shopper or ops), else 404.

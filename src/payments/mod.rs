@@ -12,7 +12,7 @@ pub mod sandbox;
 
 use crate::domain::money::{Currency, Money};
 use crate::scheduler::schedule::retry_delay;
-use crate::store::{IntentResult, IntentRow, NewEmail, Store, StoreError, micros};
+use crate::store::{FollowUp, IntentResult, IntentRow, Store, StoreError, micros};
 use chrono::{DateTime, Duration, Utc};
 use gateway::{
     ChargeRequest, GatewayError, GatewayOutcome, GatewayResult, PaymentGateway, RefundRequest,
@@ -127,15 +127,15 @@ impl Payments {
 
     /// Sends intents the caller just committed as one batch, retrying transient errors a few
     /// times with a short backoff before leaving them to the sweep. Outcomes in order of `ids`;
-    /// `on_success` as for [`Payments::attempt_many`].
+    /// `follow_ups` as for [`Payments::attempt_many`].
     pub async fn send_many_now(
         &self,
         ids: &[&str],
-        on_success: &HashMap<String, NewEmail>,
+        follow_ups: &HashMap<String, FollowUp>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
-        let outcomes = self.attempt_many(ids, on_success, now).await?;
-        self.retry_pending(ids, outcomes, on_success, now).await
+        let outcomes = self.attempt_many(ids, follow_ups, now).await?;
+        self.retry_pending(ids, outcomes, follow_ups, now).await
     }
 
     /// As [`Payments::send_many_now`], for intents the caller committed with their first
@@ -143,12 +143,12 @@ impl Payments {
     pub async fn send_begun_now(
         &self,
         begun: &[IntentRow],
-        on_success: &HashMap<String, NewEmail>,
+        follow_ups: &HashMap<String, FollowUp>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
         let ids: Vec<&str> = begun.iter().map(|i| i.id.as_str()).collect();
-        let outcomes = self.attempt_taken(&ids, begun, on_success, now).await?;
-        self.retry_pending(&ids, outcomes, on_success, now).await
+        let outcomes = self.attempt_taken(&ids, begun, follow_ups, now).await?;
+        self.retry_pending(&ids, outcomes, follow_ups, now).await
     }
 
     /// Sends again, after a short pause, the intents of `ids` whose `outcomes` are still
@@ -157,7 +157,7 @@ impl Payments {
         &self,
         ids: &[&str],
         mut outcomes: Vec<Outcome>,
-        on_success: &HashMap<String, NewEmail>,
+        follow_ups: &HashMap<String, FollowUp>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
         for pause_ms in [100, 400] {
@@ -172,7 +172,7 @@ impl Payments {
             let again: Vec<&str> = pending.iter().map(|&i| ids[i]).collect();
             for (i, outcome) in pending
                 .into_iter()
-                .zip(self.attempt_many(&again, on_success, now).await?)
+                .zip(self.attempt_many(&again, follow_ups, now).await?)
             {
                 outcomes[i] = outcome;
             }
@@ -218,19 +218,19 @@ impl Payments {
 
     /// One gateway call for each pending intent of `ids` (charges as one batch), with every
     /// result recorded in one transaction; resolved intents answer with their outcome.
-    /// Outcomes are in the order of `ids`. `on_success` holds emails (by intent id) written
-    /// with the recording when that intent succeeds.
+    /// Outcomes are in the order of `ids`. `follow_ups` (by intent id) are written with the
+    /// recording of that intent's result.
     pub async fn attempt_many(
         &self,
         ids: &[&str],
-        on_success: &HashMap<String, NewEmail>,
+        follow_ups: &HashMap<String, FollowUp>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
         let taken = self
             .store
             .begin_intent_attempts(ids, micros(now + hold()))
             .await?;
-        self.attempt_taken(ids, &taken, on_success, now).await
+        self.attempt_taken(ids, &taken, follow_ups, now).await
     }
 
     /// The gateway calls and the recording of [`Payments::attempt_many`], for the intents of
@@ -239,7 +239,7 @@ impl Payments {
         &self,
         ids: &[&str],
         taken: &[IntentRow],
-        on_success: &HashMap<String, NewEmail>,
+        follow_ups: &HashMap<String, FollowUp>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
         let now_us = micros(now);
@@ -302,7 +302,7 @@ impl Payments {
         }
         let recorded = self
             .store
-            .record_intent_results(&results, on_success, now_us)
+            .record_intent_results(&results, follow_ups, now_us)
             .await?;
         for ((id, result), first) in results.iter().zip(recorded) {
             // Whoever recorded first decided; a loser reads back what stands (below).

@@ -15,9 +15,10 @@ use crate::domain::money::{Currency, Money, UnitPrice};
 use crate::domain::presale::{self, JoinRefusal, Quote, Tier};
 use crate::payments::{Outcome, Payments, PaymentsError};
 use crate::store::{
-    CampaignRow, IdempotencyClaim, IdempotencyDone, NewEmail, NewIntent, NewPledge, PledgeContact,
-    PledgeRow, PledgeStep, PurchaseOrderRow, QuoteRow, Settlement, Store, StoreError,
-    StoredResponse, instant, micros,
+    CampaignRow, FollowUp, IdempotencyBegin, IdempotencyClaim, IdempotencyDone, JoinAttempt,
+    JoinDecision, KeyAnswer, NewEmail, NewIntent, NewPledge, PledgeContact, PledgeRow, PledgeStep,
+    PurchaseOrderRow, QuoteRow, Settlement, Store, StoreError, StoredResponse,
+    abandon_claims_after, instant, micros,
 };
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
@@ -59,6 +60,12 @@ pub enum PresaleError {
     Payments(#[from] PaymentsError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A request with the same `Idempotency-Key` is still running.
+    #[error("a request with this Idempotency-Key is still being processed")]
+    KeyInFlight,
+    /// The request's `Idempotency-Key` was already used with a different request.
+    #[error("this Idempotency-Key was already used with a different request")]
+    KeyReused,
     /// The batch this request was part of failed; every request in it gets the same error.
     #[error("{0}")]
     Batch(Arc<PresaleError>),
@@ -117,6 +124,7 @@ pub fn variants_of(c: &CampaignRow) -> Vec<String> {
 }
 
 /// A campaign with its quotes in the rules' terms.
+#[derive(Debug)]
 pub struct Loaded {
     pub campaign: CampaignRow,
     pub quotes: Vec<(QuoteRow, Quote)>,
@@ -181,20 +189,31 @@ pub struct JoinRequest {
     pub key: Option<JoinKey>,
 }
 
-/// A join's `Idempotency-Key` and the answer its request gives for a pledge as committed.
-/// The answer is remembered with the pledge, in the transaction that takes its units: a retry
-/// after a crash before the request's own answer was recorded replays it (the pledge, its
-/// deposit still pending) instead of joining, and charging, a second time.
+/// A join's `Idempotency-Key` and the answers its request gives. The key is claimed in the
+/// transaction that takes the units, and the answer remembered there (the pledge, its deposit
+/// still pending) and again with the deposit's result: a retry, even after a crash between
+/// the two, replays it instead of joining, and charging, a second time.
 #[derive(Debug, Clone)]
 pub struct JoinKey {
     pub claim: IdempotencyClaim,
+    /// The answer for a pledge as it stands.
     pub respond: fn(&PledgeRow, &Loaded) -> StoredResponse,
+    /// The answer to a declined deposit, from its reason.
+    pub declined: fn(&str) -> StoredResponse,
 }
 
-/// Answers to joins: the pledge with its campaign as it stood when the batch was taken. The
-/// pledge is `active` once its deposit went through (or none was due), `pending` while the
-/// gateway has not answered (it holds its units until it does).
-pub type JoinAnswer = Result<(PledgeRow, Arc<Loaded>)>;
+/// What a join request comes to.
+#[derive(Debug)]
+pub enum Joined {
+    /// The pledge with its campaign as it stood when the batch was taken: `active` once its
+    /// deposit went through (or none was due), `pending` while the gateway has not answered
+    /// (it holds its units until it does).
+    Pledged(PledgeRow, Arc<Loaded>),
+    /// The request's key already has an answer: this one, sent again.
+    Replayed(StoredResponse),
+}
+
+pub type JoinAnswer = Result<Joined>;
 
 /// The join queue: every join goes through one group-commit worker, so a stampede on a
 /// campaign costs a few commits per batch instead of several per join. Cheap to clone.
@@ -220,10 +239,10 @@ impl Joins {
     }
 }
 
-/// Joins in batches, grouped by campaign. Per campaign: the units are taken and the deposit
-/// intents committed in one guarded transaction, the deposits charged as one gateway batch
-/// (recorded in one transaction; a decline releases its units), then the confirmations
-/// written in one transaction. Answers are in the order of `requests`.
+/// Joins in batches, grouped by campaign. Per campaign: the keys claimed, the units taken and
+/// the deposit intents committed in one guarded transaction, the deposits charged as one
+/// gateway batch (recorded in one transaction with the confirmations and the keys' answers; a
+/// decline releases its units). Answers are in the order of `requests`.
 pub async fn join_many(
     store: &Store,
     payments: &Payments,
@@ -307,117 +326,83 @@ async fn join_campaign(
     let shoppers = store.shoppers(&shoppers).await?;
     // The batch is judged at its latest request's instant.
     let now = requests.iter().map(|r| r.now).max().unwrap_or_default();
-    let now_us = micros(now);
+    let mut unchecked = Vec::new();
+    let attempts: Vec<JoinAttempt> = requests
+        .iter()
+        .map(|r| {
+            let checked = check_join(&l, r, &shoppers).and_then(|()| {
+                Money::from_minor(c.deposit_per_unit_minor, l.currency)
+                    .times(r.qty)
+                    .map_err(|_| PresaleError::Invalid {
+                        field: "qty",
+                        message: "is too large".into(),
+                    })
+            });
+            let join = match checked {
+                Ok(deposit) => Some(new_pledge(&l, r, deposit, &shoppers, now)),
+                Err(e) => {
+                    unchecked.push(e);
+                    None
+                }
+            };
+            JoinAttempt {
+                claim: r.key.as_ref().map(|k| k.claim.clone()),
+                join,
+            }
+        })
+        .collect();
+    let (decisions, begun) = store
+        .join_campaign(&c.id, &attempts, now, abandon_claims_after())
+        .await?;
+    let mut unchecked = unchecked.into_iter();
     let mut answers: Vec<Option<JoinAnswer>> = Vec::with_capacity(requests.len());
-    let mut joins = Vec::new();
-    let mut joined_at = Vec::new();
-    for r in requests {
-        let checked = check_join(&l, r, &shoppers).and_then(|()| {
-            Money::from_minor(c.deposit_per_unit_minor, l.currency)
-                .times(r.qty)
-                .map_err(|_| PresaleError::Invalid {
-                    field: "qty",
-                    message: "is too large".into(),
-                })
-        });
-        let deposit = match checked {
-            Ok(deposit) => deposit,
-            Err(e) => {
-                answers.push(Some(Err(e)));
-                continue;
-            }
-        };
-        let pledge_id = crate::ids::new_id("plg");
-        let pledge = PledgeRow {
-            seq: 0,
-            id: pledge_id.clone(),
-            campaign_id: c.id.clone(),
-            shopper_id: r.shopper_id.clone(),
-            qty: r.qty,
-            variant: r.variant.clone(),
-            status: if deposit.is_positive() {
-                "pending".into()
-            } else {
-                "active".into()
-            },
-            deposit_minor: deposit.minor(),
-            price_ceiling_minor: c.price_ceiling_minor.unwrap_or_default(),
-            balance_minor: None,
-            balance_paid_at: None,
-            refunded_minor: 0,
-            created_at: now_us,
-            ended_at: None,
-            updated_at: now_us,
-        };
-        let intent = deposit.is_positive().then(|| NewIntent {
-            id: intent_id("deposit", &pledge_id),
-            idempotency_key: format!("deposit:{pledge_id}"),
-            kind: "charge",
-            purpose: "deposit",
-            subject_id: pledge_id.clone(),
-            shopper_id: r.shopper_id.clone(),
-            amount: deposit,
-            account: Account::DepositsHeld,
-            refund_of: None,
-            memo: format!("deposit for {} × {}", r.qty, c.sku),
-            first_sweep_at: micros(now + Duration::minutes(1)),
-        });
-        let response = r.key.as_ref().map(|k| IdempotencyDone {
-            scope: k.claim.scope.clone(),
-            key: k.claim.key.clone(),
-            response: (k.respond)(&pledge, &l),
-        });
-        joined_at.push(answers.len());
-        answers.push(None);
-        joins.push(NewPledge {
-            pledge,
-            deposit: intent,
-            response,
-        });
-    }
-    let (taken, begun) = store.join_campaign(&c.id, &joins, now_us).await?;
     let mut admitted = Vec::new();
-    for ((at, join), refusal) in joined_at.into_iter().zip(joins).zip(taken) {
-        match refusal {
-            Ok(()) => admitted.push((at, join.pledge, join.deposit)),
-            Err(JoinRefusal::NotOpen) => {
-                answers[at] = Some(Err(PresaleError::NotOpen(format!(
-                    "campaign {} is not open for pledges",
-                    c.id
-                ))));
+    let mut follow_ups = HashMap::new();
+    for ((r, attempt), decision) in requests.iter().zip(attempts).zip(decisions) {
+        answers.push(match decision {
+            JoinDecision::Admitted => {
+                let join = attempt
+                    .join
+                    .expect("an admitted request asked for a pledge");
+                if let Some(intent) = &join.deposit {
+                    let answer = r.key.as_ref().map(|k| KeyAnswer {
+                        scope: k.claim.scope.clone(),
+                        key: k.claim.key.clone(),
+                        succeeded: (k.respond)(&active(&join.pledge), &l),
+                        declined: k.declined,
+                    });
+                    follow_ups.insert(
+                        intent.id.clone(),
+                        FollowUp {
+                            email: join.confirmation,
+                            answer,
+                        },
+                    );
+                }
+                admitted.push((answers.len(), join.pledge, join.deposit));
+                None
             }
-            Err(JoinRefusal::SoldOut { left }) => {
-                answers[at] = Some(Err(PresaleError::SoldOut(format!(
-                    "only {left} units are left"
-                ))));
+            JoinDecision::Refused(JoinRefusal::NotOpen) => Some(Err(PresaleError::NotOpen(
+                format!("campaign {} is not open for pledges", c.id),
+            ))),
+            JoinDecision::Refused(JoinRefusal::SoldOut { left }) => Some(Err(
+                PresaleError::SoldOut(format!("only {left} units are left")),
+            )),
+            JoinDecision::KeyUsed(IdempotencyBegin::Replay(answer)) => {
+                Some(Ok(Joined::Replayed(answer)))
             }
-        }
+            JoinDecision::KeyUsed(IdempotencyBegin::Mismatch) => Some(Err(PresaleError::KeyReused)),
+            JoinDecision::KeyUsed(_) => Some(Err(PresaleError::KeyInFlight)),
+            JoinDecision::NotAsked => Some(Err(unchecked
+                .next()
+                .expect("one error per request that failed its checks"))),
+        });
     }
     metrics::counter!("pooled_joins_total").increment(admitted.len() as u64);
-    // Each confirmation is written with its deposit's result, in the same transaction.
-    let confirmation = |pledge: &PledgeRow| {
-        let active = PledgeRow {
-            status: "active".into(),
-            ..pledge.clone()
-        };
-        shoppers
-            .get(&pledge.shopper_id)
-            .map(|s| emails::pledge_confirmed(&l, &active, &s.email, &s.name))
-    };
-    let on_success: HashMap<String, NewEmail> = admitted
-        .iter()
-        .filter_map(|(_, p, i)| Some((i.as_ref()?.id.clone(), confirmation(p)?)))
-        .collect();
-    let outcomes = payments.send_begun_now(&begun, &on_success, now).await?;
+    let outcomes = payments.send_begun_now(&begun, &follow_ups, now).await?;
     let mut outcomes: HashMap<String, Outcome> =
         begun.into_iter().map(|i| i.id).zip(outcomes).collect();
-    // Pledges with nothing to pay are confirmed on their own.
-    let free: Vec<NewEmail> = admitted
-        .iter()
-        .filter(|(_, _, i)| i.is_none())
-        .filter_map(|(_, p, _)| confirmation(p))
-        .collect();
-    for (at, mut pledge, intent) in admitted {
+    for (at, pledge, intent) in admitted {
         let outcome = match intent {
             Some(i) => outcomes.remove(&i.id).unwrap_or(Outcome::Pending {
                 error: "no answer".into(),
@@ -425,19 +410,84 @@ async fn join_campaign(
             None => Outcome::Succeeded,
         };
         answers[at] = Some(match outcome {
-            Outcome::Succeeded => {
-                pledge.status = "active".into();
-                Ok((pledge, l.clone()))
-            }
-            Outcome::Pending { .. } => Ok((pledge, l.clone())),
+            Outcome::Succeeded => Ok(Joined::Pledged(active(&pledge), l.clone())),
+            Outcome::Pending { .. } => Ok(Joined::Pledged(pledge, l.clone())),
             Outcome::Declined { reason } => Err(PresaleError::Declined(reason)),
             Outcome::Failed { error } => Err(PresaleError::Declined(error)),
         });
     }
-    if !free.is_empty() {
-        store.enqueue_emails(&free, now_us).await?;
-    }
     Ok(answers.into_iter().flatten().collect())
+}
+
+/// The pledge a request asks for, with its deposit intent, the answer its key remembers with
+/// it, and its confirmation.
+fn new_pledge(
+    l: &Loaded,
+    r: &JoinRequest,
+    deposit: Money,
+    shoppers: &HashMap<String, Shopper>,
+    now: DateTime<Utc>,
+) -> NewPledge {
+    let c = &l.campaign;
+    let now_us = micros(now);
+    let pledge_id = crate::ids::new_id("plg");
+    let pledge = PledgeRow {
+        seq: 0,
+        id: pledge_id.clone(),
+        campaign_id: c.id.clone(),
+        shopper_id: r.shopper_id.clone(),
+        qty: r.qty,
+        variant: r.variant.clone(),
+        status: if deposit.is_positive() {
+            "pending".into()
+        } else {
+            "active".into()
+        },
+        deposit_minor: deposit.minor(),
+        price_ceiling_minor: c.price_ceiling_minor.unwrap_or_default(),
+        balance_minor: None,
+        balance_paid_at: None,
+        refunded_minor: 0,
+        created_at: now_us,
+        ended_at: None,
+        updated_at: now_us,
+    };
+    let intent = deposit.is_positive().then(|| NewIntent {
+        id: intent_id("deposit", &pledge_id),
+        idempotency_key: format!("deposit:{pledge_id}"),
+        kind: "charge",
+        purpose: "deposit",
+        subject_id: pledge_id.clone(),
+        shopper_id: r.shopper_id.clone(),
+        amount: deposit,
+        account: Account::DepositsHeld,
+        refund_of: None,
+        memo: format!("deposit for {} × {}", r.qty, c.sku),
+        first_sweep_at: micros(now + Duration::minutes(1)),
+    });
+    let response = r.key.as_ref().map(|k| IdempotencyDone {
+        scope: k.claim.scope.clone(),
+        key: k.claim.key.clone(),
+        response: (k.respond)(&pledge, l),
+    });
+    // The confirmation shows the pledge as it is once its deposit went through.
+    let confirmation = shoppers
+        .get(&r.shopper_id)
+        .map(|s| emails::pledge_confirmed(l, &active(&pledge), &s.email, &s.name));
+    NewPledge {
+        pledge,
+        deposit: intent,
+        response,
+        confirmation,
+    }
+}
+
+/// `pledge` once its deposit went through.
+fn active(pledge: &PledgeRow) -> PledgeRow {
+    PledgeRow {
+        status: "active".into(),
+        ..pledge.clone()
+    }
 }
 
 /// Cancels an active pledge before the deadline: its deposit is refunded when refundable,

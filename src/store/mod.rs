@@ -421,6 +421,99 @@ macro_rules! remember_responses {
     }};
 }
 
+/// Claims each `(scope, key)` of `$claims` (`&[&IdempotencyClaim]`) inside the caller's
+/// transaction (`$tx`) at `$now` (a `DateTime<Utc>`); evaluates to one [`IdempotencyBegin`] per
+/// claim, in order. The primary key decides races: of two claims of one new key, the first runs
+/// and the second sees it in flight. A claim left in flight for longer than `$abandon_after`
+/// (its process died between claiming and answering) may be taken over, so a crash never
+/// blocks a key forever.
+macro_rules! claim_keys {
+    ($tx:ident, $claims:expr, $now:expr, $abandon_after:expr) => {{
+        let claims: &[&$crate::store::IdempotencyClaim] = $claims;
+        let now: chrono::DateTime<chrono::Utc> = $now;
+        // New keys, the common case, are claimed with one multi-row insert per chunk.
+        let mut claimed = std::collections::HashSet::new();
+        for chunk in claims.chunks($crate::store::rows_per_statement(3)) {
+            let values = $crate::store::value_rows(2, chunk.len(), 3, "$1");
+            let sql = format!(
+                "INSERT INTO idempotency_keys (scope, idem_key, request_hash, created_at)
+                 VALUES {} ON CONFLICT (scope, idem_key) DO NOTHING
+                 RETURNING scope, idem_key",
+                values
+            );
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind($crate::store::micros(now));
+            for c in chunk {
+                q = q.bind(&c.scope).bind(&c.key).bind(&c.request_hash);
+            }
+            let rows: Vec<(String, String)> = q.fetch_all(&mut *$tx).await?;
+            claimed.extend(rows);
+        }
+        let mut outcomes = Vec::with_capacity(claims.len());
+        for claim in claims {
+            // The first claim of a new key runs; any other is judged against the row.
+            if claimed.remove(&(claim.scope.clone(), claim.key.clone())) {
+                outcomes.push($crate::store::IdempotencyBegin::Run);
+                continue;
+            }
+            let row: $crate::store::idempotency::KeyRow = sqlx::query_as(
+                "SELECT request_hash, status_code, content_type, response_body, created_at
+                 FROM idempotency_keys WHERE scope = $1 AND idem_key = $2",
+            )
+            .bind(&claim.scope)
+            .bind(&claim.key)
+            .fetch_one(&mut *$tx)
+            .await?;
+            let abandoned_before = $crate::store::micros(now - $abandon_after);
+            let claimed_at = row.created_at;
+            outcomes.push(match row.judge(&claim.request_hash, abandoned_before) {
+                Some(outcome) => outcome,
+                None => {
+                    // Guarded on the old created_at: of two takers, one wins.
+                    let taken = sqlx::query(
+                        "UPDATE idempotency_keys SET created_at = $3
+                         WHERE scope = $1 AND idem_key = $2 AND status_code IS NULL
+                           AND created_at = $4",
+                    )
+                    .bind(&claim.scope)
+                    .bind(&claim.key)
+                    .bind($crate::store::micros(now))
+                    .bind(claimed_at)
+                    .execute(&mut *$tx)
+                    .await?
+                    .rows_affected();
+                    if taken == 1 {
+                        $crate::store::IdempotencyBegin::Run
+                    } else {
+                        $crate::store::IdempotencyBegin::InFlight
+                    }
+                }
+            });
+        }
+        outcomes
+    }};
+}
+
+/// Lets go of in-flight claims (`$keys`: `&[(&str, &str)]`, scope and key) inside the caller's
+/// transaction (`$tx`): the requests ended without an answer worth replaying, so a retry with
+/// the same key runs afresh.
+macro_rules! release_keys {
+    ($tx:ident, $keys:expr) => {{
+        let keys: &[(&str, &str)] = $keys;
+        if !keys.is_empty() {
+            let sql = format!(
+                "DELETE FROM idempotency_keys
+                 WHERE (scope, idem_key) IN (SELECT value->>0, value->>1 FROM {})
+                   AND status_code IS NULL",
+                $crate::store::json_rows(&$tx, 1)
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind($crate::store::json_array(keys.iter()))
+                .execute(&mut *$tx)
+                .await?;
+        }
+    }};
+}
+
 /// Decides a refund inside the caller's transaction: takes its amount off the charge intent
 /// named by `refund_of` (guarded, so refunds never exceed the charge), commits the refund
 /// intent and books the decision (debit the intent's account, credit `refunds`). Evaluates to
@@ -456,7 +549,7 @@ macro_rules! decide_refund {
     }};
 }
 
-mod idempotency;
+pub(crate) mod idempotency;
 mod identity;
 mod outbox;
 mod payments;
@@ -465,13 +558,18 @@ mod sandbox;
 mod scheduler;
 mod subscription;
 
-pub use idempotency::{IdempotencyBegin, IdempotencyClaim, IdempotencyDone, StoredResponse};
+pub use idempotency::{
+    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, StoredResponse, abandon_claims_after,
+};
 pub use identity::TokenSubject;
 pub use outbox::{NewAttachment, NewEmail, OUTBOX_JOB, OutboxRow};
-pub use payments::{AccountBalance, IntentFilter, IntentResult, IntentRow, LedgerCheck, NewIntent};
+pub use payments::{
+    AccountBalance, FollowUp, IntentFilter, IntentResult, IntentRow, KeyAnswer, LedgerCheck,
+    NewIntent,
+};
 pub use presale::{
-    CampaignRow, NewPledge, PledgeContact, PledgeRow, PledgeStep, PurchaseOrderRow, QuoteRow,
-    Settlement,
+    CampaignRow, JoinAttempt, JoinDecision, NewPledge, PledgeContact, PledgeRow, PledgeStep,
+    PurchaseOrderRow, QuoteRow, Settlement,
 };
 pub use sandbox::{SandboxPaymentRow, SandboxRefund};
 pub use scheduler::{Claimed, JobDefRow, JobRunRow, NewRun, RunFilter, SchedulerInstanceRow};

@@ -6,7 +6,7 @@
 //! state change that causes them; [`crate::payments::Payments`] sends them and records the
 //! result here, posting the ledger in the same transaction as the result.
 
-use super::{NewEmail, Store, StoreError, StoreResult};
+use super::{IdempotencyDone, NewEmail, Store, StoreError, StoreResult, StoredResponse};
 use crate::domain::ledger::{Account, JournalEntry};
 use crate::domain::money::{Currency, Money};
 use serde::Serialize;
@@ -58,6 +58,41 @@ pub struct IntentRow {
     pub memo: String,
     pub created_at: i64,
     pub resolved_at: Option<i64>,
+}
+
+/// Written with an intent's result, in the transaction that records it.
+#[derive(Debug, Clone, Default)]
+pub struct FollowUp {
+    /// Sent when the intent succeeded (a confirmation).
+    pub email: Option<NewEmail>,
+    /// The answer of the keyed request that caused the intent, now that it is decided.
+    pub answer: Option<KeyAnswer>,
+}
+
+/// A keyed request's answer by its intent's result (see [`FollowUp`]).
+#[derive(Debug, Clone)]
+pub struct KeyAnswer {
+    pub scope: String,
+    pub key: String,
+    pub succeeded: StoredResponse,
+    /// The answer to a decline or a failure, from its reason.
+    pub declined: fn(&str) -> StoredResponse,
+}
+
+impl KeyAnswer {
+    /// The answer to remember for the request, given its intent as recorded.
+    fn to(&self, intent: &IntentRow) -> IdempotencyDone {
+        let response = match intent.status.as_str() {
+            "succeeded" => self.succeeded.clone(),
+            "declined" => (self.declined)(intent.decline_reason.as_deref().unwrap_or_default()),
+            _ => (self.declined)(intent.last_error.as_deref().unwrap_or_default()),
+        };
+        IdempotencyDone {
+            scope: self.scope.clone(),
+            key: self.key.clone(),
+            response,
+        }
+    }
 }
 
 /// How a sent intent ended.
@@ -237,12 +272,12 @@ impl Store {
     /// Records how sent intents ended and books them, all in one transaction (group commit)
     /// and set-based: one guarded update per chunk, one update per effect, one multi-row
     /// insert of ledger lines and one of entries. Each answer is `false` when another caller
-    /// recorded that intent first (its result stands). `on_success` holds emails to send when
-    /// an intent succeeds (a confirmation), written in the same transaction.
+    /// recorded that intent first (its result stands). The `follow_ups` of the intents recorded
+    /// here (by intent id) are written in the same transaction.
     pub async fn record_intent_results(
         &self,
         results: &[(&str, IntentResult)],
-        on_success: &HashMap<String, NewEmail>,
+        follow_ups: &HashMap<String, FollowUp>,
         now: i64,
     ) -> StoreResult<Vec<bool>> {
         let mut recorded_ids = std::collections::HashSet::new();
@@ -339,9 +374,14 @@ impl Store {
                 let emails: Vec<&NewEmail> = rows
                     .iter()
                     .filter(|r| r.status == "succeeded")
-                    .filter_map(|r| on_success.get(&r.id))
+                    .filter_map(|r| follow_ups.get(&r.id)?.email.as_ref())
                     .collect();
                 enqueue_emails!(tx, &emails, now);
+                let answers: Vec<IdempotencyDone> = rows
+                    .iter()
+                    .filter_map(|r| Some(follow_ups.get(&r.id)?.answer.as_ref()?.to(r)))
+                    .collect();
+                remember_responses!(&mut *tx, &answers);
             }
             tx.commit().await?;
         });

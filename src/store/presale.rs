@@ -2,9 +2,13 @@
 //! the row's status (so a re-run or a race changes nothing twice), and the joins' capacity
 //! guard is one conditional `UPDATE` of the campaign's pooled quantity backed by a `CHECK`.
 
-use super::{IdempotencyDone, IntentRow, NewEmail, NewIntent, Store, StoreResult};
+use super::{
+    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, IntentRow, NewEmail, NewIntent, Store,
+    StoreResult,
+};
 use crate::domain::ledger::JournalEntry;
 use crate::domain::presale::{JoinRefusal, admit};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 /// Inserts one quote inside the caller's transaction.
@@ -159,6 +163,28 @@ pub struct QuoteRow {
     pub created_at: i64,
 }
 
+/// A request in a join batch ([`Store::join_campaign`]).
+#[derive(Debug, Clone)]
+pub struct JoinAttempt {
+    /// The request's `Idempotency-Key`, claimed in the transaction that takes the units.
+    pub claim: Option<IdempotencyClaim>,
+    /// The pledge asked for; none when the request failed its checks (its key is let go).
+    pub join: Option<NewPledge>,
+}
+
+/// What a join batch decided for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinDecision {
+    /// The units are taken and the pledge written.
+    Admitted,
+    /// Nothing taken: the campaign is not open or too few units are left.
+    Refused(JoinRefusal),
+    /// The request's key was used before (replay, in flight, another request): nothing judged.
+    KeyUsed(IdempotencyBegin),
+    /// The request failed its checks and asked for no pledge.
+    NotAsked,
+}
+
 /// A pledge to write in a join batch ([`Store::join_campaign`]).
 #[derive(Debug, Clone)]
 pub struct NewPledge {
@@ -168,6 +194,9 @@ pub struct NewPledge {
     /// The answer to remember for the joining request's `Idempotency-Key`, written with the
     /// pledge: a retry after a crash then replays it instead of joining a second time.
     pub response: Option<IdempotencyDone>,
+    /// The confirmation email: written with the pledge when nothing is due, otherwise with
+    /// its deposit's success.
+    pub confirmation: Option<NewEmail>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
@@ -429,74 +458,135 @@ impl Store {
         }))
     }
 
-    /// Takes the units of a batch of joins of one campaign (group commit): pledges are
-    /// admitted in order while units are left, then one guarded update adds their total and
-    /// multi-row inserts write the pledges and their deposit intents, all in one transaction.
-    /// Refused pledges write nothing. The update is guarded on the quantity read, so a
-    /// concurrent writer (another instance) makes the batch start over, never oversell.
-    /// The deposit intents are inserted with their first attempt taken, and returned, for
-    /// the caller to send at once. An admitted pledge's `response` is remembered for its
-    /// `Idempotency-Key` in the same transaction.
+    /// Takes the units of a batch of joins of one campaign (group commit), all in one
+    /// transaction:
+    /// - each request's `Idempotency-Key` is claimed first (`claim_keys!`): a key used before
+    ///   (to replay, still in flight, or with another request) decides that request, which
+    ///   takes nothing;
+    /// - the pledges asked for are admitted in order while units are left, then one guarded
+    ///   update adds their total and multi-row inserts write the pledges and their deposit
+    ///   intents (with their first attempt taken, returned for the caller to send at once);
+    /// - an admitted pledge's `response` is remembered for its key, and a pledge with nothing
+    ///   to pay has its confirmation written;
+    /// - the keys of requests that took nothing (refused, or failed their checks) are let go,
+    ///   so a retry runs afresh.
+    ///
+    /// The update is guarded on the quantity read, so a concurrent writer (another instance)
+    /// makes the batch start over, never oversell.
     pub async fn join_campaign(
         &self,
         campaign_id: &str,
-        joins: &[NewPledge],
-        now: i64,
-    ) -> StoreResult<(Vec<Result<(), JoinRefusal>>, Vec<IntentRow>)> {
+        attempts: &[JoinAttempt],
+        now: DateTime<Utc>,
+        abandon_after: chrono::Duration,
+    ) -> StoreResult<(Vec<JoinDecision>, Vec<IntentRow>)> {
+        let now_us = super::micros(now);
         loop {
-            let decided = in_tx!(self, |tx| {
+            let decided = in_tx!(self, |tx| 'batch: {
+                let claims: Vec<&IdempotencyClaim> =
+                    attempts.iter().filter_map(|a| a.claim.as_ref()).collect();
+                let mut claimed = claim_keys!(tx, &claims, now, abandon_after).into_iter();
+                let mut decisions: Vec<Option<JoinDecision>> = attempts
+                    .iter()
+                    .map(|a| match a.claim.as_ref().map(|_| claimed.next()) {
+                        Some(Some(IdempotencyBegin::Run)) | None => None,
+                        Some(Some(used)) => Some(JoinDecision::KeyUsed(used)),
+                        Some(None) => unreachable!("one outcome per claim"),
+                    })
+                    .collect();
+                for (d, a) in decisions.iter_mut().zip(attempts) {
+                    if d.is_none() && a.join.is_none() {
+                        *d = Some(JoinDecision::NotAsked);
+                    }
+                }
+                let asked: Vec<usize> = (0..attempts.len())
+                    .filter(|&i| decisions[i].is_none())
+                    .collect();
                 let state: Option<(i64, Option<i64>, bool)> = sqlx::query_as(
                     "SELECT pooled_qty, capacity,
                             status = 'open' AND opens_at <= $2 AND closes_at > $2
                      FROM campaigns WHERE id = $1",
                 )
                 .bind(campaign_id)
-                .bind(now)
+                .bind(now_us)
                 .fetch_optional(&mut *tx)
                 .await?;
-                let Some((pooled, capacity, true)) = state else {
-                    return Ok((vec![Err(JoinRefusal::NotOpen); joins.len()], Vec::new()));
+                let (admitted, total) = match state {
+                    Some((pooled, capacity, true)) => {
+                        let quantities = asked
+                            .iter()
+                            .filter_map(|&i| Some(attempts[i].join.as_ref()?.pledge.qty));
+                        let (answers, total) = admit(quantities, pooled, capacity);
+                        for (&i, answer) in asked.iter().zip(answers) {
+                            decisions[i] = Some(match answer {
+                                Ok(()) => JoinDecision::Admitted,
+                                Err(refusal) => JoinDecision::Refused(refusal),
+                            });
+                        }
+                        let taken = total == 0
+                            || sqlx::query(
+                                "UPDATE campaigns SET pooled_qty = pooled_qty + $2
+                                 WHERE id = $1 AND pooled_qty = $3 AND status = 'open'",
+                            )
+                            .bind(campaign_id)
+                            .bind(total)
+                            .bind(pooled)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected()
+                                == 1;
+                        if !taken {
+                            // Another writer moved the count: start over (this rolls back).
+                            break 'batch None;
+                        }
+                        (asked, total)
+                    }
+                    _ => {
+                        for &i in &asked {
+                            decisions[i] = Some(JoinDecision::Refused(JoinRefusal::NotOpen));
+                        }
+                        (Vec::new(), 0)
+                    }
                 };
-                let (answers, total) = admit(joins.iter().map(|j| j.pledge.qty), pooled, capacity);
-                if total == 0 {
-                    return Ok((answers, Vec::new()));
-                }
-                let taken = sqlx::query(
-                    "UPDATE campaigns SET pooled_qty = pooled_qty + $2
-                     WHERE id = $1 AND pooled_qty = $3 AND status = 'open'",
-                )
-                .bind(campaign_id)
-                .bind(total)
-                .bind(pooled)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if taken == 0 {
-                    None
-                } else {
-                    let admitted: Vec<&NewPledge> = joins
-                        .iter()
-                        .zip(&answers)
-                        .filter(|(_, a)| a.is_ok())
-                        .map(|(j, _)| j)
-                        .collect();
-                    insert_pledges!(tx, &admitted, now);
+                let decisions: Vec<JoinDecision> = decisions.into_iter().flatten().collect();
+                let admitted: Vec<&NewPledge> = admitted
+                    .iter()
+                    .filter(|&&i| matches!(decisions[i], JoinDecision::Admitted))
+                    .filter_map(|&i| attempts[i].join.as_ref())
+                    .collect();
+                let mut begun = Vec::new();
+                if total > 0 {
+                    insert_pledges!(tx, &admitted, now_us);
                     let intents: Vec<&NewIntent> =
                         admitted.iter().filter_map(|j| j.deposit.as_ref()).collect();
-                    let begun = if intents.is_empty() {
-                        Vec::new()
-                    } else {
-                        insert_intents!(tx, &intents, now, begun)
-                    };
+                    if !intents.is_empty() {
+                        begun = insert_intents!(tx, &intents, now_us, begun);
+                    }
                     let responses: Vec<IdempotencyDone> =
                         admitted.iter().filter_map(|j| j.response.clone()).collect();
                     remember_responses!(&mut *tx, &responses);
-                    tx.commit().await?;
-                    Some((answers, begun))
+                    let confirmed: Vec<&NewEmail> = admitted
+                        .iter()
+                        .filter(|j| j.deposit.is_none())
+                        .filter_map(|j| j.confirmation.as_ref())
+                        .collect();
+                    if !confirmed.is_empty() {
+                        enqueue_emails!(tx, &confirmed, now_us);
+                    }
                 }
+                let let_go: Vec<(&str, &str)> = attempts
+                    .iter()
+                    .zip(&decisions)
+                    .filter(|(_, d)| matches!(d, JoinDecision::Refused(_) | JoinDecision::NotAsked))
+                    .filter_map(|(a, _)| a.claim.as_ref())
+                    .map(|c| (c.scope.as_str(), c.key.as_str()))
+                    .collect();
+                release_keys!(tx, &let_go);
+                tx.commit().await?;
+                Some((decisions, begun))
             });
-            if let Some(answers) = decided {
-                return Ok(answers);
+            if let Some(decided) = decided {
+                return Ok(decided);
             }
         }
     }

@@ -5,7 +5,12 @@
 use crate::helpers::{ADMIN_TOKEN, TestApp, raw_tx, str_of};
 use crate::on_both_backends;
 use pooled::domain::presale::JoinRefusal;
-use pooled::store::{NewPledge, PledgeRow, Store, micros};
+use pooled::http::extract::idempotency_scope;
+use pooled::http::idempotency::request_hash;
+use pooled::store::{
+    IdempotencyBegin, IdempotencyClaim, JoinAttempt, JoinDecision, NewPledge, PledgeRow, Store,
+    abandon_claims_after, micros,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -442,7 +447,7 @@ on_both_backends! {
 }
 
 /// Five paid-for pledges of one unit each, as a join batch (no deposit to charge).
-fn five_pledges(prefix: &str, campaign: &str, shopper: &str, now: i64) -> Vec<NewPledge> {
+fn five_pledges(prefix: &str, campaign: &str, shopper: &str, now: i64) -> Vec<JoinAttempt> {
     (0..5)
         .map(|i| {
             let pledge = PledgeRow {
@@ -462,10 +467,14 @@ fn five_pledges(prefix: &str, campaign: &str, shopper: &str, now: i64) -> Vec<Ne
                 ended_at: None,
                 updated_at: now,
             };
-            NewPledge {
-                pledge,
-                deposit: None,
-                response: None,
+            JoinAttempt {
+                claim: None,
+                join: Some(NewPledge {
+                    pledge,
+                    deposit: None,
+                    response: None,
+                    confirmation: None,
+                }),
             }
         })
         .collect()
@@ -485,22 +494,23 @@ on_both_backends! {
             crate::helpers::Backend::Postgres => Store::connect(&app.state.settings.database).await.unwrap(),
             crate::helpers::Backend::Sqlite => app.state.store.clone(),
         };
-        let now = micros(app.state.clock.now());
+        let at = app.state.clock.now();
+        let now = micros(at);
         let batches = (0..200).map(|b| {
             let store = if b % 2 == 0 { app.state.store.clone() } else { other.clone() };
             let (id, shopper) = (id.clone(), shopper.clone());
             tokio::spawn(async move {
                 let joins = five_pledges(&format!("plg_{b}"), &id, &shopper, now);
-                store.join_campaign(&id, &joins, now).await.unwrap()
+                store.join_campaign(&id, &joins, at, abandon_claims_after()).await.unwrap()
             })
         }).collect::<Vec<_>>();
         let (mut accepted, mut sold_out) = (0, 0);
         for batch in batches {
             for answer in batch.await.unwrap().0 {
                 match answer {
-                    Ok(()) => accepted += 1,
-                    Err(JoinRefusal::SoldOut { .. }) => sold_out += 1,
-                    Err(other) => panic!("{other:?}"),
+                    JoinDecision::Admitted => accepted += 1,
+                    JoinDecision::Refused(JoinRefusal::SoldOut { .. }) => sold_out += 1,
+                    other => panic!("{other:?}"),
                 }
             }
         }
@@ -522,7 +532,7 @@ on_both_backends! {
             let store = app.state.store.clone();
             let joins = five_pledges("plg_late", &id, &shopper, now);
             let batch_id = id.clone();
-            let batch = tokio::spawn(async move { store.join_campaign(&batch_id, &joins, now).await.unwrap() });
+            let batch = tokio::spawn(async move { store.join_campaign(&batch_id, &joins, at, abandon_claims_after()).await.unwrap() });
             // Wait until the batch's update is blocked on the rival's row lock.
             loop {
                 let waiting: i64 = sqlx::query_scalar(
@@ -534,10 +544,98 @@ on_both_backends! {
             }
             rival.commit().await.unwrap();
             let (answers, _) = batch.await.unwrap();
-            assert_eq!(answers.iter().filter(|a| a.is_ok()).count(), 2, "{answers:?}");
+            assert_eq!(answers.iter().filter(|a| **a == JoinDecision::Admitted).count(), 2, "{answers:?}");
             assert_eq!(app.state.store.campaign(&id).await.unwrap().unwrap().pooled_qty, 150);
             pg.close().await;
         }
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_join_claims_and_answers_its_idempotency_key_in_its_own_batch(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let mut body = jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z");
+        body["quotes"][0]["capacity"] = json!(3);
+        body["quotes"][0]["tiers"] = json!([{"min_qty": 1, "unit_price": "180.00"}]);
+        let id = str_of(&app.campaign(body).await["id"]);
+        let path = format!("/api/v1/campaigns/{id}/pledges");
+        let pooled = || async { app.admin_get(&format!("/api/v1/campaigns/{id}")).await["pooled_qty"].clone() };
+        let join = |token: String, key: &'static str, body: Value| {
+            let req = app.client.post(format!("{}{path}", app.base)).bearer_auth(token).header("Idempotency-Key", key).json(&body);
+            async move {
+                let res = req.send().await.unwrap();
+                let replayed = res.headers().contains_key("idempotent-replayed");
+                (res.status(), replayed, res.json::<Value>().await.unwrap())
+            }
+        };
+        let (_, ana) = app.shopper("Ana", "pm_ok").await;
+
+        // The first answer, then the same answer again; another body under the key is refused.
+        let (status, replayed, first) = join(ana.clone(), "j-1", json!({"qty": 2, "variant": "M"})).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, false), "{first}");
+        let (status, replayed, again) = join(ana.clone(), "j-1", json!({"qty": 2, "variant": "M"})).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, true));
+        assert_eq!(again, first, "the same pledge, answered again");
+        let (status, _, other) = join(ana.clone(), "j-1", json!({"qty": 1, "variant": "M"})).await;
+        assert_eq!((status, other["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused")));
+        assert_eq!(pooled().await, 2, "neither the replay nor the reuse took units");
+
+        // A refusal that may clear (sold out) is not remembered: once units are free again, the
+        // same request under the same key runs afresh.
+        let (status, replayed, sold_out) = join(ana.clone(), "j-2", json!({"qty": 2, "variant": "S"})).await;
+        assert_eq!((status, replayed, sold_out["code"].as_str()), (StatusCode::CONFLICT, false, Some("sold_out")));
+        let (status, _) = app.post(&format!("/api/v1/pledges/{}/cancel", str_of(&first["id"])), Some(&ana), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, replayed, second) = join(ana.clone(), "j-2", json!({"qty": 2, "variant": "S"})).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, false), "{second}");
+
+        // A request that fails the batch's checks leaves its key unused.
+        let (status, _, bad) = join(ana.clone(), "j-3", json!({"qty": 1, "variant": "XXL"})).await;
+        assert_eq!((status, bad["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("variant")));
+        let (status, replayed, _) = join(ana.clone(), "j-3", json!({"qty": 1, "variant": "L"})).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, false));
+        assert_eq!(pooled().await, 3);
+
+        // A declined deposit's answer is remembered with the decline, and replayed.
+        app.advance("2026-06-02T00:00:00Z").await;
+        let (_, dee) = app.shopper("Dee", "pm_decline").await;
+        let (status, _) = app.post(&format!("/api/v1/pledges/{}/cancel", str_of(&second["id"])), Some(&ana), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _, declined) = join(dee.clone(), "j-4", json!({"qty": 1, "variant": "M"})).await;
+        assert_eq!((status, declined["code"].as_str()), (StatusCode::PAYMENT_REQUIRED, Some("payment_declined")));
+        let (status, replayed, again) = join(dee.clone(), "j-4", json!({"qty": 1, "variant": "M"})).await;
+        assert_eq!((status, replayed), (StatusCode::PAYMENT_REQUIRED, true));
+        assert_eq!(again, declined);
+        assert_eq!(pooled().await, 1, "the declined pledge holds nothing");
+
+        // A key still claimed by a running request: the join waits its turn (409), takes nothing.
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("authorization", format!("Bearer {ana}").parse().unwrap());
+        let body = serde_json::to_vec(&json!({"qty": 1, "variant": "M"})).unwrap();
+        let claim = IdempotencyClaim {
+            scope: idempotency_scope(&headers),
+            key: "j-5".into(),
+            request_hash: request_hash(&axum::http::Method::POST, &path, &body),
+        };
+        let now = app.state.clock.now();
+        let begun = app.state.store.idempotency_begin(&[claim], now, abandon_claims_after()).await.unwrap();
+        assert_eq!(begun, vec![IdempotencyBegin::Run]);
+        let res = app.client.post(format!("{}{path}", app.base)).bearer_auth(&ana)
+            .header("Idempotency-Key", "j-5").header("content-type", "application/json").body(body.clone())
+            .send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::CONFLICT);
+        assert_eq!(res.json::<Value>().await.unwrap()["code"], "conflict");
+        assert_eq!(pooled().await, 1);
+        // Once the claim is abandoned (its request died), a retry takes it over and joins.
+        app.advance("2026-06-02T00:06:00Z").await;
+        let res = app.client.post(format!("{}{path}", app.base)).bearer_auth(&ana)
+            .header("Idempotency-Key", "j-5").header("content-type", "application/json").body(body)
+            .send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert_eq!(pooled().await, 2);
+        assert_eq!(app.ledger_check().await["balanced"], true);
         app.stop().await;
     }
 }
