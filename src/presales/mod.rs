@@ -138,13 +138,10 @@ impl Loaded {
 }
 
 pub async fn load(store: &Store, id: &str) -> Result<Loaded> {
-    let campaign = store
-        .campaign(id)
-        .await?
-        .ok_or_else(|| PresaleError::NotFound(format!("no campaign {id}")))?;
-    let quotes = store
-        .quotes(id)
-        .await?
+    // Two reads at once: each is its own snapshot either way, and a join batch waits on both.
+    let (campaign, quotes) = tokio::try_join!(store.campaign(id), store.quotes(id))?;
+    let campaign = campaign.ok_or_else(|| PresaleError::NotFound(format!("no campaign {id}")))?;
+    let quotes = quotes
         .into_iter()
         .map(|row| {
             let q = quote_of(&row);
@@ -311,7 +308,10 @@ async fn join_campaign(
     campaign_id: &str,
     requests: &[&JoinRequest],
 ) -> Result<Vec<JoinAnswer>> {
-    let l = match load(store, campaign_id).await {
+    // The campaign and the shoppers are read at once (the batch waits on both).
+    let shopper_ids: Vec<&str> = requests.iter().map(|r| r.shopper_id.as_str()).collect();
+    let (l, shoppers) = tokio::join!(load(store, campaign_id), store.shoppers(&shopper_ids));
+    let l = match l {
         Ok(l) => Arc::new(l),
         Err(PresaleError::NotFound(detail)) => {
             return Ok(requests
@@ -322,8 +322,7 @@ async fn join_campaign(
         Err(e) => return Err(e),
     };
     let c = &l.campaign;
-    let shoppers: Vec<&str> = requests.iter().map(|r| r.shopper_id.as_str()).collect();
-    let shoppers = store.shoppers(&shoppers).await?;
+    let shoppers = shoppers?;
     // The batch is judged at its latest request's instant.
     let now = requests.iter().map(|r| r.now).max().unwrap_or_default();
     let mut unchecked = Vec::new();
