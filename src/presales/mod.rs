@@ -325,7 +325,9 @@ async fn join_campaign(
     let shoppers = shoppers?;
     // The batch is judged at its latest request's instant.
     let now = requests.iter().map(|r| r.now).max().unwrap_or_default();
-    let mut unchecked = Vec::new();
+    // Each request's check failure stays beside it: it is the answer only if the key lets
+    // the request run at all (a replayed key answers with its first response instead).
+    let mut unchecked: Vec<Option<PresaleError>> = Vec::with_capacity(requests.len());
     let attempts: Vec<JoinAttempt> = requests
         .iter()
         .map(|r| {
@@ -337,13 +339,11 @@ async fn join_campaign(
                         message: "is too large".into(),
                     })
             });
-            let join = match checked {
-                Ok(deposit) => Some(new_pledge(&l, r, deposit, &shoppers, now)),
-                Err(e) => {
-                    unchecked.push(e);
-                    None
-                }
+            let (join, failed) = match checked {
+                Ok(deposit) => (Some(new_pledge(&l, r, deposit, &shoppers, now)), None),
+                Err(e) => (None, Some(e)),
             };
+            unchecked.push(failed);
             JoinAttempt {
                 claim: r.key.as_ref().map(|k| k.claim.clone()),
                 join,
@@ -353,11 +353,11 @@ async fn join_campaign(
     let (decisions, begun) = store
         .join_campaign(&c.id, &attempts, now, abandon_claims_after())
         .await?;
-    let mut unchecked = unchecked.into_iter();
     let mut answers: Vec<Option<JoinAnswer>> = Vec::with_capacity(requests.len());
     let mut admitted = Vec::new();
     let mut follow_ups = HashMap::new();
-    for ((r, attempt), decision) in requests.iter().zip(attempts).zip(decisions) {
+    let requests = requests.iter().zip(unchecked).zip(attempts).zip(decisions);
+    for (((r, failed), attempt), decision) in requests {
         answers.push(match decision {
             JoinDecision::Admitted => {
                 let join = attempt
@@ -392,9 +392,9 @@ async fn join_campaign(
             }
             JoinDecision::KeyUsed(IdempotencyBegin::Mismatch) => Some(Err(PresaleError::KeyReused)),
             JoinDecision::KeyUsed(_) => Some(Err(PresaleError::KeyInFlight)),
-            JoinDecision::NotAsked => Some(Err(unchecked
-                .next()
-                .expect("one error per request that failed its checks"))),
+            JoinDecision::NotAsked => Some(Err(
+                failed.expect("a request asks for no pledge only when it failed its checks")
+            )),
         });
     }
     metrics::counter!("pooled_joins_total").increment(admitted.len() as u64);

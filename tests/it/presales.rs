@@ -7,9 +7,10 @@ use crate::on_both_backends;
 use pooled::domain::presale::JoinRefusal;
 use pooled::http::extract::idempotency_scope;
 use pooled::http::idempotency::request_hash;
+use pooled::presales::{JoinKey, JoinRequest, Joined, PresaleError, join_many};
 use pooled::store::{
     IdempotencyBegin, IdempotencyClaim, JoinAttempt, JoinDecision, NewPledge, PledgeRow, Store,
-    abandon_claims_after, micros,
+    StoredResponse, abandon_claims_after, micros,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -570,7 +571,7 @@ on_both_backends! {
                 (res.status(), replayed, res.json::<Value>().await.unwrap())
             }
         };
-        let (_, ana) = app.shopper("Ana", "pm_ok").await;
+        let (ana_id, ana) = app.shopper("Ana", "pm_ok").await;
 
         // The first answer, then the same answer again; another body under the key is refused.
         let (status, replayed, first) = join(ana.clone(), "j-1", json!({"qty": 2, "variant": "M"})).await;
@@ -635,6 +636,37 @@ on_both_backends! {
             .send().await.unwrap();
         assert_eq!(res.status(), StatusCode::CREATED);
         assert_eq!(pooled().await, 2);
+
+        // In one batch, each request keeps its own answer: a replayed key answers with its first
+        // response even where the request would now fail its checks (Noa has no payment
+        // method), and the other request's failed check is its own (the variant), not the
+        // first one's.
+        let (status, noa) = app.post("/api/v1/shoppers", None, json!({"name": "Noa", "email": "noa@example.com"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{noa}");
+        let request = |shopper: &str, key: &str, variant: &str| JoinRequest {
+            campaign_id: id.clone(),
+            shopper_id: shopper.to_owned(),
+            qty: 1,
+            variant: Some(variant.to_owned()),
+            now: app.state.clock.now(),
+            key: Some(JoinKey {
+                claim: IdempotencyClaim { scope: "batch".into(), key: key.into(), request_hash: "same".into() },
+                respond: |p, _| StoredResponse { status: 201, content_type: None, body: p.id.clone().into_bytes() },
+                declined: |_| StoredResponse { status: 402, content_type: None, body: Vec::new() },
+            }),
+        };
+        let (store, payments) = (&app.state.store, &app.state.payments);
+        let first = join_many(store, payments, vec![request(&ana_id, "k-6", "M")]).await;
+        let Ok(Joined::Pledged(pledge, _)) = &first[0] else { panic!("{first:?}") };
+        let noa = str_of(&noa["id"]);
+        let answers = join_many(store, payments, vec![request(&noa, "k-6", "M"), request(&noa, "k-7", "XXL")]).await;
+        match &answers[..] {
+            [Ok(Joined::Replayed(first)), Err(PresaleError::Invalid { field: "variant", .. })] => {
+                assert_eq!((first.status, first.body.clone()), (201, pledge.id.clone().into_bytes()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(pooled().await, 3);
         assert_eq!(app.ledger_check().await["balanced"], true);
         app.stop().await;
     }
