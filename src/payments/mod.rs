@@ -18,6 +18,8 @@ use gateway::{
     ChargeRequest, GatewayError, GatewayOutcome, GatewayResult, PaymentGateway, RefundRequest,
 };
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 /// The job that resends pending intents (woken by a timer at each intent's retry time).
@@ -91,6 +93,18 @@ impl Outcome {
     }
 }
 
+/// What the module that caused some intents writes with their results when a sweep resolves
+/// them (a join's confirmation, when the gateway answered its deposit late). Implemented by
+/// the modules above payments and handed down, so payments needs no knowledge of them.
+pub trait SweepFollowUps: Send + Sync {
+    /// Follow-ups (by intent id) for `intents`, about to be resent.
+    fn follow_ups<'a>(&'a self, intents: &'a [IntentRow]) -> FollowUpsFuture<'a>;
+}
+
+/// What [`SweepFollowUps::follow_ups`] returns.
+pub type FollowUpsFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<HashMap<String, FollowUp>, PaymentsError>> + Send + 'a>>;
+
 /// Sends intents and records their results. Cheap to clone.
 #[derive(Clone)]
 pub struct Payments {
@@ -98,6 +112,7 @@ pub struct Payments {
     gateway: Arc<dyn PaymentGateway>,
     /// Crash tests only: abort after the gateway answers, before recording.
     crash_after_gateway_call: bool,
+    sweep_follow_ups: Option<Arc<dyn SweepFollowUps>>,
 }
 
 impl Payments {
@@ -110,6 +125,15 @@ impl Payments {
             store,
             gateway,
             crash_after_gateway_call,
+            sweep_follow_ups: None,
+        }
+    }
+
+    /// Lets sweeps write `follow_ups`' emails with the results they record.
+    pub fn with_sweep_follow_ups(self, follow_ups: Arc<dyn SweepFollowUps>) -> Payments {
+        Payments {
+            sweep_follow_ups: Some(follow_ups),
+            ..self
         }
     }
 
@@ -199,7 +223,11 @@ impl Payments {
             };
             after = last.seq;
             let ids: Vec<&str> = due.iter().map(|i| i.id.as_str()).collect();
-            self.attempt_many(&ids, &HashMap::new(), now).await?;
+            let follow_ups = match &self.sweep_follow_ups {
+                Some(f) => f.follow_ups(&due).await?,
+                None => HashMap::new(),
+            };
+            self.attempt_many(&ids, &follow_ups, now).await?;
             attempted += ids.len();
         }
     }

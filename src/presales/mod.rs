@@ -13,11 +13,11 @@ use crate::domain::identity::Shopper;
 use crate::domain::ledger::{Account, JournalEntry, Line};
 use crate::domain::money::{Currency, Money, UnitPrice};
 use crate::domain::presale::{self, JoinRefusal, Quote, Tier};
-use crate::payments::{Outcome, Payments, PaymentsError};
+use crate::payments::{FollowUpsFuture, Outcome, Payments, PaymentsError, SweepFollowUps};
 use crate::store::{
-    CampaignRow, FollowUp, IdempotencyBegin, IdempotencyClaim, IdempotencyDone, JoinAttempt,
-    JoinDecision, KeyAnswer, NewEmail, NewIntent, NewPledge, PledgeContact, PledgeRow, PledgeStep,
-    PurchaseOrderRow, QuoteRow, Settlement, Store, StoreError, StoredResponse,
+    CampaignRow, FollowUp, IdempotencyBegin, IdempotencyClaim, IdempotencyDone, IntentRow,
+    JoinAttempt, JoinDecision, KeyAnswer, NewEmail, NewIntent, NewPledge, PledgeContact, PledgeRow,
+    PledgeStep, PurchaseOrderRow, QuoteRow, Settlement, Store, StoreError, StoredResponse,
     abandon_claims_after, instant, micros,
 };
 use chrono::{DateTime, Duration, Utc};
@@ -487,6 +487,63 @@ fn active(pledge: &PledgeRow) -> PledgeRow {
         status: "active".into(),
         ..pledge.clone()
     }
+}
+
+/// The confirmations of joins whose deposits a payment sweep resolves (the gateway had not
+/// answered while the join waited): written with the deposit's success, as for a join
+/// answered at once. Handed to [`Payments::with_sweep_follow_ups`].
+pub struct LateDepositConfirmations(pub Store);
+
+impl SweepFollowUps for LateDepositConfirmations {
+    fn follow_ups<'a>(&'a self, intents: &'a [IntentRow]) -> FollowUpsFuture<'a> {
+        Box::pin(async move {
+            late_confirmations(&self.0, intents)
+                .await
+                .map_err(|e| match e {
+                    PresaleError::Store(e) => PaymentsError::Store(e),
+                    other => PaymentsError::Store(StoreError::Inconsistent(other.to_string())),
+                })
+        })
+    }
+}
+
+async fn late_confirmations(
+    store: &Store,
+    intents: &[IntentRow],
+) -> Result<HashMap<String, FollowUp>> {
+    let mut follow_ups = HashMap::new();
+    let mut campaigns: HashMap<String, Arc<Loaded>> = HashMap::new();
+    let deposits: Vec<&IntentRow> = intents.iter().filter(|i| i.purpose == "deposit").collect();
+    if deposits.is_empty() {
+        return Ok(follow_ups);
+    }
+    let shoppers: Vec<&str> = deposits.iter().map(|i| i.shopper_id.as_str()).collect();
+    let shoppers = store.shoppers(&shoppers).await?;
+    for intent in deposits {
+        let (Some(pledge), Some(shopper)) = (
+            store.pledge(&intent.subject_id).await?,
+            shoppers.get(&intent.shopper_id),
+        ) else {
+            continue;
+        };
+        let l = match campaigns.get(&pledge.campaign_id) {
+            Some(l) => l.clone(),
+            None => {
+                let l = Arc::new(load(store, &pledge.campaign_id).await?);
+                campaigns.insert(pledge.campaign_id.clone(), l.clone());
+                l
+            }
+        };
+        let email = emails::pledge_confirmed(&l, &active(&pledge), &shopper.email, &shopper.name);
+        follow_ups.insert(
+            intent.id.clone(),
+            FollowUp {
+                email: Some(email),
+                answer: None,
+            },
+        );
+    }
+    Ok(follow_ups)
 }
 
 /// Cancels an active pledge before the deadline: its deposit is refunded when refundable,

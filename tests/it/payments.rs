@@ -5,6 +5,7 @@
 use crate::cli::{Served, pooled, serve};
 use crate::helpers::{ADMIN_TOKEN, TestApp, TestDb, raw_tx, str_of};
 use crate::on_both_backends;
+use crate::presales::jacket;
 use pooled::domain::ledger::Account;
 use pooled::domain::money::{Currency, Money};
 use pooled::payments::gateway::{
@@ -12,6 +13,7 @@ use pooled::payments::gateway::{
 };
 use pooled::payments::sandbox::SandboxGateway;
 use pooled::payments::{Outcome, Payments};
+use pooled::presales::{JoinRequest, Joined, LateDepositConfirmations, join_many};
 use pooled::store::{IntentFilter, NewIntent, Store, micros};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -571,6 +573,54 @@ on_both_backends! {
         let check = store.ledger_check().await.unwrap();
         assert!(check.balanced && check.gateway_matches, "{check:?}");
         assert_eq!(check.entries, 3);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_join_whose_deposit_the_gateway_answers_late_is_confirmed_by_the_sweep(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let store: &Store = &app.state.store;
+        let clock = Arc::clone(&app.state.clock);
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
+        let (ana, _) = app.shopper("Ana", "pm_ok").await;
+        // The gateway is down for the join's first three tries (the call and its two quick retries).
+        let outage = Arc::new(Outage {
+            failures: 3,
+            calls: AtomicUsize::new(0),
+            sandbox: SandboxGateway::new(store.clone(), Arc::clone(&clock)),
+        });
+        let payments = Payments::new(store.clone(), outage, false)
+            .with_sweep_follow_ups(Arc::new(LateDepositConfirmations(store.clone())));
+        let now = clock.now();
+        let join = JoinRequest {
+            campaign_id: id.clone(),
+            shopper_id: ana.clone(),
+            qty: 2,
+            variant: Some("M".into()),
+            now,
+            key: None,
+        };
+        let answers = join_many(store, &payments, vec![join]).await;
+        let Ok(Joined::Pledged(pledge, _)) = &answers[0] else { panic!("{answers:?}") };
+        assert_eq!(pledge.status, "pending", "the deposit is not answered yet");
+        let confirmations = || async {
+            let emails = store.outbox(Some("ana@example.com"), 50, None).await.unwrap();
+            emails.into_iter().filter(|e| e.template == "pledge_confirmed" && e.entity == pledge.id).count()
+        };
+        assert_eq!(confirmations().await, 0, "nothing is confirmed before the money moved");
+
+        // The payment-retry sweep resolves the deposit at its retry time, and the confirmation is
+        // written with that result: once, however often the sweep runs.
+        let intent = store.intent(&format!("pi_deposit_{}", pledge.id)).await.unwrap().unwrap();
+        let due = pooled::store::instant(intent.next_attempt_at);
+        assert_eq!(payments.sweep(due, false).await.unwrap(), 1);
+        assert_eq!(payments.sweep(due + chrono::Duration::hours(1), false).await.unwrap(), 0);
+        assert_eq!(store.pledge(&pledge.id).await.unwrap().unwrap().status, "active");
+        assert_eq!(confirmations().await, 1);
+        let check = store.ledger_check().await.unwrap();
+        assert!(check.balanced && check.gateway_matches, "{check:?}");
         app.stop().await;
     }
 }

@@ -85,7 +85,7 @@ pub fn cents(v: &Value) -> i64 {
         + frac.parse::<i64>().unwrap())
 }
 
-fn jacket(manufacturer: &str, opens_at: &str, closes_at: &str) -> Value {
+pub fn jacket(manufacturer: &str, opens_at: &str, closes_at: &str) -> Value {
     json!({
         "title": "Down jacket, winter 2026", "sku": "DJ-26", "currency": "EUR",
         "reference_price": "200.00", "deposit_percent": "10",
