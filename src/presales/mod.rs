@@ -15,9 +15,9 @@ use crate::domain::money::{Currency, Money, UnitPrice};
 use crate::domain::presale::{self, JoinRefusal, Quote, Tier};
 use crate::payments::{FollowUpsFuture, Outcome, Payments, PaymentsError, SweepFollowUps};
 use crate::store::{
-    CampaignRow, FollowUp, IdempotencyBegin, IdempotencyClaim, IdempotencyDone, IntentRow,
-    JoinAttempt, JoinDecision, KeyAnswer, NewEmail, NewIntent, NewPledge, PledgeContact, PledgeRow,
-    PledgeStep, PurchaseOrderRow, QuoteRow, Settlement, Store, StoreError, StoredResponse,
+    CampaignRow, FollowUp, IdempotencyBegin, IdempotencyClaim, IntentRow, JoinAttempt,
+    JoinDecision, KeyAnswer, NewEmail, NewIntent, NewPledge, PledgeContact, PledgeRow, PledgeStep,
+    PurchaseOrderRow, QuoteRow, Settlement, Store, StoreError, StoredResponse,
     abandon_claims_after, instant, micros,
 };
 use chrono::{DateTime, Duration, Utc};
@@ -464,11 +464,7 @@ fn new_pledge(
         memo: format!("deposit for {} × {}", r.qty, c.sku),
         first_sweep_at: micros(now + Duration::minutes(1)),
     });
-    let response = r.key.as_ref().map(|k| IdempotencyDone {
-        scope: k.claim.scope.clone(),
-        key: k.claim.key.clone(),
-        response: (k.respond)(&pledge, l),
-    });
+    let response = r.key.as_ref().map(|k| (k.respond)(&pledge, l));
     // The confirmation shows the pledge as it is once its deposit went through.
     let confirmation = shoppers
         .get(&r.shopper_id)

@@ -112,16 +112,10 @@ impl Store {
     /// Forgets an in-flight claim whose outcome should not be replayed (a server error, a
     /// conflict that may clear), so the client may retry with the same key.
     pub async fn idempotency_release(&self, scope: &str, key: &str) -> StoreResult<()> {
-        on_writer!(self, |pool| {
-            sqlx::query(
-                "DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2 AND status_code IS NULL",
-            )
-            .bind(scope)
-            .bind(key)
-            .execute(pool)
-            .await
-            .map(|_| ())
-        })?;
+        in_tx!(self, |tx| {
+            release_keys!(tx, &[(scope, key)]);
+            tx.commit().await?;
+        });
         Ok(())
     }
 }

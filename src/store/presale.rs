@@ -4,7 +4,7 @@
 
 use super::{
     IdempotencyBegin, IdempotencyClaim, IdempotencyDone, IntentRow, NewEmail, NewIntent, Store,
-    StoreResult,
+    StoreResult, StoredResponse,
 };
 use crate::domain::ledger::JournalEntry;
 use crate::domain::presale::{JoinRefusal, admit};
@@ -191,9 +191,9 @@ pub struct NewPledge {
     pub pledge: PledgeRow,
     /// The deposit to charge; none when nothing is due.
     pub deposit: Option<NewIntent>,
-    /// The answer to remember for the joining request's `Idempotency-Key`, written with the
-    /// pledge: a retry after a crash then replays it instead of joining a second time.
-    pub response: Option<IdempotencyDone>,
+    /// The answer to remember for the attempt's `Idempotency-Key` (its `claim`), written with
+    /// the pledge: a retry after a crash then replays it instead of joining a second time.
+    pub response: Option<StoredResponse>,
     /// The confirmation email: written with the pledge when nothing is due, otherwise with
     /// its deposit's success.
     pub confirmation: Option<NewEmail>,
@@ -549,11 +549,24 @@ impl Store {
                     }
                 };
                 let decisions: Vec<JoinDecision> = decisions.into_iter().flatten().collect();
-                let admitted: Vec<&NewPledge> = admitted
+                let admitted: Vec<&JoinAttempt> = admitted
                     .iter()
                     .filter(|&&i| matches!(decisions[i], JoinDecision::Admitted))
-                    .filter_map(|&i| attempts[i].join.as_ref())
+                    .map(|&i| &attempts[i])
                     .collect();
+                let responses: Vec<IdempotencyDone> = admitted
+                    .iter()
+                    .filter_map(|a| {
+                        let claim = a.claim.as_ref()?;
+                        Some(IdempotencyDone {
+                            scope: claim.scope.clone(),
+                            key: claim.key.clone(),
+                            response: a.join.as_ref()?.response.clone()?,
+                        })
+                    })
+                    .collect();
+                let admitted: Vec<&NewPledge> =
+                    admitted.iter().filter_map(|a| a.join.as_ref()).collect();
                 let mut begun = Vec::new();
                 if total > 0 {
                     insert_pledges!(tx, &admitted, now_us);
@@ -562,8 +575,6 @@ impl Store {
                     if !intents.is_empty() {
                         begun = insert_intents!(tx, &intents, now_us, begun);
                     }
-                    let responses: Vec<IdempotencyDone> =
-                        admitted.iter().filter_map(|j| j.response.clone()).collect();
                     remember_responses!(&mut *tx, &responses);
                     let confirmed: Vec<&NewEmail> = admitted
                         .iter()
