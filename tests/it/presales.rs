@@ -671,3 +671,35 @@ on_both_backends! {
         app.stop().await;
     }
 }
+
+on_both_backends! {
+    async fn a_join_with_nothing_to_pay_is_confirmed_with_its_pledge(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        // 1 % of 0.10 rounds to no deposit at all.
+        let mut body = jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z");
+        body["reference_price"] = json!("0.10");
+        body["deposit_percent"] = json!("1");
+        body["quotes"][0]["tiers"] = json!([{"min_qty": 1, "unit_price": "0.10"}]);
+        let c = app.campaign(body).await;
+        assert_eq!(c["deposit_per_unit"], "0.00", "{c}");
+        let id = str_of(&c["id"]);
+        let (_, token) = app.shopper("Ana", "pm_ok").await;
+        let path = format!("{}/api/v1/campaigns/{id}/pledges", app.base);
+        let join = || app.client.post(&path).bearer_auth(&token).header("Idempotency-Key", "free-1").json(&json!({"qty": 2, "variant": "S"})).send();
+        let first = join().await.unwrap();
+        assert_eq!(first.status(), StatusCode::CREATED);
+        let first: Value = first.json().await.unwrap();
+        assert_eq!((first["status"].as_str(), first["deposit_amount"].as_str()), (Some("active"), Some("0.00")));
+        // Its key's answer and its confirmation were written with the pledge; nothing was charged.
+        let again = join().await.unwrap();
+        assert_eq!((again.status(), again.headers().contains_key("idempotent-replayed")), (StatusCode::CREATED, true));
+        assert_eq!(again.json::<Value>().await.unwrap(), first);
+        let emails = app.state.store.outbox(Some("ana@example.com"), 50, None).await.unwrap();
+        let confirmations = emails.iter().filter(|e| e.template == "pledge_confirmed" && e.entity == str_of(&first["id"])).count();
+        assert_eq!(confirmations, 1);
+        assert!(app.gateway_totals().await.is_empty(), "no money moved");
+        assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["pooled_qty"], 2);
+        app.stop().await;
+    }
+}
