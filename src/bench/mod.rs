@@ -1,6 +1,7 @@
 //! `pooled bench`: measures renewal, settlement and joins on a fresh database of each backend,
-//! next to that database's own floors (bulk loading the same number of rows; the naive hot-row
-//! join), and prints every figure with its floor and their ratio (`value / floor`).
+//! next to that database's own floors (bulk loading the rows the work wrote, [`floor`]; the
+//! naive hot-row join), and prints every figure with its floor and their ratio
+//! (`value / floor`).
 //!
 //! Data is generated in SQL (a recursive sequence), so generation is not measured; what is
 //! measured is the service's own code path: the jobs' functions for renewal and settlement,
@@ -19,6 +20,8 @@ use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+mod floor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchBackend {
@@ -319,54 +322,6 @@ async fn generate(store: &Store, sqls: &[&'static str], n: i64, now: i64) -> any
     Ok(())
 }
 
-/// The database's bulk-load rate in rows/s: `rows` rows of four columns into a scratch table,
-/// as fast as the backend can take them (SQLite: one prepared insert per row in one
-/// transaction; PostgreSQL: `COPY`).
-async fn bulk_load_floor(store: &Store, rows: i64) -> anyhow::Result<f64> {
-    let started;
-    match &store.db {
-        Db::Sqlite(pool) => {
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS bench_floor (a TEXT, b INTEGER, c TEXT, d INTEGER)",
-            )
-            .execute(pool)
-            .await?;
-            let mut conn = pool.acquire().await?;
-            started = Instant::now();
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            for i in 0..rows {
-                sqlx::query("INSERT INTO bench_floor (a, b, c, d) VALUES ($1, $2, $3, $4)")
-                    .bind(format!("row_{i}"))
-                    .bind(i)
-                    .bind("payload")
-                    .bind(i * 7)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-        }
-        Db::Postgres(pool) => {
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS bench_floor (a TEXT, b BIGINT, c TEXT, d BIGINT)",
-            )
-            .execute(pool)
-            .await?;
-            let mut data = String::with_capacity(rows as usize * 32);
-            for i in 0..rows {
-                data.push_str(&format!("row_{i}\t{i}\tpayload\t{}\n", i * 7));
-            }
-            let mut conn = pool.acquire().await?;
-            started = Instant::now();
-            let mut copy = conn
-                .copy_in_raw("COPY bench_floor (a, b, c, d) FROM STDIN")
-                .await?;
-            copy.send(data.as_bytes()).await?;
-            copy.finish().await?;
-        }
-    }
-    Ok(rows as f64 / started.elapsed().as_secs_f64())
-}
-
 /// Peak resident memory of this process since the last reset, in MB.
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -391,13 +346,6 @@ const BENCH_SHOPPERS: &str =
      INSERT INTO shoppers (id, name, email, time_zone, payment_token, created_at)
      SELECT 'shp_bench_' || n, 'Bench ' || n, 'bench' || n || '@example.com', 'UTC', 'pm_ok', $2
      FROM seq";
-
-/// Rows one renewal writes: the delivery, its invoice, intent, gateway row, ledger entry and
-/// two lines, an outbox row.
-const RENEWAL_ROWS: i64 = 8;
-/// Rows one settled pledge writes: the pledge, its balance intent, gateway row, ledger entry
-/// and two lines, two outbox rows.
-const SETTLEMENT_ROWS: i64 = 8;
 
 async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     let store = f.store();
@@ -475,6 +423,7 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
         cutoff,
     )
     .await?;
+    let capture = floor::Capture::before(store).await?;
     // The cycle: the weekly plan ahead of the cutoff (growers need their lead time), then the
     // renewal at the cutoff. Both are timed.
     reset_peak_rss();
@@ -485,6 +434,7 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     subscriptions::run_renew(store, &f.app_state.payments, &[1, 3, 5], at_cutoff).await?;
     let wall = started.elapsed().as_secs_f64();
     let rss = peak_rss_mb();
+    let floor = capture.load_written().await?;
     let check = store.ledger_check().await?;
     let signup_ms = signup(
         store,
@@ -493,15 +443,16 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
         at_cutoff,
     )
     .await?;
-    let floor_rows = bulk_load_floor(store, (n * RENEWAL_ROWS).max(1000)).await?;
     let rate = n as f64 / wall;
     Ok(Figure::new(
         "renewal",
         f.backend,
         rate,
         "subscriptions/s",
-        floor_rows / RENEWAL_ROWS as f64,
+        n as f64 / floor.seconds,
     )
+    .with("floor_rows", json!(floor.rows()))
+    .with("floor_rows_by_table", json!(floor.rows_by_table))
     .with("wall_s", json!(round(wall)))
     .with("plan_s", json!(round(planned)))
     .with("peak_rss_mb", json!(round(rss)))
@@ -609,6 +560,7 @@ async fn settlement(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     // Pledges as joins leave them: active, each with its succeeded deposit, the gateway's
     // record of it and its ledger entry.
     generate(store, &settlement_generators(&store.db), n, micros(now)).await?;
+    let capture = floor::Capture::before(store).await?;
     reset_peak_rss();
     let started = Instant::now();
     presales::run_close(store, &f.app_state.payments, closes).await?;
@@ -621,15 +573,17 @@ async fn settlement(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
         .await?
         .map(|c| c.status)
         .unwrap_or_default();
+    let floor = capture.load_written().await?;
     let check = store.ledger_check().await?;
-    let floor_rows = bulk_load_floor(store, (n * SETTLEMENT_ROWS).max(1000)).await?;
     Ok(Figure::new(
         "settlement",
         f.backend,
         n as f64 / wall,
         "pledges/s",
-        floor_rows / SETTLEMENT_ROWS as f64,
+        n as f64 / floor.seconds,
     )
+    .with("floor_rows", json!(floor.rows()))
+    .with("floor_rows_by_table", json!(floor.rows_by_table))
     .with("wall_s", json!(round(wall)))
     .with("peak_rss_mb", json!(round(rss)))
     .with("pledges", json!(n))
