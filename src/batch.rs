@@ -6,10 +6,14 @@
 //! arrived meanwhile, so the batch grows with the load and an idle system still answers one
 //! request at a time with no added wait. Every caller gets its answer only after the batch's
 //! transaction committed, so an accepted write is durable before it is acknowledged.
+//!
+//! The other way round, a job that writes many chunks one after another keeps a few of them
+//! [`InFlight`]: on PostgreSQL one chain of statements leaves a core idle between round trips.
 
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 /// The batch worker stopped (its runtime is shutting down); the request was not run.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -76,9 +80,49 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     }
 }
 
+/// Up to `limit` chunk writes running at once, each on a task of its own so it progresses
+/// while the caller prepares the next chunk. Only for writes that cannot overlap (each takes
+/// its rows with a guarded update) and each in its own transaction. Dropping it aborts the
+/// writes still running, whose transactions then roll back.
+pub struct InFlight<T> {
+    running: JoinSet<T>,
+    limit: usize,
+}
+
+impl<T: Send + 'static> InFlight<T> {
+    pub fn new(limit: usize) -> InFlight<T> {
+        InFlight {
+            running: JoinSet::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    /// Starts `write`; when `limit` are already running, first waits for one of them and
+    /// returns its result.
+    pub async fn start(&mut self, write: impl Future<Output = T> + Send + 'static) -> Option<T> {
+        let done = if self.running.len() >= self.limit {
+            self.next().await
+        } else {
+            None
+        };
+        self.running.spawn(write);
+        done
+    }
+
+    /// The next write to finish, or `None` when none is running. A write that panicked
+    /// panics here, as it would have run inline.
+    pub async fn next(&mut self) -> Option<T> {
+        match self.running.join_next().await? {
+            Ok(result) => Some(result),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("a chunk write was cancelled: {e}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Batcher;
+    use super::{Batcher, InFlight};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -108,5 +152,31 @@ mod tests {
             (7..100).contains(&n),
             "100 requests in {n} batches of at most 16"
         );
+    }
+
+    #[tokio::test]
+    async fn in_flight_runs_at_most_its_limit_at_once_and_returns_every_result() {
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let mut writes = InFlight::new(2);
+        let mut results = Vec::new();
+        for i in 0..10usize {
+            let (running, most) = (running.clone(), most.clone());
+            let write = async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                }
+                running.fetch_sub(1, Ordering::SeqCst);
+                i
+            };
+            results.extend(writes.start(write).await);
+        }
+        while let Some(i) = writes.next().await {
+            results.push(i);
+        }
+        results.sort();
+        assert_eq!(results, (0..10).collect::<Vec<_>>());
+        assert_eq!(most.load(Ordering::SeqCst), 2, "two at once, never more");
     }
 }

@@ -10,6 +10,7 @@
 pub mod gateway;
 pub mod sandbox;
 
+use crate::batch::InFlight;
 use crate::domain::money::{Currency, Money};
 use crate::scheduler::schedule::retry_delay;
 use crate::store::{FollowUp, IntentResult, IntentRow, Store, StoreError, micros};
@@ -30,6 +31,10 @@ const MAX_ATTEMPTS: i64 = 8;
 
 /// How many due intents a sweep sends as one batch.
 const SWEEP_CHUNK: i64 = 500;
+/// Chunks a sweep charges at once ([`InFlight`]). Each chunk takes its intents with a
+/// guarded update, so two never charge the same intent; SQLite's one writer takes them in
+/// turn.
+const SWEEP_CHUNKS_IN_FLIGHT: usize = 2;
 
 /// How long a sender holds an intent before a sweep may resend it.
 fn hold() -> Duration {
@@ -213,23 +218,34 @@ impl Payments {
     ) -> Result<usize, PaymentsError> {
         let mut attempted = 0;
         let mut after = 0;
+        let mut in_flight = InFlight::new(SWEEP_CHUNKS_IN_FLIGHT);
         loop {
             let due = self
                 .store
                 .pending_intents(micros(now), include_held, after, SWEEP_CHUNK)
                 .await?;
             let Some(last) = due.last() else {
-                return Ok(attempted);
+                break;
             };
             after = last.seq;
-            let ids: Vec<&str> = due.iter().map(|i| i.id.as_str()).collect();
-            let follow_ups = match &self.sweep_follow_ups {
-                Some(f) => f.follow_ups(&due).await?,
-                None => HashMap::new(),
+            attempted += due.len();
+            let payments = self.clone();
+            let charge = async move {
+                let ids: Vec<&str> = due.iter().map(|i| i.id.as_str()).collect();
+                let follow_ups = match &payments.sweep_follow_ups {
+                    Some(f) => f.follow_ups(&due).await?,
+                    None => HashMap::new(),
+                };
+                payments.attempt_many(&ids, &follow_ups, now).await
             };
-            self.attempt_many(&ids, &follow_ups, now).await?;
-            attempted += ids.len();
+            if let Some(done) = in_flight.start(charge).await {
+                done?;
+            }
         }
+        while let Some(done) = in_flight.next().await {
+            done?;
+        }
+        Ok(attempted)
     }
 
     /// One gateway call for a pending intent; a resolved one answers with its outcome.

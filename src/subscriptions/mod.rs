@@ -6,6 +6,7 @@
 
 pub mod emails;
 
+use crate::batch::InFlight;
 use crate::domain::identity::Shopper;
 use crate::domain::ledger::Account;
 use crate::domain::money::{Currency, Money};
@@ -291,6 +292,8 @@ pub async fn box_for(
 /// cutoff locks the delivery, plans its final box, invoices it once and charges it.
 /// Rows written per transaction by the renewal run.
 const CHUNK: usize = 500;
+/// Chunks of locks written at once (see [`InFlight`]).
+const LOCKS_IN_FLIGHT: usize = 2;
 
 pub async fn run_renew(
     store: &Store,
@@ -324,6 +327,11 @@ pub async fn run_renew(
     store.add_deliveries(&upcoming, RENEW_JOB, now_us).await?;
     let mut locked = 0;
     let mut memo = HashMap::new();
+    // Chunks are planned here one after another (they share the plans and the box memo) and
+    // written up to LOCKS_IN_FLIGHT at a time: each lock is a guarded update of its own
+    // deliveries, so concurrent writes never overlap, and on PostgreSQL the next chunk's
+    // statements run on the second core while this one's commit.
+    let mut writing = InFlight::new(LOCKS_IN_FLIGHT);
     let due = store.deliveries_due(now_us).await?;
     for chunk in due.chunks(CHUNK) {
         // One read each for the chunk's subscriptions and shoppers, one write for its locks.
@@ -358,7 +366,16 @@ pub async fn run_renew(
             let lock = lock_and_bill(store, plan, &sub, shopper, d.clone(), now, &mut memo).await?;
             locks.extend(lock);
         }
-        locked += store.lock_deliveries(&locks, now_us).await?;
+        let store = store.clone();
+        if let Some(done) = writing
+            .start(async move { store.lock_deliveries(&locks, now_us).await })
+            .await
+        {
+            locked += done?;
+        }
+    }
+    while let Some(done) = writing.next().await {
+        locked += done?;
     }
     payments.sweep(now, false).await?;
     let dunned = dunning_decisions(store, dunning_days, now).await?;
