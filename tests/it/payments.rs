@@ -317,6 +317,16 @@ on_both_backends! {
         let entry_y = "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event, memo, created_at)
                        VALUES ('je_y', 'EUR', 'test', 'y', 'posted', 'y', 0)";
         assert!(raw_tx(&db.url, &[lines, entry]).await.is_err(), "an unbalanced entry is refused");
+        let one_sided = "INSERT INTO ledger_lines (entry_id, line_no, account, amount_minor)
+                         VALUES ('je_x', 0, 'gateway_clearing', 100)";
+        assert!(raw_tx(&db.url, &[one_sided, entry]).await.is_err(), "a one-line entry is refused");
+        // A batch is refused whole when one of its entries is off, wherever it stands in it.
+        let batch_lines = "INSERT INTO ledger_lines (entry_id, line_no, account, amount_minor)
+                           VALUES ('je_a', 0, 'gateway_clearing', 100), ('je_a', 1, 'deposits_held', -100),
+                                  ('je_b', 0, 'gateway_clearing', 100), ('je_b', 1, 'deposits_held', -1)";
+        let batch_entries = "INSERT INTO ledger_entries (id, currency, cause_type, cause_id, event, memo, created_at)
+                             VALUES ('je_a', 'EUR', 'test', 'a', 'posted', 'a', 0), ('je_b', 'EUR', 'test', 'b', 'posted', 'b', 0)";
+        assert!(raw_tx(&db.url, &[batch_lines, batch_entries]).await.is_err(), "a batch with an unbalanced entry is refused");
         raw_tx(&db.url, &[balanced, entry_y]).await.expect("a balanced entry is accepted");
         for sql in [
             "UPDATE ledger_lines SET amount_minor = 5 WHERE entry_id = 'je_y'",
