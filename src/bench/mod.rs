@@ -15,7 +15,7 @@ use crate::subscriptions;
 use anyhow::Context;
 use chrono::{DateTime, Duration, Utc};
 use clap::{Args, ValueEnum};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,12 +75,12 @@ pub enum Bench {
 }
 
 /// One measured figure.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Figure {
-    pub bench: &'static str,
-    pub backend: &'static str,
+    pub bench: String,
+    pub backend: String,
     pub value: f64,
-    pub unit: &'static str,
+    pub unit: String,
     pub floor: f64,
     /// `value / floor`.
     pub ratio: f64,
@@ -89,18 +89,12 @@ pub struct Figure {
 }
 
 impl Figure {
-    fn new(
-        bench: &'static str,
-        backend: &'static str,
-        value: f64,
-        unit: &'static str,
-        floor: f64,
-    ) -> Figure {
+    fn new(bench: &str, backend: &str, value: f64, unit: &str, floor: f64) -> Figure {
         Figure {
-            bench,
-            backend,
+            bench: bench.into(),
+            backend: backend.into(),
             value,
-            unit,
+            unit: unit.into(),
             floor,
             ratio: if floor > 0.0 { value / floor } else { 0.0 },
             extra: serde_json::Map::new(),
@@ -133,15 +127,21 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let mut broken = Vec::new();
+    let alone = backends.len() * args.only.len() == 1;
     for &backend in backends {
         for &bench in &args.only {
-            let fresh = Fresh::new(backend, &args.postgres_url).await?;
-            let figure = match bench {
-                Bench::Renewal => renewal(&fresh, &args).await,
-                Bench::Settlement => settlement(&fresh, &args).await,
-                Bench::Joins => joins(&fresh, &args).await,
+            let figure = if alone {
+                let fresh = Fresh::new(backend, &args.postgres_url).await?;
+                let figure = match bench {
+                    Bench::Renewal => renewal(&fresh, &args).await,
+                    Bench::Settlement => settlement(&fresh, &args).await,
+                    Bench::Joins => joins(&fresh, &args).await,
+                };
+                fresh.drop_database().await;
+                figure
+            } else {
+                in_own_process(&args, backend, bench).await
             };
-            fresh.drop_database().await;
             let figure = figure.with_context(|| format!("{bench:?} on {backend}"))?;
             print(&figure, args.json);
             broken.extend(broken_invariants(&figure));
@@ -154,6 +154,46 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         broken.join("; ")
     );
     Ok(())
+}
+
+/// Runs one benchmark in a `pooled bench` process of its own and reads its figure back.
+///
+/// Why a process each: peak RSS can only be reset to what the process holds, and memory an
+/// earlier benchmark freed but the allocator kept (a settlement's, a floor's page cache)
+/// would count against the next one's peak. Each figure is then the same whatever ran
+/// before it.
+async fn in_own_process(args: &BenchArgs, backend: &str, bench: Bench) -> anyhow::Result<Figure> {
+    let name = bench
+        .to_possible_value()
+        .context("every benchmark has a name")?;
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command
+        .args([
+            "bench",
+            "--json",
+            "--backend",
+            backend,
+            "--only",
+            name.get_name(),
+        ])
+        .args(["--subscriptions", &args.subscriptions.to_string()])
+        .args(["--pledges", &args.pledges.to_string()])
+        .args(["--seconds", &args.seconds.to_string()])
+        .args(["--clients", &args.clients.to_string()])
+        .args(["--postgres-url", &args.postgres_url])
+        .stderr(std::process::Stdio::inherit());
+    if args.quick {
+        command.arg("--quick");
+    }
+    let out = command.output().await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The child's log lines share its stdout; its figure is the one JSON object. A broken
+    // invariant makes the child exit non-zero after printing it, and is judged here again.
+    let figure = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("the benchmark's process printed no figure ({})", out.status))?;
+    Ok(serde_json::from_str(figure)?)
 }
 
 /// The invariants a figure reports that did not hold, in words.
