@@ -594,7 +594,7 @@ async fn settlement(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
         created_at: micros(now),
     };
     store
-        .create_campaign(&campaign, &[quote], presales::CLOSE_JOB)
+        .create_campaign(&campaign, &[quote], &presales::campaign_timers(&campaign))
         .await?;
     generate(store, &[BENCH_SHOPPERS], BENCH_SHOPPER_COUNT, micros(now)).await?;
     // Pledges as joins leave them: active, each with its succeeded deposit, the gateway's

@@ -376,7 +376,7 @@ async fn create_campaign(
     };
     state
         .store
-        .create_campaign(&row, &quote_rows, presales::CLOSE_JOB)
+        .create_campaign(&row, &quote_rows, &presales::campaign_timers(&row))
         .await?;
     let l = presales::load(&state.store, &id).await?;
     Ok((StatusCode::CREATED, Json(CampaignOut::of(&l))))

@@ -29,6 +29,27 @@ use std::sync::Arc;
 
 pub const CLOSE_JOB: &str = "presale-close";
 pub const BALANCES_JOB: &str = "presale-balances";
+pub const REMINDERS_JOB: &str = "presale-reminders";
+
+/// How long before its deadline a campaign's pledgers are reminded.
+fn reminder_lead() -> Duration {
+    Duration::hours(24)
+}
+
+/// The timers a new campaign needs so that it opens, is reminded of and closes on time (job,
+/// instant in µs): the hourly reminder poll alone would remind up to an hour late, or, on the
+/// manual clock, which does not stop at hourly slots, at whatever stop comes next.
+pub fn campaign_timers(c: &CampaignRow) -> Vec<(&'static str, i64)> {
+    let remind_at = c.closes_at - reminder_lead().num_microseconds().unwrap_or(0);
+    [
+        (CLOSE_JOB, c.opens_at),
+        (REMINDERS_JOB, remind_at),
+        (CLOSE_JOB, c.closes_at),
+    ]
+    .into_iter()
+    .filter(|&(_, at)| at > c.created_at)
+    .collect()
+}
 
 /// Pledges moved per transaction when a campaign closes or settles.
 const CHUNK: i64 = 500;
@@ -1132,7 +1153,7 @@ async fn settle(store: &Store, l: &Loaded, now: DateTime<Utc>) -> Result<bool> {
 /// from the next tier (once per pledge).
 pub async fn run_reminders(store: &Store, now: DateTime<Utc>) -> Result<serde_json::Value> {
     let now_us = micros(now);
-    let horizon = micros(now + Duration::hours(24));
+    let horizon = micros(now + reminder_lead());
     let mut sent = 0;
     for c in store.campaigns_in("open", "open").await? {
         if c.closes_at <= now_us || c.closes_at > horizon {

@@ -61,7 +61,7 @@ impl JobSpec {
 pub fn defaults(shop: Tz) -> Vec<JobSpec> {
     let utc = chrono_tz::UTC;
     let mut reminders = JobSpec::new(
-        "presale-reminders",
+        presales::REMINDERS_JOB,
         "0 * * * *",
         utc,
         CatchUp::Skip,

@@ -424,9 +424,8 @@ impl Scheduler {
     }
 
     /// Manual clock: moves from one due instant to the next up to `to`, setting the clock to
-    /// each and running what is due there; returns when idle at `to`. Frequent pollers
-    /// (hourly or faster) are not stops: they catch up by policy at every stop, so a month
-    /// takes seconds.
+    /// each and running what is due there; returns when idle at `to`. Pollers (hourly or
+    /// faster) are not stops: they catch up by policy at every stop, so a month takes seconds.
     pub async fn advance_to(&self, to: DateTime<Utc>) -> Result<Vec<RunReport>, AdvanceError> {
         let manual = self.env.clock.as_manual().ok_or(AdvanceError::NotManual)?;
         let _guard = self.ticking.lock().await;
@@ -446,9 +445,8 @@ impl Scheduler {
     }
 
     /// The next instant after `now` at which something is due: a pending run (timer, retry,
-    /// backfill) or a slot of a job that runs less often than hourly. Hourly and faster jobs are
-    /// pollers whose business instants are timers, so stopping at each of their slots would
-    /// only slow the clock down.
+    /// backfill) or a slot of a job that runs less often than hourly
+    /// ([`Schedule::stops_manual_clock`]).
     async fn next_stop(&self, now: DateTime<Utc>) -> StoreResult<Option<DateTime<Utc>>> {
         let pending = self
             .env
@@ -463,7 +461,8 @@ impl Scheduler {
                 return None;
             }
             let schedule: Schedule = spec.parsed_schedule().ok()?;
-            (!schedule.is_frequent())
+            schedule
+                .stops_manual_clock()
                 .then(|| schedule.next_after(now))
                 .flatten()
         });

@@ -180,6 +180,13 @@ impl Schedule {
         self.period() <= Duration::minutes(15)
     }
 
+    /// Whether the manual clock stops at each slot. Hourly and faster jobs are pollers whose
+    /// business instants are timers (cutoffs, retries, deadlines, reminders), so stopping at
+    /// every slot would only slow a month down: they run at the other stops instead.
+    pub fn stops_manual_clock(&self) -> bool {
+        self.period() > Duration::hours(1)
+    }
+
     /// The zone slots are read in (UTC for interval jobs).
     pub fn zone(&self) -> Tz {
         match self {
@@ -460,6 +467,16 @@ mod tests {
         assert!(ten.is_frequent() && s.is_frequent());
         assert!(!Schedule::parse("0 5 * * *", Berlin).unwrap().is_frequent());
         assert!(!Schedule::parse("0 * * * *", Berlin).unwrap().is_frequent());
+        assert!(
+            !Schedule::parse("0 * * * *", Berlin)
+                .unwrap()
+                .stops_manual_clock()
+        );
+        assert!(
+            Schedule::parse("0 5 * * *", Berlin)
+                .unwrap()
+                .stops_manual_clock()
+        );
         assert!(
             Schedule::parse("*/5 * * * *", Berlin)
                 .unwrap()

@@ -301,12 +301,12 @@ pub struct Settlement {
 }
 
 impl Store {
-    /// Creates a campaign with its quotes, and the timers that open and close it on time.
+    /// Creates a campaign with its quotes and its `timers` (job, instant in µs).
     pub async fn create_campaign(
         &self,
         c: &CampaignRow,
         quotes: &[QuoteRow],
-        job: &str,
+        timers: &[(&str, i64)],
     ) -> StoreResult<()> {
         in_tx!(self, |tx| {
             sqlx::query(concat!(
@@ -345,10 +345,8 @@ impl Store {
             for q in quotes {
                 insert_quote!(tx, q);
             }
-            for at in [c.opens_at, c.closes_at] {
-                if at > c.created_at {
-                    schedule_timer!(&mut *tx, job, at, c.created_at).await?;
-                }
+            for &(job, at) in timers {
+                schedule_timer!(&mut *tx, job, at, c.created_at).await?;
             }
             tx.commit().await?;
         });

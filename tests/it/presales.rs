@@ -159,6 +159,14 @@ on_both_backends! {
         let (status, _) = app.get(&format!("/api/v1/pledges/{}", pledges[1].0), Some(&early_token)).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
 
+        // A day before the deadline every pledger is reminded, on time: a timer, not the hourly
+        // poll (the manual clock does not stop at hourly slots).
+        app.advance("2026-07-31T00:00:00Z").await;
+        let outbox = app.admin_get("/api/v1/ops/outbox?to=early@example.com").await;
+        let reminders: Vec<&Value> = outbox["items"].as_array().unwrap().iter().filter(|e| e["template"] == "deadline_reminder").collect();
+        assert_eq!(reminders.len(), 1, "{outbox}");
+        assert_eq!(reminders[0]["created_at"], "2026-07-31T00:00:00Z", "{outbox}");
+
         // The deadline: the price locks at 140.00 and balances are charged at once.
         app.advance("2026-08-01T00:00:00Z").await;
         let (status, late) = app.pledge(&id, &early_token, json!({"qty": 1, "variant": "M"})).await;
