@@ -8,15 +8,12 @@ use chrono::{Duration, NaiveDate};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-/// Hourly pollers become daily so that weeks of manual time take few stops; business
-/// deadlines are timers and fire on time regardless.
+/// A manual clock in the shop zone Europe/Berlin.
 async fn app_at(backend: Backend, start: &str) -> TestApp {
     TestApp::spawn_with(backend, |s| {
         s.clock = pooled::config::ClockMode::Manual;
         s.clock_start = Some(start.parse().unwrap());
         s.time_zone = "Europe/Berlin".parse().unwrap();
-        s.job_overrides =
-            Some("presale-reminders.schedule=0 6 * * *;billing-dunning.schedule=0 6 * * *".into());
     })
     .await
 }
