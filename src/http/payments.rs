@@ -297,7 +297,7 @@ async fn create_charge(
         account: Account::Adjustments,
         refund_of: None,
         memo,
-        first_sweep_at: crate::store::micros(now + chrono::Duration::minutes(1)),
+        first_sweep_at: crate::store::micros(now + crate::payments::hold()),
     };
     let row = state
         .store
@@ -384,7 +384,7 @@ async fn refund_intent(
         account: Account::parse(&charge.account).unwrap_or(Account::Adjustments),
         refund_of: Some(charge.id.clone()),
         memo,
-        first_sweep_at: crate::store::micros(now + chrono::Duration::minutes(1)),
+        first_sweep_at: crate::store::micros(now + crate::payments::hold()),
     };
     let Some(row) = state
         .store

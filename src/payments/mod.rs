@@ -36,8 +36,9 @@ const SWEEP_CHUNK: i64 = 500;
 /// turn.
 const SWEEP_CHUNKS_IN_FLIGHT: usize = 2;
 
-/// How long a sender holds an intent before a sweep may resend it.
-fn hold() -> Duration {
+/// How long a sender holds an intent before a sweep may resend it: an intent its caller sends
+/// right after committing it is first swept this long after (`NewIntent::first_sweep_at`).
+pub fn hold() -> Duration {
     Duration::seconds(60)
 }
 
@@ -178,6 +179,20 @@ impl Payments {
         let ids: Vec<&str> = begun.iter().map(|i| i.id.as_str()).collect();
         let outcomes = self.attempt_taken(&ids, begun, follow_ups, now).await?;
         self.retry_pending(&ids, outcomes, follow_ups, now).await
+    }
+
+    /// One gateway call for each intent the caller committed with its first attempt taken
+    /// (`insert_intents!(…, begun)`), results recorded as [`Payments::attempt_many`] does; a
+    /// transient error is left to the retry timer, as a sweep leaves it. For batch jobs, which
+    /// send each chunk's charges as soon as the chunk commits, without a separate commit to
+    /// take them and without waiting on immediate retries.
+    pub async fn attempt_begun(
+        &self,
+        begun: &[IntentRow],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Outcome>, PaymentsError> {
+        let ids: Vec<&str> = begun.iter().map(|i| i.id.as_str()).collect();
+        self.attempt_taken(&ids, begun, &HashMap::new(), now).await
     }
 
     /// Sends again, after a short pause, the intents of `ids` whose `outcomes` are still

@@ -483,7 +483,7 @@ fn new_pledge(
         account: Account::DepositsHeld,
         refund_of: None,
         memo: format!("deposit for {} × {}", r.qty, c.sku),
-        first_sweep_at: micros(now + Duration::minutes(1)),
+        first_sweep_at: micros(now + crate::payments::hold()),
     });
     let response = r.key.as_ref().map(|k| (k.respond)(&pledge, l));
     // The confirmation shows the pledge as it is once its deposit went through.

@@ -2,7 +2,7 @@
 //! grower orders. Deliveries and invoices are unique per (subscription, date); every move is
 //! a guarded update on status, so a re-run bills nothing twice.
 
-use super::{NewEmail, NewIntent, Store, StoreResult};
+use super::{IntentRow, NewEmail, NewIntent, Store, StoreResult};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
@@ -617,11 +617,16 @@ impl Store {
     /// Locks due deliveries with their final boxes and prices, creates their invoices and
     /// commits their renewal charges, with the "box planned" emails, in one transaction and
     /// set-based: a delivery no longer scheduled is left out (one guarded update per chunk
-    /// decides which), and the rest is written with multi-row inserts. Returns how many were
-    /// locked.
-    pub async fn lock_deliveries(&self, locks: &[DeliveryLock], now: i64) -> StoreResult<usize> {
+    /// decides which), and the rest is written with multi-row inserts. The charges are
+    /// committed with their first attempt taken, for the caller to send right after. Returns
+    /// how many were locked, and those charges.
+    pub async fn lock_deliveries(
+        &self,
+        locks: &[DeliveryLock],
+        now: i64,
+    ) -> StoreResult<(usize, Vec<IntentRow>)> {
         if locks.is_empty() {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
         in_tx!(self, |tx| {
             // `status || ''` keeps SQLite from reading every scheduled delivery through the
@@ -651,6 +656,7 @@ impl Store {
                 .iter()
                 .filter(|l| taken.contains(&l.delivery.id))
                 .collect();
+            let mut begun = Vec::new();
             if !locked.is_empty() {
                 let sql = format!(
                     concat!(
@@ -687,12 +693,12 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 let charges: Vec<&NewIntent> = locked.iter().map(|l| &l.charge).collect();
-                insert_intents!(tx, &charges, now);
+                begun = insert_intents!(tx, &charges, now, begun);
             }
             let emails: Vec<&NewEmail> = locked.iter().map(|l| &l.email).collect();
             enqueue_emails!(tx, &emails, now);
             tx.commit().await?;
-            Ok(locked.len())
+            Ok((locked.len(), begun))
         })
     }
 

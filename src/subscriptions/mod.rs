@@ -303,7 +303,11 @@ pub async fn run_renew(
 ) -> Result<serde_json::Value> {
     let now_us = micros(now);
     let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
-    // Writes go a chunk at a time: one transaction (one commit) per chunk, not per row.
+    // Writes go a chunk at a time: one transaction (one commit) per chunk, not per row, and
+    // up to LOCKS_IN_FLIGHT at once ([`InFlight`]). Chunks hold other subscriptions'
+    // deliveries, and each inserts its cutoff timers in ascending order, so two never wait
+    // on each other in a cycle.
+    let mut adding = InFlight::new(LOCKS_IN_FLIGHT);
     let mut upcoming = Vec::new();
     for sub in store.live_subscriptions().await? {
         let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
@@ -320,17 +324,25 @@ pub async fn run_renew(
             upcoming.extend(upcoming_rows(&sub, plan, today)?);
         }
         if upcoming.len() >= CHUNK {
-            store.add_deliveries(&upcoming, RENEW_JOB, now_us).await?;
-            upcoming.clear();
+            let rows = std::mem::take(&mut upcoming);
+            let store = store.clone();
+            let add = async move { store.add_deliveries(&rows, RENEW_JOB, now_us).await };
+            if let Some(done) = adding.start(add).await {
+                done?;
+            }
         }
     }
     store.add_deliveries(&upcoming, RENEW_JOB, now_us).await?;
+    while let Some(done) = adding.next().await {
+        done?;
+    }
     let mut locked = 0;
     let mut memo = HashMap::new();
     // Chunks are planned here one after another (they share the plans and the box memo) and
     // written up to LOCKS_IN_FLIGHT at a time: each lock is a guarded update of its own
     // deliveries, so concurrent writes never overlap, and on PostgreSQL the next chunk's
-    // statements run on the second core while this one's commit.
+    // statements run on the second core while this one's commit. Each chunk's charges go to
+    // the gateway as soon as its lock commits (taken in that commit, so no second one).
     let mut writing = InFlight::new(LOCKS_IN_FLIGHT);
     let due = store.deliveries_due(now_us).await?;
     for chunk in due.chunks(CHUNK) {
@@ -366,11 +378,13 @@ pub async fn run_renew(
             let lock = lock_and_bill(store, plan, &sub, shopper, d.clone(), now, &mut memo).await?;
             locks.extend(lock);
         }
-        let store = store.clone();
-        if let Some(done) = writing
-            .start(async move { store.lock_deliveries(&locks, now_us).await })
-            .await
-        {
+        let (store, payments) = (store.clone(), payments.clone());
+        let lock_and_charge = async move {
+            let (locked, charges) = store.lock_deliveries(&locks, now_us).await?;
+            payments.attempt_begun(&charges, now).await?;
+            Ok::<usize, SubscriptionError>(locked)
+        };
+        if let Some(done) = writing.start(lock_and_charge).await {
             locked += done?;
         }
     }
@@ -435,7 +449,8 @@ async fn lock_and_bill(
         account: Account::SubscriptionRevenue,
         refund_of: None,
         memo: format!("{} delivery {}", plan.name, d.delivery_date),
-        first_sweep_at: micros(now),
+        // The renewal run sends it as soon as its lock commits.
+        first_sweep_at: micros(now + crate::payments::hold()),
     };
     let email = emails::box_planned(plan, &d, date, &lines, &shopper.email, &shopper.name);
     Ok(Some(DeliveryLock {
