@@ -185,12 +185,16 @@ impl Payments {
     /// (`insert_intents!(…, begun)`), results recorded as [`Payments::attempt_many`] does; a
     /// transient error is left to the retry timer, as a sweep leaves it. For batch jobs, which
     /// send each chunk's charges as soon as the chunk commits, without a separate commit to
-    /// take them and without waiting on immediate retries.
+    /// take them and without waiting on immediate retries. No follow-ups are written: the
+    /// renewals and balances sent this way have none (only late deposits do).
     pub async fn attempt_begun(
         &self,
         begun: &[IntentRow],
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
+        if begun.is_empty() {
+            return Ok(Vec::new());
+        }
         let ids: Vec<&str> = begun.iter().map(|i| i.id.as_str()).collect();
         self.attempt_taken(&ids, begun, &HashMap::new(), now).await
     }

@@ -8,7 +8,7 @@
 
 pub mod emails;
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, InFlight};
 use crate::domain::identity::Shopper;
 use crate::domain::ledger::{Account, JournalEntry, Line};
 use crate::domain::money::{Currency, Money, UnitPrice};
@@ -53,6 +53,9 @@ pub fn campaign_timers(c: &CampaignRow) -> Vec<(&'static str, i64)> {
 
 /// Pledges moved per transaction when a campaign closes or settles.
 const CHUNK: i64 = 500;
+/// Chunks of pledge steps applied (and their charges sent) at once ([`InFlight`]): each
+/// chunk moves its own pledges with a guarded update, so two never touch the same pledge.
+const STEPS_IN_FLIGHT: usize = 2;
 
 /// Balance retries during the window are this far apart (each with a reminder).
 fn retry_every() -> Duration {
@@ -757,7 +760,7 @@ pub async fn run_close(
         steps_applied += refund_all(store, &c, now).await?;
     }
     for c in store.campaigns_in("settling", "settling").await? {
-        steps_applied += charge_balances(store, &c, now).await?;
+        steps_applied += charge_balances(store, payments, &c, now).await?;
     }
     payments.sweep(now, false).await?;
     Ok(json!({"opened": opened, "failed": failed, "tipped": tipped,
@@ -792,12 +795,18 @@ async fn refund_all(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> Resul
                 }
             })
             .collect();
-        applied += store.apply_pledge_steps(&steps, micros(now)).await?;
+        // Refunds and forfeits only: no charges to send.
+        applied += store.apply_pledge_steps(&steps, micros(now)).await?.0;
     }
 }
 
 /// Moves every active pledge of a settling campaign to its balance at the locked price.
-async fn charge_balances(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> Result<usize> {
+async fn charge_balances(
+    store: &Store,
+    payments: &Payments,
+    c: &CampaignRow,
+    now: DateTime<Utc>,
+) -> Result<usize> {
     let l = load(store, &c.id).await?;
     let Some(locked) = c.locked_price_minor else {
         return Ok(0);
@@ -805,9 +814,13 @@ async fn charge_balances(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> 
     let locked = Money::from_minor(locked, l.currency);
     let due = instant(c.balance_due_at.unwrap_or(micros(now)));
     let (mut applied, mut after) = (0, 0);
+    let mut applying = InFlight::new(STEPS_IN_FLIGHT);
     loop {
         let batch = store.pledge_contacts(&c.id, "active", after, CHUNK).await?;
         let Some(last) = batch.last() else {
+            while let Some(done) = applying.next().await {
+                applied += done?;
+            }
             return Ok(applied);
         };
         after = last.seq;
@@ -835,7 +848,8 @@ async fn charge_balances(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> 
                         account: Account::Balances,
                         refund_of: None,
                         memo: format!("balance for {} × {} at {locked}", p.qty, c.sku),
-                        first_sweep_at: micros(now),
+                        // Sent as soon as its chunk commits.
+                        first_sweep_at: micros(now + crate::payments::hold()),
                     }),
                     refund: None,
                     entry: None,
@@ -861,7 +875,15 @@ async fn charge_balances(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> 
                 }
             });
         }
-        applied += store.apply_pledge_steps(&steps, micros(now)).await?;
+        let (store, payments) = (store.clone(), payments.clone());
+        let apply_and_charge = async move {
+            let (applied, charges) = store.apply_pledge_steps(&steps, micros(now)).await?;
+            payments.attempt_begun(&charges, now).await?;
+            Ok::<usize, PresaleError>(applied)
+        };
+        if let Some(done) = applying.start(apply_and_charge).await {
+            applied += done?;
+        }
     }
 }
 
@@ -877,7 +899,7 @@ pub async fn run_balances(
     let mut summary = Vec::new();
     for c in store.campaigns_in("settling", "settling").await? {
         // A close that a crash cut short is finished first.
-        charge_balances(store, &c, now).await?;
+        charge_balances(store, payments, &c, now).await?;
         payments.sweep(now, false).await?;
         let l = load(store, &c.id).await?;
         let locked = Money::from_minor(c.locked_price_minor.unwrap_or(0), l.currency);
@@ -1051,7 +1073,8 @@ async fn default_unpaid(store: &Store, l: &Loaded, now: DateTime<Utc>) -> Result
                 email: Some(emails::defaulted(l, p, refunded > 0)),
             });
         }
-        applied += store.apply_pledge_steps(&steps, micros(now)).await?;
+        // Refunds and forfeits only: no charges to send.
+        applied += store.apply_pledge_steps(&steps, micros(now)).await?.0;
     }
 }
 

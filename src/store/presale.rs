@@ -815,10 +815,16 @@ impl Store {
     /// Applies pledge steps (one per pledge) in one transaction, set-based: one guarded update
     /// moves every pledge still in its step's `from` status, and what the moved ones book is
     /// written with one statement per kind (refunds, which take from their charge, one by
-    /// one). Returns how many applied; a step whose pledge moved on changes nothing.
-    pub async fn apply_pledge_steps(&self, steps: &[PledgeStep], now: i64) -> StoreResult<usize> {
+    /// one). Charges are committed with their first attempt taken, for the caller to send
+    /// right after. Returns how many applied, and those charges; a step whose pledge moved on
+    /// changes nothing.
+    pub async fn apply_pledge_steps(
+        &self,
+        steps: &[PledgeStep],
+        now: i64,
+    ) -> StoreResult<(usize, Vec<IntentRow>)> {
         if steps.is_empty() {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
         in_tx!(self, |tx| {
             let sql = format!(
@@ -862,8 +868,9 @@ impl Store {
                 .collect();
             let charges: Vec<&NewIntent> =
                 applied.iter().filter_map(|s| s.charge.as_ref()).collect();
+            let mut begun = Vec::new();
             if !charges.is_empty() {
-                insert_intents!(tx, &charges, now);
+                begun = insert_intents!(tx, &charges, now, begun);
             }
             for refund in applied.iter().filter_map(|s| s.refund.as_ref()) {
                 // The deposit succeeded (the pledge was active), so there is room to refund.
@@ -877,7 +884,7 @@ impl Store {
             let emails: Vec<&NewEmail> = applied.iter().filter_map(|s| s.email.as_ref()).collect();
             enqueue_emails!(tx, &emails, now);
             tx.commit().await?;
-            Ok(applied.len())
+            Ok((applied.len(), begun))
         })
     }
 
