@@ -110,8 +110,9 @@ impl Figure {
 /// Runs the benchmarks and prints the figures.
 pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     if args.quick {
-        args.subscriptions = args.subscriptions.min(200);
-        args.pledges = args.pledges.min(1_000);
+        // Three chunks of 500 each, so the writes in flight are exercised too.
+        args.subscriptions = args.subscriptions.min(1_200);
+        args.pledges = args.pledges.min(1_200);
         args.seconds = args.seconds.min(2);
         args.clients = args.clients.min(8);
     }
@@ -219,6 +220,12 @@ fn broken_invariants(f: &Figure) -> Vec<String> {
     if says("status", json!("succeeded")) {
         broken.push(format!(
             "{} on {}: the campaign did not settle",
+            f.bench, f.backend
+        ));
+    }
+    if says("all_paid", json!(true)) {
+        broken.push(format!(
+            "{} on {}: not every subscription or pledge was charged once and paid",
             f.bench, f.backend
         ));
     }
@@ -474,6 +481,7 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     subscriptions::run_renew(store, &f.app_state.payments, &[1, 3, 5], at_cutoff).await?;
     let wall = started.elapsed().as_secs_f64();
     let rss = peak_rss_mb();
+    let paid = store.count_invoices("paid").await?;
     let floor = capture.load_written().await?;
     let check = store.ledger_check().await?;
     let signup_ms = signup(
@@ -498,6 +506,7 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     .with("peak_rss_mb", json!(round(rss)))
     .with("signup_ms", json!(round(signup_ms)))
     .with("subscriptions", json!(n))
+    .with("all_paid", json!(paid == n))
     .with(
         "ledger_balanced",
         json!(check.balanced && check.gateway_matches),
@@ -613,6 +622,7 @@ async fn settlement(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
         .await?
         .map(|c| c.status)
         .unwrap_or_default();
+    let paid = store.count_pledges("cmp_bench", "paid").await?;
     let floor = capture.load_written().await?;
     let check = store.ledger_check().await?;
     Ok(Figure::new(
@@ -627,6 +637,7 @@ async fn settlement(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     .with("wall_s", json!(round(wall)))
     .with("peak_rss_mb", json!(round(rss)))
     .with("pledges", json!(n))
+    .with("all_paid", json!(paid == n))
     .with("status", json!(settled))
     .with(
         "ledger_balanced",

@@ -734,6 +734,16 @@ impl Store {
         Ok(())
     }
 
+    /// How many invoices are in `status` (all subscriptions).
+    pub async fn count_invoices(&self, status: &str) -> StoreResult<i64> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT COUNT(*) FROM invoices WHERE status = $1")
+                .bind(status)
+                .fetch_one(pool)
+                .await?
+        }))
+    }
+
     pub async fn invoices_of(&self, subscription_id: &str) -> StoreResult<Vec<InvoiceRow>> {
         Ok(on_pool!(self, |pool| {
             sqlx::query_as(concat!(
