@@ -55,7 +55,7 @@ pub fn campaign_timers(c: &CampaignRow) -> Vec<(&'static str, i64)> {
 const CHUNK: i64 = 500;
 /// Chunks of pledge steps applied (and their charges sent) at once ([`InFlight`]): each
 /// chunk moves its own pledges with a guarded update, so two never touch the same pledge.
-const STEPS_IN_FLIGHT: usize = 2;
+const STEPS_IN_FLIGHT: usize = 3;
 
 /// Balance retries during the window are this far apart (each with a reminder).
 fn retry_every() -> Duration {

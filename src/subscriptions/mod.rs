@@ -292,8 +292,9 @@ pub async fn box_for(
 /// cutoff locks the delivery, plans its final box, invoices it once and charges it.
 /// Rows written per transaction by the renewal run.
 const CHUNK: usize = 500;
-/// Chunks of locks written at once (see [`InFlight`]).
-const LOCKS_IN_FLIGHT: usize = 2;
+/// Chunks the renewal and the weekly plan write at once (see [`InFlight`]): a third keeps
+/// both of PostgreSQL's cores busy while this process plans the next chunk.
+const WRITES_IN_FLIGHT: usize = 3;
 
 pub async fn run_renew(
     store: &Store,
@@ -304,10 +305,10 @@ pub async fn run_renew(
     let now_us = micros(now);
     let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
     // Writes go a chunk at a time: one transaction (one commit) per chunk, not per row, and
-    // up to LOCKS_IN_FLIGHT at once ([`InFlight`]). Chunks hold other subscriptions'
+    // up to WRITES_IN_FLIGHT at once ([`InFlight`]). Chunks hold other subscriptions'
     // deliveries, and each inserts its cutoff timers in ascending order, so two never wait
     // on each other in a cycle.
-    let mut adding = InFlight::new(LOCKS_IN_FLIGHT);
+    let mut adding = InFlight::new(WRITES_IN_FLIGHT);
     let mut upcoming = Vec::new();
     for sub in store.live_subscriptions().await? {
         let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
@@ -339,11 +340,11 @@ pub async fn run_renew(
     let mut locked = 0;
     let mut memo = HashMap::new();
     // Chunks are planned here one after another (they share the plans and the box memo) and
-    // written up to LOCKS_IN_FLIGHT at a time: each lock is a guarded update of its own
+    // written up to WRITES_IN_FLIGHT at a time: each lock is a guarded update of its own
     // deliveries, so concurrent writes never overlap, and on PostgreSQL the next chunk's
     // statements run on the second core while this one's commit. Each chunk's charges go to
     // the gateway as soon as its lock commits (taken in that commit, so no second one).
-    let mut writing = InFlight::new(LOCKS_IN_FLIGHT);
+    let mut writing = InFlight::new(WRITES_IN_FLIGHT);
     let due = store.deliveries_due(now_us).await?;
     for chunk in due.chunks(CHUNK) {
         // One read each for the chunk's subscriptions and shoppers, one write for its locks.
@@ -614,6 +615,9 @@ async fn plan_window(
     let upcoming = store
         .deliveries_between(&from.to_string(), &until.to_string())
         .await?;
+    // Each chunk's boxes are written while the next is planned (each chunk updates its own
+    // deliveries, so the writes never overlap).
+    let mut writing = InFlight::new(WRITES_IN_FLIGHT);
     for chunk in upcoming.chunks(CHUNK) {
         let ids: Vec<&str> = chunk.iter().map(|d| d.subscription_id.as_str()).collect();
         let subs = store.subscriptions_by_id(&ids).await?;
@@ -639,8 +643,15 @@ async fn plan_window(
         }
         if !boxes.is_empty() {
             planned += boxes.len();
-            store.set_provisional_boxes(&boxes).await?;
+            let store = store.clone();
+            let write = async move { store.set_provisional_boxes(&boxes).await };
+            if let Some(done) = writing.start(write).await {
+                done?;
+            }
         }
+    }
+    while let Some(done) = writing.next().await {
+        done?;
     }
     let rows = orders.rows();
     // A box ripens before its delivery, so no delivery before the window has an order that
