@@ -162,6 +162,49 @@ fn written_sql(t: &Table) -> [String; 2] {
     ]
 }
 
+/// What a backend does for [`timed_load`]: run a statement, read a chunk of a table's written
+/// rows (untimed), and bulk-load it into the table's empty copy (timed).
+trait BulkLoad {
+    type Chunk;
+    async fn exec(&mut self, sql: String) -> anyhow::Result<()>;
+    /// The rows of `bench_written_<t>` numbered after `after`, at most [`CHUNK`], and how many.
+    async fn read(&mut self, t: &Table, after: i64) -> anyhow::Result<(Self::Chunk, i64)>;
+    async fn load(&mut self, t: &Table, chunk: Self::Chunk) -> anyhow::Result<()>;
+}
+
+/// Loads every table's written rows into its copy in one transaction, a chunk at a time, and
+/// times only `BEGIN`, the loads and `COMMIT`.
+async fn timed_load<B: BulkLoad>(b: &mut B, tables: &[Table]) -> anyhow::Result<Floor> {
+    let mut rows_by_table = serde_json::Map::new();
+    let mut loading = Duration::ZERO;
+    let started = Instant::now();
+    b.exec("BEGIN".into()).await?;
+    loading += started.elapsed();
+    for t in tables {
+        let mut after = 0;
+        loop {
+            let (chunk, n) = b.read(t, after).await?;
+            if n == 0 {
+                break;
+            }
+            after += n;
+            let started = Instant::now();
+            b.load(t, chunk).await?;
+            loading += started.elapsed();
+        }
+        if after > 0 {
+            rows_by_table.insert(t.name.clone(), after.into());
+        }
+    }
+    let started = Instant::now();
+    b.exec("COMMIT".into()).await?;
+    loading += started.elapsed();
+    Ok(Floor {
+        rows_by_table,
+        seconds: loading.as_secs_f64(),
+    })
+}
+
 async fn sqlite_load(mut conn: SqliteConnection, tables: &[Table]) -> anyhow::Result<Floor> {
     // A fresh file beside the database, set up as the service sets up its own.
     let main: String =
@@ -184,7 +227,6 @@ async fn sqlite_load(mut conn: SqliteConnection, tables: &[Table]) -> anyhow::Re
     ] {
         exec(&mut conn, pragma.into()).await?;
     }
-    let mut rows_by_table = serde_json::Map::new();
     for t in tables {
         for sql in written_sql(t) {
             exec(&mut conn, sql).await?;
@@ -200,11 +242,38 @@ async fn sqlite_load(mut conn: SqliteConnection, tables: &[Table]) -> anyhow::Re
             exec(&mut conn, in_floor_schema(&sql)).await?;
         }
     }
-    let mut loading = Duration::ZERO;
-    let started = Instant::now();
-    exec(&mut conn, "BEGIN".into()).await?;
-    loading += started.elapsed();
-    for t in tables {
+    let floor = timed_load(&mut conn, tables).await?;
+    conn.close().await?;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{floor_file}{suffix}"));
+    }
+    Ok(floor)
+}
+
+/// SQLite: rows as cells, loaded with one prepared insert per row.
+impl BulkLoad for SqliteConnection {
+    type Chunk = Vec<Vec<Cell>>;
+
+    async fn exec(&mut self, sql: String) -> anyhow::Result<()> {
+        exec(self, sql).await
+    }
+
+    async fn read(&mut self, t: &Table, after: i64) -> anyhow::Result<(Self::Chunk, i64)> {
+        let read = format!(
+            "SELECT {} FROM bench_written_{} WHERE bench_n > $1 ORDER BY bench_n LIMIT {CHUNK}",
+            t.columns.join(", "),
+            t.name
+        );
+        let rows = sqlx::query(AssertSqlSafe(read))
+            .bind(after)
+            .fetch_all(&mut *self)
+            .await?;
+        let cells: Vec<Vec<Cell>> = rows.iter().map(sqlite_cells).collect::<Result<_, _>>()?;
+        let n = cells.len() as i64;
+        Ok((cells, n))
+    }
+
+    async fn load(&mut self, t: &Table, chunk: Self::Chunk) -> anyhow::Result<()> {
         let insert = format!(
             "INSERT INTO bench_floor.{} ({}) VALUES ({})",
             t.name,
@@ -214,54 +283,21 @@ async fn sqlite_load(mut conn: SqliteConnection, tables: &[Table]) -> anyhow::Re
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let read = format!(
-            "SELECT {} FROM bench_written_{} WHERE bench_n > $1 ORDER BY bench_n LIMIT {CHUNK}",
-            t.columns.join(", "),
-            t.name
-        );
-        let mut after = 0;
-        loop {
-            let chunk = sqlx::query(AssertSqlSafe(read.clone()))
-                .bind(after)
-                .fetch_all(&mut conn)
-                .await?;
-            if chunk.is_empty() {
-                break;
+        for row in chunk {
+            let mut q = sqlx::query(AssertSqlSafe(insert.clone()));
+            for cell in row {
+                q = match cell {
+                    Cell::Null => q.bind(None::<i64>),
+                    Cell::Int(v) => q.bind(v),
+                    Cell::Real(v) => q.bind(v),
+                    Cell::Text(v) => q.bind(v),
+                    Cell::Blob(v) => q.bind(v),
+                };
             }
-            let cells: Vec<Vec<Cell>> = chunk.iter().map(sqlite_cells).collect::<Result<_, _>>()?;
-            drop(chunk);
-            after += cells.len() as i64;
-            let started = Instant::now();
-            for row in cells {
-                let mut q = sqlx::query(AssertSqlSafe(insert.clone()));
-                for cell in row {
-                    q = match cell {
-                        Cell::Null => q.bind(None::<i64>),
-                        Cell::Int(v) => q.bind(v),
-                        Cell::Real(v) => q.bind(v),
-                        Cell::Text(v) => q.bind(v),
-                        Cell::Blob(v) => q.bind(v),
-                    };
-                }
-                q.execute(&mut conn).await?;
-            }
-            loading += started.elapsed();
+            q.execute(&mut *self).await?;
         }
-        if after > 0 {
-            rows_by_table.insert(t.name.clone(), after.into());
-        }
+        Ok(())
     }
-    let started = Instant::now();
-    exec(&mut conn, "COMMIT".into()).await?;
-    loading += started.elapsed();
-    conn.close().await?;
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{floor_file}{suffix}"));
-    }
-    Ok(Floor {
-        rows_by_table,
-        seconds: loading.as_secs_f64(),
-    })
 }
 
 fn sqlite_cells(row: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Vec<Cell>> {
@@ -295,7 +331,6 @@ fn in_floor_schema(sql: &str) -> String {
 
 async fn postgres_load(mut conn: PgConnection, tables: &[Table]) -> anyhow::Result<Floor> {
     exec(&mut conn, "CREATE SCHEMA bench_floor".into()).await?;
-    let mut rows_by_table = serde_json::Map::new();
     for t in tables {
         for sql in written_sql(t) {
             exec(&mut conn, sql).await?;
@@ -310,56 +345,51 @@ async fn postgres_load(mut conn: PgConnection, tables: &[Table]) -> anyhow::Resu
         )
         .await?;
     }
-    let mut loading = Duration::ZERO;
-    let started = Instant::now();
-    exec(&mut conn, "BEGIN".into()).await?;
-    loading += started.elapsed();
-    for t in tables {
-        let columns = t.columns.join(", ");
-        let mut after = 0;
-        loop {
-            let read = format!(
-                "COPY (SELECT {columns} FROM bench_written_{} WHERE bench_n > {after}
-                 ORDER BY bench_n LIMIT {CHUNK}) TO STDOUT",
-                t.name
-            );
-            let data: Vec<u8> = conn
-                .copy_out_raw(&read)
-                .await?
-                .try_fold(Vec::new(), |mut all, bytes| async move {
-                    all.extend_from_slice(&bytes);
-                    Ok(all)
-                })
-                .await?;
-            let n = data.iter().filter(|&&b| b == b'\n').count() as i64;
-            if n == 0 {
-                break;
-            }
-            after += n;
-            let started = Instant::now();
-            let mut copy = conn
-                .copy_in_raw(&format!(
-                    "COPY bench_floor.{} ({columns}) FROM STDIN",
-                    t.name
-                ))
-                .await?;
-            copy.send(data).await?;
-            copy.finish()
-                .await
-                .with_context(|| format!("COPY into {}", t.name))?;
-            loading += started.elapsed();
-        }
-        if after > 0 {
-            rows_by_table.insert(t.name.clone(), after.into());
-        }
-    }
-    let started = Instant::now();
-    exec(&mut conn, "COMMIT".into()).await?;
-    loading += started.elapsed();
+    let floor = timed_load(&mut conn, tables).await?;
     exec(&mut conn, "DROP SCHEMA bench_floor CASCADE".into()).await?;
     conn.close().await?;
-    Ok(Floor {
-        rows_by_table,
-        seconds: loading.as_secs_f64(),
-    })
+    Ok(floor)
+}
+
+/// PostgreSQL: rows in `COPY`'s text format, copied out and in unchanged.
+impl BulkLoad for PgConnection {
+    type Chunk = Vec<u8>;
+
+    async fn exec(&mut self, sql: String) -> anyhow::Result<()> {
+        exec(self, sql).await
+    }
+
+    async fn read(&mut self, t: &Table, after: i64) -> anyhow::Result<(Self::Chunk, i64)> {
+        let read = format!(
+            "COPY (SELECT {} FROM bench_written_{} WHERE bench_n > {after}
+             ORDER BY bench_n LIMIT {CHUNK}) TO STDOUT",
+            t.columns.join(", "),
+            t.name
+        );
+        let data: Vec<u8> = self
+            .copy_out_raw(&read)
+            .await?
+            .try_fold(Vec::new(), |mut all, bytes| async move {
+                all.extend_from_slice(&bytes);
+                Ok(all)
+            })
+            .await?;
+        let n = data.iter().filter(|&&b| b == b'\n').count() as i64;
+        Ok((data, n))
+    }
+
+    async fn load(&mut self, t: &Table, chunk: Self::Chunk) -> anyhow::Result<()> {
+        let mut copy = self
+            .copy_in_raw(&format!(
+                "COPY bench_floor.{} ({}) FROM STDIN",
+                t.name,
+                t.columns.join(", ")
+            ))
+            .await?;
+        copy.send(chunk).await?;
+        copy.finish()
+            .await
+            .with_context(|| format!("COPY into {}", t.name))?;
+        Ok(())
+    }
 }

@@ -117,3 +117,35 @@ async fn a_second_process_on_one_sqlite_file_is_refused() {
     }
     first.close().await;
 }
+
+on_both_backends! {
+    async fn the_bench_floor_loads_exactly_the_rows_the_work_wrote(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        let now = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+        let shopper = |id: &str| Shopper {
+            id: id.into(),
+            name: id.into(),
+            email: format!("{id}@example.com"),
+            time_zone: chrono_tz::Europe::Berlin,
+            payment_token: None,
+            created_at: now,
+        };
+        store.create_shopper(&shopper("shp_before"), &hash_token("t0")).await.unwrap();
+        store.create_shopper(&shopper("shp_untouched"), &hash_token("t1")).await.unwrap();
+        let capture = pooled::bench::floor::Capture::before(&store).await.unwrap();
+        // The work: two new shoppers (each with a token) and one changed.
+        store.create_shopper(&shopper("shp_new1"), &hash_token("t2")).await.unwrap();
+        store.create_shopper(&shopper("shp_new2"), &hash_token("t3")).await.unwrap();
+        store.set_payment_token("shp_before", "pm_ok").await.unwrap();
+        let floor = capture.load_written().await.unwrap();
+        assert_eq!(
+            serde_json::Value::Object(floor.rows_by_table.clone()),
+            serde_json::json!({"shoppers": 3, "api_tokens": 2}),
+            "inserted and updated rows, nothing untouched"
+        );
+        assert_eq!(floor.rows(), 5);
+        assert!(floor.seconds > 0.0);
+        store.close().await;
+    }
+}
