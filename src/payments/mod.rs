@@ -169,7 +169,7 @@ impl Payments {
     }
 
     /// As [`Payments::send_many_now`], for intents the caller committed with their first
-    /// attempt already taken (`insert_intents!(…, begun)`), so no commit is spent taking them.
+    /// attempt already taken (`insert_begun_intents!`), so no commit is spent taking them.
     pub async fn send_begun_now(
         &self,
         begun: &[IntentRow],
@@ -182,7 +182,7 @@ impl Payments {
     }
 
     /// One gateway call for each intent the caller committed with its first attempt taken
-    /// (`insert_intents!(…, begun)`), results recorded as [`Payments::attempt_many`] does; a
+    /// (`insert_begun_intents!`), results recorded as [`Payments::attempt_many`] does; a
     /// transient error is left to the retry timer, as a sweep leaves it. For batch jobs, which
     /// send each chunk's charges as soon as the chunk commits, without a separate commit to
     /// take them and without waiting on immediate retries. No follow-ups are written: the

@@ -339,36 +339,26 @@ macro_rules! intent_columns {
 }
 
 /// Commits many pending intents (`$intents`: `&[&NewIntent]`) with one statement inside the
-/// caller's transaction; keys already used are skipped. With `begun`, the intents are inserted
-/// with their first attempt already taken (held until `first_sweep_at`, as
-/// `Store::begin_intent_attempts` would) and evaluate to their rows: for a caller that sends
-/// them right after its commit, this saves the separate commit that would take them.
-macro_rules! insert_intents {
+/// caller's transaction, each with its first attempt already taken (held until
+/// `first_sweep_at`, as `Store::begin_intent_attempts` would), and evaluates to the rows
+/// inserted (keys already used are skipped). Every caller sends them right after its commit,
+/// which saves the separate commit that would take them.
+macro_rules! insert_begun_intents {
     ($tx:ident, $intents:expr, $now:expr) => {{
-        insert_intents!(@query sqlx::query, $tx, $intents, $now, 0, "")
-            .execute(&mut *$tx)
-            .await?;
-    }};
-    ($tx:ident, $intents:expr, $now:expr, begun) => {{
-        let rows: Vec<$crate::store::IntentRow> =
-            insert_intents!(@query sqlx::query_as, $tx, $intents, $now, 1, concat!(" RETURNING ", intent_columns!()))
-                .fetch_all(&mut *$tx)
-                .await?;
-        rows
-    }};
-    (@query $make:path, $tx:ident, $intents:expr, $now:expr, $attempts:expr, $returning:expr) => {{
         let intents: &[&$crate::store::NewIntent] = $intents;
         let sql = format!(
-            "INSERT INTO payment_intents (id, idempotency_key, kind, purpose, subject_id, shopper_id,
-                 amount_minor, currency, account, refund_of, next_attempt_at, memo, created_at,
-                 status, attempts)
-             SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
-                 CAST(value->>6 AS BIGINT), value->>7, value->>8, value->>9,
-                 CAST(value->>10 AS BIGINT), value->>11, $2, 'pending', $3
-             FROM {} WHERE true
-             ON CONFLICT (idempotency_key) DO NOTHING{}",
-            $crate::store::json_rows(&$tx, 1),
-            $returning
+            concat!(
+                "INSERT INTO payment_intents (id, idempotency_key, kind, purpose, subject_id,
+                     shopper_id, amount_minor, currency, account, refund_of, next_attempt_at,
+                     memo, created_at, status, attempts)
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
+                     CAST(value->>6 AS BIGINT), value->>7, value->>8, value->>9,
+                     CAST(value->>10 AS BIGINT), value->>11, $2, 'pending', 1
+                 FROM {} WHERE true
+                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING ",
+                intent_columns!()
+            ),
+            $crate::store::json_rows(&$tx, 1)
         );
         let json = $crate::store::json_array(intents.iter().map(|i| {
             (
@@ -386,10 +376,12 @@ macro_rules! insert_intents {
                 &i.memo,
             )
         }));
-        $make(sqlx::AssertSqlSafe(sql))
+        let rows: Vec<$crate::store::IntentRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(json)
             .bind($now)
-            .bind($attempts as i64)
+            .fetch_all(&mut *$tx)
+            .await?;
+        rows
     }};
 }
 

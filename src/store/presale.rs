@@ -571,7 +571,7 @@ impl Store {
                     let intents: Vec<&NewIntent> =
                         admitted.iter().filter_map(|j| j.deposit.as_ref()).collect();
                     if !intents.is_empty() {
-                        begun = insert_intents!(tx, &intents, now_us, begun);
+                        begun = insert_begun_intents!(tx, &intents, now_us);
                     }
                     remember_responses!(&mut *tx, &responses);
                     let confirmed: Vec<&NewEmail> = admitted
@@ -870,7 +870,7 @@ impl Store {
                 applied.iter().filter_map(|s| s.charge.as_ref()).collect();
             let mut begun = Vec::new();
             if !charges.is_empty() {
-                begun = insert_intents!(tx, &charges, now, begun);
+                begun = insert_begun_intents!(tx, &charges, now);
             }
             for refund in applied.iter().filter_map(|s| s.refund.as_ref()) {
                 // The deposit succeeded (the pledge was active), so there is room to refund.

@@ -693,7 +693,7 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 let charges: Vec<&NewIntent> = locked.iter().map(|l| &l.charge).collect();
-                begun = insert_intents!(tx, &charges, now, begun);
+                begun = insert_begun_intents!(tx, &charges, now);
             }
             let emails: Vec<&NewEmail> = locked.iter().map(|l| &l.email).collect();
             enqueue_emails!(tx, &emails, now);
