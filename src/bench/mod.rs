@@ -200,40 +200,32 @@ async fn in_own_process(args: &BenchArgs, backend: &str, bench: Bench) -> anyhow
 
 /// The invariants a figure reports that did not hold, in words.
 fn broken_invariants(f: &Figure) -> Vec<String> {
-    let mut broken = Vec::new();
-    let says =
-        |key: &str, expected: serde_json::Value| f.extra.get(key).is_some_and(|v| *v != expected);
-    if says("ledger_balanced", json!(true)) {
-        broken.push(format!(
-            "{} on {}: the ledger is unbalanced or off the gateway",
-            f.bench, f.backend
-        ));
-    }
-    if says("oversold", json!(0)) {
-        broken.push(format!("{} on {}: oversold", f.bench, f.backend));
-    }
-    if says("accepted_is_min_capacity_attempts", json!(true)) {
-        broken.push(format!(
-            "{} on {}: accepted ≠ min(capacity, attempts) or ≠ the pooled quantity",
-            f.bench, f.backend
-        ));
-    }
-    if says("status", json!("succeeded")) {
-        broken.push(format!(
-            "{} on {}: the campaign did not settle",
-            f.bench, f.backend
-        ));
-    }
-    if says("all_paid", json!(true)) {
-        broken.push(format!(
-            "{} on {}: not every subscription or pledge was charged once and paid",
-            f.bench, f.backend
-        ));
-    }
-    if says("errors", json!(0)) {
-        broken.push(format!("{} on {}: requests failed", f.bench, f.backend));
-    }
-    broken
+    let invariants = [
+        (
+            "ledger_balanced",
+            json!(true),
+            "the ledger is unbalanced or off the gateway",
+        ),
+        ("oversold", json!(0), "oversold"),
+        (
+            "accepted_is_min_capacity_attempts",
+            json!(true),
+            "accepted ≠ min(capacity, attempts) or ≠ the pooled quantity",
+        ),
+        ("status", json!("succeeded"), "the campaign did not settle"),
+        (
+            "all_paid",
+            json!(true),
+            "not every subscription or pledge was charged once and paid",
+        ),
+        ("errors", json!(0), "requests failed"),
+    ];
+    // A figure that does not report an invariant does not break it.
+    invariants
+        .into_iter()
+        .filter(|(key, holds, _)| f.extra.get(*key).is_some_and(|v| v != holds))
+        .map(|(_, _, broken)| format!("{} on {}: {broken}", f.bench, f.backend))
+        .collect()
 }
 
 fn print(f: &Figure, json: bool) {
@@ -878,4 +870,36 @@ async fn naive_hot_row(store: &Store, args: &BenchArgs) -> anyhow::Result<f64> {
 
 fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Figure, broken_invariants};
+    use serde_json::json;
+
+    #[test]
+    fn a_figure_breaks_exactly_the_invariants_it_reports_as_broken() {
+        let holding = Figure::new("renewal", "sqlite", 1.0, "subscriptions/s", 1.0)
+            .with("ledger_balanced", json!(true))
+            .with("all_paid", json!(true));
+        assert!(broken_invariants(&holding).is_empty());
+        let unreported = Figure::new("joins", "postgres", 1.0, "joins/s", 1.0);
+        assert!(
+            broken_invariants(&unreported).is_empty(),
+            "unreported is not broken"
+        );
+        let broken = Figure::new("settlement", "postgres", 1.0, "pledges/s", 1.0)
+            .with("ledger_balanced", json!(true))
+            .with("all_paid", json!(false))
+            .with("status", json!("failed"))
+            .with("oversold", json!(3));
+        assert_eq!(
+            broken_invariants(&broken),
+            [
+                "settlement on postgres: oversold",
+                "settlement on postgres: the campaign did not settle",
+                "settlement on postgres: not every subscription or pledge was charged once and paid",
+            ]
+        );
+    }
 }
