@@ -548,6 +548,110 @@ async fn a_join_that_crashes_mid_way_is_replayed_not_joined_twice() {
     }
 }
 
+/// A renewal dies between its charge at the gateway and the recording of the answer: the
+/// delivery's lock, invoice and charge were committed before the call, the answer never is.
+/// The restarted process resends the charge under the invoice's one key and records the one
+/// payment; the box is paid and nothing is charged twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_crashes_after_charging_is_billed_once() {
+    for backend in crate::helpers::backends() {
+        let db = TestDb::new(backend);
+        let admin = Some(ADMIN_TOKEN);
+        let mut first = serve_manual(&db, true);
+        let (status, plan) = first
+            .post(
+                "/api/v1/plans",
+                admin,
+                json!({
+                "name": "Weekly fruit", "kind": "fruit", "currency": "EUR",
+                "price_per_delivery": "19.00", "cadence_weeks": 1, "portions_per_day": 1,
+                "cutoff_hours": 48, "delivery_weekdays": ["thu"], "time_zone": "UTC"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{plan}");
+        let token = str_of(&ana(&first).await["token"]);
+        let (status, sub) = first
+            .post(
+                "/api/v1/subscriptions",
+                Some(&token),
+                json!({
+                "plan_id": plan["id"], "delivery_weekday": "thu", "start_date": "2026-06-11"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        let sub = str_of(&sub["id"]);
+        // The first cutoff, 48 h before 11 June: the renewal charges, and the process dies.
+        let advance = |served: &Served, to: &'static str| {
+            reqwest::Client::new()
+                .post(format!("{}/api/v1/ops/clock/advance", served.base))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&json!({"to": to}))
+                .send()
+        };
+        assert!(
+            advance(&first, "2026-06-09T00:00:00Z").await.is_err(),
+            "the process died mid-renewal"
+        );
+        assert!(!first.child.wait().unwrap().success());
+
+        let second = serve_manual(&db, false);
+        let (_, payments) = second.get("/api/v1/ops/payments", admin).await;
+        let charges = payments["items"].as_array().unwrap();
+        assert_eq!(charges.len(), 1, "one renewal charged: {payments}");
+        assert_eq!(
+            (
+                charges[0]["amount"].as_str(),
+                charges[0]["status"].as_str(),
+                charges[0]["calls"].as_i64()
+            ),
+            (Some("19.00"), Some("succeeded"), Some(2)),
+            "the same key sent twice, charged once"
+        );
+        let (_, invoices) = second
+            .get(
+                &format!("/api/v1/subscriptions/{sub}/invoices"),
+                Some(&token),
+            )
+            .await;
+        let invoice = &invoices["items"][0];
+        assert_eq!(
+            (
+                invoices["items"].as_array().map(Vec::len),
+                invoice["status"].as_str()
+            ),
+            (Some(1), Some("paid")),
+            "{invoices}"
+        );
+        let (_, deliveries) = second
+            .get(
+                &format!("/api/v1/subscriptions/{sub}/deliveries"),
+                Some(&token),
+            )
+            .await;
+        assert_eq!(deliveries["items"][0]["status"], "paid", "{deliveries}");
+        // The rest of the week runs as usual on the restarted process, with no second charge.
+        let (status, _) = second
+            .post(
+                "/api/v1/ops/clock/advance",
+                admin,
+                json!({"to": "2026-06-12T00:00:00Z"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, payments) = second.get("/api/v1/ops/payments", admin).await;
+        assert_eq!(payments["items"].as_array().unwrap().len(), 1, "{payments}");
+        let (_, check) = second.get("/api/v1/ops/ledger/check", admin).await;
+        assert_eq!(
+            (
+                check["balanced"].as_bool(),
+                check["gateway_matches"].as_bool()
+            ),
+            (Some(true), Some(true)),
+            "{check}"
+        );
+    }
+}
+
 on_both_backends! {
     async fn a_batch_of_intents_is_charged_once_each_and_answered_in_order(backend) {
         let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
