@@ -207,6 +207,8 @@ macro_rules! insert_deliveries {
             .bind(json)
             .fetch_all(&mut *$tx)
             .await?;
+        // In ascending order: chunks in flight share cutoffs and wait on each other's timer
+        // rows, never in a cycle (test: chunks_of_new_deliveries_in_flight_share_…).
         let cutoffs: std::collections::BTreeSet<i64> =
             new.into_iter().filter(|at| *at > $now).collect();
         for at in cutoffs {

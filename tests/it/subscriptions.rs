@@ -5,6 +5,8 @@
 use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, str_of};
 use crate::on_both_backends;
 use chrono::{Duration, NaiveDate};
+use pooled::store::{DeliveryRow, RunFilter};
+use pooled::subscriptions::RENEW_JOB;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -318,6 +320,77 @@ on_both_backends! {
         assert_eq!(deliveries.iter().filter(|d| d["status"] == "paid").count(), 2);
         let amounts: Vec<&str> = deliveries[..2].iter().map(|d| d["amount"].as_str().unwrap()).collect();
         assert_eq!(amounts, ["29.00", "31.00"], "the locked delivery kept its price");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn chunks_of_new_deliveries_in_flight_share_their_cutoff_timers(backend) {
+        // The renewal adds new deliveries a chunk at a time with several chunks in flight, each
+        // in its own transaction, and each upserts a timer row per distinct cutoff. Chunks of
+        // one cycle share their cutoffs, so on PostgreSQL they wait on each other's timer rows;
+        // they take them in ascending order, so never in a cycle (a deadlock would fail a chunk
+        // here). Eight chunks at once, their rows listed in eight different orders.
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("19.00", 1)).await;
+        let mut subs = Vec::new();
+        for i in 0..8 {
+            let (_, token) = app.shopper(&format!("Chunk{i}"), "pm_ok").await;
+            let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+                "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+            assert_eq!(status, StatusCode::CREATED, "{sub}");
+            subs.push(str_of(&sub["id"]));
+        }
+        let store = app.state.store.clone();
+        let now = app.state.clock.now().timestamp_micros();
+        let week = Duration::weeks(1).num_microseconds().unwrap();
+        // Far past the subscriptions' own deliveries, so every row and every timer is new.
+        // Four rounds: a deadlock needs the waits to interleave, which one round may not do.
+        let mut all_cutoffs = Vec::new();
+        for round in 0..4i64 {
+            let cutoffs: Vec<i64> = (0..12).map(|w| now + (52 * (round + 1) + w) * week).collect();
+            let chunks = subs.iter().enumerate().map(|(i, sub)| {
+                let mut rows: Vec<DeliveryRow> = cutoffs
+                    .iter()
+                    .enumerate()
+                    .map(|(w, &cutoff_at)| DeliveryRow {
+                        id: format!("del_chunk_{round}_{i}_{w}"),
+                        subscription_id: sub.clone(),
+                        delivery_date: format!("{}-11-{:02}", 2027 + round, w + 1),
+                        cutoff_at,
+                        status: "scheduled".into(),
+                        skip_reason: None,
+                        amount_minor: None,
+                        lines: None,
+                    })
+                    .collect();
+                rows.rotate_left(i * 5 % 12);
+                if i % 2 == 1 {
+                    rows.reverse();
+                }
+                let store = store.clone();
+                tokio::spawn(async move { store.add_deliveries(&rows, RENEW_JOB, now).await })
+            });
+            for added in futures_util::future::join_all(chunks).await {
+                added.unwrap().expect("every chunk commits");
+            }
+            all_cutoffs.extend(cutoffs);
+        }
+        let filter = RunFilter { job: Some(RENEW_JOB.into()), state: None, before_id: None, limit: 1000 };
+        let timers: Vec<i64> = store
+            .runs(&filter)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.scheduled_for)
+            .filter(|at| all_cutoffs.contains(at))
+            .collect();
+        assert_eq!(timers.len(), all_cutoffs.len(), "one timer per cutoff: {timers:?}");
+        for sub in &subs {
+            let listed = app.admin_get(&format!("/api/v1/subscriptions/{sub}/deliveries?limit=100")).await;
+            let added = listed["items"].as_array().unwrap().iter().filter(|d| str_of(&d["date"]).as_str() >= "2027-11-01").count();
+            assert_eq!(added, all_cutoffs.len(), "{sub}: {listed}");
+        }
         app.stop().await;
     }
 }
