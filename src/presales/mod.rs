@@ -538,10 +538,13 @@ async fn late_confirmations(
         return Ok(follow_ups);
     }
     let shoppers: Vec<&str> = deposits.iter().map(|i| i.shopper_id.as_str()).collect();
-    let shoppers = store.shoppers(&shoppers).await?;
+    let pledges: Vec<&str> = deposits.iter().map(|i| i.subject_id.as_str()).collect();
+    // A sweep's chunk of late deposits is read with two queries, not one per pledge.
+    let (shoppers, mut pledges) =
+        tokio::try_join!(store.shoppers(&shoppers), store.pledges_by_id(&pledges))?;
     for intent in deposits {
         let (Some(pledge), Some(shopper)) = (
-            store.pledge(&intent.subject_id).await?,
+            pledges.remove(&intent.subject_id),
             shoppers.get(&intent.shopper_id),
         ) else {
             continue;

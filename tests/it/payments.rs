@@ -14,7 +14,7 @@ use pooled::payments::gateway::{
 use pooled::payments::sandbox::SandboxGateway;
 use pooled::payments::{Outcome, Payments};
 use pooled::presales::{JoinRequest, Joined, LateDepositConfirmations, join_many};
-use pooled::store::{IntentFilter, NewIntent, Store, micros};
+use pooled::store::{IntentFilter, NewIntent, PledgeRow, Store, micros};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -692,47 +692,68 @@ on_both_backends! {
 }
 
 on_both_backends! {
-    async fn a_join_whose_deposit_the_gateway_answers_late_is_confirmed_by_the_sweep(backend) {
+    async fn joins_whose_deposits_the_gateway_answers_late_are_confirmed_by_the_sweep(backend) {
         let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
         let store: &Store = &app.state.store;
         let clock = Arc::clone(&app.state.clock);
         let (factory, _) = app.manufacturer("Northwind").await;
         let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
         let (ana, _) = app.shopper("Ana", "pm_ok").await;
-        // The gateway is down for the join's first three tries (the call and its two quick retries).
+        let (bea, _) = app.shopper("Bea", "pm_ok").await;
+        // The gateway is down for both joins' first three tries (the call and its two quick
+        // retries), six calls in all.
         let outage = Arc::new(Outage {
-            failures: 3,
+            failures: 6,
             calls: AtomicUsize::new(0),
             sandbox: SandboxGateway::new(store.clone(), Arc::clone(&clock)),
         });
         let payments = Payments::new(store.clone(), outage, false)
             .with_sweep_follow_ups(Arc::new(LateDepositConfirmations(store.clone())));
         let now = clock.now();
-        let join = JoinRequest {
+        let join = |shopper: &str, qty: i64| JoinRequest {
             campaign_id: id.clone(),
-            shopper_id: ana.clone(),
-            qty: 2,
+            shopper_id: shopper.into(),
+            qty,
             variant: Some("M".into()),
             now,
             key: None,
         };
-        let answers = join_many(store, &payments, vec![join]).await;
-        let Ok(Joined::Pledged(pledge, _)) = &answers[0] else { panic!("{answers:?}") };
-        assert_eq!(pledge.status, "pending", "the deposit is not answered yet");
-        let confirmations = || async {
-            let emails = store.outbox(Some("ana@example.com"), 50, None).await.unwrap();
-            emails.into_iter().filter(|e| e.template == "pledge_confirmed" && e.entity == pledge.id).count()
+        let answers = join_many(store, &payments, vec![join(&ana, 2), join(&bea, 1)]).await;
+        let pledges: Vec<PledgeRow> = answers
+            .iter()
+            .map(|a| match a {
+                Ok(Joined::Pledged(pledge, _)) => pledge.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        for pledge in &pledges {
+            assert_eq!(pledge.status, "pending", "the deposit is not answered yet");
+        }
+        let confirmations = |to: &'static str, pledge: String| async move {
+            let emails = store.outbox(Some(to), 50, None).await.unwrap();
+            emails.into_iter().filter(|e| e.template == "pledge_confirmed" && e.entity == pledge).count()
         };
-        assert_eq!(confirmations().await, 0, "nothing is confirmed before the money moved");
+        let both = || async {
+            (
+                confirmations("ana@example.com", pledges[0].id.clone()).await,
+                confirmations("bea@example.com", pledges[1].id.clone()).await,
+            )
+        };
+        assert_eq!(both().await, (0, 0), "nothing is confirmed before the money moved");
 
-        // The payment-retry sweep resolves the deposit at its retry time, and the confirmation is
-        // written with that result: once, however often the sweep runs.
-        let intent = store.intent(&format!("pi_deposit_{}", pledge.id)).await.unwrap().unwrap();
-        let due = pooled::store::instant(intent.next_attempt_at);
-        assert_eq!(payments.sweep(due, false).await.unwrap(), 1);
+        // The payment-retry sweep resolves both deposits at their retry time, and each
+        // confirmation is written with that result: once, however often the sweep runs.
+        let mut due = now;
+        for pledge in &pledges {
+            let intent = store.intent(&format!("pi_deposit_{}", pledge.id)).await.unwrap().unwrap();
+            due = due.max(pooled::store::instant(intent.next_attempt_at));
+        }
+        assert_eq!(payments.sweep(due, false).await.unwrap(), 2, "one sweep takes both");
         assert_eq!(payments.sweep(due + chrono::Duration::hours(1), false).await.unwrap(), 0);
-        assert_eq!(store.pledge(&pledge.id).await.unwrap().unwrap().status, "active");
-        assert_eq!(confirmations().await, 1);
+        for pledge in &pledges {
+            assert_eq!(store.pledge(&pledge.id).await.unwrap().unwrap().status, "active");
+        }
+        assert_eq!(both().await, (1, 1));
         let check = store.ledger_check().await.unwrap();
         assert!(check.balanced && check.gateway_matches, "{check:?}");
         app.stop().await;
