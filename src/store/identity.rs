@@ -98,26 +98,15 @@ impl Store {
         &self,
         ids: &[&str],
     ) -> StoreResult<std::collections::HashMap<String, Shopper>> {
-        if ids.is_empty() {
-            return Ok(Default::default());
-        }
-        let sql = format!(
-            "SELECT id, name, email, time_zone, payment_token, created_at
-             FROM shoppers WHERE id IN ({})",
-            super::placeholders(1, ids.len())
-        );
-        let rows: Vec<ShopperRow> = on_pool!(self, |pool| {
-            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
-            for id in ids {
-                q = q.bind(*id);
-            }
-            q.fetch_all(pool).await?
-        });
-        Ok(rows
-            .into_iter()
-            .map(Shopper::from)
-            .map(|s| (s.id.clone(), s))
-            .collect())
+        let rows = self
+            .rows_by_id(
+                "id, name, email, time_zone, payment_token, created_at",
+                "shoppers",
+                ids,
+                |s: &ShopperRow| &s.id,
+            )
+            .await?;
+        Ok(rows.into_iter().map(|(id, s)| (id, s.into())).collect())
     }
 
     /// Saves the shopper's payment method; later charges use it.

@@ -696,6 +696,41 @@ impl Store {
         Ok(())
     }
 
+    /// The rows of `table` whose `id` is one of `ids` (selecting `columns`), keyed by id: one
+    /// query, none at all for no ids. Callers chunk `ids` like [`placeholders`].
+    pub(crate) async fn rows_by_id<R>(
+        &self,
+        columns: &str,
+        table: &str,
+        ids: &[&str],
+        id_of: fn(&R) -> &str,
+    ) -> StoreResult<std::collections::HashMap<String, R>>
+    where
+        R: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + Send
+            + Unpin,
+    {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let sql = format!(
+            "SELECT {columns} FROM {table} WHERE id IN ({})",
+            placeholders(1, ids.len())
+        );
+        let rows: Vec<R> = on_pool!(self, |pool| {
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
+            for id in ids {
+                q = q.bind(*id);
+            }
+            q.fetch_all(pool).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|row| (id_of(&row).to_owned(), row))
+            .collect())
+    }
+
     /// `sqlite` or `postgres`.
     pub fn backend(&self) -> &'static str {
         match self.db {

@@ -618,25 +618,8 @@ impl Store {
         &self,
         ids: &[&str],
     ) -> StoreResult<std::collections::HashMap<String, PledgeRow>> {
-        if ids.is_empty() {
-            return Ok(Default::default());
-        }
-        let sql = format!(
-            concat!(
-                "SELECT ",
-                pledge_columns!(),
-                " FROM pledges WHERE id IN ({})"
-            ),
-            super::placeholders(1, ids.len())
-        );
-        let rows: Vec<PledgeRow> = on_pool!(self, |pool| {
-            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
-            for id in ids {
-                q = q.bind(*id);
-            }
-            q.fetch_all(pool).await?
-        });
-        Ok(rows.into_iter().map(|p| (p.id.clone(), p)).collect())
+        self.rows_by_id(pledge_columns!(), "pledges", ids, |p: &PledgeRow| &p.id)
+            .await
     }
 
     /// A shopper's pledges (never the declined ones), newest first; `after` is a `seq`.

@@ -410,25 +410,13 @@ impl Store {
         &self,
         ids: &[&str],
     ) -> StoreResult<std::collections::HashMap<String, SubscriptionRow>> {
-        if ids.is_empty() {
-            return Ok(Default::default());
-        }
-        let sql = format!(
-            concat!(
-                "SELECT ",
-                subscription_columns!(),
-                " FROM subscriptions WHERE id IN ({})"
-            ),
-            super::placeholders(1, ids.len())
-        );
-        let rows: Vec<SubscriptionRow> = on_pool!(self, |pool| {
-            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
-            for id in ids {
-                q = q.bind(*id);
-            }
-            q.fetch_all(pool).await?
-        });
-        Ok(rows.into_iter().map(|s| (s.id.clone(), s)).collect())
+        self.rows_by_id(
+            subscription_columns!(),
+            "subscriptions",
+            ids,
+            |s: &SubscriptionRow| &s.id,
+        )
+        .await
     }
 
     /// Subscriptions that still receive deliveries (everything but cancelled).
