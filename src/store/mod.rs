@@ -646,7 +646,11 @@ impl Store {
                     .foreign_keys(true)
                     // Checkpoint every ~40 MB of WAL rather than every 4 MB: fewer stalls of
                     // the writer under a stampede of small commits.
-                    .pragma("wal_autocheckpoint", "10000");
+                    .pragma("wal_autocheckpoint", "10000")
+                    // A multi-row statement inside a transaction keeps a statement journal
+                    // of the pages it changes; past 64 KiB SQLite spills it to a temporary
+                    // file, and those writes were a sixth of the join writer's time.
+                    .pragma("temp_store", "memory");
                 let pool = SqlitePoolOptions::new()
                     .max_connections(8)
                     .connect_with(options.clone())
