@@ -75,7 +75,7 @@ impl App {
         )
         .map_err(anyhow::Error::msg)?;
         let gateway = Arc::new(SandboxGateway::new(store.clone(), Arc::clone(&clock)));
-        let payments = Payments::new(store.clone(), gateway, settings.crash_after_gateway_call)
+        let payments = Payments::new(store.clone(), gateway, settings.crash_at)
             .with_sweep_follow_ups(Arc::new(presales::LateDepositConfirmations(store.clone())));
         // Intents a previous process sent but never recorded are resolved before serving.
         match payments.sweep(clock.now(), true).await {

@@ -80,10 +80,21 @@ pub struct ServeArgs {
     /// Dunning retries after a renewal's first failure, in days (then suspension).
     #[arg(long, env = "POOLED_DUNNING_DAYS", default_value = "1,3,5")]
     pub dunning_days: String,
-    /// Crash tests only: `after-gateway-call` aborts the process right after the payment
-    /// gateway answers and before its result is recorded.
+    /// Crash tests only: `before-gateway-call` aborts the process once charges are committed
+    /// and before the payment gateway is called; `after-gateway-call` right after the gateway
+    /// answers and before its answers are recorded.
     #[arg(long, env = "POOLED_DEBUG_CRASH", hide = true)]
     pub debug_crash: Option<String>,
+}
+
+/// Where a crash test aborts the process (`POOLED_DEBUG_CRASH`): the two moments a payment
+/// is exposed to a crash, which the restarted process must finish without charging twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Charges committed as sent, the gateway not yet called.
+    BeforeGatewayCall,
+    /// The gateway answered, its answers not yet recorded.
+    AfterGatewayCall,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -190,8 +201,8 @@ pub struct Settings {
     pub instance_id: String,
     pub ops_email: Option<String>,
     pub job_overrides: Option<String>,
-    /// Abort right after a gateway call, before recording it (crash tests only).
-    pub crash_after_gateway_call: bool,
+    /// Where to abort the process around a gateway call (crash tests only).
+    pub crash_at: Option<CrashPoint>,
     /// Dunning retries after a renewal's first failure, in days, increasing.
     pub dunning_days: Vec<i64>,
 }
@@ -250,13 +261,16 @@ impl ServeArgs {
             crate::domain::identity::parse_email(email)
                 .map_err(|m| ConfigError::new("POOLED_OPS_EMAIL", m))?;
         }
-        let crash_after_gateway_call = match self.debug_crash.as_deref() {
-            None => false,
-            Some("after-gateway-call") => true,
+        let crash_at = match self.debug_crash.as_deref() {
+            None => None,
+            Some("before-gateway-call") => Some(CrashPoint::BeforeGatewayCall),
+            Some("after-gateway-call") => Some(CrashPoint::AfterGatewayCall),
             Some(other) => {
                 return Err(ConfigError::new(
                     "POOLED_DEBUG_CRASH",
-                    format!("unknown crash point '{other}' (expected after-gateway-call)"),
+                    format!(
+                        "unknown crash point '{other}' (expected before-gateway-call or after-gateway-call)"
+                    ),
                 ));
             }
         };
@@ -291,7 +305,7 @@ impl ServeArgs {
             instance_id,
             ops_email: self.ops_email,
             job_overrides: self.job_overrides,
-            crash_after_gateway_call,
+            crash_at,
             dunning_days,
         })
     }

@@ -287,7 +287,7 @@ impl Fresh {
             instance_id: "bench".into(),
             ops_email: None,
             job_overrides: None,
-            crash_after_gateway_call: false,
+            crash_at: None,
             dunning_days: vec![1, 3, 5],
         };
         let app = App::build(settings).await?;

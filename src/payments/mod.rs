@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod sandbox;
 
 use crate::batch::InFlight;
+use crate::config::CrashPoint;
 use crate::domain::money::{Currency, Money};
 use crate::scheduler::schedule::retry_delay;
 use crate::store::{FollowUp, IntentResult, IntentRow, Store, StoreError, micros};
@@ -116,8 +117,8 @@ pub type FollowUpsFuture<'a> =
 pub struct Payments {
     store: Store,
     gateway: Arc<dyn PaymentGateway>,
-    /// Crash tests only: abort after the gateway answers, before recording.
-    crash_after_gateway_call: bool,
+    /// Crash tests only: where to abort around a gateway call.
+    crash_at: Option<CrashPoint>,
     sweep_follow_ups: Option<Arc<dyn SweepFollowUps>>,
 }
 
@@ -125,12 +126,12 @@ impl Payments {
     pub fn new(
         store: Store,
         gateway: Arc<dyn PaymentGateway>,
-        crash_after_gateway_call: bool,
+        crash_at: Option<CrashPoint>,
     ) -> Payments {
         Payments {
             store,
             gateway,
-            crash_after_gateway_call,
+            crash_at,
             sweep_follow_ups: None,
         }
     }
@@ -296,6 +297,15 @@ impl Payments {
         self.attempt_taken(ids, &taken, follow_ups, now).await
     }
 
+    /// Aborts the process at `point` when a crash test asked for it there and `intents` are
+    /// about to be sent or recorded.
+    fn crash_if(&self, point: CrashPoint, intents: usize) {
+        if self.crash_at == Some(point) && intents > 0 {
+            tracing::error!(intents, ?point, "POOLED_DEBUG_CRASH: aborting");
+            std::process::abort();
+        }
+    }
+
     /// The gateway calls and the recording of [`Payments::attempt_many`], for the intents of
     /// `ids` this caller has `taken` (the others answer with what stands).
     async fn attempt_taken(
@@ -306,14 +316,9 @@ impl Payments {
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
         let now_us = micros(now);
+        self.crash_if(CrashPoint::BeforeGatewayCall, taken.len());
         let answers = self.call_gateway(taken).await?;
-        if self.crash_after_gateway_call && !taken.is_empty() {
-            tracing::error!(
-                intents = taken.len(),
-                "POOLED_DEBUG_CRASH: aborting before recording the gateway's answers"
-            );
-            std::process::abort();
-        }
+        self.crash_if(CrashPoint::AfterGatewayCall, taken.len());
         let mut outcomes: HashMap<&str, Outcome> = HashMap::new();
         let mut results = Vec::with_capacity(taken.len());
         for (intent, (method, answer)) in taken.iter().zip(answers) {

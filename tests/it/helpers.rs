@@ -159,7 +159,7 @@ pub fn settings(db: &TestDb) -> Settings {
         instance_id: "test".into(),
         ops_email: None,
         job_overrides: None,
-        crash_after_gateway_call: false,
+        crash_at: None,
         dunning_days: vec![1, 3, 5],
     }
 }

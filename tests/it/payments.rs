@@ -187,7 +187,7 @@ on_both_backends! {
             calls: AtomicUsize::new(0),
             sandbox: SandboxGateway::new(store.clone(), Arc::clone(&clock)),
         });
-        let payments = Payments::new(store.clone(), outage.clone(), false);
+        let payments = Payments::new(store.clone(), outage.clone(), None);
         let now = clock.now();
         store.create_intent(&intent("pi_t1", &shopper, 1234, micros(now)), micros(now)).await.unwrap();
 
@@ -354,16 +354,20 @@ async fn ana(served: &Served) -> Value {
     shopper
 }
 
-/// Serves `db` on a manual clock from 2026-06-01; with `crash`, the process aborts right after
-/// its first gateway call, before recording the answer.
-fn serve_manual(db: &TestDb, crash: bool) -> Served {
+/// The `POOLED_DEBUG_CRASH` points: charges committed, the gateway not called yet; the gateway
+/// answered, its answer not recorded yet.
+const BEFORE_GATEWAY_CALL: &str = "before-gateway-call";
+const AFTER_GATEWAY_CALL: &str = "after-gateway-call";
+
+/// Serves `db` on a manual clock from 2026-06-01, aborting at the `crash` point, if any.
+fn serve_manual(db: &TestDb, crash: Option<&str>) -> Served {
     let mut cmd = pooled(db.dir.path());
     cmd.env("POOLED_CLOCK", "manual")
         .env("POOLED_CLOCK_START", "2026-06-01T00:00:00Z")
         .env("POOLED_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("DATABASE_URL", db.url_string());
-    if crash {
-        cmd.env("POOLED_DEBUG_CRASH", "after-gateway-call");
+    if let Some(point) = crash {
+        cmd.env("POOLED_DEBUG_CRASH", point);
     }
     serve(cmd)
 }
@@ -374,9 +378,9 @@ fn serve_manual(db: &TestDb, crash: bool) -> Served {
 async fn a_crash_between_charge_and_record_charges_once() {
     for backend in crate::helpers::backends() {
         let db = TestDb::new(backend);
-        let start = |crash: bool| serve_manual(&db, crash);
+        let start = |crash| serve_manual(&db, crash);
         let client = reqwest::Client::new();
-        let mut first = start(true);
+        let mut first = start(Some(AFTER_GATEWAY_CALL));
         let shopper = str_of(&ana(&first).await["id"]);
         let charge = |base: &str| {
             client
@@ -393,7 +397,7 @@ async fn a_crash_between_charge_and_record_charges_once() {
         let status = first.child.wait().unwrap();
         assert!(!status.success(), "aborted: {status:?}");
 
-        let second = start(false);
+        let second = start(None);
         let get = |path: &'static str| {
             let second = &second;
             async move { second.get(path, Some(ADMIN_TOKEN)).await.1 }
@@ -445,7 +449,7 @@ async fn a_join_that_crashes_mid_way_is_replayed_not_joined_twice() {
     for backend in crate::helpers::backends() {
         let db = TestDb::new(backend);
         let client = reqwest::Client::new();
-        let first = serve_manual(&db, true);
+        let first = serve_manual(&db, Some(AFTER_GATEWAY_CALL));
         let admin = Some(ADMIN_TOKEN);
         let (_, factory) = first
             .post(
@@ -483,7 +487,7 @@ async fn a_join_that_crashes_mid_way_is_replayed_not_joined_twice() {
         let mut first = first;
         assert!(!first.child.wait().unwrap().success());
 
-        let second = serve_manual(&db, false);
+        let second = serve_manual(&db, None);
         let replayed = |res: reqwest::Response| async move {
             assert_eq!(res.headers()["idempotent-replayed"], "true");
             (res.status(), res.json::<Value>().await.unwrap())
@@ -548,16 +552,22 @@ async fn a_join_that_crashes_mid_way_is_replayed_not_joined_twice() {
     }
 }
 
-/// A renewal dies between its charge at the gateway and the recording of the answer: the
-/// delivery's lock, invoice and charge were committed before the call, the answer never is.
-/// The restarted process resends the charge under the invoice's one key and records the one
-/// payment; the box is paid and nothing is charged twice.
+/// A renewal dies around its charge: after the delivery's lock, invoice and charge were
+/// committed and before the gateway call (the charge is held, then resent), or after the
+/// gateway charged and before its answer is recorded (resent under the invoice's one key,
+/// which the gateway answers with the payment it made). Either way the restarted process
+/// records one payment: the box is paid and nothing is charged twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_renewal_that_crashes_after_charging_is_billed_once() {
-    for backend in crate::helpers::backends() {
+async fn a_renewal_that_crashes_around_its_charge_is_billed_once() {
+    // The crash point, and the calls the gateway has seen with the invoice's key in the end.
+    let crashes = [(BEFORE_GATEWAY_CALL, 1), (AFTER_GATEWAY_CALL, 2)];
+    for ((crash, calls), backend) in crashes
+        .into_iter()
+        .flat_map(|c| crate::helpers::backends().into_iter().map(move |b| (c, b)))
+    {
         let db = TestDb::new(backend);
         let admin = Some(ADMIN_TOKEN);
-        let mut first = serve_manual(&db, true);
+        let mut first = serve_manual(&db, Some(crash));
         let (status, plan) = first
             .post(
                 "/api/v1/plans",
@@ -594,7 +604,7 @@ async fn a_renewal_that_crashes_after_charging_is_billed_once() {
         );
         assert!(!first.child.wait().unwrap().success());
 
-        let second = serve_manual(&db, false);
+        let second = serve_manual(&db, None);
         let (_, payments) = second.get("/api/v1/ops/payments", admin).await;
         let charges = payments["items"].as_array().unwrap();
         assert_eq!(charges.len(), 1, "one renewal charged: {payments}");
@@ -604,8 +614,8 @@ async fn a_renewal_that_crashes_after_charging_is_billed_once() {
                 charges[0]["status"].as_str(),
                 charges[0]["calls"].as_i64()
             ),
-            (Some("19.00"), Some("succeeded"), Some(2)),
-            "the same key sent twice, charged once"
+            (Some("19.00"), Some("succeeded"), Some(calls)),
+            "{crash}: charged once"
         );
         let (_, invoices) = second
             .get(
@@ -707,7 +717,7 @@ on_both_backends! {
             calls: AtomicUsize::new(0),
             sandbox: SandboxGateway::new(store.clone(), Arc::clone(&clock)),
         });
-        let payments = Payments::new(store.clone(), outage, false)
+        let payments = Payments::new(store.clone(), outage, None)
             .with_sweep_follow_ups(Arc::new(LateDepositConfirmations(store.clone())));
         let now = clock.now();
         let join = |shopper: &str, qty: i64| JoinRequest {
