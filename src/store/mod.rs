@@ -646,11 +646,7 @@ impl Store {
                     .foreign_keys(true)
                     // Checkpoint every ~40 MB of WAL rather than every 4 MB: fewer stalls of
                     // the writer under a stampede of small commits.
-                    .pragma("wal_autocheckpoint", "10000")
-                    // A multi-row statement inside a transaction keeps a statement journal
-                    // of the pages it changes; past 64 KiB SQLite spills it to a temporary
-                    // file, and those writes were a sixth of the join writer's time.
-                    .pragma("temp_store", "memory");
+                    .pragma("wal_autocheckpoint", "10000");
                 let pool = SqlitePoolOptions::new()
                     .max_connections(8)
                     .connect_with(options.clone())
@@ -658,10 +654,18 @@ impl Store {
                     .map_err(|e| open_err(&e))?;
                 // The writer's page cache holds the indexes batches write into (SQLite's
                 // default is 2 MB): at 100,000 subscriptions a renewal otherwise spends half
-                // its time reading pages back from the OS.
+                // its time reading pages back from the OS. And its statement journals stay
+                // in memory: a multi-row statement in a transaction journals the pages it
+                // changes, and past 64 KiB SQLite spilled that journal to a temporary file,
+                // a sixth of the join writer's time. Readers journal nothing, and keep
+                // SQLite's default so a large sort still spills to disk.
                 let writer = SqlitePoolOptions::new()
                     .max_connections(1)
-                    .connect_with(options.pragma("cache_size", "-65536"))
+                    .connect_with(
+                        options
+                            .pragma("cache_size", "-65536")
+                            .pragma("temp_store", "memory"),
+                    )
                     .await
                     .map_err(|e| open_err(&e))?;
                 Ok(Store {
