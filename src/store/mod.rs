@@ -727,7 +727,7 @@ impl Store {
             placeholders(1, ids.len())
         );
         let rows: Vec<R> = on_pool!(self, |pool| {
-            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
             for id in ids {
                 q = q.bind(*id);
             }
