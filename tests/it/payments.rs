@@ -617,12 +617,8 @@ async fn a_renewal_that_crashes_around_its_charge_is_billed_once() {
             (Some("19.00"), Some("succeeded"), Some(calls)),
             "{crash}: charged once"
         );
-        let (_, invoices) = second
-            .get(
-                &format!("/api/v1/subscriptions/{sub}/invoices"),
-                Some(&token),
-            )
-            .await;
+        let of_sub = |what: &str| format!("/api/v1/subscriptions/{sub}/{what}");
+        let (_, invoices) = second.get(&of_sub("invoices"), Some(&token)).await;
         let invoice = &invoices["items"][0];
         assert_eq!(
             (
@@ -632,12 +628,7 @@ async fn a_renewal_that_crashes_around_its_charge_is_billed_once() {
             (Some(1), Some("paid")),
             "{invoices}"
         );
-        let (_, deliveries) = second
-            .get(
-                &format!("/api/v1/subscriptions/{sub}/deliveries"),
-                Some(&token),
-            )
-            .await;
+        let (_, deliveries) = second.get(&of_sub("deliveries"), Some(&token)).await;
         assert_eq!(deliveries["items"][0]["status"], "paid", "{deliveries}");
         // The rest of the week runs as usual on the restarted process, with no second charge.
         let (status, _) = second
