@@ -79,6 +79,11 @@ fn bad_configuration_ends_with_one_clear_line() {
     c.env("POOLED_CLOCK_START", "next tuesday");
     assert_one_clear_line("clock start", c, "POOLED_CLOCK_START");
     assert_one_clear_line(
+        "crash point",
+        with("POOLED_DEBUG_CRASH", "sideways"),
+        "unknown crash point 'sideways'",
+    );
+    assert_one_clear_line(
         "unreachable postgres",
         with("DATABASE_URL", "postgres://postgres@127.0.0.1:1/pooled"),
         "cannot open the database postgres://postgres@127.0.0.1:1/pooled",
