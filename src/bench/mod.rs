@@ -739,6 +739,7 @@ async fn joins(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     let accepted = Arc::new(AtomicU64::new(0));
     let sold_out = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let batches_before = JoinBatches::scrape(&client, &f.base).await?;
     let deadline = Instant::now() + std::time::Duration::from_secs(args.seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -775,6 +776,9 @@ async fn joins(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
         latencies.extend(t.await?);
     }
     let wall = started.elapsed().as_secs_f64();
+    let batches = JoinBatches::scrape(&client, &f.base)
+        .await?
+        .since(&batches_before);
     latencies.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| {
         latencies
@@ -805,7 +809,72 @@ async fn joins(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     .with("attempts", json!(attempts))
     .with("sold_out", json!(sold_out.load(Ordering::Relaxed)))
     .with("errors", json!(errors.load(Ordering::Relaxed)))
-    .with("accepted_is_min_capacity_attempts", json!(accepted_ok)))
+    .with("accepted_is_min_capacity_attempts", json!(accepted_ok))
+    .with("batches", json!(batches.count))
+    .with("mean_batch", json!(round(batches.mean_size())))
+    .with("batch_ms", json!(round(batches.mean_ms()))))
+}
+
+/// The join queue's batches as the service's own `/metrics` counts them. A closed loop of C
+/// clients gets about `mean_batch / batch_ms` joins per millisecond: each waits for one
+/// batch (its own), so the rate grows only with bigger batches or shorter ones.
+#[derive(Debug, Default, PartialEq)]
+struct JoinBatches {
+    count: f64,
+    joins: f64,
+    seconds: f64,
+}
+
+impl JoinBatches {
+    async fn scrape(client: &reqwest::Client, base: &str) -> anyhow::Result<JoinBatches> {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(JoinBatches::parse(&text))
+    }
+
+    /// Reads the `batch="joins"` series of `pooled_batch_size` and `pooled_batch_seconds`
+    /// from Prometheus text; a series not yet recorded counts as zero.
+    fn parse(text: &str) -> JoinBatches {
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        JoinBatches {
+            count: value("pooled_batch_size_count{batch=\"joins\"}"),
+            joins: value("pooled_batch_size_sum{batch=\"joins\"}"),
+            seconds: value("pooled_batch_seconds_sum{batch=\"joins\"}"),
+        }
+    }
+
+    fn since(&self, before: &JoinBatches) -> JoinBatches {
+        JoinBatches {
+            count: self.count - before.count,
+            joins: self.joins - before.joins,
+            seconds: self.seconds - before.seconds,
+        }
+    }
+
+    fn mean_size(&self) -> f64 {
+        if self.count > 0.0 {
+            self.joins / self.count
+        } else {
+            0.0
+        }
+    }
+
+    fn mean_ms(&self) -> f64 {
+        if self.count > 0.0 {
+            self.seconds * 1000.0 / self.count
+        } else {
+            0.0
+        }
+    }
 }
 
 /// The naive hot-row rate: `clients` tasks each committing one guarded `UPDATE` of one
@@ -874,8 +943,36 @@ fn round(x: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{Figure, broken_invariants};
+    use super::{Figure, JoinBatches, broken_invariants};
     use serde_json::json;
+
+    #[test]
+    fn join_batches_are_read_from_the_services_own_metrics() {
+        let text = "# TYPE pooled_batch_size summary
+pooled_batch_size{batch=\"joins\",quantile=\"0.5\"} 31
+pooled_batch_size_sum{batch=\"joins\"} 640
+pooled_batch_size_count{batch=\"joins\"} 20
+pooled_batch_size_sum{batch=\"idempotency-begin\"} 9
+# TYPE pooled_batch_seconds histogram
+pooled_batch_seconds_bucket{batch=\"joins\",le=\"0.01\"} 20
+pooled_batch_seconds_sum{batch=\"joins\"} 0.25
+pooled_batch_seconds_count{batch=\"joins\"} 20
+";
+        let now = JoinBatches::parse(text);
+        let before = JoinBatches::parse(
+            "pooled_batch_size_count{batch=\"joins\"} 4
+pooled_batch_size_sum{batch=\"joins\"} 40
+pooled_batch_seconds_sum{batch=\"joins\"} 0.05",
+        );
+        let run = now.since(&before);
+        assert_eq!((run.count, run.mean_size()), (16.0, 37.5));
+        assert!((run.mean_ms() - 12.5).abs() < 1e-9, "{}", run.mean_ms());
+        assert_eq!(
+            JoinBatches::parse("").mean_ms(),
+            0.0,
+            "nothing recorded yet"
+        );
+    }
 
     #[test]
     fn a_figure_breaks_exactly_the_invariants_it_reports_as_broken() {
