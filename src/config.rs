@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 /// The `pooled` command line.
@@ -56,9 +56,10 @@ pub struct ServeArgs {
     /// Bearer token of the admin role; generated and printed at start when unset.
     #[arg(long, env = "POOLED_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// `system` (wall clock) or `manual` (moves only through the ops API).
-    #[arg(long, env = "POOLED_CLOCK", value_enum, default_value_t = ClockMode::System)]
-    pub clock: ClockMode,
+    /// `system` (wall clock) or `manual` (moves only through the ops API). Checked in
+    /// [`ServeArgs::into_settings`], not by clap, whose error takes four lines.
+    #[arg(long, env = "POOLED_CLOCK", default_value = "system")]
+    pub clock: String,
     /// Start instant of the manual clock (RFC 3339); defaults to now.
     #[arg(long, env = "POOLED_CLOCK_START")]
     pub clock_start: Option<String>,
@@ -97,13 +98,24 @@ pub enum CrashPoint {
     AfterGatewayCall,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClockMode {
     System,
     Manual,
 }
 
 impl ClockMode {
+    fn parse(value: &str) -> Result<ClockMode, ConfigError> {
+        match value {
+            "system" => Ok(ClockMode::System),
+            "manual" => Ok(ClockMode::Manual),
+            other => Err(ConfigError::new(
+                "POOLED_CLOCK",
+                format!("unknown clock '{other}' (expected system or manual)"),
+            )),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ClockMode::System => "system",
@@ -243,7 +255,8 @@ impl ServeArgs {
                     })
             })
             .transpose()?;
-        if clock_start.is_some() && self.clock == ClockMode::System {
+        let clock = ClockMode::parse(&self.clock)?;
+        if clock_start.is_some() && clock == ClockMode::System {
             return Err(ConfigError::new(
                 "POOLED_CLOCK_START",
                 "only applies with POOLED_CLOCK=manual",
@@ -298,7 +311,7 @@ impl ServeArgs {
             data_dir: self.database.data_dir,
             bind: self.bind,
             admin_token: self.admin_token,
-            clock: self.clock,
+            clock,
             clock_start,
             time_zone,
             smtp_url: self.smtp_url,
@@ -365,6 +378,11 @@ mod tests {
             .into_settings()
             .unwrap_err();
         assert_eq!(err.variable, "POOLED_CLOCK_START");
+        let err = args(&["--clock", "sundial"]).into_settings().unwrap_err();
+        assert_eq!(err.variable, "POOLED_CLOCK");
+        assert!(err.message.contains("'sundial'"), "{err}");
+        let manual = args(&["--clock", "manual"]).into_settings().unwrap();
+        assert_eq!(manual.clock, ClockMode::Manual);
     }
 
     #[test]

@@ -75,6 +75,11 @@ fn bad_configuration_ends_with_one_clear_line() {
         with("POOLED_TIME_ZONE", "Mars/Base"),
         "POOLED_TIME_ZONE",
     );
+    assert_one_clear_line(
+        "clock",
+        with("POOLED_CLOCK", "sundial"),
+        "POOLED_CLOCK: unknown clock 'sundial'",
+    );
     let mut c = with("POOLED_CLOCK", "manual");
     c.env("POOLED_CLOCK_START", "next tuesday");
     assert_one_clear_line("clock start", c, "POOLED_CLOCK_START");
