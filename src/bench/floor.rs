@@ -68,6 +68,27 @@ where
     Ok(())
 }
 
+/// The tables the `list` query names, each with the columns the `columns` query gives for its
+/// name, read on `conn`. A macro, not a function: the backends' connection types differ and the
+/// text is the same.
+macro_rules! describe {
+    ($conn:expr, $list:expr, $columns:expr) => {{
+        let conn = $conn;
+        let mut tables = Vec::new();
+        for name in sqlx::query_scalar::<_, String>($list)
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            let columns = sqlx::query_scalar::<_, String>($columns)
+                .bind(&name)
+                .fetch_all(&mut *conn)
+                .await?;
+            tables.push(Table { name, columns });
+        }
+        tables
+    }};
+}
+
 impl Capture {
     /// Copies every table of the service's schema, before the work.
     pub async fn before(store: &Store) -> anyhow::Result<Capture> {
@@ -76,53 +97,33 @@ impl Capture {
                 let mut conn = pool.acquire().await?.detach();
                 // Bulk loads skip foreign keys; the floor's copies have no parents to point at.
                 exec(&mut conn, "PRAGMA foreign_keys = OFF".into()).await?;
-                let tables = sqlx::query_scalar::<_, String>(
+                let tables = describe!(
+                    &mut conn,
                     "SELECT name FROM sqlite_master WHERE type = 'table'
                      AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
                      AND name NOT LIKE '\\_sqlx%' ESCAPE '\\'
                      AND name NOT LIKE 'bench\\_%' ESCAPE '\\' ORDER BY name",
-                )
-                .fetch_all(&mut conn)
-                .await?;
-                let mut described = Vec::new();
-                for name in tables {
-                    let columns = sqlx::query_scalar::<_, String>(
-                        "SELECT name FROM pragma_table_info($1) ORDER BY cid",
-                    )
-                    .bind(&name)
-                    .fetch_all(&mut conn)
-                    .await?;
-                    described.push(Table { name, columns });
-                }
+                    "SELECT name FROM pragma_table_info($1) ORDER BY cid"
+                );
                 Capture {
                     conn: Conn::Sqlite(conn),
-                    tables: described,
+                    tables,
                 }
             }
             Db::Postgres(pool) => {
                 let mut conn = pool.acquire().await?.detach();
-                let tables = sqlx::query_scalar::<_, String>(
+                let tables = describe!(
+                    &mut conn,
                     "SELECT tablename::TEXT FROM pg_tables WHERE schemaname = 'public'
                      AND tablename NOT LIKE '\\_sqlx%' AND tablename NOT LIKE 'bench\\_%'
                      ORDER BY tablename",
-                )
-                .fetch_all(&mut conn)
-                .await?;
-                let mut described = Vec::new();
-                for name in tables {
-                    let columns = sqlx::query_scalar::<_, String>(
-                        "SELECT column_name::TEXT FROM information_schema.columns
-                         WHERE table_schema = 'public' AND table_name = $1
-                         ORDER BY ordinal_position",
-                    )
-                    .bind(&name)
-                    .fetch_all(&mut conn)
-                    .await?;
-                    described.push(Table { name, columns });
-                }
+                    "SELECT column_name::TEXT FROM information_schema.columns
+                     WHERE table_schema = 'public' AND table_name = $1
+                     ORDER BY ordinal_position"
+                );
                 Capture {
                     conn: Conn::Postgres(conn),
-                    tables: described,
+                    tables,
                 }
             }
         };
