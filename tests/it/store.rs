@@ -1,4 +1,5 @@
-//! The store on both backends: migrations, token hashing, the SQLite single-process lock.
+//! The store on both backends: migrations, token hashing, the SQLite single-process lock and
+//! WAL checkpoints.
 
 use crate::helpers::{Backend, TestDb};
 use crate::on_both_backends;
@@ -116,6 +117,28 @@ async fn a_second_process_on_one_sqlite_file_is_refused() {
         Ok(_) => panic!("a second store opened the same SQLite file"),
     }
     first.close().await;
+}
+
+#[tokio::test]
+async fn the_sqlite_wal_reaches_the_database_file_without_the_writer_stopping_for_it() {
+    let db = TestDb::new(Backend::Sqlite);
+    let store = open(&db).await;
+    let pooled::config::DatabaseUrl::Sqlite(path) = &db.url else {
+        unreachable!("a SQLite test database")
+    };
+    // The migrations' pages are in the WAL. The writer never checkpoints, so only the
+    // background checkpointer can copy them into the file, within about a second.
+    let size = || std::fs::metadata(path).map_or(0, |m| m.len());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while size() < 16 * 4096 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 10 s the database file holds {} bytes",
+            size()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    store.close().await;
 }
 
 on_both_backends! {
