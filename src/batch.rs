@@ -59,9 +59,9 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                 let (requests, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
                 metrics::histogram!("pooled_batch_size", "batch" => name)
                     .record(requests.len() as f64);
-                // With the size, the time a batch takes: a queue's rate is their ratio, and
-                // each caller waits about one batch for its own (time measured, not business
-                // time: no clock involved).
+                // With the size, the time a batch takes: a queue's rate is their ratio, and a
+                // caller waits for the batch running when it came, then for its own (time
+                // measured, not business time: no clock involved).
                 let started = std::time::Instant::now();
                 let responses = run(requests).await;
                 metrics::histogram!("pooled_batch_seconds", "batch" => name)
