@@ -57,7 +57,7 @@ pub struct ServeArgs {
     #[arg(long, env = "POOLED_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// `system` (wall clock) or `manual` (moves only through the ops API). Checked in
-    /// [`ServeArgs::into_settings`], not by clap, whose error takes four lines.
+    /// [`ServeArgs::into_settings`].
     #[arg(long, env = "POOLED_CLOCK", default_value = "system")]
     pub clock: String,
     /// Start instant of the manual clock (RFC 3339); defaults to now.
@@ -105,17 +105,6 @@ pub enum ClockMode {
 }
 
 impl ClockMode {
-    fn parse(value: &str) -> Result<ClockMode, ConfigError> {
-        match value {
-            "system" => Ok(ClockMode::System),
-            "manual" => Ok(ClockMode::Manual),
-            other => Err(ConfigError::new(
-                "POOLED_CLOCK",
-                format!("unknown clock '{other}' (expected system or manual)"),
-            )),
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             ClockMode::System => "system",
@@ -190,6 +179,27 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// `value` as the choice it names, or an error naming `variable` and every choice: settings
+/// with a few named values are checked here rather than by clap, whose error takes four lines.
+fn one_of<T: Copy>(
+    variable: &'static str,
+    what: &str,
+    value: &str,
+    choices: &[(&str, T)],
+) -> Result<T, ConfigError> {
+    choices
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|&(_, choice)| choice)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+            ConfigError::new(
+                variable,
+                format!("unknown {what} '{value}' (expected {})", names.join(" or ")),
+            )
+        })
+}
+
 impl ConfigError {
     fn new(variable: &'static str, message: impl Into<String>) -> Self {
         Self {
@@ -255,7 +265,12 @@ impl ServeArgs {
                     })
             })
             .transpose()?;
-        let clock = ClockMode::parse(&self.clock)?;
+        let clock = one_of(
+            "POOLED_CLOCK",
+            "clock",
+            &self.clock,
+            &[("system", ClockMode::System), ("manual", ClockMode::Manual)],
+        )?;
         if clock_start.is_some() && clock == ClockMode::System {
             return Err(ConfigError::new(
                 "POOLED_CLOCK_START",
@@ -274,19 +289,21 @@ impl ServeArgs {
             crate::domain::identity::parse_email(email)
                 .map_err(|m| ConfigError::new("POOLED_OPS_EMAIL", m))?;
         }
-        let crash_at = match self.debug_crash.as_deref() {
-            None => None,
-            Some("before-gateway-call") => Some(CrashPoint::BeforeGatewayCall),
-            Some("after-gateway-call") => Some(CrashPoint::AfterGatewayCall),
-            Some(other) => {
-                return Err(ConfigError::new(
+        let crash_at = self
+            .debug_crash
+            .as_deref()
+            .map(|point| {
+                one_of(
                     "POOLED_DEBUG_CRASH",
-                    format!(
-                        "unknown crash point '{other}' (expected before-gateway-call or after-gateway-call)"
-                    ),
-                ));
-            }
-        };
+                    "crash point",
+                    point,
+                    &[
+                        ("before-gateway-call", CrashPoint::BeforeGatewayCall),
+                        ("after-gateway-call", CrashPoint::AfterGatewayCall),
+                    ],
+                )
+            })
+            .transpose()?;
         let dunning_days: Vec<i64> = self
             .dunning_days
             .split(',')
