@@ -810,7 +810,7 @@ async fn joins(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     .with("sold_out", json!(sold_out.load(Ordering::Relaxed)))
     .with("errors", json!(errors.load(Ordering::Relaxed)))
     .with("accepted_is_min_capacity_attempts", json!(accepted_ok))
-    .with("batches", json!(batches.count))
+    .with("batches", json!(batches.count as u64))
     .with("mean_batch", json!(round(batches.mean_size())))
     .with("batch_ms", json!(round(batches.mean_ms()))))
 }
