@@ -815,10 +815,11 @@ async fn joins(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     .with("batch_ms", json!(round(batches.mean_ms()))))
 }
 
-/// The join queue's batches as the service's own `/metrics` counts them. A closed loop of C
-/// clients gets about `mean_batch / batch_ms` joins per millisecond: each waits for one
-/// batch (its own), so the rate grows only with bigger batches or shorter ones.
-#[derive(Debug, Default, PartialEq)]
+/// The join queue's batches as the service's own `/metrics` counts them. While the worker is
+/// busy, it makes `mean_batch / batch_ms` joins per millisecond; a caller waits for the batch
+/// running when it asked, then for its own, so the rate grows only with bigger batches or
+/// shorter ones.
+#[derive(Debug)]
 struct JoinBatches {
     count: f64,
     joins: f64,
