@@ -1,6 +1,14 @@
 //! The bulk-load floor of a measured piece of work: the very rows it wrote (inserted, or
 //! updated to new values), loaded again into empty copies of their tables by the backend's
-//! bulk path — PostgreSQL `COPY`, SQLite one prepared insert per row — in one transaction.
+//! bulk path — PostgreSQL `COPY`, SQLite one prepared `INSERT … SELECT` per table, run inside
+//! SQLite — in one transaction.
+//!
+//! Why `INSERT … SELECT` on SQLite: until the eleventh session the floor bound each row to a
+//! prepared insert from Rust. Through sqlx every statement is a round trip to the
+//! connection's worker thread, about 88 µs a row on this machine against a few µs of SQLite's
+//! own work, so that floor measured the driver's thread hand-offs, and the service's
+//! set-based writes beat it (BENCHMARKS.md, "Eleventh session"). SQLite runs the same
+//! prepared insert program for each row here, with no hand-off between rows.
 //!
 //! Why these rows: the issue asks for "the database's bulk-load rate for the same rows".
 //! The same columns, keys and indexes are what the work could at best cost on this
@@ -15,10 +23,10 @@
 use crate::store::{Db, Store};
 use anyhow::Context;
 use futures_util::TryStreamExt;
-use sqlx::{AssertSqlSafe, Connection, PgConnection, Row, SqliteConnection, ValueRef};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, SqliteConnection};
 use std::time::{Duration, Instant};
 
-/// Rows read (untimed) and then loaded (timed) at a time.
+/// PostgreSQL rows copied out (untimed) and then in (timed) at a time.
 const CHUNK: i64 = 20_000;
 
 /// The tables as they were before the work, held on a dedicated connection.
@@ -47,15 +55,6 @@ impl Floor {
     pub fn rows(&self) -> i64 {
         self.rows_by_table.values().filter_map(|v| v.as_i64()).sum()
     }
-}
-
-/// One SQLite value, whatever its column's declared type.
-enum Cell {
-    Null,
-    Int(i64),
-    Real(f64),
-    Text(String),
-    Blob(Vec<u8>),
 }
 
 /// Runs one statement built from table names read from the schema itself.
@@ -150,51 +149,42 @@ impl Capture {
 
 /// `bench_written_<t>`: the rows of `t` that were not in it before, numbered from 1 in the
 /// order of the table's first column (its key: ids count up, so this is the order the work
-/// wrote them in; a random order would dirty more index pages and lower the floor).
+/// wrote them in; a random order would dirty more index pages and lower the floor), and
+/// stored in that order (so on SQLite a scan in `rowid` order reads them so, without a sort).
 fn written_sql(t: &Table) -> [String; 2] {
     let (name, first) = (&t.name, &t.columns[0]);
     [
         format!(
             "CREATE TEMP TABLE bench_written_{name} AS
              SELECT row_number() OVER (ORDER BY w.{first}) AS bench_n, w.* FROM
-             (SELECT * FROM {name} EXCEPT SELECT * FROM bench_before_{name}) AS w"
+             (SELECT * FROM {name} EXCEPT SELECT * FROM bench_before_{name}) AS w
+             ORDER BY bench_n"
         ),
         format!("DROP TABLE bench_before_{name}"),
     ]
 }
 
-/// What a backend does for [`timed_load`]: run a statement, read a chunk of a table's written
-/// rows (untimed), and bulk-load it into the table's empty copy (timed).
+/// What a backend does for [`timed_load`]: run a statement, and load a table's written rows
+/// into its empty copy, timing only the loading.
 trait BulkLoad {
-    type Chunk;
     async fn exec(&mut self, sql: String) -> anyhow::Result<()>;
-    /// The rows of `bench_written_<t>` numbered after `after`, at most [`CHUNK`], and how many.
-    async fn read(&mut self, t: &Table, after: i64) -> anyhow::Result<(Self::Chunk, i64)>;
-    async fn load(&mut self, t: &Table, chunk: Self::Chunk) -> anyhow::Result<()>;
+    /// Loads `bench_written_<t>` into `bench_floor.<t>`: how many rows, and how long the
+    /// loading itself took.
+    async fn load(&mut self, t: &Table) -> anyhow::Result<(i64, Duration)>;
 }
 
-/// Loads every table's written rows into its copy in one transaction, a chunk at a time, and
-/// times only `BEGIN`, the loads and `COMMIT`.
+/// Loads every table's written rows into its copy in one transaction, and times only
+/// `BEGIN`, the loads and `COMMIT`.
 async fn timed_load<B: BulkLoad>(b: &mut B, tables: &[Table]) -> anyhow::Result<Floor> {
     let mut rows_by_table = serde_json::Map::new();
-    let mut loading = Duration::ZERO;
     let started = Instant::now();
     b.exec("BEGIN".into()).await?;
-    loading += started.elapsed();
+    let mut loading = started.elapsed();
     for t in tables {
-        let mut after = 0;
-        loop {
-            let (chunk, n) = b.read(t, after).await?;
-            if n == 0 {
-                break;
-            }
-            after += n;
-            let started = Instant::now();
-            b.load(t, chunk).await?;
-            loading += started.elapsed();
-        }
-        if after > 0 {
-            rows_by_table.insert(t.name.clone(), after.into());
+        let (rows, took) = b.load(t).await?;
+        loading += took;
+        if rows > 0 {
+            rows_by_table.insert(t.name.clone(), rows.into());
         }
     }
     let started = Instant::now();
@@ -251,73 +241,26 @@ async fn sqlite_load(mut conn: SqliteConnection, tables: &[Table]) -> anyhow::Re
     Ok(floor)
 }
 
-/// SQLite: rows as cells, loaded with one prepared insert per row.
+/// SQLite: one prepared `INSERT … SELECT` per table, from the written rows held on the same
+/// connection, in the order they were written.
 impl BulkLoad for SqliteConnection {
-    type Chunk = Vec<Vec<Cell>>;
-
     async fn exec(&mut self, sql: String) -> anyhow::Result<()> {
         exec(self, sql).await
     }
 
-    async fn read(&mut self, t: &Table, after: i64) -> anyhow::Result<(Self::Chunk, i64)> {
-        let read = format!(
-            "SELECT {} FROM bench_written_{} WHERE bench_n > $1 ORDER BY bench_n LIMIT {CHUNK}",
-            t.columns.join(", "),
+    async fn load(&mut self, t: &Table) -> anyhow::Result<(i64, Duration)> {
+        let columns = t.columns.join(", ");
+        let insert = format!(
+            "INSERT INTO bench_floor.{0} ({columns})
+             SELECT {columns} FROM bench_written_{0} ORDER BY rowid",
             t.name
         );
-        let rows = sqlx::query(AssertSqlSafe(read))
-            .bind(after)
-            .fetch_all(&mut *self)
+        let started = Instant::now();
+        let done = sqlx::query(AssertSqlSafe(insert))
+            .execute(&mut *self)
             .await?;
-        let cells: Vec<Vec<Cell>> = rows.iter().map(sqlite_cells).collect::<Result<_, _>>()?;
-        let n = cells.len() as i64;
-        Ok((cells, n))
+        Ok((done.rows_affected() as i64, started.elapsed()))
     }
-
-    async fn load(&mut self, t: &Table, chunk: Self::Chunk) -> anyhow::Result<()> {
-        let insert = format!(
-            "INSERT INTO bench_floor.{} ({}) VALUES ({})",
-            t.name,
-            t.columns.join(", "),
-            (1..=t.columns.len())
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        for row in chunk {
-            let mut q = sqlx::query(AssertSqlSafe(insert.clone()));
-            for cell in row {
-                q = match cell {
-                    Cell::Null => q.bind(None::<i64>),
-                    Cell::Int(v) => q.bind(v),
-                    Cell::Real(v) => q.bind(v),
-                    Cell::Text(v) => q.bind(v),
-                    Cell::Blob(v) => q.bind(v),
-                };
-            }
-            q.execute(&mut *self).await?;
-        }
-        Ok(())
-    }
-}
-
-fn sqlite_cells(row: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Vec<Cell>> {
-    (0..row.len())
-        .map(|i| {
-            let raw = row.try_get_raw(i)?;
-            if raw.is_null() {
-                return Ok(Cell::Null);
-            }
-            let kind = raw.type_info().to_string();
-            Ok(match kind.as_str() {
-                "INTEGER" => Cell::Int(row.try_get_unchecked(i)?),
-                "REAL" => Cell::Real(row.try_get_unchecked(i)?),
-                "TEXT" => Cell::Text(row.try_get_unchecked(i)?),
-                "BLOB" => Cell::Blob(row.try_get_unchecked(i)?),
-                other => anyhow::bail!("a value of storage class {other}"),
-            })
-        })
-        .collect()
 }
 
 /// A table's or index's `CREATE` statement, moved into the attached `bench_floor` schema.
@@ -352,45 +295,47 @@ async fn postgres_load(mut conn: PgConnection, tables: &[Table]) -> anyhow::Resu
     Ok(floor)
 }
 
-/// PostgreSQL: rows in `COPY`'s text format, copied out and in unchanged.
+/// PostgreSQL: rows in `COPY`'s text format, copied out (untimed) and in (timed) unchanged,
+/// [`CHUNK`] rows at a time.
 impl BulkLoad for PgConnection {
-    type Chunk = Vec<u8>;
-
     async fn exec(&mut self, sql: String) -> anyhow::Result<()> {
         exec(self, sql).await
     }
 
-    async fn read(&mut self, t: &Table, after: i64) -> anyhow::Result<(Self::Chunk, i64)> {
-        let read = format!(
-            "COPY (SELECT {} FROM bench_written_{} WHERE bench_n > {after}
-             ORDER BY bench_n LIMIT {CHUNK}) TO STDOUT",
-            t.columns.join(", "),
-            t.name
-        );
-        let data: Vec<u8> = self
-            .copy_out_raw(&read)
-            .await?
-            .try_fold(Vec::new(), |mut all, bytes| async move {
-                all.extend_from_slice(&bytes);
-                Ok(all)
-            })
-            .await?;
-        let n = data.iter().filter(|&&b| b == b'\n').count() as i64;
-        Ok((data, n))
-    }
-
-    async fn load(&mut self, t: &Table, chunk: Self::Chunk) -> anyhow::Result<()> {
-        let mut copy = self
-            .copy_in_raw(&format!(
-                "COPY bench_floor.{} ({}) FROM STDIN",
-                t.name,
-                t.columns.join(", ")
-            ))
-            .await?;
-        copy.send(chunk).await?;
-        copy.finish()
-            .await
-            .with_context(|| format!("COPY into {}", t.name))?;
-        Ok(())
+    async fn load(&mut self, t: &Table) -> anyhow::Result<(i64, Duration)> {
+        let columns = t.columns.join(", ");
+        let (mut after, mut loading) = (0, Duration::ZERO);
+        loop {
+            let read = format!(
+                "COPY (SELECT {columns} FROM bench_written_{} WHERE bench_n > {after}
+                 ORDER BY bench_n LIMIT {CHUNK}) TO STDOUT",
+                t.name
+            );
+            let data: Vec<u8> = self
+                .copy_out_raw(&read)
+                .await?
+                .try_fold(Vec::new(), |mut all, bytes| async move {
+                    all.extend_from_slice(&bytes);
+                    Ok(all)
+                })
+                .await?;
+            let n = data.iter().filter(|&&b| b == b'\n').count() as i64;
+            if n == 0 {
+                return Ok((after, loading));
+            }
+            after += n;
+            let started = Instant::now();
+            let mut copy = self
+                .copy_in_raw(&format!(
+                    "COPY bench_floor.{} ({columns}) FROM STDIN",
+                    t.name
+                ))
+                .await?;
+            copy.send(data).await?;
+            copy.finish()
+                .await
+                .with_context(|| format!("COPY into {}", t.name))?;
+            loading += started.elapsed();
+        }
     }
 }
