@@ -739,6 +739,9 @@ async fn joins(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     let accepted = Arc::new(AtomicU64::new(0));
     let sold_out = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    // The stampede's own rows, loaded again in bulk: what a join could at best cost on this
+    // database with everything it writes, whatever the batching.
+    let capture = floor::Capture::before(store).await?;
     let batches_before = JoinBatches::scrape(&client, &f.base).await?;
     let deadline = Instant::now() + std::time::Duration::from_secs(args.seconds);
     let started = Instant::now();
@@ -794,7 +797,9 @@ async fn joins(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
         .map_or(0, |c| c.pooled_qty);
     let answered = attempts - errors.load(Ordering::Relaxed);
     let accepted_ok = accepted == (capacity as u64).min(answered) && accepted as i64 == pooled;
+    let bulk = capture.load_written().await?;
     let floor = naive_hot_row(store, args).await?;
+    let bulk_floor = accepted as f64 / bulk.seconds;
     Ok(Figure::new(
         "joins",
         f.backend,
@@ -812,7 +817,14 @@ async fn joins(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     .with("accepted_is_min_capacity_attempts", json!(accepted_ok))
     .with("batches", json!(batches.count as u64))
     .with("mean_batch", json!(round(batches.mean_size())))
-    .with("batch_ms", json!(round(batches.mean_ms()))))
+    .with("batch_ms", json!(round(batches.mean_ms())))
+    .with("bulk_floor", json!(round(bulk_floor)))
+    .with(
+        "bulk_ratio",
+        json!(round(accepted as f64 / wall / bulk_floor)),
+    )
+    .with("floor_rows", json!(bulk.rows()))
+    .with("floor_rows_by_table", json!(bulk.rows_by_table)))
 }
 
 /// The join queue's batches as the service's own `/metrics` counts them. While the worker is
