@@ -662,14 +662,19 @@ impl Store {
                 // changes, and past 64 KiB SQLite spilled that journal to a temporary file,
                 // a sixth of the join writer's time. Readers journal nothing, and keep
                 // SQLite's default so a large sort still spills to disk. The writer never
-                // checkpoints: [`spawn_checkpointer`] does, beside it.
+                // checkpoints: [`spawn_checkpointer`] does, beside it. When the writer starts
+                // the WAL over after a checkpoint, it cuts the file back to 64 MiB: a burst (a
+                // renewal, a stampede) otherwise leaves its high-water mark on disk for good,
+                // and 64 MiB is more than a second of the stampede, so the file is not cut and
+                // regrown at every checkpoint.
                 let writer = SqlitePoolOptions::new()
                     .max_connections(1)
                     .connect_with(
                         options
                             .pragma("cache_size", "-65536")
                             .pragma("temp_store", "memory")
-                            .pragma("wal_autocheckpoint", "0"),
+                            .pragma("wal_autocheckpoint", "0")
+                            .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string()),
                     )
                     .await
                     .map_err(|e| open_err(&e))?;
@@ -781,6 +786,9 @@ impl Store {
 
 /// How often the SQLite WAL is copied back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// The size, in bytes, the SQLite writer cuts the WAL file back to when it starts it over.
+pub const WAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// Checkpoints the SQLite WAL every [`CHECKPOINT_EVERY`] on a reader connection, until the
 /// store is closed or its last handle drops (the returned sender's last clone).

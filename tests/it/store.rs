@@ -141,6 +141,63 @@ async fn the_sqlite_wal_reaches_the_database_file_without_the_writer_stopping_fo
     store.close().await;
 }
 
+#[tokio::test]
+async fn after_a_burst_the_sqlite_wal_file_is_cut_back_to_its_limit() {
+    use sqlx::{ConnectOptions, Connection};
+    let db = TestDb::new(Backend::Sqlite);
+    let store = open(&db).await;
+    let pooled::config::DatabaseUrl::Sqlite(path) = &db.url else {
+        unreachable!("a SQLite test database")
+    };
+    let wal = || std::fs::metadata(format!("{}-wal", path.display())).map_or(0, |m| m.len());
+    // The burst: 80 MiB of pages written on a connection of the test's own.
+    let mut burst = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .connect()
+        .await
+        .unwrap();
+    for sql in [
+        "CREATE TABLE burst (b BLOB)",
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 80)
+         INSERT INTO burst SELECT randomblob(1024 * 1024) FROM n",
+    ] {
+        sqlx::query(sql).execute(&mut burst).await.unwrap();
+    }
+    burst.close().await.unwrap();
+    assert!(
+        wal() > pooled::store::WAL_SIZE_LIMIT,
+        "the burst grew the WAL"
+    );
+    // Once the checkpointer has copied the burst into the database file, the writer's next
+    // commit starts the WAL over and cuts it back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut n = 0;
+    while wal() > pooled::store::WAL_SIZE_LIMIT {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 20 s the WAL still holds {} bytes",
+            wal()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        n += 1;
+        store
+            .create_shopper(
+                &Shopper {
+                    id: format!("shp_after_burst_{n}"),
+                    name: "After".into(),
+                    email: format!("after{n}@example.com"),
+                    time_zone: chrono_tz::Europe::Berlin,
+                    payment_token: None,
+                    created_at: Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap(),
+                },
+                &hash_token(&format!("t{n}")),
+            )
+            .await
+            .unwrap();
+    }
+    store.close().await;
+}
+
 on_both_backends! {
     async fn the_bench_floor_loads_exactly_the_rows_the_work_wrote(backend) {
         let db = TestDb::new(backend);
