@@ -168,8 +168,9 @@ async fn after_a_burst_the_sqlite_wal_file_is_cut_back_to_its_limit() {
         wal() > pooled::store::WAL_SIZE_LIMIT,
         "the burst grew the WAL"
     );
-    // Once the checkpointer has copied the burst into the database file, the writer's next
-    // commit starts the WAL over and cuts it back.
+    // Once the burst is in the database file (copied by the checkpointer, or by the burst
+    // connection's own automatic checkpoint), the writer's next commit starts the WAL over
+    // and cuts the file back; without the writer's limit it keeps its 80 MiB.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut n = 0;
     while wal() > pooled::store::WAL_SIZE_LIMIT {
