@@ -119,16 +119,24 @@ async fn a_second_process_on_one_sqlite_file_is_refused() {
     first.close().await;
 }
 
-#[tokio::test]
-async fn the_sqlite_wal_reaches_the_database_file_without_the_writer_stopping_for_it() {
+/// A migrated store on a fresh SQLite file, and the file's path (the database lives as long
+/// as the returned `TestDb`).
+async fn sqlite_store() -> (TestDb, Store, std::path::PathBuf) {
     let db = TestDb::new(Backend::Sqlite);
     let store = open(&db).await;
     let pooled::config::DatabaseUrl::Sqlite(path) = &db.url else {
         unreachable!("a SQLite test database")
     };
+    let path = path.clone();
+    (db, store, path)
+}
+
+#[tokio::test]
+async fn the_sqlite_wal_reaches_the_database_file_without_the_writer_stopping_for_it() {
+    let (_db, store, path) = sqlite_store().await;
     // The migrations' pages are in the WAL. The writer never checkpoints, so only the
     // background checkpointer can copy them into the file, within about a second.
-    let size = || std::fs::metadata(path).map_or(0, |m| m.len());
+    let size = || std::fs::metadata(&path).map_or(0, |m| m.len());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while size() < 16 * 4096 {
         assert!(
@@ -144,15 +152,11 @@ async fn the_sqlite_wal_reaches_the_database_file_without_the_writer_stopping_fo
 #[tokio::test]
 async fn after_a_burst_the_sqlite_wal_file_is_cut_back_to_its_limit() {
     use sqlx::{ConnectOptions, Connection};
-    let db = TestDb::new(Backend::Sqlite);
-    let store = open(&db).await;
-    let pooled::config::DatabaseUrl::Sqlite(path) = &db.url else {
-        unreachable!("a SQLite test database")
-    };
+    let (_db, store, path) = sqlite_store().await;
     let wal = || std::fs::metadata(format!("{}-wal", path.display())).map_or(0, |m| m.len());
     // The burst: 80 MiB of pages written on a connection of the test's own.
     let mut burst = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(path)
+        .filename(&path)
         .connect()
         .await
         .unwrap();
