@@ -647,8 +647,9 @@ impl Store {
                     .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(Duration::from_secs(10))
                     .foreign_keys(true)
-                    // Only the bench's floors write outside the writer (which overrides this
-                    // below); they keep the threshold every earlier floor was measured with.
+                    // The writer overrides this below. Outside it only the migrations at
+                    // start-up and the bench (its generated data, hot-row and bulk floors)
+                    // write; they keep the threshold every earlier figure was measured with.
                     .pragma("wal_autocheckpoint", "10000");
                 let pool = SqlitePoolOptions::new()
                     .max_connections(8)
