@@ -799,32 +799,24 @@ async fn joins(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     let accepted_ok = accepted == (capacity as u64).min(answered) && accepted as i64 == pooled;
     let bulk = capture.load_written().await?;
     let floor = naive_hot_row(store, args).await?;
+    let rate = accepted.min(attempts) as f64 / wall;
     let bulk_floor = accepted as f64 / bulk.seconds;
-    Ok(Figure::new(
-        "joins",
-        f.backend,
-        accepted.min(attempts) as f64 / wall,
-        "joins/s",
-        floor,
-    )
-    .with("p50_ms", json!(round(pct(0.5))))
-    .with("p99_ms", json!(round(pct(0.99))))
-    .with("oversold", json!((pooled - capacity).max(0)))
-    .with("accepted", json!(accepted))
-    .with("attempts", json!(attempts))
-    .with("sold_out", json!(sold_out.load(Ordering::Relaxed)))
-    .with("errors", json!(errors.load(Ordering::Relaxed)))
-    .with("accepted_is_min_capacity_attempts", json!(accepted_ok))
-    .with("batches", json!(batches.count as u64))
-    .with("mean_batch", json!(round(batches.mean_size())))
-    .with("batch_ms", json!(round(batches.mean_ms())))
-    .with("bulk_floor", json!(round(bulk_floor)))
-    .with(
-        "bulk_ratio",
-        json!(round(accepted as f64 / wall / bulk_floor)),
-    )
-    .with("floor_rows", json!(bulk.rows()))
-    .with("floor_rows_by_table", json!(bulk.rows_by_table)))
+    Ok(Figure::new("joins", f.backend, rate, "joins/s", floor)
+        .with("p50_ms", json!(round(pct(0.5))))
+        .with("p99_ms", json!(round(pct(0.99))))
+        .with("oversold", json!((pooled - capacity).max(0)))
+        .with("accepted", json!(accepted))
+        .with("attempts", json!(attempts))
+        .with("sold_out", json!(sold_out.load(Ordering::Relaxed)))
+        .with("errors", json!(errors.load(Ordering::Relaxed)))
+        .with("accepted_is_min_capacity_attempts", json!(accepted_ok))
+        .with("batches", json!(batches.count as u64))
+        .with("mean_batch", json!(round(batches.mean_size())))
+        .with("batch_ms", json!(round(batches.mean_ms())))
+        .with("bulk_floor", json!(round(bulk_floor)))
+        .with("bulk_ratio", json!(round(rate / bulk_floor)))
+        .with("floor_rows", json!(bulk.rows()))
+        .with("floor_rows_by_table", json!(bulk.rows_by_table)))
 }
 
 /// The join queue's batches as the service's own `/metrics` counts them. While the worker is
