@@ -865,20 +865,21 @@ impl JoinBatches {
         }
     }
 
-    fn mean_size(&self) -> f64 {
+    /// `total` shared over the batches; zero when there were none.
+    fn per_batch(&self, total: f64) -> f64 {
         if self.count > 0.0 {
-            self.joins / self.count
+            total / self.count
         } else {
             0.0
         }
     }
 
+    fn mean_size(&self) -> f64 {
+        self.per_batch(self.joins)
+    }
+
     fn mean_ms(&self) -> f64 {
-        if self.count > 0.0 {
-            self.seconds * 1000.0 / self.count
-        } else {
-            0.0
-        }
+        self.per_batch(self.seconds * 1000.0)
     }
 }
 
