@@ -320,22 +320,12 @@ macro_rules! insert_intent {
     }};
 }
 
-/// The columns of an [`IntentRow`], in its field order (`qualified` for statements with joins).
+/// The columns of an [`IntentRow`], in its field order.
 macro_rules! intent_columns {
     () => {
         "seq, id, idempotency_key, kind, purpose, subject_id, shopper_id, amount_minor, currency,
          account, refund_of, refunded_minor, status, attempts, next_attempt_at, gateway_ref,
          payment_method, decline_reason, last_error, memo, created_at, resolved_at"
-    };
-    (qualified) => {
-        "payment_intents.seq, payment_intents.id, payment_intents.idempotency_key,
-         payment_intents.kind, payment_intents.purpose, payment_intents.subject_id,
-         payment_intents.shopper_id, payment_intents.amount_minor, payment_intents.currency,
-         payment_intents.account, payment_intents.refund_of, payment_intents.refunded_minor,
-         payment_intents.status, payment_intents.attempts, payment_intents.next_attempt_at,
-         payment_intents.gateway_ref, payment_intents.payment_method,
-         payment_intents.decline_reason, payment_intents.last_error, payment_intents.memo,
-         payment_intents.created_at, payment_intents.resolved_at"
     };
 }
 
@@ -344,21 +334,23 @@ macro_rules! intent_columns {
 /// `first_sweep_at`, as `Store::begin_intent_attempts` would), and evaluates to the rows
 /// inserted (keys already used are skipped). Every caller sends them right after its commit,
 /// which saves the separate commit that would take them.
+///
+/// Only `seq` and `id` come back: the rest of each row is what was sent
+/// ([`IntentRow::begun`]). Every value a statement returns is copied and handed across to
+/// this task one by one, which cost SQLite's renewal more than inserting the row did.
 macro_rules! insert_begun_intents {
     ($tx:ident, $intents:expr, $now:expr) => {{
         let intents: &[&$crate::store::NewIntent] = $intents;
+        let now: i64 = $now;
         let sql = format!(
-            concat!(
-                "INSERT INTO payment_intents (id, idempotency_key, kind, purpose, subject_id,
-                     shopper_id, amount_minor, currency, account, refund_of, next_attempt_at,
-                     memo, created_at, status, attempts)
-                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
-                     CAST(value->>6 AS BIGINT), value->>7, value->>8, value->>9,
-                     CAST(value->>10 AS BIGINT), value->>11, $2, 'pending', 1
-                 FROM {} WHERE true
-                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING ",
-                intent_columns!()
-            ),
+            "INSERT INTO payment_intents (id, idempotency_key, kind, purpose, subject_id,
+                 shopper_id, amount_minor, currency, account, refund_of, next_attempt_at,
+                 memo, created_at, status, attempts)
+             SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
+                 CAST(value->>6 AS BIGINT), value->>7, value->>8, value->>9,
+                 CAST(value->>10 AS BIGINT), value->>11, $2, 'pending', 1
+             FROM {} WHERE true
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING seq, id",
             $crate::store::json_rows(&$tx, 1)
         );
         let json = $crate::store::json_array(intents.iter().map(|i| {
@@ -377,11 +369,23 @@ macro_rules! insert_begun_intents {
                 &i.memo,
             )
         }));
-        let rows: Vec<$crate::store::IntentRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let inserted: Vec<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(json)
-            .bind($now)
+            .bind(now)
             .fetch_all(&mut *$tx)
             .await?;
+        let by_id: std::collections::HashMap<&str, &$crate::store::NewIntent> =
+            intents.iter().map(|i| (i.id.as_str(), *i)).collect();
+        let rows: Vec<$crate::store::IntentRow> = inserted
+            .into_iter()
+            .filter_map(|(seq, id)| {
+                Some($crate::store::IntentRow::begun(
+                    by_id.get(id.as_str())?,
+                    seq,
+                    now,
+                ))
+            })
+            .collect();
         rows
     }};
 }

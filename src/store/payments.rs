@@ -60,6 +60,56 @@ pub struct IntentRow {
     pub resolved_at: Option<i64>,
 }
 
+impl IntentRow {
+    /// The row [`insert_begun_intents!`] stores for `intent` (pending, its first attempt
+    /// taken, held until `first_sweep_at`), given the `seq` the database gave it.
+    pub fn begun(intent: &NewIntent, seq: i64, now: i64) -> IntentRow {
+        IntentRow {
+            seq,
+            id: intent.id.clone(),
+            idempotency_key: intent.idempotency_key.clone(),
+            kind: intent.kind.to_owned(),
+            purpose: intent.purpose.to_owned(),
+            subject_id: intent.subject_id.clone(),
+            shopper_id: intent.shopper_id.clone(),
+            amount_minor: intent.amount.minor(),
+            currency: intent.amount.currency().code().to_owned(),
+            account: intent.account.as_str().to_owned(),
+            refund_of: intent.refund_of.clone(),
+            refunded_minor: 0,
+            status: "pending".to_owned(),
+            attempts: 1,
+            next_attempt_at: intent.first_sweep_at,
+            gateway_ref: None,
+            payment_method: None,
+            decline_reason: None,
+            last_error: None,
+            memo: intent.memo.clone(),
+            created_at: now,
+            resolved_at: None,
+        }
+    }
+}
+
+/// What recording a result reads back of each intent it resolved: what its effects, its
+/// ledger entry and its key's answer need, and no more (every value returned is copied and
+/// handed across to the caller one by one).
+#[derive(Debug, sqlx::FromRow)]
+struct ResolvedIntent {
+    id: String,
+    kind: String,
+    purpose: String,
+    subject_id: String,
+    shopper_id: String,
+    amount_minor: i64,
+    currency: String,
+    account: String,
+    refund_of: Option<String>,
+    status: String,
+    decline_reason: Option<String>,
+    last_error: Option<String>,
+}
+
 /// Written with an intent's result, in the transaction that records it.
 #[derive(Debug, Clone, Default)]
 pub struct FollowUp {
@@ -81,7 +131,7 @@ pub struct KeyAnswer {
 
 impl KeyAnswer {
     /// The answer to remember for the request, given its intent as recorded.
-    fn to(&self, intent: &IntentRow) -> IdempotencyDone {
+    fn to(&self, intent: &ResolvedIntent) -> IdempotencyDone {
         let response = match intent.status.as_str() {
             "succeeded" => self.succeeded.clone(),
             "declined" => (self.declined)(intent.decline_reason.as_deref().unwrap_or_default()),
@@ -299,8 +349,12 @@ impl Store {
                                FROM {}) AS v
                          WHERE payment_intents.id = v.id
                            AND payment_intents.status || '' = 'pending'
-                         RETURNING ",
-                        intent_columns!(qualified)
+                         RETURNING payment_intents.id, payment_intents.kind,
+                             payment_intents.purpose, payment_intents.subject_id,
+                             payment_intents.shopper_id, payment_intents.amount_minor,
+                             payment_intents.currency, payment_intents.account,
+                             payment_intents.refund_of, payment_intents.status,
+                             payment_intents.decline_reason, payment_intents.last_error"
                     ),
                     super::json_rows(&tx, 1)
                 );
@@ -311,7 +365,7 @@ impl Store {
                 let q = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                     .bind(json)
                     .bind(now);
-                let rows: Vec<IntentRow> = q.fetch_all(&mut *tx).await?;
+                let rows: Vec<ResolvedIntent> = q.fetch_all(&mut *tx).await?;
                 // Effects on the subjects, one statement per (purpose, status) and effect.
                 let mut by_effect: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
                 for row in &rows {
@@ -661,7 +715,7 @@ fn parse_account(name: &str) -> StoreResult<Account> {
 
 /// The two-line entry of an intent's event, on behalf of its shopper.
 fn intent_entry(
-    row: &IntentRow,
+    row: &ResolvedIntent,
     event: &'static str,
     debit: Account,
     credit: Account,

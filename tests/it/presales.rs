@@ -4,13 +4,15 @@
 
 use crate::helpers::{ADMIN_TOKEN, TestApp, raw_tx, str_of};
 use crate::on_both_backends;
+use pooled::domain::ledger::Account;
+use pooled::domain::money::{Currency, Money};
 use pooled::domain::presale::JoinRefusal;
 use pooled::http::extract::idempotency_scope;
 use pooled::http::idempotency::request_hash;
 use pooled::presales::{JoinKey, JoinRequest, Joined, PresaleError, join_many};
 use pooled::store::{
-    IdempotencyBegin, IdempotencyClaim, JoinAttempt, JoinDecision, NewPledge, PledgeRow, Store,
-    StoredResponse, abandon_claims_after, micros,
+    IdempotencyBegin, IdempotencyClaim, JoinAttempt, JoinDecision, NewIntent, NewPledge, PledgeRow,
+    Store, StoredResponse, abandon_claims_after, micros,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -556,6 +558,47 @@ on_both_backends! {
             assert_eq!(answers.iter().filter(|a| **a == JoinDecision::Admitted).count(), 2, "{answers:?}");
             assert_eq!(app.state.store.campaign(&id).await.unwrap().unwrap().pooled_qty, 150);
             pg.close().await;
+        }
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_join_batch_hands_back_its_deposit_intents_exactly_as_stored(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let store = &app.state.store;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
+        let (shopper, _) = app.shopper("Ana", "pm_ok").await;
+        let at = app.state.clock.now();
+        let now = micros(at);
+        let deposit = |i: usize, key: String| NewIntent {
+            id: format!("pi_dep_{i}"),
+            idempotency_key: key,
+            kind: "charge",
+            purpose: "deposit",
+            subject_id: format!("plg_dep_{i}"),
+            shopper_id: shopper.clone(),
+            amount: Money::from_minor(1800 + i as i64, Currency::parse("EUR").unwrap()),
+            account: Account::DepositsHeld,
+            refund_of: None,
+            memo: format!("deposit {i}"),
+            first_sweep_at: now + 30_000_000,
+        };
+        // The last deposit's key is already taken by an earlier intent: it is not inserted,
+        // so it is not handed back.
+        store.create_intent(&deposit(9, "deposit:taken".into()), now).await.unwrap();
+        let mut joins = five_pledges("plg_dep", &id, &shopper, now);
+        for (i, attempt) in joins.iter_mut().enumerate() {
+            let key = if i == 4 { "deposit:taken".to_owned() } else { format!("deposit:plg_dep_{i}") };
+            attempt.join.as_mut().unwrap().deposit = Some(deposit(i, key));
+        }
+        let (answers, begun) = store.join_campaign(&id, &joins, at, abandon_claims_after()).await.unwrap();
+        assert!(answers.iter().all(|a| *a == JoinDecision::Admitted), "{answers:?}");
+        assert_eq!(begun.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["pi_dep_0", "pi_dep_1", "pi_dep_2", "pi_dep_3"]);
+        for row in &begun {
+            let stored = store.intent(&row.id).await.unwrap().unwrap();
+            assert_eq!(row, &stored, "the row handed back is the row stored");
         }
         app.stop().await;
     }
