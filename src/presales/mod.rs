@@ -52,11 +52,11 @@ pub fn campaign_timers(c: &CampaignRow) -> Vec<(&'static str, i64)> {
 }
 
 /// Pledges moved per transaction when a campaign closes or settles. A pledge's rows land on
-/// pages of their own in the indexes keyed by shopper or key, and a transaction writes each
-/// page it dirtied to the WAL once, however many rows it changed there: so the more pledges
-/// share a commit, the fewer pages a pledge costs. At 200,000 pledges on SQLite, 2,000 a
-/// chunk settled 8,167-8,815 pledges/s against 5,149 at 500 (5,000: 10,996, but 258 MB
-/// peak against 190); PostgreSQL was the same at all three.
+/// pages of their own in the indexes keyed by shopper or email address, and a transaction
+/// writes each page it dirtied to the WAL once, however many rows it changed there: so the
+/// more pledges share a commit, the fewer pages a pledge costs. At 200,000 pledges on SQLite,
+/// 2,000 a chunk settled 8,167-8,815 pledges/s against 5,149 at 500 (5,000: 10,996, but
+/// 258 MB peak against 190); PostgreSQL was the same at all three.
 const CHUNK: i64 = 2000;
 /// Chunks of pledge steps applied (and their charges sent) at once ([`InFlight`]): each
 /// chunk moves its own pledges with a guarded update, so two never touch the same pledge.
