@@ -1,5 +1,5 @@
-//! The store on both backends: migrations, token hashing, the SQLite single-process lock and
-//! WAL checkpoints.
+//! The store on both backends: migrations, token hashing, the SQLite single-process lock,
+//! WAL checkpoints and how SQLite itself is built.
 
 use crate::helpers::{Backend, TestDb};
 use crate::on_both_backends;
@@ -117,6 +117,31 @@ async fn a_second_process_on_one_sqlite_file_is_refused() {
         Ok(_) => panic!("a second store opened the same SQLite file"),
     }
     first.close().await;
+}
+
+/// `.cargo/config.toml` builds the bundled SQLite without its process-wide page cache and
+/// allocation counting (their global mutexes held the writer and the readers up; see
+/// BENCHMARKS.md). SQLite reports the options it was compiled with, so a build that lost them
+/// (the setting not applied, libsqlite3-sys reading another variable) fails here.
+#[tokio::test]
+async fn sqlite_is_built_without_its_shared_page_cache_and_allocation_counting() {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+        .await
+        .unwrap();
+    let options: Vec<String> =
+        sqlx::query_scalar("SELECT compile_options FROM pragma_compile_options")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert!(
+        !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+        "{options:?}"
+    );
+    assert!(
+        options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+        "{options:?}"
+    );
 }
 
 /// A migrated store on a fresh SQLite file, and the file's path (the database lives as long
