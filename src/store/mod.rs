@@ -666,12 +666,12 @@ impl Store {
                 // in memory: a multi-row statement in a transaction journals the pages it
                 // changes, and past 64 KiB SQLite spilled that journal to a temporary file,
                 // a sixth of the join writer's time. Readers journal nothing, and keep
-                // SQLite's default so a large sort still spills to disk. The writer never
-                // checkpoints: [`spawn_checkpointer`] does, beside it. When the writer starts
+                // SQLite's default so a large sort still spills to disk. The writer does not
+                // checkpoint as it commits: [`spawn_checkpointer`] does. When the writer starts
                 // the WAL over after a checkpoint, it cuts the file back to 64 MiB: a burst (a
-                // renewal, a stampede) otherwise leaves its high-water mark on disk for good,
-                // and 64 MiB is more than a second of the stampede, so the file is not cut and
-                // regrown at every checkpoint.
+                // renewal, a big transaction) otherwise leaves its high-water mark on disk for
+                // good, and 64 MiB is more than the stampede writes between two checkpoints
+                // (about 50 MB), so the file is not cut and regrown at every checkpoint.
                 let writer = SqlitePoolOptions::new()
                     .max_connections(1)
                     .connect_with(
@@ -683,7 +683,7 @@ impl Store {
                     )
                     .await
                     .map_err(|e| open_err(&e))?;
-                let checkpointer = spawn_checkpointer(pool.clone());
+                let checkpointer = spawn_checkpointer(pool.clone(), writer.clone());
                 Ok(Store {
                     db: Db::Sqlite(pool),
                     sqlite_writer: Some(writer),
@@ -792,22 +792,28 @@ impl Store {
 }
 
 /// How often the SQLite WAL is copied back into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// The size, in bytes, the SQLite writer cuts the WAL file back to when it starts it over.
 pub const WAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
 
-/// Checkpoints the SQLite WAL every [`CHECKPOINT_EVERY`] on a reader connection, until the
-/// store is closed or its last handle drops (the returned sender's last clone).
+/// Checkpoints the SQLite WAL every [`CHECKPOINT_EVERY`], until the store is closed or its
+/// last handle drops (the returned sender's last clone).
 ///
 /// Why not SQLite's automatic checkpoint: it runs in the commit that crosses the threshold,
 /// so every few thousand pages one write transaction stopped to copy them all to the database
 /// file and flush it, and the callers of its batch waited (the 20 s join stampede's p99 was
-/// 54–56 ms with it and 37–45 ms with this). A passive checkpoint blocks neither the writer
-/// nor the readers; it copies what no reader still needs, and the next one copies the rest.
-/// Once a second keeps the WAL near what the old threshold allowed (about 40 MB at the
-/// stampede's write rate).
-fn spawn_checkpointer(readers: SqlitePool) -> Arc<oneshot::Sender<()>> {
+/// 54–56 ms with it and 37–45 ms with this).
+///
+/// Why two steps: a passive checkpoint on a reader connection copies the bulk of the WAL
+/// without blocking anyone, but under a steady stream of writes it never catches up: the
+/// writer only starts the WAL over when, as its transaction begins, everything is already
+/// copied, so the file grew for as long as the writes went on (1.4 GB after 8 s of a join
+/// stampede; each new frame landed in fresh blocks the filesystem zeroed first, a fifth of the
+/// writer thread's time). The second, short checkpoint runs on the writer's own connection,
+/// between its transactions: it copies only what was written during the first, and the
+/// writer's next transaction starts the WAL over, in blocks already on disk and in cache.
+fn spawn_checkpointer(readers: SqlitePool, writer: SqlitePool) -> Arc<oneshot::Sender<()>> {
     let (alive, mut gone) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(CHECKPOINT_EVERY);
@@ -820,11 +826,13 @@ fn spawn_checkpointer(readers: SqlitePool) -> Arc<oneshot::Sender<()>> {
             if readers.is_closed() {
                 break;
             }
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&readers)
-                .await
-            {
-                tracing::warn!(error = %e, "SQLite WAL checkpoint failed");
+            for pool in [&readers, &writer] {
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(pool)
+                    .await
+                {
+                    tracing::warn!(error = %e, "SQLite WAL checkpoint failed");
+                }
             }
         }
     });

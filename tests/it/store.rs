@@ -159,8 +159,8 @@ async fn sqlite_store() -> (TestDb, Store, std::path::PathBuf) {
 #[tokio::test]
 async fn the_sqlite_wal_reaches_the_database_file_without_the_writer_stopping_for_it() {
     let (_db, store, path) = sqlite_store().await;
-    // The migrations' pages are in the WAL. The writer never checkpoints, so only the
-    // background checkpointer can copy them into the file, within about a second.
+    // The migrations' pages are in the WAL. The writer does not checkpoint as it commits, so
+    // only the checkpointer can copy them into the file, within about a second.
     let size = || std::fs::metadata(&path).map_or(0, |m| m.len());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while size() < 16 * 4096 {
@@ -171,6 +171,59 @@ async fn the_sqlite_wal_reaches_the_database_file_without_the_writer_stopping_fo
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    store.close().await;
+}
+
+/// The WAL's first salt, which SQLite changes each time it starts the WAL over.
+fn wal_salt(path: &std::path::Path) -> Option<[u8; 4]> {
+    let header = std::fs::read(format!("{}-wal", path.display())).ok()?;
+    header.get(16..20)?.try_into().ok()
+}
+
+fn shopper(n: usize) -> Shopper {
+    Shopper {
+        id: format!("shp_{n}"),
+        name: "Steady".into(),
+        email: format!("steady{n}@example.com"),
+        time_zone: chrono_tz::Europe::Berlin,
+        payment_token: None,
+        created_at: Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn under_a_steady_stream_of_writes_the_sqlite_wal_starts_over() {
+    let (_db, store, path) = sqlite_store().await;
+    // Writes back to back, as in a stampede: the WAL is never fully copied as a transaction
+    // begins unless the checkpointer makes it so, and without that it only grows.
+    let writes = tokio::spawn({
+        let store = store.clone();
+        async move {
+            for n in 0.. {
+                if store
+                    .create_shopper(&shopper(n), &hash_token(&format!("t{n}")))
+                    .await
+                    .is_err()
+                {
+                    return n;
+                }
+            }
+            unreachable!()
+        }
+    });
+    let mut salts = BTreeSet::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while salts.len() < 4 && std::time::Instant::now() < deadline {
+        salts.extend(wal_salt(&path));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(!writes.is_finished(), "the writes stopped");
+    writes.abort();
+    assert!(
+        salts.len() >= 4,
+        "in 20 s of writes the WAL started over {} times",
+        salts.len().saturating_sub(1)
+    );
     store.close().await;
 }
 
@@ -211,17 +264,7 @@ async fn after_a_burst_the_sqlite_wal_file_is_cut_back_to_its_limit() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         n += 1;
         store
-            .create_shopper(
-                &Shopper {
-                    id: format!("shp_after_burst_{n}"),
-                    name: "After".into(),
-                    email: format!("after{n}@example.com"),
-                    time_zone: chrono_tz::Europe::Berlin,
-                    payment_token: None,
-                    created_at: Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap(),
-                },
-                &hash_token(&format!("t{n}")),
-            )
+            .create_shopper(&shopper(n), &hash_token(&format!("t{n}")))
             .await
             .unwrap();
     }
