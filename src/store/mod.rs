@@ -823,7 +823,7 @@ fn spawn_checkpointer(readers: SqlitePool, writer: SqlitePool) -> Arc<oneshot::S
                 _ = &mut gone => break,
                 _ = every.tick() => {}
             }
-            if readers.is_closed() {
+            if readers.is_closed() || writer.is_closed() {
                 break;
             }
             for pool in [&readers, &writer] {

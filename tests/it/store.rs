@@ -176,8 +176,13 @@ async fn the_sqlite_wal_reaches_the_database_file_without_the_writer_stopping_fo
 
 /// The WAL's first salt, which SQLite changes each time it starts the WAL over.
 fn wal_salt(path: &std::path::Path) -> Option<[u8; 4]> {
-    let header = std::fs::read(format!("{}-wal", path.display())).ok()?;
-    header.get(16..20)?.try_into().ok()
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    std::fs::File::open(format!("{}-wal", path.display()))
+        .ok()?
+        .read_exact(&mut header)
+        .ok()?;
+    header[16..20].try_into().ok()
 }
 
 fn shopper(n: usize) -> Shopper {
