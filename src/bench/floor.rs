@@ -91,7 +91,8 @@ macro_rules! describe {
 impl Capture {
     /// Copies every table of the service's schema, before the work.
     pub async fn before(store: &Store) -> anyhow::Result<Capture> {
-        let mut capture = match &store.db {
+        // On SQLite a connection of its own, beside the store's writer, taken out of its pool.
+        let mut capture = match store.unqueued_writers().await? {
             Db::Sqlite(pool) => {
                 let mut conn = pool.acquire().await?.detach();
                 // Bulk loads skip foreign keys; the floor's copies have no parents to point at.

@@ -255,6 +255,8 @@ struct Fresh {
     _dir: tempfile::TempDir,
     pg: Option<(String, String)>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Where the generators and floors write ([`Store::unqueued_writers`]).
+    writers: Db,
 }
 
 const START: &str = "2026-01-05T00:00:00Z";
@@ -292,6 +294,7 @@ impl Fresh {
         };
         let app = App::build(settings).await?;
         let app_state = app.state().clone();
+        let writers = app_state.store.unqueued_writers().await?;
         let base = format!("http://{}", app.addr);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(app.run_until_stopped(async move {
@@ -305,6 +308,7 @@ impl Fresh {
             _dir: dir,
             pg,
             stop: Some(tx),
+            writers,
         })
     }
 
@@ -320,6 +324,9 @@ impl Fresh {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        if let Db::Sqlite(writers) = &self.writers {
+            writers.close().await;
+        }
         self.store().close().await;
         if let Some((server, name)) = self.pg.take() {
             use sqlx::Connection;
@@ -334,8 +341,8 @@ impl Fresh {
 }
 
 /// Runs generator statements in one transaction (`$1` = row count, `$2` = now in µs).
-async fn generate(store: &Store, sqls: &[&'static str], n: i64, now: i64) -> anyhow::Result<()> {
-    match &store.db {
+async fn generate(db: &Db, sqls: &[&'static str], n: i64, now: i64) -> anyhow::Result<()> {
+    match db {
         Db::Sqlite(pool) => {
             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
             for sql in sqls {
@@ -426,7 +433,13 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
         "Europe/Berlin".parse().expect("zone"),
         48,
     ));
-    generate(store, &[BENCH_SHOPPERS], BENCH_SHOPPER_COUNT, micros(now)).await?;
+    generate(
+        &f.writers,
+        &[BENCH_SHOPPERS],
+        BENCH_SHOPPER_COUNT,
+        micros(now),
+    )
+    .await?;
     let subs_sql = match &store.db {
         Db::Sqlite(_) => {
             "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < $1)
@@ -450,9 +463,9 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
              FROM generate_series(1, $1::BIGINT) AS n"
         }
     };
-    generate(store, &[subs_sql], n, micros(now)).await?;
+    generate(&f.writers, &[subs_sql], n, micros(now)).await?;
     generate(
-        store,
+        &f.writers,
         &[
             "INSERT INTO deliveries (id, subscription_id, delivery_date, cutoff_at, status,
              skip_reason, amount_minor, lines)
@@ -598,10 +611,22 @@ async fn settlement(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     store
         .create_campaign(&campaign, &[quote], &presales::campaign_timers(&campaign))
         .await?;
-    generate(store, &[BENCH_SHOPPERS], BENCH_SHOPPER_COUNT, micros(now)).await?;
+    generate(
+        &f.writers,
+        &[BENCH_SHOPPERS],
+        BENCH_SHOPPER_COUNT,
+        micros(now),
+    )
+    .await?;
     // Pledges as joins leave them: active, each with its succeeded deposit, the gateway's
     // record of it and its ledger entry.
-    generate(store, &settlement_generators(&store.db), n, micros(now)).await?;
+    generate(
+        &f.writers,
+        &settlement_generators(&store.db),
+        n,
+        micros(now),
+    )
+    .await?;
     let capture = floor::Capture::before(store).await?;
     reset_peak_rss();
     let started = Instant::now();
@@ -798,7 +823,7 @@ async fn joins(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     let answered = attempts - errors.load(Ordering::Relaxed);
     let accepted_ok = accepted == (capacity as u64).min(answered) && accepted as i64 == pooled;
     let bulk = capture.load_written().await?;
-    let floor = naive_hot_row(store, args).await?;
+    let floor = naive_hot_row(&f.writers, args).await?;
     let rate = accepted.min(attempts) as f64 / wall;
     let bulk_floor = accepted as f64 / bulk.seconds;
     Ok(Figure::new("joins", f.backend, rate, "joins/s", floor)
@@ -885,8 +910,8 @@ impl JoinBatches {
 
 /// The naive hot-row rate: `clients` tasks each committing one guarded `UPDATE` of one
 /// counter plus one `INSERT` per join, for the same duration.
-async fn naive_hot_row(store: &Store, args: &BenchArgs) -> anyhow::Result<f64> {
-    match &store.db {
+async fn naive_hot_row(db: &Db, args: &BenchArgs) -> anyhow::Result<f64> {
+    match db {
         Db::Sqlite(pool) => {
             sqlx::query("CREATE TABLE IF NOT EXISTS bench_counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)").execute(pool).await?;
             sqlx::query("CREATE TABLE IF NOT EXISTS bench_joins (id INTEGER PRIMARY KEY, at INTEGER NOT NULL)").execute(pool).await?;
@@ -911,11 +936,11 @@ async fn naive_hot_row(store: &Store, args: &BenchArgs) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.clients {
-        let (store, done) = (store.clone(), done.clone());
+        let (db, done) = (db.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 let ok: Result<(), sqlx::Error> = async {
-                    match &store.db {
+                    match &db {
                         Db::Sqlite(pool) => {
                             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                             sqlx::query("UPDATE bench_counter SET n = n + 1 WHERE id = 1 AND n < 1000000000").execute(&mut *tx).await?;

@@ -613,7 +613,8 @@ pub fn per_request<T>(result: StoreResult<Vec<T>>, n: usize) -> Vec<StoreResult<
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// The backend's pool. Matched only through [`on_pool!`] and [`in_tx!`].
+/// The backend's pool. The store matches it through [`on_pool!`], [`on_writer!`] and [`in_tx!`]; the
+/// bench through [`Store::unqueued_writers`].
 #[derive(Clone)]
 pub(crate) enum Db {
     Sqlite(SqlitePool),
@@ -651,13 +652,16 @@ impl Store {
                     .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(Duration::from_secs(10))
                     .foreign_keys(true)
-                    // The writer overrides this below. Outside it only the migrations at
-                    // start-up and the bench (its generated data, hot-row and bulk floors)
-                    // write; they keep the threshold every earlier figure was measured with.
+                    // The writer overrides this below. Outside it only the bench writes
+                    // ([`Store::unqueued_writers`]), with the threshold every earlier figure
+                    // was measured with.
                     .pragma("wal_autocheckpoint", "10000");
+                // The readers are query-only: every write of the service goes through the
+                // one writer, and one that does not fails instead of contending for SQLite's
+                // lock in its busy handler.
                 let pool = SqlitePoolOptions::new()
                     .max_connections(8)
-                    .connect_with(options.clone())
+                    .connect_with(options.clone().pragma("query_only", "ON"))
                     .await
                     .map_err(|e| open_err(&e))?;
                 // The writer's page cache holds the indexes batches write into (SQLite's
@@ -716,10 +720,34 @@ impl Store {
     /// Applies the backend's migrations (`migrations/sqlite` or `migrations/postgres`).
     pub async fn migrate(&self) -> StoreResult<()> {
         match &self.db {
-            Db::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await?,
+            Db::Sqlite(pool) => {
+                let writer = self.sqlite_writer.as_ref().unwrap_or(pool);
+                sqlx::migrate!("migrations/sqlite").run(writer).await?
+            }
             Db::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await?,
         }
         Ok(())
+    }
+
+    /// Connections that write beside the store's own writer, bypassing its queue, for the
+    /// bench's generated data and floors, which measure the database itself. On SQLite a new
+    /// pool (the store's readers are query-only), closed when dropped; on PostgreSQL the pool.
+    /// The service never writes through it.
+    pub(crate) async fn unqueued_writers(&self) -> StoreResult<Db> {
+        Ok(match &self.db {
+            Db::Sqlite(readers) => {
+                let options = (*readers.connect_options())
+                    .clone()
+                    .pragma("query_only", "OFF");
+                Db::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(8)
+                        .connect_with(options)
+                        .await?,
+                )
+            }
+            Db::Postgres(pool) => Db::Postgres(pool.clone()),
+        })
     }
 
     /// The rows of `table` whose `id` is one of `ids` (selecting `columns`), keyed by id: one
@@ -1000,4 +1028,39 @@ pub fn micros(t: DateTime<Utc>) -> i64 {
 /// A stored instant back as UTC.
 pub fn instant(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every write of the service goes through the one SQLite writer, because the readers
+    /// refuse writes: a store method that wrote on a reader would fail its own tests (an email
+    /// retry's timer did, until the readers were made query-only). Checkpoints still run there.
+    #[tokio::test]
+    async fn sqlite_readers_refuse_writes_and_the_writer_takes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = DatabaseUrl::Sqlite(dir.path().join("readers.db"));
+        let store = Store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let Db::Sqlite(readers) = &store.db else {
+            unreachable!("a SQLite store")
+        };
+        let create = "CREATE TABLE scratch (x INTEGER)";
+        let refused = sqlx::query(create).execute(readers).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("readonly"),
+            "a reader wrote: {refused}"
+        );
+        on_writer!(store, |pool| sqlx::query(create)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .unwrap();
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(readers)
+            .await
+            .unwrap();
+        store.close().await;
+    }
 }

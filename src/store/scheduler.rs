@@ -640,7 +640,7 @@ impl Store {
     /// A timer outside any business transaction (e.g. an email retry): a pending run of `job`
     /// at `at`.
     pub async fn add_timer(&self, job: &str, at: i64, now: i64) -> StoreResult<()> {
-        on_pool!(self, |pool| schedule_timer!(pool, job, at, now)
+        on_writer!(self, |pool| schedule_timer!(pool, job, at, now)
             .await
             .map(|_| ()))?;
         Ok(())
