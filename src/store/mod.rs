@@ -1035,8 +1035,9 @@ mod tests {
     use super::*;
 
     /// Every write of the service goes through the one SQLite writer, because the readers
-    /// refuse writes: a store method that wrote on a reader would fail its own tests (an email
-    /// retry's timer did, until the readers were made query-only). Checkpoints still run there.
+    /// refuse writes: a store method that wrote on a reader would fail its own tests (the retry
+    /// timers of email delivery and of balances did, until the readers were made query-only).
+    /// Checkpoints still run there.
     #[tokio::test]
     async fn sqlite_readers_refuse_writes_and_the_writer_takes_them() {
         let dir = tempfile::tempdir().unwrap();
