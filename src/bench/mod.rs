@@ -312,6 +312,12 @@ impl Fresh {
         })
     }
 
+    /// The bench's shoppers, generated.
+    async fn generate_shoppers(&self, now: DateTime<Utc>) -> anyhow::Result<()> {
+        let (sqls, n) = (&[BENCH_SHOPPERS], BENCH_SHOPPER_COUNT);
+        generate(&self.writers, sqls, n, micros(now)).await
+    }
+
     fn store(&self) -> &Store {
         &self.app_state.store
     }
@@ -433,13 +439,7 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
         "Europe/Berlin".parse().expect("zone"),
         48,
     ));
-    generate(
-        &f.writers,
-        &[BENCH_SHOPPERS],
-        BENCH_SHOPPER_COUNT,
-        micros(now),
-    )
-    .await?;
+    f.generate_shoppers(now).await?;
     let subs_sql = match &store.db {
         Db::Sqlite(_) => {
             "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < $1)
@@ -611,13 +611,7 @@ async fn settlement(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     store
         .create_campaign(&campaign, &[quote], &presales::campaign_timers(&campaign))
         .await?;
-    generate(
-        &f.writers,
-        &[BENCH_SHOPPERS],
-        BENCH_SHOPPER_COUNT,
-        micros(now),
-    )
-    .await?;
+    f.generate_shoppers(now).await?;
     // Pledges as joins leave them: active, each with its succeeded deposit, the gateway's
     // record of it and its ledger entry.
     generate(
