@@ -613,8 +613,8 @@ pub fn per_request<T>(result: StoreResult<Vec<T>>, n: usize) -> Vec<StoreResult<
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// The backend's pool. The store matches it through [`on_pool!`], [`on_writer!`] and [`in_tx!`]; the
-/// bench through [`Store::unqueued_writers`].
+/// The backend's pool. The store matches it through [`on_pool!`], [`on_writer!`] and
+/// [`in_tx!`]; the bench through [`Store::unqueued_writers`].
 #[derive(Clone)]
 pub(crate) enum Db {
     Sqlite(SqlitePool),
