@@ -614,7 +614,8 @@ pub fn per_request<T>(result: StoreResult<Vec<T>>, n: usize) -> Vec<StoreResult<
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// The backend's pool. The store matches it through [`on_pool!`], [`on_writer!`] and
-/// [`in_tx!`]; the bench through [`Store::unqueued_writers`].
+/// [`in_tx!`]; the bench matches it to pick its SQL, and writes through
+/// [`Store::unqueued_writers`].
 #[derive(Clone)]
 pub(crate) enum Db {
     Sqlite(SqlitePool),
@@ -660,7 +661,7 @@ impl Store {
                 // one writer, and one that does not fails instead of contending for SQLite's
                 // lock in its busy handler.
                 let pool = SqlitePoolOptions::new()
-                    .max_connections(8)
+                    .max_connections(SQLITE_READERS)
                     .connect_with(options.clone().pragma("query_only", "ON"))
                     .await
                     .map_err(|e| open_err(&e))?;
@@ -741,7 +742,7 @@ impl Store {
                     .pragma("query_only", "OFF");
                 Db::Sqlite(
                     SqlitePoolOptions::new()
-                        .max_connections(8)
+                        .max_connections(SQLITE_READERS)
                         .connect_with(options)
                         .await?,
                 )
@@ -818,6 +819,10 @@ impl Store {
         }
     }
 }
+
+/// SQLite reader connections, and the bench's writable ones beside them
+/// ([`Store::unqueued_writers`]).
+const SQLITE_READERS: u32 = 8;
 
 /// How often the SQLite WAL is copied back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
