@@ -366,16 +366,16 @@ impl Payments {
                 IntentResult::Failed { .. } => "failed",
             };
             metrics::counter!("pooled_gateway_calls_total", "kind" => intent.kind.clone(), "outcome" => label).increment(1);
-            results.push((intent.id.as_str(), result));
+            results.push((intent, result));
         }
         let recorded = self
             .store
             .record_intent_results(&results, follow_ups, now_us)
             .await?;
-        for ((id, result), first) in results.iter().zip(recorded) {
+        for ((intent, result), first) in results.iter().zip(recorded) {
             // Whoever recorded first decided; a loser reads back what stands (below).
             if first {
-                outcomes.insert(id, Outcome::recorded(result));
+                outcomes.insert(&intent.id, Outcome::recorded(result));
             }
         }
         let mut answered = Vec::with_capacity(ids.len());
