@@ -860,11 +860,14 @@ fn spawn_checkpointer(readers: SqlitePool, writer: SqlitePool) -> Arc<oneshot::S
                 break;
             }
             for pool in [&readers, &writer] {
-                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                     .execute(pool)
                     .await
                 {
-                    tracing::warn!(error = %e, "SQLite WAL checkpoint failed");
+                    Ok(_) => {}
+                    // Closed between the check above and this step: the store is shutting down.
+                    Err(sqlx::Error::PoolClosed) => return,
+                    Err(e) => tracing::warn!(error = %e, "SQLite WAL checkpoint failed"),
                 }
             }
         }
