@@ -9,11 +9,13 @@
 //!
 //! The other way round, a job that writes many chunks one after another keeps a few of them
 //! [`InFlight`]: on PostgreSQL one chain of statements leaves a core idle between round trips.
+//! And it reads its chunks with [`ReadAhead`], each read running while the job works on the
+//! chunk before, so the writer is not left waiting for one large read up front.
 
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 /// The batch worker stopped (its runtime is shutting down); the request was not run.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -126,9 +128,63 @@ impl<T: Send + 'static> InFlight<T> {
     }
 }
 
+/// A job's rows, read a chunk of ids at a time by `read`: the next chunk's read starts as the
+/// caller takes this one, so it runs while the caller works on (and writes) this chunk. Only
+/// one chunk is read ahead, so at most two are held. Dropping it abandons the read ahead.
+pub struct ReadAhead<T, F> {
+    ids: std::vec::IntoIter<String>,
+    chunk: usize,
+    read: F,
+    next: Option<JoinHandle<T>>,
+}
+
+impl<T, F, Fut> ReadAhead<T, F>
+where
+    T: Send + 'static,
+    F: Fn(Vec<String>) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    /// Starts reading the first chunk of `ids` (chunks of `chunk`, in order).
+    pub fn new(ids: Vec<String>, chunk: usize, read: F) -> ReadAhead<T, F> {
+        let mut reader = ReadAhead {
+            ids: ids.into_iter(),
+            chunk: chunk.max(1),
+            read,
+            next: None,
+        };
+        reader.next = reader.start();
+        reader
+    }
+
+    fn start(&mut self) -> Option<JoinHandle<T>> {
+        let ids: Vec<String> = self.ids.by_ref().take(self.chunk).collect();
+        (!ids.is_empty()).then(|| tokio::spawn((self.read)(ids)))
+    }
+
+    /// The next chunk's rows, or `None` after the last chunk. A read that panicked panics
+    /// here, as it would have run inline.
+    pub async fn next(&mut self) -> Option<T> {
+        let reading = self.next.take()?;
+        self.next = self.start();
+        Some(match reading.await {
+            Ok(rows) => rows,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("a chunk read was cancelled: {e}"),
+        })
+    }
+}
+
+impl<T, F> Drop for ReadAhead<T, F> {
+    fn drop(&mut self) {
+        if let Some(reading) = self.next.take() {
+            reading.abort();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{Batcher, InFlight};
+    use super::{Batcher, InFlight, ReadAhead};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -184,5 +240,28 @@ mod tests {
         results.sort();
         assert_eq!(results, (0..10).collect::<Vec<_>>());
         assert_eq!(most.load(Ordering::SeqCst), 2, "two at once, never more");
+    }
+
+    #[tokio::test]
+    async fn read_ahead_gives_every_chunk_in_order_reading_one_ahead() {
+        let started = Arc::new(AtomicUsize::new(0));
+        let counted = started.clone();
+        let ids: Vec<String> = (0..7).map(|i| i.to_string()).collect();
+        let mut chunks = ReadAhead::new(ids, 3, move |ids: Vec<String>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move { ids.join(",") }
+        });
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            1,
+            "the first chunk is read at once"
+        );
+        let mut got = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            // While the caller holds a chunk, the next one (if any) is already being read.
+            assert_eq!(started.load(Ordering::SeqCst), (got.len() + 2).min(3));
+            got.push(chunk);
+        }
+        assert_eq!(got, ["0,1,2", "3,4,5", "6"]);
     }
 }

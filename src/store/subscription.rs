@@ -419,6 +419,18 @@ impl Store {
         .await
     }
 
+    /// The ids of subscriptions that still receive deliveries (everything but cancelled), in
+    /// the order they were made; read as [`Store::due_delivery_ids`] is.
+    pub async fn live_subscription_ids(&self) -> StoreResult<Vec<String>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_scalar(
+                "SELECT id FROM subscriptions WHERE status <> 'cancelled' ORDER BY created_at, id",
+            )
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
     /// Subscriptions that still receive deliveries (everything but cancelled).
     pub async fn live_subscriptions(&self) -> StoreResult<Vec<SubscriptionRow>> {
         Ok(on_pool!(self, |pool| {
@@ -528,40 +540,47 @@ impl Store {
         Ok(done == 1)
     }
 
-    /// Scheduled deliveries whose cutoff has come, with their subscriptions.
-    pub async fn deliveries_due(&self, now: i64) -> StoreResult<Vec<DeliveryRow>> {
+    /// The ids of scheduled deliveries whose cutoff has come, in cutoff order. Ids only: the
+    /// renewal reads the rows a chunk at a time ([`Store::deliveries_by_id`]) while it writes
+    /// the chunk before. Reading 100,000 whole rows at once took half a second, during which
+    /// the writer had nothing to do, and held them all in memory.
+    pub async fn due_delivery_ids(&self, now: i64) -> StoreResult<Vec<String>> {
         Ok(on_pool!(self, |pool| {
-            sqlx::query_as(concat!(
-                "SELECT ",
-                delivery_columns!(),
-                " FROM deliveries WHERE status = 'scheduled' AND cutoff_at <= $1
-                 ORDER BY cutoff_at, id"
-            ))
+            sqlx::query_scalar(
+                "SELECT id FROM deliveries WHERE status = 'scheduled' AND cutoff_at <= $1
+                 ORDER BY cutoff_at, id",
+            )
             .bind(now)
             .fetch_all(pool)
             .await?
         }))
     }
 
-    /// Deliveries with dates in `[from, until)` that will be (or were) boxed, for grower orders.
-    pub async fn deliveries_between(
-        &self,
-        from: &str,
-        until: &str,
-    ) -> StoreResult<Vec<DeliveryRow>> {
+    /// The ids of deliveries with dates in `[from, until)` that will be (or were) boxed, for
+    /// grower orders; read as [`Store::due_delivery_ids`] is.
+    pub async fn delivery_ids_between(&self, from: &str, until: &str) -> StoreResult<Vec<String>> {
         Ok(on_pool!(self, |pool| {
-            sqlx::query_as(concat!(
-                "SELECT ",
-                delivery_columns!(),
-                " FROM deliveries WHERE delivery_date >= $1 AND delivery_date < $2
+            sqlx::query_scalar(
+                "SELECT id FROM deliveries WHERE delivery_date >= $1 AND delivery_date < $2
                    AND status IN ('scheduled', 'locked', 'paid', 'payment_failed', 'dispatched')
-                 ORDER BY delivery_date, id"
-            ))
+                 ORDER BY delivery_date, id",
+            )
             .bind(from)
             .bind(until)
             .fetch_all(pool)
             .await?
         }))
+    }
+
+    /// The deliveries of `ids` that exist, by id (one query for a chunk).
+    pub async fn deliveries_by_id(
+        &self,
+        ids: &[&str],
+    ) -> StoreResult<std::collections::HashMap<String, DeliveryRow>> {
+        self.rows_by_id(delivery_columns!(), "deliveries", ids, |d: &DeliveryRow| {
+            &d.id
+        })
+        .await
     }
 
     /// Saves provisional boxes (`(delivery id, lines)`) of deliveries still scheduled, in one

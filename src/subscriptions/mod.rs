@@ -6,7 +6,7 @@
 
 pub mod emails;
 
-use crate::batch::InFlight;
+use crate::batch::{InFlight, ReadAhead};
 use crate::domain::identity::Shopper;
 use crate::domain::ledger::Account;
 use crate::domain::money::{Currency, Money};
@@ -23,7 +23,7 @@ use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub const RENEW_JOB: &str = "subscription-renew";
 pub const DUNNING_JOB: &str = "billing-dunning";
@@ -315,26 +315,32 @@ pub async fn run_renew(
     // on each other in a cycle.
     let mut adding = InFlight::new(WRITES_IN_FLIGHT);
     let mut upcoming = Vec::new();
-    for sub in store.live_subscriptions().await? {
-        let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
-        let today = today(plan, now);
-        if sub.status == "paused"
-            && sub
-                .paused_until
-                .as_deref()
-                .is_some_and(|until| until <= today.to_string().as_str())
-        {
-            resume(store, &sub, now).await?;
-        }
-        if sub.status != "suspended" {
-            upcoming.extend(upcoming_rows(&sub, plan, today)?);
-        }
-        if upcoming.len() >= CHUNK {
-            let rows = std::mem::take(&mut upcoming);
-            let store = store.clone();
-            let add = async move { store.add_deliveries(&rows, RENEW_JOB, now_us).await };
-            if let Some(done) = adding.start(add).await {
-                done?;
+    let mut live = ReadAhead::new(store.live_subscription_ids().await?, CHUNK, {
+        let store = store.clone();
+        move |ids| subscriptions_in_order(store.clone(), ids)
+    });
+    while let Some(subs) = live.next().await {
+        for sub in subs? {
+            let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
+            let today = today(plan, now);
+            if sub.status == "paused"
+                && sub
+                    .paused_until
+                    .as_deref()
+                    .is_some_and(|until| until <= today.to_string().as_str())
+            {
+                resume(store, &sub, now).await?;
+            }
+            if sub.status != "suspended" {
+                upcoming.extend(upcoming_rows(&sub, plan, today)?);
+            }
+            if upcoming.len() >= CHUNK {
+                let rows = std::mem::take(&mut upcoming);
+                let store = store.clone();
+                let add = async move { store.add_deliveries(&rows, RENEW_JOB, now_us).await };
+                if let Some(done) = adding.start(add).await {
+                    done?;
+                }
             }
         }
     }
@@ -350,18 +356,32 @@ pub async fn run_renew(
     // statements run on the second core while this one's commit. Each chunk's charges go to
     // the gateway as soon as its lock commits (taken in that commit, so no second one).
     let mut writing = InFlight::new(WRITES_IN_FLIGHT);
-    let due = store.deliveries_due(now_us).await?;
-    for chunk in due.chunks(CHUNK) {
-        // One read each for the chunk's subscriptions and shoppers, one write for its locks.
-        let sub_ids: Vec<&str> = chunk.iter().map(|d| d.subscription_id.as_str()).collect();
-        let subs = store.subscriptions_by_id(&sub_ids).await?;
-        let shopper_ids: Vec<&str> = subs.values().map(|s| s.shopper_id.as_str()).collect();
-        let shoppers = store.shoppers(&shopper_ids).await?;
-        let mut locks = Vec::with_capacity(chunk.len());
-        for d in chunk {
+    let mut resumed = HashSet::new();
+    let mut due = ReadAhead::new(store.due_delivery_ids(now_us).await?, CHUNK, {
+        let store = store.clone();
+        move |ids| deliveries_in_order(store.clone(), ids, true)
+    });
+    while let Some(chunk) = due.next().await {
+        // One read each for the chunk's deliveries, subscriptions and shoppers (made while
+        // the chunk before was planned), one write for its locks.
+        let DeliveryChunk {
+            deliveries,
+            subs,
+            shoppers,
+        } = chunk?;
+        let mut locks = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
+            // Skipped since its id was read: never billed.
+            if d.status != "scheduled" {
+                continue;
+            }
             let Some(mut sub) = subs.get(&d.subscription_id).cloned() else {
                 continue;
             };
+            // Read before this run resumed it, for a second delivery due.
+            if sub.status == "paused" && resumed.contains(&sub.id) {
+                sub.status = "active".into();
+            }
             // A pause that ends by this delivery's date ends now.
             if sub.status == "paused"
                 && sub
@@ -370,6 +390,7 @@ pub async fn run_renew(
                     .is_some_and(|until| until <= d.delivery_date.as_str())
             {
                 resume(store, &sub, now).await?;
+                resumed.insert(sub.id.clone());
                 sub.status = "active".into();
             }
             if !matches!(sub.status.as_str(), "active" | "past_due") {
@@ -381,7 +402,7 @@ pub async fn run_renew(
                 StoreError::Inconsistent(format!("subscription {} has no shopper", sub.id))
             })?;
             let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
-            let lock = lock_and_bill(store, plan, &sub, shopper, d.clone(), now, &mut memo).await?;
+            let lock = lock_and_bill(store, plan, &sub, shopper, d, now, &mut memo).await?;
             locks.extend(lock);
         }
         let (store, payments) = (store.clone(), payments.clone());
@@ -601,6 +622,48 @@ async fn catalog_by_sku(store: &Store) -> Result<BTreeMap<String, CatalogRow>> {
         .collect())
 }
 
+/// The subscriptions of `ids` that exist, in the order of `ids` (a [`ReadAhead`] chunk).
+async fn subscriptions_in_order(store: Store, ids: Vec<String>) -> Result<Vec<SubscriptionRow>> {
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut by_id = store.subscriptions_by_id(&refs).await?;
+    Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+}
+
+/// A chunk of deliveries with their subscriptions and (when asked for) their shoppers.
+struct DeliveryChunk {
+    deliveries: Vec<DeliveryRow>,
+    subs: HashMap<String, SubscriptionRow>,
+    shoppers: HashMap<String, Shopper>,
+}
+
+/// The deliveries of `ids` that exist, in the order of `ids`, with their subscriptions and,
+/// `with_shoppers`, their shoppers: one read each (a [`ReadAhead`] chunk).
+async fn deliveries_in_order(
+    store: Store,
+    ids: Vec<String>,
+    with_shoppers: bool,
+) -> Result<DeliveryChunk> {
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut by_id = store.deliveries_by_id(&refs).await?;
+    let deliveries: Vec<DeliveryRow> = ids.iter().filter_map(|id| by_id.remove(id)).collect();
+    let sub_ids: Vec<&str> = deliveries
+        .iter()
+        .map(|d| d.subscription_id.as_str())
+        .collect();
+    let subs = store.subscriptions_by_id(&sub_ids).await?;
+    let shoppers = if with_shoppers {
+        let shopper_ids: Vec<&str> = subs.values().map(|s| s.shopper_id.as_str()).collect();
+        store.shoppers(&shopper_ids).await?
+    } else {
+        HashMap::new()
+    };
+    Ok(DeliveryChunk {
+        deliveries,
+        subs,
+        shoppers,
+    })
+}
+
 /// Sums the boxes of every delivery in `[from, until)` into the planned grower orders, which
 /// then replace those ripening in the window. With `replan_at`, the boxes of deliveries still
 /// scheduled are planned anew first (provisionally, until each cutoff) and saved, so the
@@ -617,17 +680,22 @@ async fn plan_window(
     let mut memo = HashMap::new();
     let mut orders = GrowerOrders::new(&catalog);
     let mut planned = 0;
-    let upcoming = store
-        .deliveries_between(&from.to_string(), &until.to_string())
+    let ids = store
+        .delivery_ids_between(&from.to_string(), &until.to_string())
         .await?;
+    let mut upcoming = ReadAhead::new(ids, CHUNK, {
+        let store = store.clone();
+        move |ids| deliveries_in_order(store.clone(), ids, false)
+    });
     // Each chunk's boxes are written while the next is planned (each chunk updates its own
     // deliveries, so the writes never overlap).
     let mut writing = InFlight::new(WRITES_IN_FLIGHT);
-    for chunk in upcoming.chunks(CHUNK) {
-        let ids: Vec<&str> = chunk.iter().map(|d| d.subscription_id.as_str()).collect();
-        let subs = store.subscriptions_by_id(&ids).await?;
+    while let Some(chunk) = upcoming.next().await {
+        let DeliveryChunk {
+            deliveries, subs, ..
+        } = chunk?;
         let mut boxes = Vec::new();
-        for d in chunk {
+        for d in &deliveries {
             let Some(sub) = subs.get(&d.subscription_id) else {
                 continue;
             };

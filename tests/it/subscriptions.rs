@@ -394,3 +394,36 @@ on_both_backends! {
         app.stop().await;
     }
 }
+
+on_both_backends! {
+    async fn a_pause_that_ends_between_two_due_deliveries_bills_both_in_one_run(backend) {
+        // With a cutoff ten days ahead, a renewal that did not run for a week finds two
+        // deliveries of one weekly subscription due, both after a pause that has not ended
+        // yet. The first resumes it; the second, read as paused, must bill too: the run must
+        // not try to resume it twice, and fail as a whole.
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let mut plan = fruit_plan("20.00", 1);
+        plan["cutoff_hours"] = json!(240);
+        let plan = app.plan(plan).await;
+        let (_, token) = app.shopper("Downtime", "pm_ok").await;
+        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-15"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        let id = str_of(&sub["id"]);
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({"until": "2026-10-15"})).await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("paused")), "{body}");
+        // The cutoffs of the 15th (4 Oct) and of the 22nd (11 Oct) have passed, nothing ran
+        // since, and the pause ends on the 15th, after today.
+        let now = "2026-10-12T00:00:00Z".parse().unwrap();
+        let state = &app.state;
+        pooled::subscriptions::run_renew(&state.store, &state.payments, &[1, 3, 5], now)
+            .await
+            .expect("one run renews both");
+        let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
+        assert_eq!(sub["status"], "active", "{sub}");
+        let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
+        let billed: Vec<(String, String)> = invoices.iter().map(|i| (str_of(&i["delivery_date"]), str_of(&i["status"]))).collect();
+        assert_eq!(billed, [("2026-10-15".to_owned(), "paid".to_owned()), ("2026-10-22".into(), "paid".into())]);
+        app.stop().await;
+    }
+}
