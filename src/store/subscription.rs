@@ -338,8 +338,10 @@ impl Store {
                 .bind(price_minor)
                 .execute(&mut *tx)
                 .await?;
-            for email in emails {
-                let _new = enqueue_email!(tx, email, now);
+            // A thousand emails a statement: a plan can have 100,000 subscribers.
+            for chunk in emails.chunks(1000) {
+                let chunk: Vec<&NewEmail> = chunk.iter().collect();
+                enqueue_emails!(tx, &chunk, now);
             }
             tx.commit().await?;
         });
@@ -431,14 +433,16 @@ impl Store {
         }))
     }
 
-    /// Subscriptions that still receive deliveries (everything but cancelled).
-    pub async fn live_subscriptions(&self) -> StoreResult<Vec<SubscriptionRow>> {
+    /// The subscriptions a change of plan `plan_id` is announced to, those still billed
+    /// (neither cancelled nor suspended), as (subscription id, shopper id).
+    pub async fn plan_subscribers(&self, plan_id: &str) -> StoreResult<Vec<(String, String)>> {
         Ok(on_pool!(self, |pool| {
-            sqlx::query_as(concat!(
-                "SELECT ",
-                subscription_columns!(),
-                " FROM subscriptions WHERE status <> 'cancelled' ORDER BY created_at, id"
-            ))
+            sqlx::query_as(
+                "SELECT id, shopper_id FROM subscriptions
+                 WHERE plan_id = $1 AND status NOT IN ('cancelled', 'suspended')
+                 ORDER BY created_at, id",
+            )
+            .bind(plan_id)
             .fetch_all(pool)
             .await?
         }))
