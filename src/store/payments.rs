@@ -307,20 +307,22 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let sql = format!(
-            concat!(
-                "UPDATE payment_intents SET attempts = attempts + 1, next_attempt_at = $1
-                 WHERE status || '' = 'pending' AND id IN ({}) RETURNING ",
-                intent_columns!()
-            ),
-            super::placeholders(2, ids.len())
-        );
+        let json = super::json_array(ids.iter().map(|id| (id,)));
         Ok(on_writer!(self, |pool| {
-            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(hold_until);
-            for id in ids {
-                q = q.bind(*id);
-            }
-            q.fetch_all(pool).await?
+            let sql = format!(
+                concat!(
+                    "UPDATE payment_intents SET attempts = attempts + 1, next_attempt_at = $1
+                     WHERE status || '' = 'pending' AND id IN (SELECT value->>0 FROM {})
+                     RETURNING ",
+                    intent_columns!()
+                ),
+                super::json_rows(pool, 2)
+            );
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(hold_until)
+                .bind(&json)
+                .fetch_all(pool)
+                .await?
         }))
     }
 
@@ -380,15 +382,17 @@ impl Store {
                         .or_default()
                         .push(row.row.subject_id.as_str());
                 }
+                // The subjects travel as one JSON array ($2), as batches do.
+                let subjects_in = format!("SELECT value->>0 FROM {}", super::json_rows(&tx, 2));
                 for ((purpose, status), subjects) in by_effect {
+                    let json = super::json_array(subjects.iter().map(|s| (s,)));
                     for sql in intent_effects(purpose, status) {
-                        let sql =
-                            sql.replace("{subjects}", &super::placeholders(2, subjects.len()));
-                        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
-                        for subject in &subjects {
-                            q = q.bind(*subject);
-                        }
-                        q.execute(&mut *tx).await?;
+                        let sql = sql.replace("{subjects}", &subjects_in);
+                        sqlx::query(sqlx::AssertSqlSafe(sql))
+                            .bind(now)
+                            .bind(&json)
+                            .execute(&mut *tx)
+                            .await?;
                     }
                 }
                 let mut entries = Vec::with_capacity(rows.len());
