@@ -427,3 +427,30 @@ on_both_backends! {
         app.stop().await;
     }
 }
+
+on_both_backends! {
+    async fn a_price_change_is_announced_only_to_the_plans_billed_subscribers(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let changed = app.plan(fruit_plan("20.00", 1)).await;
+        let other = app.plan(fruit_plan("25.00", 1)).await;
+        let mut subs = Vec::new();
+        for (name, plan) in [("Kept", &changed), ("Gone", &changed), ("Elsewhere", &other)] {
+            let (_, token) = app.shopper(name, "pm_ok").await;
+            let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+                "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+            assert_eq!(status, StatusCode::CREATED, "{sub}");
+            subs.push((str_of(&sub["id"]), token));
+        }
+        let (gone, token) = &subs[1];
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{gone}/cancel"), Some(token), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, body) = app.call(Method::PUT, &format!("/api/v1/plans/{changed}"), Some(ADMIN_TOKEN), Some(json!({"price_per_delivery": "22.00"}))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        for (name, announced) in [("kept", 1), ("gone", 0), ("elsewhere", 0)] {
+            let outbox = app.admin_get(&format!("/api/v1/ops/outbox?to={name}@example.com&limit=100")).await;
+            let notices = outbox["items"].as_array().unwrap().iter().filter(|e| e["template"] == "price_changed").count();
+            assert_eq!(notices, announced, "{name}: {outbox}");
+        }
+        app.stop().await;
+    }
+}
