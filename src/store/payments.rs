@@ -95,7 +95,8 @@ impl IntentRow {
 /// the id comes back from the guarded update that decides it; the rest is the row's (the
 /// columns an effect, a ledger entry or a key's answer read never change) and the result's.
 /// Every value a statement returns is copied and handed across one by one: returning these
-/// twelve columns made the update twice as slow on SQLite.
+/// twelve columns cost the update a third of its time on SQLite (renewal of 20,000, median
+/// 4.4 ms per 500 intents with them, 2.8 ms without).
 struct ResolvedIntent<'a> {
     row: &'a IntentRow,
     status: &'static str,
@@ -399,13 +400,13 @@ impl Store {
                 for row in &rows {
                     let entry = match (row.row.kind.as_str(), row.status) {
                         ("charge", "succeeded") => Some(intent_entry(
-                            row,
+                            row.row,
                             "succeeded",
                             Account::GatewayClearing,
                             parse_account(&row.row.account)?,
                         )?),
                         ("refund", "succeeded") => Some(intent_entry(
-                            row,
+                            row.row,
                             "succeeded",
                             Account::Refunds,
                             Account::GatewayClearing,
@@ -422,7 +423,7 @@ impl Store {
                             .execute(&mut *tx)
                             .await?;
                             Some(intent_entry(
-                                row,
+                                row.row,
                                 "refund_undone",
                                 Account::Refunds,
                                 parse_account(&row.row.account)?,
@@ -725,13 +726,12 @@ fn parse_account(name: &str) -> StoreResult<Account> {
 
 /// The two-line entry of an intent's event, on behalf of its shopper.
 fn intent_entry(
-    row: &ResolvedIntent,
+    row: &IntentRow,
     event: &'static str,
     debit: Account,
     credit: Account,
 ) -> StoreResult<JournalEntry> {
     let inconsistent = |e: &dyn std::fmt::Display| StoreError::Inconsistent(e.to_string());
-    let row = row.row;
     let currency = Currency::parse(&row.currency).map_err(|e| inconsistent(&e))?;
     JournalEntry::transfer(
         ("payment_intent", &row.id, event),
