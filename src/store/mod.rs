@@ -856,16 +856,13 @@ fn spawn_checkpointer(readers: SqlitePool, writer: SqlitePool) -> Arc<oneshot::S
                 _ = &mut gone => break,
                 _ = every.tick() => {}
             }
-            if readers.is_closed() || writer.is_closed() {
-                break;
-            }
             for pool in [&readers, &writer] {
                 match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                     .execute(pool)
                     .await
                 {
                     Ok(_) => {}
-                    // Closed between the check above and this step: the store is shutting down.
+                    // `Store::close` closed a pool: the store is shutting down.
                     Err(sqlx::Error::PoolClosed) => return,
                     Err(e) => tracing::warn!(error = %e, "SQLite WAL checkpoint failed"),
                 }
