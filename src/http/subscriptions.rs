@@ -11,7 +11,7 @@ use crate::domain::ripening::Ethylene;
 use crate::domain::subscription::{first_delivery, parse_weekday, weekday_name};
 use crate::ids::new_id;
 use crate::store::{
-    CatalogRow, DeliveryRow, InvoiceRow, PlanRow, StoreError, SubscriptionRow, instant, micros,
+    CatalogRow, DeliveryRow, InvoiceRow, PlanRow, SubscriptionRow, instant, micros,
 };
 use crate::subscriptions::{
     self, SubscriptionError, date_of, exclusions_of, lines_of, plan_of, upcoming_rows,
@@ -441,26 +441,15 @@ async fn change_plan(
         price_minor: price.minor(),
         ..plan.clone()
     };
-    // The plan's subscribers and then their shoppers a chunk at a time, not every
-    // subscription with one query per shopper.
-    let subscribers = state.store.plan_subscribers(&id).await?;
-    let mut emails = Vec::with_capacity(subscribers.len());
-    for chunk in subscribers.chunks(2000) {
-        let ids: Vec<&str> = chunk.iter().map(|(_, shopper)| shopper.as_str()).collect();
-        let shoppers = state.store.shoppers(&ids).await?;
-        for (sub_id, shopper_id) in chunk {
-            let shopper = shoppers.get(shopper_id).ok_or_else(|| {
-                StoreError::Inconsistent(format!("subscription {sub_id} has no shopper"))
-            })?;
-            emails.push(subscriptions::emails::price_changed(
-                &changed,
-                plan.price_minor,
-                sub_id,
-                &shopper.email,
-                &shopper.name,
-            ));
-        }
-    }
+    let emails: Vec<_> = state
+        .store
+        .plan_subscribers(&id)
+        .await?
+        .iter()
+        .map(|(sub_id, email, name)| {
+            subscriptions::emails::price_changed(&changed, plan.price_minor, sub_id, email, name)
+        })
+        .collect();
     state
         .store
         .set_plan_price(&id, price.minor(), &emails, micros(state.clock.now()))

@@ -434,13 +434,18 @@ impl Store {
     }
 
     /// The subscriptions a change of plan `plan_id` is announced to, those still billed
-    /// (neither cancelled nor suspended), as (subscription id, shopper id).
-    pub async fn plan_subscribers(&self, plan_id: &str) -> StoreResult<Vec<(String, String)>> {
+    /// (neither cancelled nor suspended), as (subscription id, shopper's email, shopper's
+    /// name): one query for any number.
+    pub async fn plan_subscribers(
+        &self,
+        plan_id: &str,
+    ) -> StoreResult<Vec<(String, String, String)>> {
         Ok(on_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT id, shopper_id FROM subscriptions
-                 WHERE plan_id = $1 AND status NOT IN ('cancelled', 'suspended')
-                 ORDER BY created_at, id",
+                "SELECT s.id, sh.email, sh.name FROM subscriptions s
+                 JOIN shoppers sh ON sh.id = s.shopper_id
+                 WHERE s.plan_id = $1 AND s.status NOT IN ('cancelled', 'suspended')
+                 ORDER BY s.created_at, s.id",
             )
             .bind(plan_id)
             .fetch_all(pool)
