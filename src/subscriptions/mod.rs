@@ -371,7 +371,8 @@ pub async fn run_renew(
         } = chunk?;
         let mut locks = Vec::with_capacity(deliveries.len());
         for d in deliveries {
-            // Skipped since its id was read: never billed.
+            // Skipped since its id was read. The lock would leave it out (it takes only
+            // scheduled deliveries); this spares planning its box or resuming for it.
             if d.status != "scheduled" {
                 continue;
             }
