@@ -667,7 +667,11 @@ impl Store {
                     .map_err(|e| open_err(&e))?;
                 // The writer's page cache holds the indexes batches write into (SQLite's
                 // default is 2 MB): at 100,000 subscriptions a renewal otherwise spends half
-                // its time reading pages back from the OS. And its statement journals stay
+                // its time reading pages back from the OS. Not more than 8 MB: a commit whose
+                // statements split a B-tree page walks the whole cache (SQLite parks a page
+                // at the page number past 1 GiB while it reorders siblings, and the commit's
+                // truncate of pages past the end then scans every hash slot), which took a
+                // tenth of the join writer's time at 64 MB. And its statement journals stay
                 // in memory: a multi-row statement in a transaction journals the pages it
                 // changes, and past 64 KiB SQLite spilled that journal to a temporary file,
                 // a sixth of the join writer's time. Readers journal nothing, and keep
@@ -681,7 +685,7 @@ impl Store {
                     .max_connections(1)
                     .connect_with(
                         options
-                            .pragma("cache_size", "-65536")
+                            .pragma("cache_size", "-8192")
                             .pragma("temp_store", "memory")
                             .pragma("wal_autocheckpoint", "0")
                             .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string()),
