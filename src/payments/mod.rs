@@ -169,40 +169,26 @@ impl Payments {
         self.retry_pending(ids, outcomes, follow_ups, now).await
     }
 
-    /// As [`Payments::send_many_now`], for intents the caller committed with their first
-    /// attempt already taken (`insert_begun_intents!`), so no commit is spent taking them.
-    pub async fn send_begun_now(
-        &self,
-        begun: &[IntentRow],
-        follow_ups: &HashMap<String, FollowUp>,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Outcome>, PaymentsError> {
-        let ids: Vec<&str> = begun.iter().map(|i| i.id.as_str()).collect();
-        let outcomes = self.attempt_taken(&ids, begun, follow_ups, now).await?;
-        self.retry_pending(&ids, outcomes, follow_ups, now).await
-    }
-
-    /// One gateway call for each intent the caller committed with its first attempt taken
-    /// (`insert_begun_intents!`), results recorded as [`Payments::attempt_many`] does; a
-    /// transient error is left to the retry timer, as a sweep leaves it. For batch jobs, which
-    /// send each chunk's charges as soon as the chunk commits, without a separate commit to
-    /// take them and without waiting on immediate retries. No follow-ups are written: the
-    /// renewals and balances sent this way have none (only late deposits do).
+    /// One gateway call for each intent the caller committed with its first attempt already
+    /// taken (`insert_begun_intents!`), so no commit is spent taking them; results recorded
+    /// as [`Payments::attempt_many`] records them, `follow_ups` with them. A transient error
+    /// leaves its intent pending, for [`Payments::retry_pending`] or the retry timer.
     pub async fn attempt_begun(
         &self,
         begun: &[IntentRow],
+        follow_ups: &HashMap<String, FollowUp>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Outcome>, PaymentsError> {
         if begun.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<&str> = begun.iter().map(|i| i.id.as_str()).collect();
-        self.attempt_taken(&ids, begun, &HashMap::new(), now).await
+        self.attempt_taken(&ids, begun, follow_ups, now).await
     }
 
     /// Sends again, after a short pause, the intents of `ids` whose `outcomes` are still
     /// pending (a transient error), twice at most.
-    async fn retry_pending(
+    pub async fn retry_pending(
         &self,
         ids: &[&str],
         mut outcomes: Vec<Outcome>,

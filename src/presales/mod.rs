@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use tokio::sync::oneshot;
 
 pub const CLOSE_JOB: &str = "presale-close";
 pub const BALANCES_JOB: &str = "presale-balances";
@@ -241,10 +242,33 @@ pub enum Joined {
 
 pub type JoinAnswer = Result<Joined>;
 
+/// A join batch's answer to one request: final, or still to come from the quick retries of
+/// a deposit the gateway failed with a transient error.
+///
+/// Why the retries run beside the queue: they pause 100 and then 400 ms, and the one join
+/// worker (every campaign's) would wait with them, so one flaky card stalled every join.
+#[derive(Debug)]
+pub enum BatchAnswer {
+    Now(JoinAnswer),
+    Retrying(oneshot::Receiver<JoinAnswer>),
+}
+
+impl BatchAnswer {
+    /// The request's answer, once its deposit's retries (if any) are recorded.
+    pub async fn settled(self) -> JoinAnswer {
+        match self {
+            BatchAnswer::Now(answer) => answer,
+            BatchAnswer::Retrying(later) => later
+                .await
+                .unwrap_or_else(|_| Err(crate::batch::Stopped("join retries").into())),
+        }
+    }
+}
+
 /// The join queue: every join goes through one group-commit worker, so a stampede on a
 /// campaign costs a few commits per batch instead of several per join. Cheap to clone.
 #[derive(Clone)]
-pub struct Joins(Batcher<JoinRequest, JoinAnswer>);
+pub struct Joins(Batcher<JoinRequest, BatchAnswer>);
 
 impl Joins {
     /// Starts the worker on the current runtime.
@@ -261,20 +285,22 @@ impl Joins {
 
     /// Joins a campaign; answers once the pledge (and its deposit's result) is committed.
     pub async fn join(&self, request: JoinRequest) -> JoinAnswer {
-        self.0.call(request).await?
+        self.0.call(request).await?.settled().await
     }
 }
 
 /// Joins in batches, grouped by campaign. Per campaign: the keys claimed, the units taken and
 /// the deposit intents committed in one guarded transaction, the deposits charged as one
 /// gateway batch (recorded in one transaction with the confirmations and the keys' answers; a
-/// decline releases its units). Answers are in the order of `requests`.
+/// decline releases its units). Deposits the gateway failed with a transient error are
+/// retried on a task of their own ([`BatchAnswer::Retrying`]). Answers are in the order of
+/// `requests`.
 pub async fn join_many(
     store: &Store,
     payments: &Payments,
     requests: Vec<JoinRequest>,
-) -> Vec<JoinAnswer> {
-    let mut answers: Vec<Option<JoinAnswer>> = requests.iter().map(|_| None).collect();
+) -> Vec<BatchAnswer> {
+    let mut answers: Vec<Option<BatchAnswer>> = requests.iter().map(|_| None).collect();
     let mut by_campaign: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, r) in requests.iter().enumerate() {
         by_campaign.entry(&r.campaign_id).or_default().push(i);
@@ -290,7 +316,7 @@ pub async fn join_many(
             Err(e) => {
                 let e = Arc::new(e);
                 for i in at {
-                    answers[i] = Some(Err(PresaleError::Batch(e.clone())));
+                    answers[i] = Some(BatchAnswer::Now(Err(PresaleError::Batch(e.clone()))));
                 }
             }
         }
@@ -336,7 +362,7 @@ async fn join_campaign(
     payments: &Payments,
     campaign_id: &str,
     requests: &[&JoinRequest],
-) -> Result<Vec<JoinAnswer>> {
+) -> Result<Vec<BatchAnswer>> {
     // The campaign and the shoppers are read at once (the batch waits on both).
     let shopper_ids: Vec<&str> = requests.iter().map(|r| r.shopper_id.as_str()).collect();
     let (l, shoppers) = tokio::join!(load(store, campaign_id), store.shoppers(&shopper_ids));
@@ -345,7 +371,7 @@ async fn join_campaign(
         Err(PresaleError::NotFound(detail)) => {
             return Ok(requests
                 .iter()
-                .map(|_| Err(PresaleError::NotFound(detail.clone())))
+                .map(|_| BatchAnswer::Now(Err(PresaleError::NotFound(detail.clone()))))
                 .collect());
         }
         Err(e) => return Err(e),
@@ -427,24 +453,93 @@ async fn join_campaign(
         });
     }
     metrics::counter!("pooled_joins_total").increment(admitted.len() as u64);
-    let outcomes = payments.send_begun_now(&begun, &follow_ups, now).await?;
+    let outcomes = payments.attempt_begun(&begun, &follow_ups, now).await?;
     let mut outcomes: HashMap<String, Outcome> =
         begun.into_iter().map(|i| i.id).zip(outcomes).collect();
+    let mut answers: Vec<Option<BatchAnswer>> = answers
+        .into_iter()
+        .map(|a| a.map(BatchAnswer::Now))
+        .collect();
+    let mut retries = Vec::new();
     for (at, pledge, intent) in admitted {
-        let outcome = match intent {
+        let outcome = match &intent {
             Some(i) => outcomes.remove(&i.id).unwrap_or(Outcome::Pending {
                 error: "no answer".into(),
             }),
             None => Outcome::Succeeded,
         };
-        answers[at] = Some(match outcome {
-            Outcome::Succeeded => Ok(Joined::Pledged(active(&pledge), l.clone())),
-            Outcome::Pending { .. } => Ok(Joined::Pledged(pledge, l.clone())),
-            Outcome::Declined { reason } => Err(PresaleError::Declined(reason)),
-            Outcome::Failed { error } => Err(PresaleError::Declined(error)),
+        answers[at] = Some(match (outcome, intent) {
+            (outcome @ Outcome::Pending { .. }, Some(intent)) => {
+                let (reply, later) = oneshot::channel();
+                retries.push(Retry {
+                    follow_up: follow_ups.remove(&intent.id),
+                    intent_id: intent.id,
+                    outcome,
+                    pledge,
+                    reply,
+                });
+                BatchAnswer::Retrying(later)
+            }
+            (outcome, _) => BatchAnswer::Now(joined(outcome, pledge, &l)),
         });
     }
+    if !retries.is_empty() {
+        tokio::spawn(retry_deposits(payments.clone(), retries, l, now));
+    }
     Ok(answers.into_iter().flatten().collect())
+}
+
+/// What a join comes to once its deposit has `outcome`.
+fn joined(outcome: Outcome, pledge: PledgeRow, l: &Arc<Loaded>) -> JoinAnswer {
+    match outcome {
+        Outcome::Succeeded => Ok(Joined::Pledged(active(&pledge), l.clone())),
+        Outcome::Pending { .. } => Ok(Joined::Pledged(pledge, l.clone())),
+        Outcome::Declined { reason } => Err(PresaleError::Declined(reason)),
+        Outcome::Failed { error } => Err(PresaleError::Declined(error)),
+    }
+}
+
+/// A join whose deposit met a transient gateway error, waiting for its quick retries.
+struct Retry {
+    intent_id: String,
+    outcome: Outcome,
+    follow_up: Option<FollowUp>,
+    pledge: PledgeRow,
+    reply: oneshot::Sender<JoinAnswer>,
+}
+
+/// Retries a join batch's transiently failed deposits ([`Payments::retry_pending`]) and
+/// answers their joins; what is still pending after that is left to the payment sweep, and
+/// its join answers with the pledge pending.
+async fn retry_deposits(
+    payments: Payments,
+    mut retries: Vec<Retry>,
+    l: Arc<Loaded>,
+    now: DateTime<Utc>,
+) {
+    let follow_ups: HashMap<String, FollowUp> = retries
+        .iter_mut()
+        .filter_map(|r| Some((r.intent_id.clone(), r.follow_up.take()?)))
+        .collect();
+    let ids: Vec<&str> = retries.iter().map(|r| r.intent_id.as_str()).collect();
+    let pending: Vec<Outcome> = retries.iter().map(|r| r.outcome.clone()).collect();
+    match payments
+        .retry_pending(&ids, pending, &follow_ups, now)
+        .await
+    {
+        Ok(outcomes) => {
+            for (r, outcome) in retries.into_iter().zip(outcomes) {
+                // A caller that went away no longer needs its answer.
+                let _ = r.reply.send(joined(outcome, r.pledge, &l));
+            }
+        }
+        Err(e) => {
+            let e = Arc::new(PresaleError::from(e));
+            for r in retries {
+                let _ = r.reply.send(Err(PresaleError::Batch(e.clone())));
+            }
+        }
+    }
 }
 
 /// The pledge a request asks for, with its deposit intent, the answer its key remembers with
@@ -886,7 +981,9 @@ async fn charge_balances(
         let (store, payments) = (store.clone(), payments.clone());
         let apply_and_charge = async move {
             let (applied, charges) = store.apply_pledge_steps(&steps, micros(now)).await?;
-            payments.attempt_begun(&charges, now).await?;
+            payments
+                .attempt_begun(&charges, &HashMap::new(), now)
+                .await?;
             Ok::<usize, PresaleError>(applied)
         };
         if let Some(done) = applying.start(apply_and_charge).await {

@@ -409,7 +409,9 @@ pub async fn run_renew(
         let (store, payments) = (store.clone(), payments.clone());
         let lock_and_charge = async move {
             let (locked, charges) = store.lock_deliveries(&locks, now_us).await?;
-            payments.attempt_begun(&charges, now).await?;
+            payments
+                .attempt_begun(&charges, &HashMap::new(), now)
+                .await?;
             Ok::<usize, SubscriptionError>(locked)
         };
         if let Some(done) = writing.start(lock_and_charge).await {

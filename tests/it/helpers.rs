@@ -413,3 +413,16 @@ pub async fn raw_tx(url: &DatabaseUrl, statements: &[&str]) -> Result<(), sqlx::
         }
     }
 }
+
+/// [`pooled::presales::join_many`], each answer awaited through its deposit's retries.
+pub async fn join_settled(
+    store: &pooled::store::Store,
+    payments: &pooled::payments::Payments,
+    requests: Vec<pooled::presales::JoinRequest>,
+) -> Vec<pooled::presales::JoinAnswer> {
+    let mut answers = Vec::new();
+    for answer in pooled::presales::join_many(store, payments, requests).await {
+        answers.push(answer.settled().await);
+    }
+    answers
+}

@@ -2,14 +2,14 @@
 //! reaches 30% off, a campaign below its minimum, defaults in the balance window, a split
 //! award, a deadline at local midnight across DST, and a stampede of concurrent joins.
 
-use crate::helpers::{ADMIN_TOKEN, TestApp, raw_tx, str_of};
+use crate::helpers::{ADMIN_TOKEN, TestApp, join_settled, raw_tx, str_of};
 use crate::on_both_backends;
 use pooled::domain::ledger::Account;
 use pooled::domain::money::{Currency, Money};
 use pooled::domain::presale::JoinRefusal;
 use pooled::http::extract::idempotency_scope;
 use pooled::http::idempotency::request_hash;
-use pooled::presales::{JoinKey, JoinRequest, Joined, PresaleError, join_many};
+use pooled::presales::{BatchAnswer, JoinKey, JoinRequest, Joined, PresaleError, join_many};
 use pooled::store::{
     IdempotencyBegin, IdempotencyClaim, JoinAttempt, JoinDecision, NewIntent, NewPledge, PledgeRow,
     Store, StoredResponse, abandon_claims_after, micros,
@@ -707,10 +707,10 @@ on_both_backends! {
             }),
         };
         let (store, payments) = (&app.state.store, &app.state.payments);
-        let first = join_many(store, payments, vec![request(&ana_id, "k-6", "M")]).await;
+        let first = join_settled(store, payments, vec![request(&ana_id, "k-6", "M")]).await;
         let Ok(Joined::Pledged(pledge, _)) = &first[0] else { panic!("{first:?}") };
         let noa = str_of(&noa["id"]);
-        let answers = join_many(store, payments, vec![request(&noa, "k-6", "M"), request(&noa, "k-7", "XXL")]).await;
+        let answers = join_settled(store, payments, vec![request(&noa, "k-6", "M"), request(&noa, "k-7", "XXL")]).await;
         match &answers[..] {
             [Ok(Joined::Replayed(first)), Err(PresaleError::Invalid { field: "variant", .. })] => {
                 assert_eq!((first.status, first.body.clone()), (201, pledge.id.clone().into_bytes()));
@@ -751,6 +751,44 @@ on_both_backends! {
         assert_eq!(confirmations, 1);
         assert!(app.gateway_totals().await.is_empty(), "no money moved");
         assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["pooled_qty"], 2);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_flaky_deposit_is_retried_beside_the_join_queue(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
+        let (flaky, _) = app.shopper("Fay", "pm_flaky").await;
+        let (steady, _) = app.shopper("Sam", "pm_ok").await;
+        let join = |shopper: &str| JoinRequest {
+            campaign_id: id.clone(),
+            shopper_id: shopper.to_owned(),
+            qty: 1,
+            variant: Some("M".into()),
+            now: app.state.clock.now(),
+            key: None,
+        };
+        let (store, payments) = (&app.state.store, &app.state.payments);
+        // pm_flaky fails its first call. The batch answers the steady join at once and
+        // leaves the flaky one to its retries, which the batch does not wait for: the one
+        // join worker serves every campaign, and used to pause 100 ms and more with them.
+        let mut answers = join_many(store, payments, vec![join(&flaky), join(&steady)]).await.into_iter();
+        let (retrying, now) = (answers.next().unwrap(), answers.next().unwrap());
+        let BatchAnswer::Now(Ok(Joined::Pledged(pledge, _))) = now else { panic!("{now:?}") };
+        assert_eq!(pledge.status, "active");
+        assert!(matches!(retrying, BatchAnswer::Retrying(_)), "{retrying:?}");
+        // Its answer comes from the retry: the deposit taken on the second call, confirmed once.
+        let Ok(Joined::Pledged(pledge, _)) = retrying.settled().await else { panic!("the retry answers the join") };
+        assert_eq!(pledge.status, "active");
+        let intent = store.intent(&format!("pi_deposit_{}", pledge.id)).await.unwrap().unwrap();
+        assert_eq!((intent.status.as_str(), intent.attempts), ("succeeded", 2));
+        let emails = store.outbox(Some("fay@example.com"), 50, None).await.unwrap();
+        let confirmations = emails.iter().filter(|e| e.template == "pledge_confirmed" && e.entity == pledge.id).count();
+        assert_eq!(confirmations, 1);
+        assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["pooled_qty"], 2);
+        assert_eq!(app.ledger_check().await["balanced"], true);
         app.stop().await;
     }
 }
