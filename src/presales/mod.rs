@@ -247,6 +247,8 @@ pub type JoinAnswer = Result<Joined>;
 ///
 /// Why the retries run beside the queue: they pause 100 and then 400 ms, and the one join
 /// worker (every campaign's) would wait with them, so one flaky card stalled every join.
+// Most answers are `Now`; the enum only lives in a batch's answer list, so its size is moot.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum BatchAnswer {
     Now(JoinAnswer),
