@@ -441,18 +441,12 @@ async fn change_plan(
         price_minor: price.minor(),
         ..plan.clone()
     };
-    let emails: Vec<_> = state
-        .store
-        .plan_subscribers(&id)
-        .await?
-        .iter()
-        .map(|(sub_id, email, name)| {
-            subscriptions::emails::price_changed(&changed, plan.price_minor, sub_id, email, name)
-        })
-        .collect();
+    let announce = |sub_id: &str, email: &str, name: &str| {
+        subscriptions::emails::price_changed(&changed, plan.price_minor, sub_id, email, name)
+    };
     state
         .store
-        .set_plan_price(&id, price.minor(), &emails, micros(state.clock.now()))
+        .set_plan_price(&id, price.minor(), announce, micros(state.clock.now()))
         .await?;
     Ok(Json(changed.into()))
 }

@@ -324,24 +324,51 @@ impl Store {
         }))
     }
 
-    /// Changes a plan's price (used from the next delivery locked) and announces it.
+    /// Changes plan `id`'s price (used from the next delivery locked) and announces it, in one
+    /// transaction, to the subscriptions still billed on it (neither cancelled nor suspended):
+    /// `announce(subscription id, shopper's email, shopper's name)` writes each one's email.
+    /// The subscribers are read with their shoppers and their emails written a thousand at a
+    /// time inside the transaction, so a plan of 100,000 holds one chunk of emails in memory,
+    /// not all of them, and on SQLite no signup can slip in between the read and the price.
     pub async fn set_plan_price(
         &self,
         id: &str,
         price_minor: i64,
-        emails: &[NewEmail],
+        announce: impl Fn(&str, &str, &str) -> NewEmail,
         now: i64,
     ) -> StoreResult<()> {
+        const CHUNK: i64 = 1000;
         in_tx!(self, |tx| {
             sqlx::query("UPDATE plans SET price_minor = $2 WHERE id = $1")
                 .bind(id)
                 .bind(price_minor)
                 .execute(&mut *tx)
                 .await?;
-            // A thousand emails a statement: a plan can have 100,000 subscribers.
-            for chunk in emails.chunks(1000) {
-                let chunk: Vec<&NewEmail> = chunk.iter().collect();
-                enqueue_emails!(tx, &chunk, now);
+            let mut after = String::new();
+            loop {
+                // Keyed on the subscription's id, so each chunk starts where the last ended.
+                let chunk: Vec<(String, String, String)> = sqlx::query_as(
+                    "SELECT s.id, sh.email, sh.name FROM subscriptions s
+                     JOIN shoppers sh ON sh.id = s.shopper_id
+                     WHERE s.id > $2 AND s.plan_id = $1
+                       AND s.status NOT IN ('cancelled', 'suspended')
+                     ORDER BY s.id LIMIT $3",
+                )
+                .bind(id)
+                .bind(&after)
+                .bind(CHUNK)
+                .fetch_all(&mut *tx)
+                .await?;
+                let Some((last, _, _)) = chunk.last() else {
+                    break;
+                };
+                after = last.clone();
+                let emails: Vec<NewEmail> = chunk
+                    .iter()
+                    .map(|(sub, email, name)| announce(sub, email, name))
+                    .collect();
+                let emails: Vec<&NewEmail> = emails.iter().collect();
+                enqueue_emails!(tx, &emails, now);
             }
             tx.commit().await?;
         });
@@ -428,26 +455,6 @@ impl Store {
             sqlx::query_scalar(
                 "SELECT id FROM subscriptions WHERE status <> 'cancelled' ORDER BY created_at, id",
             )
-            .fetch_all(pool)
-            .await?
-        }))
-    }
-
-    /// The subscriptions a change of plan `plan_id` is announced to, those still billed
-    /// (neither cancelled nor suspended), as (subscription id, shopper's email, shopper's
-    /// name): one query for any number.
-    pub async fn plan_subscribers(
-        &self,
-        plan_id: &str,
-    ) -> StoreResult<Vec<(String, String, String)>> {
-        Ok(on_pool!(self, |pool| {
-            sqlx::query_as(
-                "SELECT s.id, sh.email, sh.name FROM subscriptions s
-                 JOIN shoppers sh ON sh.id = s.shopper_id
-                 WHERE s.plan_id = $1 AND s.status NOT IN ('cancelled', 'suspended')
-                 ORDER BY s.created_at, s.id",
-            )
-            .bind(plan_id)
             .fetch_all(pool)
             .await?
         }))

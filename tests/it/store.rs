@@ -1,14 +1,15 @@
 //! The store on both backends: migrations, token hashing, the SQLite single-process lock,
 //! WAL checkpoints and how SQLite itself is built.
 
-use crate::helpers::{Backend, TestDb};
+use crate::helpers::{Backend, TestDb, raw_tx};
 use crate::on_both_backends;
 use chrono::{TimeZone, Utc};
 use pooled::domain::identity::{Principal, Shopper};
 use pooled::ids::hash_token;
 use pooled::store::{
-    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, Store, StoreError, StoredResponse,
+    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, PlanRow, Store, StoreError, StoredResponse,
 };
+use pooled::subscriptions::emails::price_changed;
 use std::collections::BTreeSet;
 
 fn versions(dir: &str) -> BTreeSet<String> {
@@ -303,6 +304,60 @@ on_both_backends! {
         );
         assert_eq!(floor.rows(), 5);
         assert!(floor.seconds > 0.0);
+        store.close().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_price_change_is_announced_to_every_billed_subscriber_a_chunk_at_a_time(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        // 2,500 subscribers, more than two of the thousand-row chunks the announcement is
+        // read and written in: some cancelled or suspended (not billed, not told), some on
+        // another plan.
+        let (n, on_other, cancelled, suspended) =
+            (2500, |i: i64| i % 9 == 4, |i: i64| i % 10 == 0, |i: i64| i % 25 == 1);
+        let numbers = format!("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n})");
+        raw_tx(&db.url, &[
+            "INSERT INTO plans (id, name, kind, currency, price_minor, cadence_weeks, portions_per_day,
+                 cutoff_hours, delivery_weekdays, time_zone, variety_cap, transit_days, created_at)
+             VALUES ('p1', 'Fruit', 'fruit', 'EUR', 2000, 1, 2, 48, 'mon', 'UTC', 5, 1, 0),
+                    ('p2', 'Flowers', 'flower', 'EUR', 3000, 1, 5, 48, 'mon', 'UTC', 5, 1, 0)",
+            &format!("{numbers} INSERT INTO shoppers (id, name, email, time_zone, payment_token, created_at)
+                 SELECT 'shp_t' || i, 'T' || i, 't' || i || '@example.com', 'UTC', 'pm_ok', 0 FROM n"),
+            &format!("{numbers} INSERT INTO subscriptions (id, shopper_id, plan_id, delivery_weekday,
+                     start_date, exclusions, status, paused_until, created_at, ended_at)
+                 SELECT 'sub_t' || i, 'shp_t' || i, CASE WHEN i % 9 = 4 THEN 'p2' ELSE 'p1' END, 'mon',
+                     '2026-06-01', '[]',
+                     CASE WHEN i % 10 = 0 THEN 'cancelled' WHEN i % 25 = 1 THEN 'suspended'
+                          WHEN i % 7 = 0 THEN 'paused' ELSE 'active' END,
+                     NULL, i, NULL FROM n"),
+        ]).await.expect("seed");
+        let told: BTreeSet<String> = (1..=n)
+            .filter(|&i| !on_other(i) && !cancelled(i) && !suspended(i))
+            .map(|i| format!("sub_t{i}"))
+            .collect();
+
+        let old = store.plan("p1").await.unwrap().unwrap();
+        let changed = PlanRow { price_minor: 2400, ..old.clone() };
+        let announce = |sub: &str, to: &str, name: &str| price_changed(&changed, old.price_minor, sub, to, name);
+        store.set_plan_price("p1", 2400, announce, 0).await.unwrap();
+        assert_eq!(store.plan("p1").await.unwrap().unwrap().price_minor, 2400);
+
+        let mut announced = BTreeSet::new();
+        let mut before = None;
+        loop {
+            let page = store.outbox(None, 1000, before).await.unwrap();
+            let Some(last) = page.last() else { break };
+            before = Some(last.id);
+            for email in page.iter().filter(|e| e.template == "price_changed") {
+                let number: i64 = email.entity["sub_t".len()..].parse().unwrap();
+                assert_eq!(email.to_addr, format!("t{number}@example.com"));
+                assert!(announced.insert(email.entity.clone()), "told twice: {}", email.entity);
+            }
+        }
+        assert_eq!(announced.len(), told.len());
+        assert_eq!(announced, told);
         store.close().await;
     }
 }
