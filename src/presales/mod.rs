@@ -410,12 +410,12 @@ async fn join_campaign(
     let (decisions, begun) = store
         .join_campaign(&c.id, &attempts, now, abandon_claims_after())
         .await?;
-    let mut answers: Vec<Option<JoinAnswer>> = Vec::with_capacity(requests.len());
+    let mut answers: Vec<Option<BatchAnswer>> = Vec::with_capacity(requests.len());
     let mut admitted = Vec::new();
     let mut follow_ups = HashMap::new();
     let requests = requests.iter().zip(unchecked).zip(attempts).zip(decisions);
     for (((r, failed), attempt), decision) in requests {
-        answers.push(match decision {
+        let answer = match decision {
             JoinDecision::Admitted => {
                 let join = attempt
                     .join
@@ -452,17 +452,15 @@ async fn join_campaign(
             JoinDecision::NotAsked => Some(Err(
                 failed.expect("a request asks for no pledge only when it failed its checks")
             )),
-        });
+        };
+        answers.push(answer.map(BatchAnswer::Now));
     }
     metrics::counter!("pooled_joins_total").increment(admitted.len() as u64);
     let outcomes = payments.attempt_begun(&begun, &follow_ups, now).await?;
     let mut outcomes: HashMap<String, Outcome> =
         begun.into_iter().map(|i| i.id).zip(outcomes).collect();
-    let mut answers: Vec<Option<BatchAnswer>> = answers
-        .into_iter()
-        .map(|a| a.map(BatchAnswer::Now))
-        .collect();
     let mut retries = Vec::new();
+    let mut retry_follow_ups = HashMap::new();
     for (at, pledge, intent) in admitted {
         let outcome = match &intent {
             Some(i) => outcomes.remove(&i.id).unwrap_or(Outcome::Pending {
@@ -473,8 +471,10 @@ async fn join_campaign(
         answers[at] = Some(match (outcome, intent) {
             (outcome @ Outcome::Pending { .. }, Some(intent)) => {
                 let (reply, later) = oneshot::channel();
+                if let Some(follow_up) = follow_ups.remove(&intent.id) {
+                    retry_follow_ups.insert(intent.id.clone(), follow_up);
+                }
                 retries.push(Retry {
-                    follow_up: follow_ups.remove(&intent.id),
                     intent_id: intent.id,
                     outcome,
                     pledge,
@@ -486,7 +486,8 @@ async fn join_campaign(
         });
     }
     if !retries.is_empty() {
-        tokio::spawn(retry_deposits(payments.clone(), retries, l, now));
+        let retrying = retry_deposits(payments.clone(), retries, retry_follow_ups, l, now);
+        tokio::spawn(retrying);
     }
     Ok(answers.into_iter().flatten().collect())
 }
@@ -505,24 +506,20 @@ fn joined(outcome: Outcome, pledge: PledgeRow, l: &Arc<Loaded>) -> JoinAnswer {
 struct Retry {
     intent_id: String,
     outcome: Outcome,
-    follow_up: Option<FollowUp>,
     pledge: PledgeRow,
     reply: oneshot::Sender<JoinAnswer>,
 }
 
-/// Retries a join batch's transiently failed deposits ([`Payments::retry_pending`]) and
-/// answers their joins; what is still pending after that is left to the payment sweep, and
-/// its join answers with the pledge pending.
+/// Retries a join batch's transiently failed deposits ([`Payments::retry_pending`], with
+/// their `follow_ups`) and answers their joins; what is still pending after that is left to
+/// the payment sweep, and its join answers with the pledge pending.
 async fn retry_deposits(
     payments: Payments,
-    mut retries: Vec<Retry>,
+    retries: Vec<Retry>,
+    follow_ups: HashMap<String, FollowUp>,
     l: Arc<Loaded>,
     now: DateTime<Utc>,
 ) {
-    let follow_ups: HashMap<String, FollowUp> = retries
-        .iter_mut()
-        .filter_map(|r| Some((r.intent_id.clone(), r.follow_up.take()?)))
-        .collect();
     let ids: Vec<&str> = retries.iter().map(|r| r.intent_id.as_str()).collect();
     let pending: Vec<Outcome> = retries.iter().map(|r| r.outcome.clone()).collect();
     match payments
