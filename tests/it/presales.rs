@@ -4,6 +4,7 @@
 
 use crate::helpers::{ADMIN_TOKEN, TestApp, join_settled, raw_tx, str_of};
 use crate::on_both_backends;
+use pooled::config::DatabaseUrl;
 use pooled::domain::ledger::Account;
 use pooled::domain::money::{Currency, Money};
 use pooled::domain::presale::JoinRefusal;
@@ -788,6 +789,64 @@ on_both_backends! {
         let confirmations = emails.iter().filter(|e| e.template == "pledge_confirmed" && e.entity == pledge.id).count();
         assert_eq!(confirmations, 1);
         assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["pooled_qty"], 2);
+        assert_eq!(app.ledger_check().await["balanced"], true);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_deposit_charged_on_its_retry_but_not_recorded_is_settled_by_the_sweep_and_charged_once(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
+        let (flaky, _) = app.shopper("Fay", "pm_flaky").await;
+        let request = JoinRequest {
+            campaign_id: id.clone(),
+            shopper_id: flaky.clone(),
+            qty: 3,
+            variant: Some("M".into()),
+            now: app.state.clock.now(),
+            key: None,
+        };
+        // The database refuses to record a deposit's success: pm_flaky fails its first call,
+        // the quick retry charges the card, and its result can't be written.
+        let url = &app.state.settings.database;
+        let refuse: &[&str] = match url {
+            DatabaseUrl::Sqlite(_) => &["CREATE TRIGGER refuse_results BEFORE UPDATE ON payment_intents \
+                 WHEN NEW.status <> 'pending' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
+            DatabaseUrl::Postgres(_) => &[
+                "CREATE FUNCTION refuse_results() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+                "CREATE TRIGGER refuse_results BEFORE UPDATE ON payment_intents FOR EACH ROW \
+                 WHEN (NEW.status <> 'pending') EXECUTE FUNCTION refuse_results()",
+            ],
+        };
+        raw_tx(url, refuse).await.unwrap();
+        let (store, payments) = (&app.state.store, &app.state.payments);
+        let answers = join_settled(store, payments, vec![request]).await;
+        assert!(matches!(&answers[0], Err(PresaleError::Batch(_))), "{:?}", answers[0]);
+        // The pledge stands, pending, and holds its units; the charge is at the gateway only.
+        let pledges = app.admin_get(&format!("/api/v1/shoppers/{flaky}/pledges")).await;
+        let pledge = &pledges["items"][0];
+        assert_eq!((pledge["status"].as_str(), pledges["items"].as_array().unwrap().len()), (Some("pending"), 1));
+        assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["pooled_qty"], 3);
+        let intent = store.intent(&format!("pi_deposit_{}", str_of(&pledge["id"]))).await.unwrap().unwrap();
+        assert_eq!((intent.status.as_str(), intent.attempts), ("pending", 2));
+        assert_eq!(app.gateway_totals().await.get("charge").map(|t| t.0), Some(1));
+        // Once the database takes writes again, the sweep sends it again under its key: the
+        // gateway answers with the charge it made, so the card is charged once, not twice.
+        let drop_it: &[&str] = match url {
+            DatabaseUrl::Sqlite(_) => &["DROP TRIGGER refuse_results"],
+            DatabaseUrl::Postgres(_) => &["DROP TRIGGER refuse_results ON payment_intents"],
+        };
+        raw_tx(url, drop_it).await.unwrap();
+        let later = app.state.clock.now() + chrono::Duration::hours(2);
+        assert_eq!(payments.sweep(later, false).await.unwrap(), 1);
+        let pledge = app.admin_get(&format!("/api/v1/pledges/{}", str_of(&pledge["id"]))).await;
+        assert_eq!(pledge["status"], "active", "{pledge}");
+        assert_eq!(app.gateway_totals().await.get("charge"), Some(&(1, 3 * 2_000)));
+        let emails = store.outbox(Some("fay@example.com"), 50, None).await.unwrap();
+        assert_eq!(emails.iter().filter(|e| e.template == "pledge_confirmed").count(), 1);
         assert_eq!(app.ledger_check().await["balanced"], true);
         app.stop().await;
     }
