@@ -414,6 +414,23 @@ pub async fn raw_tx(url: &DatabaseUrl, statements: &[&str]) -> Result<(), sqlx::
     }
 }
 
+/// A keyless request to pledge `qty` units of variant M of `campaign_id`, made at `now`.
+pub fn join_request(
+    campaign_id: &str,
+    shopper_id: &str,
+    qty: i64,
+    now: chrono::DateTime<chrono::Utc>,
+) -> pooled::presales::JoinRequest {
+    pooled::presales::JoinRequest {
+        campaign_id: campaign_id.to_owned(),
+        shopper_id: shopper_id.to_owned(),
+        qty,
+        variant: Some("M".into()),
+        now,
+        key: None,
+    }
+}
+
 /// [`pooled::presales::join_many`], each answer awaited through its deposit's retries.
 pub async fn join_settled(
     store: &pooled::store::Store,

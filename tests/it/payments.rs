@@ -3,7 +3,7 @@
 //! process killed between the gateway's answer and its recording.
 
 use crate::cli::{Served, pooled, serve};
-use crate::helpers::{ADMIN_TOKEN, TestApp, TestDb, join_settled, raw_tx, str_of};
+use crate::helpers::{ADMIN_TOKEN, TestApp, TestDb, join_request, join_settled, raw_tx, str_of};
 use crate::on_both_backends;
 use crate::presales::jacket;
 use pooled::domain::ledger::Account;
@@ -13,7 +13,7 @@ use pooled::payments::gateway::{
 };
 use pooled::payments::sandbox::SandboxGateway;
 use pooled::payments::{Outcome, Payments};
-use pooled::presales::{JoinRequest, Joined, LateDepositConfirmations};
+use pooled::presales::{Joined, LateDepositConfirmations};
 use pooled::store::{IntentFilter, NewIntent, PledgeRow, Store, micros};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -711,14 +711,7 @@ on_both_backends! {
         let payments = Payments::new(store.clone(), outage, None)
             .with_sweep_follow_ups(Arc::new(LateDepositConfirmations(store.clone())));
         let now = clock.now();
-        let join = |shopper: &str, qty: i64| JoinRequest {
-            campaign_id: id.clone(),
-            shopper_id: shopper.into(),
-            qty,
-            variant: Some("M".into()),
-            now,
-            key: None,
-        };
+        let join = |shopper: &str, qty: i64| join_request(&id, shopper, qty, now);
         let answers = join_settled(store, &payments, vec![join(&ana, 2), join(&bea, 1)]).await;
         let pledges: Vec<PledgeRow> = answers
             .iter()

@@ -2,7 +2,7 @@
 //! reaches 30% off, a campaign below its minimum, defaults in the balance window, a split
 //! award, a deadline at local midnight across DST, and a stampede of concurrent joins.
 
-use crate::helpers::{ADMIN_TOKEN, TestApp, join_settled, raw_tx, str_of};
+use crate::helpers::{ADMIN_TOKEN, TestApp, join_request, join_settled, raw_tx, str_of};
 use crate::on_both_backends;
 use pooled::config::DatabaseUrl;
 use pooled::domain::ledger::Account;
@@ -763,14 +763,7 @@ on_both_backends! {
         let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
         let (flaky, _) = app.shopper("Fay", "pm_flaky").await;
         let (steady, _) = app.shopper("Sam", "pm_ok").await;
-        let join = |shopper: &str| JoinRequest {
-            campaign_id: id.clone(),
-            shopper_id: shopper.to_owned(),
-            qty: 1,
-            variant: Some("M".into()),
-            now: app.state.clock.now(),
-            key: None,
-        };
+        let join = |shopper: &str| join_request(&id, shopper, 1, app.state.clock.now());
         let (store, payments) = (&app.state.store, &app.state.payments);
         // pm_flaky fails its first call. The batch answers the steady join at once and
         // leaves the flaky one to its retries, which the batch does not wait for: the one
@@ -800,14 +793,7 @@ on_both_backends! {
         let (factory, _) = app.manufacturer("Northwind").await;
         let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
         let (flaky, _) = app.shopper("Fay", "pm_flaky").await;
-        let request = JoinRequest {
-            campaign_id: id.clone(),
-            shopper_id: flaky.clone(),
-            qty: 3,
-            variant: Some("M".into()),
-            now: app.state.clock.now(),
-            key: None,
-        };
+        let request = join_request(&id, &flaky, 3, app.state.clock.now());
         // The database refuses to record a deposit's success: pm_flaky fails its first call,
         // the quick retry charges the card, and its result can't be written.
         let url = &app.state.settings.database;
