@@ -56,9 +56,11 @@ pub fn campaign_timers(c: &CampaignRow) -> Vec<(&'static str, i64)> {
 /// pages of their own in the indexes keyed by shopper or email address, and a transaction
 /// writes each page it dirtied to the WAL once, however many rows it changed there: so the
 /// more pledges share a commit, the fewer pages a pledge costs. At 200,000 pledges on SQLite,
-/// 2,000 a chunk settled 8,167-8,815 pledges/s against 5,149 at 500 (5,000: 10,996, but
-/// 258 MB peak against 190); PostgreSQL was the same at all three.
-const CHUNK: i64 = 2000;
+/// 2,000 a chunk settled 8,167-8,815 pledges/s against 5,149 at 500, and 5,000 settled
+/// 20-50 % more than 2,000 again (3,549-3,752 against 2,485-2,948 on a slow night), for
+/// about 80 MB more peak RSS (198-201 MB against 116). PostgreSQL was the same at 500 and
+/// 2,000, and within the noise at 5,000 (3,251 against 3,551 pledges/s, one run each).
+const CHUNK: i64 = 5000;
 /// Chunks of pledge steps applied (and their charges sent) at once ([`InFlight`]): each
 /// chunk moves its own pledges with a guarded update, so two never touch the same pledge.
 const STEPS_IN_FLIGHT: usize = 3;
