@@ -834,9 +834,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// The size, in bytes, the SQLite writer cuts the WAL file back to when it starts it over.
 pub const WAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
 
-/// WAL frames (4 KiB pages: 32 MiB, half of [`WAL_SIZE_LIMIT`]) past which the checkpointer
-/// has the writer start the WAL over.
-const WRITER_STEP_PAST_FRAMES: i64 = 8192;
+/// WAL frames past which the checkpointer has the writer start the WAL over: half of
+/// [`WAL_SIZE_LIMIT`] in SQLite's default 4 KiB pages (8,192 frames, 32 MiB).
+const WRITER_STEP_PAST_FRAMES: i64 = (WAL_SIZE_LIMIT / 2 / 4096) as i64;
 
 /// Checkpoints the SQLite WAL every [`CHECKPOINT_EVERY`], until the store is closed or its
 /// last handle drops (the returned sender's last clone).
