@@ -201,6 +201,7 @@ impl Scheduler {
                     &def.name,
                     spec.exclusive,
                     &runs,
+                    def.last_planned_slot,
                     now.timestamp_micros(),
                     now.timestamp_micros(),
                 )

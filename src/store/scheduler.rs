@@ -188,10 +188,27 @@ impl Store {
         job: &str,
         exclusive: bool,
         runs: &[NewRun],
+        planned_from: Option<i64>,
         watermark: i64,
         now: i64,
     ) -> StoreResult<u64> {
         in_tx!(self, |tx| {
+            // The watermark moves only from the value this plan was made from: an instance
+            // that planned the same slots meanwhile wins, and this plan rolls back. Otherwise
+            // one plan's row and the other's coalesced count could both cover a slot.
+            let moved = sqlx::query(
+                "UPDATE job_defs SET last_planned_slot = $2
+                 WHERE name = $1 AND last_planned_slot IS NOT DISTINCT FROM $3",
+            )
+            .bind(job)
+            .bind(watermark)
+            .bind(planned_from)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if moved == 0 {
+                return Ok(0);
+            }
             let mut inserted = 0;
             for r in runs {
                 inserted += sqlx::query(
@@ -213,14 +230,6 @@ impl Store {
                 .await?
                 .rows_affected();
             }
-            sqlx::query(
-                "UPDATE job_defs SET last_planned_slot = $2
-                 WHERE name = $1 AND (last_planned_slot IS NULL OR last_planned_slot < $2)",
-            )
-            .bind(job)
-            .bind(watermark)
-            .execute(&mut *tx)
-            .await?;
             tx.commit().await?;
             Ok(inserted)
         })
