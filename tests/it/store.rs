@@ -1,5 +1,6 @@
-//! The store on both backends: migrations, token hashing, the SQLite single-process lock,
-//! WAL checkpoints and how SQLite itself is built.
+//! The store on both backends: migrations, token hashing, idempotency claims, the scheduler's
+//! planning guard, the SQLite single-process lock, WAL checkpoints and how SQLite itself is
+//! built.
 
 use crate::helpers::{Backend, TestDb, raw_tx};
 use crate::on_both_backends;
@@ -7,7 +8,8 @@ use chrono::{TimeZone, Utc};
 use pooled::domain::identity::{Principal, Shopper};
 use pooled::ids::hash_token;
 use pooled::store::{
-    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, PlanRow, Store, StoreError, StoredResponse,
+    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, JobDefRow, NewRun, PlanRow, RunFilter,
+    Store, StoreError, StoredResponse,
 };
 use pooled::subscriptions::emails::price_changed;
 use std::collections::BTreeSet;
@@ -104,6 +106,68 @@ on_both_backends! {
             store.idempotency_begin(&[claim("t", "other"), claim("t", "other")], later, five).await.unwrap(),
             vec![IdempotencyBegin::Run, IdempotencyBegin::InFlight]
         );
+        store.close().await;
+    }
+}
+
+on_both_backends! {
+    /// Two instances read one watermark and plan the same slots, one with each slot a row, the
+    /// other (later, under a coalescing policy) with one row counting the older slots. Whoever
+    /// commits second made its plan from a watermark that has moved: it changes nothing, and
+    /// plans again from the new one.
+    async fn a_plan_made_from_a_watermark_that_moved_changes_nothing(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        let def = JobDefRow {
+            name: "every-second".into(),
+            schedule: "every 1s".into(),
+            time_zone: "UTC".into(),
+            catchup_policy: "latest".into(),
+            catchup_window_secs: 3600,
+            start_grace_secs: 0,
+            overlap_policy: "skip".into(),
+            max_attempts: 3,
+            lease_secs: 60,
+            paused_at: None,
+            paused_note: None,
+            known_since: 0,
+            last_planned_slot: None,
+        };
+        store.sync_job_def(&def).await.unwrap();
+        let read = store.job_defs().await.unwrap()[0].last_planned_slot;
+        assert_eq!(read, None);
+        let s = |secs: i64| secs * 1_000_000;
+        let run = |at: i64, coalesced: i64| NewRun {
+            scheduled_for: s(at),
+            trigger: "schedule",
+            state: "pending",
+            skip_reason: None,
+            coalesced,
+        };
+        let plan = |runs: Vec<NewRun>, from: Option<i64>, to: i64| {
+            let store = store.clone();
+            async move { store.plan_runs("every-second", false, &runs, from, s(to), s(to)).await.unwrap() }
+        };
+
+        // B commits first: slot 3 counting slots 1 and 2.
+        assert_eq!(plan(vec![run(3, 2)], read, 3).await, 1);
+        // A's plan of slots 1 and 2, made from the same reading: nothing of it lands.
+        assert_eq!(plan(vec![run(1, 0), run(2, 0)], read, 2).await, 0);
+        let watermark = store.job_defs().await.unwrap()[0].last_planned_slot;
+        assert_eq!(watermark, Some(s(3)), "the watermark B moved it to");
+        // A plans again from what it now reads.
+        assert_eq!(plan(vec![run(4, 0)], watermark, 4).await, 1);
+        // A slot already recorded is left alone, and the watermark still moves.
+        assert_eq!(plan(vec![run(4, 0), run(5, 0)], Some(s(4)), 5).await, 1);
+
+        let runs = store
+            .runs(&RunFilter { job: Some("every-second".into()), state: None, before_id: None, limit: 100 })
+            .await
+            .unwrap();
+        let mut slots: Vec<(i64, i64)> = runs.iter().map(|r| (r.scheduled_for / 1_000_000, r.coalesced)).collect();
+        slots.sort();
+        assert_eq!(slots, [(3, 2), (4, 0), (5, 0)], "every slot counted once");
+        assert_eq!(store.job_defs().await.unwrap()[0].last_planned_slot, Some(s(5)));
         store.close().await;
     }
 }
