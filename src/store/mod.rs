@@ -872,27 +872,23 @@ fn spawn_checkpointer(readers: SqlitePool, writer: SqlitePool) -> Arc<oneshot::S
                 _ = &mut gone => break,
                 _ = every.tick() => {}
             }
-            // The result row is (busy, frames in the WAL, frames copied).
-            let checkpoint = "PRAGMA wal_checkpoint(PASSIVE)";
-            let frames = match sqlx::query_as::<_, (i64, i64, i64)>(checkpoint)
-                .fetch_one(&readers)
-                .await
-            {
-                Ok((_, frames, _)) => frames,
-                // `Store::close` closed a pool: the store is shutting down.
-                Err(sqlx::Error::PoolClosed) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SQLite WAL checkpoint failed");
-                    continue;
+            // The readers' step, then the writer's only once the WAL has grown past
+            // [`WRITER_STEP_PAST_FRAMES`]. The result row is (busy, frames in the WAL, frames
+            // copied).
+            for pool in [&readers, &writer] {
+                match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+                    .fetch_one(pool)
+                    .await
+                {
+                    Ok((_, frames, _)) if frames < WRITER_STEP_PAST_FRAMES => break,
+                    Ok(_) => {}
+                    // `Store::close` closed a pool: the store is shutting down.
+                    Err(sqlx::Error::PoolClosed) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "SQLite WAL checkpoint failed");
+                        break;
+                    }
                 }
-            };
-            if frames < WRITER_STEP_PAST_FRAMES {
-                continue;
-            }
-            match sqlx::query(checkpoint).execute(&writer).await {
-                Ok(_) => {}
-                Err(sqlx::Error::PoolClosed) => return,
-                Err(e) => tracing::warn!(error = %e, "SQLite WAL checkpoint failed"),
             }
         }
     });
