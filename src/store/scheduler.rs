@@ -193,12 +193,14 @@ impl Store {
         now: i64,
     ) -> StoreResult<u64> {
         in_tx!(self, |tx| {
-            // The watermark moves only from the value this plan was made from: an instance
-            // that planned the same slots meanwhile wins, and this plan rolls back. Otherwise
-            // one plan's row and the other's coalesced count could both cover a slot.
+            // The watermark moves only forward, and only from the value this plan was made
+            // from: an instance that planned the same slots meanwhile wins, and this plan
+            // rolls back. Otherwise one plan's row and the other's coalesced count could both
+            // cover a slot.
             let moved = sqlx::query(
                 "UPDATE job_defs SET last_planned_slot = $2
-                 WHERE name = $1 AND last_planned_slot IS NOT DISTINCT FROM $3",
+                 WHERE name = $1 AND last_planned_slot IS NOT DISTINCT FROM $3
+                   AND (last_planned_slot IS NULL OR last_planned_slot < $2)",
             )
             .bind(job)
             .bind(watermark)

@@ -114,7 +114,7 @@ on_both_backends! {
     /// Two instances read one watermark and plan the same slots, one with each slot a row, the
     /// other (later, under a coalescing policy) with one row counting the older slots. Whoever
     /// commits second made its plan from a watermark that has moved: it changes nothing, and
-    /// plans again from the new one.
+    /// plans again from the new one. The watermark never moves back.
     async fn a_plan_made_from_a_watermark_that_moved_changes_nothing(backend) {
         let db = TestDb::new(backend);
         let store = open(&db).await;
@@ -159,6 +159,9 @@ on_both_backends! {
         assert_eq!(plan(vec![run(4, 0)], watermark, 4).await, 1);
         // A slot already recorded is left alone, and the watermark still moves.
         assert_eq!(plan(vec![run(4, 0), run(5, 0)], Some(s(4)), 5).await, 1);
+        // A plan that would move the watermark back (an instance whose clock is behind)
+        // changes nothing either.
+        assert_eq!(plan(vec![run(2, 0)], Some(s(5)), 3).await, 0);
 
         let runs = store
             .runs(&RunFilter { job: Some("every-second".into()), state: None, before_id: None, limit: 100 })
