@@ -4,6 +4,7 @@
 use super::error::{ApiError, FieldError};
 use crate::app::AppState;
 use crate::domain::identity::Principal;
+use crate::domain::money::{Currency, Money};
 use crate::ids::hash_token;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -77,6 +78,15 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// Collects per-field problems so a client sees all of them at once.
 #[derive(Default)]
 pub struct Validation(Vec<FieldError>);
+
+/// A positive amount in `currency`, from the API's decimal string: prices, costs and charges.
+pub fn positive_amount(raw: &str, currency: Currency) -> Result<Money, String> {
+    match Money::parse(raw, currency) {
+        Ok(m) if m.is_positive() => Ok(m),
+        Ok(_) => Err("must be greater than zero".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 impl Validation {
     /// Records `result`'s error under `field` and passes its value on.

@@ -16,6 +16,7 @@ mod presales;
 mod subscriptions;
 
 use crate::app::AppState;
+use crate::domain::money::{Currency, Money};
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
 use axum::{Json, Router, middleware, routing::get};
@@ -24,6 +25,16 @@ use std::sync::Arc;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
+
+/// A stored minor-unit amount as the API's decimal string in its stored `currency` code.
+/// Every stored code was parsed when it was written; one that no longer parses (a currency
+/// taken out of the table) shows as an empty amount, which no client can misread, rather than
+/// bare minor units (a hundred times the price) or a failed answer.
+pub(crate) fn amount_string(minor: i64, currency: &str) -> String {
+    Currency::parse(currency)
+        .map(|c| Money::from_minor(minor, c).to_string())
+        .unwrap_or_default()
+}
 
 /// Largest request body accepted (JSON bodies are small; 1 MiB is generous).
 pub const BODY_LIMIT: usize = 1 << 20;

@@ -1,8 +1,9 @@
 //! Ops API for money: the gateway's record, payment intents, one-off charges and refunds by
 //! ops, and the ledger's reconciliation check. Admin only.
 
+use super::amount_string;
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller, Validation};
+use super::extract::{ApiJson, Caller, Validation, positive_amount};
 use super::ops::{Page, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::ledger::Account;
@@ -25,14 +26,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_charge))
         .routes(routes!(refund_intent))
         .routes(routes!(ledger_check))
-}
-
-/// A minor-unit amount as the API's decimal string in `currency`.
-fn amount_string(minor: i64, currency: &str) -> String {
-    match Currency::parse(currency) {
-        Ok(c) => Money::from_minor(minor, c).to_string(),
-        Err(_) => minor.to_string(),
-    }
 }
 
 /// One movement in the gateway's record.
@@ -204,15 +197,6 @@ pub struct ChargeIn {
     currency: String,
     /// Why ops charges this (shown in the ledger).
     memo: String,
-}
-
-/// A positive amount in `currency`.
-fn positive_amount(raw: &str, currency: Currency) -> Result<Money, String> {
-    match Money::parse(raw, currency) {
-        Ok(m) if m.is_positive() => Ok(m),
-        Ok(_) => Err("must be greater than zero".into()),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 /// A memo for the ledger: 1–500 characters.

@@ -1,7 +1,7 @@
 //! Presales over HTTP: campaigns and their quotes, pledges, demand, purchase orders.
 
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller, Validation};
+use super::extract::{ApiJson, Caller, Validation, positive_amount};
 use super::idempotency::{self, UnclaimedKey};
 use super::ops::{Page, cursor, page_limit, paginate};
 use crate::app::AppState;
@@ -255,11 +255,7 @@ async fn create_campaign(
     let reference = currency.and_then(|c| {
         v.check(
             "reference_price",
-            match Money::parse(&input.reference_price, c) {
-                Ok(m) if m.is_positive() => Ok(m),
-                Ok(_) => Err("must be greater than zero".to_string()),
-                Err(e) => Err(e.to_string()),
-            },
+            positive_amount(&input.reference_price, c),
         )
     });
     let bps = v.check("deposit_percent", parse_percent(&input.deposit_percent));

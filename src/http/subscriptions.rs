@@ -1,8 +1,9 @@
 //! Subscriptions over HTTP: the catalog, plans, subscriptions with their deliveries,
 //! invoices and calendar, and grower orders.
 
+use super::amount_string;
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller, Validation};
+use super::extract::{ApiJson, Caller, Validation, positive_amount};
 use super::ops::Page;
 use crate::app::AppState;
 use crate::domain::identity::{parse_name, parse_payment_token, parse_time_zone};
@@ -70,9 +71,7 @@ pub struct CatalogItemOut {
 impl From<CatalogRow> for CatalogItemOut {
     fn from(c: CatalogRow) -> Self {
         CatalogItemOut {
-            unit_cost: Currency::parse(&c.currency)
-                .map(|cur| Money::from_minor(c.unit_cost_minor, cur).to_string())
-                .unwrap_or_default(),
+            unit_cost: amount_string(c.unit_cost_minor, &c.currency),
             available_months: c
                 .available_months
                 .split_whitespace()
@@ -167,14 +166,7 @@ async fn put_catalog_item(
     }
     let cost = Currency::parse(&input.currency)
         .map_err(|e| e.to_string())
-        .and_then(|c| Money::parse(&input.unit_cost, c).map_err(|e| e.to_string()))
-        .and_then(|m| {
-            if m.is_positive() {
-                Ok(m)
-            } else {
-                Err("must be greater than zero".into())
-            }
-        });
+        .and_then(|c| positive_amount(&input.unit_cost, c));
     let cost = v.check("unit_cost", cost);
     if input.available_months.is_empty()
         || input.available_months.iter().any(|m| !(1..=12).contains(m))
@@ -260,9 +252,7 @@ pub struct PlanOut {
 impl From<PlanRow> for PlanOut {
     fn from(p: PlanRow) -> Self {
         PlanOut {
-            price_per_delivery: Currency::parse(&p.currency)
-                .map(|c| Money::from_minor(p.price_minor, c).to_string())
-                .unwrap_or_default(),
+            price_per_delivery: amount_string(p.price_minor, &p.currency),
             delivery_weekdays: p
                 .delivery_weekdays
                 .split_whitespace()
@@ -282,13 +272,9 @@ impl From<PlanRow> for PlanOut {
     }
 }
 
+/// A plan's price: a positive amount in its `currency` code.
 fn positive_price(raw: &str, currency: &str) -> Result<Money, String> {
-    let c = Currency::parse(currency).map_err(|e| e.to_string())?;
-    match Money::parse(raw, c) {
-        Ok(m) if m.is_positive() => Ok(m),
-        Ok(_) => Err("must be greater than zero".into()),
-        Err(e) => Err(e.to_string()),
-    }
+    positive_amount(raw, Currency::parse(currency).map_err(|e| e.to_string())?)
 }
 
 /// Creates a plan (ops).
@@ -865,9 +851,7 @@ pub struct InvoiceOut {
 impl From<InvoiceRow> for InvoiceOut {
     fn from(i: InvoiceRow) -> Self {
         InvoiceOut {
-            amount: Currency::parse(&i.currency)
-                .map(|c| Money::from_minor(i.amount_minor, c).to_string())
-                .unwrap_or_default(),
+            amount: amount_string(i.amount_minor, &i.currency),
             id: i.id,
             delivery_date: i.delivery_date,
             currency: i.currency,
