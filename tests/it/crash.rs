@@ -185,10 +185,27 @@ async fn three_instances_share_the_slots_of_one_database() {
     slots.dedup();
     assert_eq!(slots.len(), n, "one run per (job, slot)");
     assert!(n >= 5, "{n} runs");
-    // Every one-second slot between the first and the last is a row or counted in one.
+    // Every one-second slot between the first and the last is a row or counted in one, and
+    // none is both. A row counts the slots just before its own, so the first row's count
+    // reaches back past it: slots missed while the instances were starting, which the first
+    // plan folded into its first row (under load, about one run in ten).
     let covered: i64 = runs.iter().map(|r| 1 + r.coalesced).sum();
-    let span = (slots[n - 1] - slots[0]) / 1_000_000 + 1;
-    assert_eq!(covered, span, "no slot lost");
+    let first = runs.iter().find(|r| r.scheduled_for == slots[0]).unwrap();
+    let span = (slots[n - 1] - slots[0]) / 1_000_000 + 1 + first.coalesced;
+    let table: Vec<String> = runs
+        .iter()
+        .map(|r| {
+            format!(
+                "{} +{} {} {} {:?}",
+                (r.scheduled_for - slots[0]) / 1_000_000,
+                r.coalesced,
+                r.state,
+                r.trigger,
+                r.lease_owner
+            )
+        })
+        .collect();
+    assert_eq!(covered, span, "no slot lost or counted twice: {table:#?}");
     let instances: std::collections::BTreeSet<_> =
         runs.iter().filter_map(|r| r.lease_owner.clone()).collect();
     assert!(!instances.is_empty());
