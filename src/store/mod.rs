@@ -648,6 +648,8 @@ impl Store {
                 let options = SqliteConnectOptions::new()
                     .filename(path)
                     .create_if_missing(true)
+                    // SQLite's default, set so the checkpointer's frame counts are sizes.
+                    .page_size(SQLITE_PAGE_SIZE)
                     .journal_mode(SqliteJournalMode::Wal)
                     // Money lives here: a committed charge must survive power loss.
                     .synchronous(SqliteSynchronous::Full)
@@ -800,6 +802,12 @@ impl Store {
         }
     }
 
+    /// Whether the backend commits one write transaction at a time (SQLite's one writer), so
+    /// that a second transaction sent meanwhile only waits, holding its rows.
+    pub fn writes_one_at_a_time(&self) -> bool {
+        self.sqlite_writer.is_some()
+    }
+
     /// Round-trips a trivial query (readiness).
     pub async fn ping(&self) -> StoreResult<()> {
         on_pool!(self, |pool| sqlx::query("SELECT 1")
@@ -834,9 +842,13 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// The size, in bytes, the SQLite writer cuts the WAL file back to when it starts it over.
 pub const WAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
 
+/// The database's page size, and so the size of one WAL frame: SQLite's default, 4 KiB. It
+/// takes effect when a database file is created; every file this service creates has it.
+const SQLITE_PAGE_SIZE: u32 = 4096;
+
 /// WAL frames past which the checkpointer has the writer start the WAL over: half of
-/// [`WAL_SIZE_LIMIT`] in SQLite's default 4 KiB pages (8,192 frames, 32 MiB).
-const WRITER_STEP_PAST_FRAMES: i64 = (WAL_SIZE_LIMIT / 2 / 4096) as i64;
+/// [`WAL_SIZE_LIMIT`] (8,192 frames, 32 MiB).
+const WRITER_STEP_PAST_FRAMES: i64 = (WAL_SIZE_LIMIT / 2 / SQLITE_PAGE_SIZE as u64) as i64;
 
 /// Checkpoints the SQLite WAL every [`CHECKPOINT_EVERY`], until the store is closed or its
 /// last handle drops (the returned sender's last clone).

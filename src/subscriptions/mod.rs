@@ -305,10 +305,7 @@ const CHUNK: usize = 5000;
 /// than two (three pairs), at 170-179 MB peak RSS instead of 193-209 (two) and 221-244
 /// (three).
 fn writes_in_flight(store: &Store) -> usize {
-    match store.backend() {
-        "sqlite" => 1,
-        _ => 3,
-    }
+    if store.writes_one_at_a_time() { 1 } else { 3 }
 }
 
 /// `subscription-renew`: keeps deliveries ahead, resumes pauses that ended, and at each
