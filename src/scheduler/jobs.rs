@@ -34,6 +34,19 @@ pub struct JobSpec {
     pub body: JobBody,
 }
 
+/// A job body from a step that returns any error, recorded on the run as its message.
+fn body<F, Fut, E>(step: F) -> JobBody
+where
+    F: Fn(RunCtx) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<serde_json::Value, E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    Arc::new(move |ctx| {
+        let run = step(ctx);
+        Box::pin(async move { run.await.map_err(|e| JobError(e.to_string())) })
+    })
+}
+
 impl JobSpec {
     fn new(name: &str, schedule: &str, zone: Tz, catchup: CatchUp, body: JobBody) -> JobSpec {
         JobSpec {
@@ -65,13 +78,7 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
         "0 * * * *",
         utc,
         CatchUp::Skip,
-        Arc::new(|ctx| {
-            Box::pin(async move {
-                presales::run_reminders(&ctx.env.store, ctx.now)
-                    .await
-                    .map_err(|e| JobError(e.to_string()))
-            })
-        }),
+        body(|ctx| async move { presales::run_reminders(&ctx.env.store, ctx.now).await }),
     );
     reminders.start_grace = Duration::hours(2);
     let mut outbox = JobSpec::new(
@@ -79,7 +86,7 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
         "every 10s",
         utc,
         CatchUp::Latest,
-        Arc::new(|ctx| Box::pin(deliver_outbox(ctx))),
+        body(deliver_outbox),
     );
     outbox.start_grace = Duration::seconds(30);
     vec![
@@ -88,12 +95,8 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "every 15m",
             utc,
             CatchUp::Latest,
-            Arc::new(|ctx| {
-                Box::pin(async move {
-                    presales::run_close(&ctx.env.store, &ctx.env.payments, ctx.now)
-                        .await
-                        .map_err(|e| JobError(e.to_string()))
-                })
+            body(|ctx| async move {
+                presales::run_close(&ctx.env.store, &ctx.env.payments, ctx.now).await
             }),
         ),
         JobSpec::new(
@@ -101,12 +104,8 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "every 15m",
             utc,
             CatchUp::Latest,
-            Arc::new(|ctx| {
-                Box::pin(async move {
-                    presales::run_balances(&ctx.env.store, &ctx.env.payments, ctx.now)
-                        .await
-                        .map_err(|e| JobError(e.to_string()))
-                })
+            body(|ctx| async move {
+                presales::run_balances(&ctx.env.store, &ctx.env.payments, ctx.now).await
             }),
         ),
         reminders,
@@ -115,30 +114,21 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "0 6 * * 3",
             shop,
             CatchUp::All,
-            Arc::new(|ctx| {
-                Box::pin(async move {
-                    subscriptions::run_plan(&ctx.env.store, ctx.now)
-                        .await
-                        .map_err(|e| JobError(e.to_string()))
-                })
-            }),
+            body(|ctx| async move { subscriptions::run_plan(&ctx.env.store, ctx.now).await }),
         ),
         JobSpec::new(
             subscriptions::RENEW_JOB,
             "every 15m",
             utc,
             CatchUp::Latest,
-            Arc::new(|ctx| {
-                Box::pin(async move {
-                    subscriptions::run_renew(
-                        &ctx.env.store,
-                        &ctx.env.payments,
-                        &ctx.env.settings.dunning_days,
-                        ctx.now,
-                    )
-                    .await
-                    .map_err(|e| JobError(e.to_string()))
-                })
+            body(|ctx| async move {
+                subscriptions::run_renew(
+                    &ctx.env.store,
+                    &ctx.env.payments,
+                    &ctx.env.settings.dunning_days,
+                    ctx.now,
+                )
+                .await
             }),
         ),
         JobSpec::new(
@@ -146,17 +136,14 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "0 * * * *",
             utc,
             CatchUp::Latest,
-            Arc::new(|ctx| {
-                Box::pin(async move {
-                    subscriptions::run_dunning(
-                        &ctx.env.store,
-                        &ctx.env.payments,
-                        &ctx.env.settings.dunning_days,
-                        ctx.now,
-                    )
-                    .await
-                    .map_err(|e| JobError(e.to_string()))
-                })
+            body(|ctx| async move {
+                subscriptions::run_dunning(
+                    &ctx.env.store,
+                    &ctx.env.payments,
+                    &ctx.env.settings.dunning_days,
+                    ctx.now,
+                )
+                .await
             }),
         ),
         JobSpec::new(
@@ -164,13 +151,9 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "0 5 * * *",
             shop,
             CatchUp::All,
-            Arc::new(|ctx| {
-                Box::pin(async move {
-                    subscriptions::run_grower_orders(&ctx.env.store, ctx.now)
-                        .await
-                        .map_err(|e| JobError(e.to_string()))
-                })
-            }),
+            body(
+                |ctx| async move { subscriptions::run_grower_orders(&ctx.env.store, ctx.now).await },
+            ),
         ),
         outbox,
         JobSpec::new(
@@ -178,14 +161,14 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "every 1m",
             utc,
             CatchUp::Latest,
-            Arc::new(|ctx| Box::pin(retry_payments(ctx))),
+            body(retry_payments),
         ),
         JobSpec::new(
             "maintenance-prune",
             "0 3 * * *",
             shop,
             CatchUp::Latest,
-            Arc::new(|ctx| Box::pin(prune(ctx))),
+            body(prune),
         ),
     ]
 }
