@@ -188,7 +188,7 @@ async fn three_instances_share_the_slots_of_one_database() {
     // Every one-second slot between the first and the last is a row or counted in one, and
     // none is both. A row counts the slots just before its own, so the first row's count
     // reaches back past it: slots missed while the instances were starting, which the first
-    // plan folded into its first row (under load, about one run in ten).
+    // plan counted on its first row (under load, about one run in twenty).
     let covered: i64 = runs.iter().map(|r| 1 + r.coalesced).sum();
     let first = runs.iter().find(|r| r.scheduled_for == slots[0]).unwrap();
     let span = (slots[n - 1] - slots[0]) / 1_000_000 + 1 + first.coalesced;
