@@ -92,3 +92,16 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
         format!("{method} is not allowed on {}", uri.path()),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::amount_string;
+
+    #[test]
+    fn a_stored_amount_reads_in_its_currency_and_an_unknown_one_reads_empty() {
+        assert_eq!(amount_string(60000, "EUR"), "600.00");
+        assert_eq!(amount_string(-150, "EUR"), "-1.50");
+        assert_eq!(amount_string(500, "JPY"), "500");
+        assert_eq!(amount_string(60000, "XXX"), "", "never 100× the price");
+    }
+}
