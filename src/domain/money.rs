@@ -217,6 +217,16 @@ impl Money {
         Money::round(d, currency)
     }
 
+    /// [`Money::parse`] of an amount that must be above zero: a price, a cost, a charge.
+    pub fn parse_positive(raw: &str, currency: Currency) -> Result<Money, MoneyError> {
+        let m = Money::parse(raw, currency)?;
+        if m.is_positive() {
+            Ok(m)
+        } else {
+            Err(MoneyError::NotPositive)
+        }
+    }
+
     /// Rounds an exact decimal half-even (banker's rounding, unbiased over many roundings) to
     /// the currency's minor unit.
     pub fn round(amount: Decimal, currency: Currency) -> Result<Money, MoneyError> {
@@ -481,6 +491,22 @@ mod tests {
             Money::from_minor(1, eur).allocate(&[0, 0]),
             Err(MoneyError::NoWeights)
         );
+    }
+
+    #[test]
+    fn an_amount_that_must_be_positive_is_above_zero_and_no_finer_than_its_currency() {
+        let eur = c("EUR");
+        assert_eq!(Money::parse_positive("12.50", eur).unwrap().minor(), 1250);
+        for zero_or_less in ["0", "0.00", "-1"] {
+            assert_eq!(
+                Money::parse_positive(zero_or_less, eur),
+                Err(MoneyError::NotPositive)
+            );
+        }
+        assert!(matches!(
+            Money::parse_positive("1.005", eur),
+            Err(MoneyError::TooPrecise { .. })
+        ));
     }
 
     #[test]

@@ -4,7 +4,6 @@
 use super::error::{ApiError, FieldError};
 use crate::app::AppState;
 use crate::domain::identity::Principal;
-use crate::domain::money::{Currency, Money};
 use crate::ids::hash_token;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -12,6 +11,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
+use std::fmt::Display;
 
 /// A JSON request body. Wrong content type → 415, unparseable → 400, wrong shape → 422 naming
 /// the field, too large → 413; all as problem+json.
@@ -79,22 +79,13 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 #[derive(Default)]
 pub struct Validation(Vec<FieldError>);
 
-/// A positive amount in `currency`, from the API's decimal string: prices, costs and charges.
-pub fn positive_amount(raw: &str, currency: Currency) -> Result<Money, String> {
-    match Money::parse(raw, currency) {
-        Ok(m) if m.is_positive() => Ok(m),
-        Ok(_) => Err("must be greater than zero".into()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 impl Validation {
     /// Records `result`'s error under `field` and passes its value on.
-    pub fn check<T, E: Into<String>>(&mut self, field: &str, result: Result<T, E>) -> Option<T> {
+    pub fn check<T, E: Display>(&mut self, field: &str, result: Result<T, E>) -> Option<T> {
         match result {
             Ok(v) => Some(v),
             Err(message) => {
-                self.error(field, message);
+                self.error(field, message.to_string());
                 None
             }
         }

@@ -3,7 +3,7 @@
 
 use super::amount_string;
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller, Validation, positive_amount};
+use super::extract::{ApiJson, Caller, Validation};
 use super::ops::{Page, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::ledger::Account;
@@ -257,7 +257,7 @@ async fn create_charge(
         "currency",
         Currency::parse(&body.currency).map_err(|_| "must be an ISO 4217 code such as EUR"),
     );
-    let amount = currency.and_then(|c| v.check("amount", positive_amount(&body.amount, c)));
+    let amount = currency.and_then(|c| v.check("amount", Money::parse_positive(&body.amount, c)));
     let memo = v.check("memo", parse_memo(&body.memo));
     v.finish()?;
     let (Some(amount), Some(memo)) = (amount, memo) else {
@@ -339,7 +339,7 @@ async fn refund_intent(
             charge.amount_minor - charge.refunded_minor,
             currency,
         )),
-        Some(raw) => v.check("amount", positive_amount(raw, currency)),
+        Some(raw) => v.check("amount", Money::parse_positive(raw, currency)),
     };
     let memo = v.check("memo", parse_memo(&body.memo));
     v.finish()?;

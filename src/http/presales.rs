@@ -1,7 +1,7 @@
 //! Presales over HTTP: campaigns and their quotes, pledges, demand, purchase orders.
 
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller, Validation, positive_amount};
+use super::extract::{ApiJson, Caller, Validation};
 use super::idempotency::{self, UnclaimedKey};
 use super::ops::{Page, cursor, page_limit, paginate};
 use crate::app::AppState;
@@ -255,7 +255,7 @@ async fn create_campaign(
     let reference = currency.and_then(|c| {
         v.check(
             "reference_price",
-            positive_amount(&input.reference_price, c),
+            Money::parse_positive(&input.reference_price, c),
         )
     });
     let bps = v.check("deposit_percent", parse_percent(&input.deposit_percent));

@@ -3,11 +3,11 @@
 
 use super::amount_string;
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller, Validation, positive_amount};
+use super::extract::{ApiJson, Caller, Validation};
 use super::ops::Page;
 use crate::app::AppState;
 use crate::domain::identity::{parse_name, parse_payment_token, parse_time_zone};
-use crate::domain::money::{Currency, Money};
+use crate::domain::money::{Currency, Money, MoneyError};
 use crate::domain::ripening::Ethylene;
 use crate::domain::subscription::{first_delivery, parse_weekday, weekday_name};
 use crate::ids::new_id;
@@ -164,9 +164,8 @@ async fn put_catalog_item(
     if !(1..=120).contains(&input.ready_window_days) {
         v.error("ready_window_days", "must be 1–120");
     }
-    let cost = Currency::parse(&input.currency)
-        .map_err(|e| e.to_string())
-        .and_then(|c| positive_amount(&input.unit_cost, c));
+    let cost =
+        Currency::parse(&input.currency).and_then(|c| Money::parse_positive(&input.unit_cost, c));
     let cost = v.check("unit_cost", cost);
     if input.available_months.is_empty()
         || input.available_months.iter().any(|m| !(1..=12).contains(m))
@@ -273,8 +272,8 @@ impl From<PlanRow> for PlanOut {
 }
 
 /// A plan's price: a positive amount in its `currency` code.
-fn positive_price(raw: &str, currency: &str) -> Result<Money, String> {
-    positive_amount(raw, Currency::parse(currency).map_err(|e| e.to_string())?)
+fn positive_price(raw: &str, currency: &str) -> Result<Money, MoneyError> {
+    Money::parse_positive(raw, Currency::parse(currency)?)
 }
 
 /// Creates a plan (ops).
@@ -422,7 +421,7 @@ async fn change_plan(
     caller.require_admin()?;
     let plan = plan_of(&state.store, &id).await?;
     let price = positive_price(&input.price_per_delivery, &plan.currency)
-        .map_err(|m| ApiError::field("price_per_delivery", m))?;
+        .map_err(|m| ApiError::field("price_per_delivery", m.to_string()))?;
     let changed = PlanRow {
         price_minor: price.minor(),
         ..plan.clone()
