@@ -674,12 +674,14 @@ impl Store {
 
     /// Whether a pledge of the campaign still awaits a balance the gateway has not answered.
     /// Read from the pending intents' side: there are few of them, whatever the campaign's size.
+    /// `CROSS JOIN` is how SQLite is told that order (PostgreSQL plans it as any join):
+    /// otherwise it starts from the campaign's pledges awaiting their balance, all of them.
     pub async fn balance_pending(&self, campaign_id: &str) -> StoreResult<bool> {
         Ok(on_pool!(self, |pool| {
             sqlx::query_scalar(
                 "SELECT EXISTS (
-                     SELECT 1 FROM payment_intents i JOIN pledges p ON p.id = i.subject_id
-                     WHERE i.status = 'pending' AND i.purpose = 'balance'
+                     SELECT 1 FROM payment_intents i CROSS JOIN pledges p
+                     WHERE p.id = i.subject_id AND i.status = 'pending' AND i.purpose = 'balance'
                        AND p.campaign_id = $1 AND p.status = 'awaiting_balance')",
             )
             .bind(campaign_id)
