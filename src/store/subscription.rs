@@ -520,13 +520,25 @@ impl Store {
         })
     }
 
+    /// A subscription's deliveries by date. A locked delivery's status is its invoice's
+    /// outcome: `paid` once the invoice is, `payment_failed` while it is past due or after it
+    /// became uncollectible (the box stays held), `locked` until the first charge answers. The
+    /// invoice is the one record of payment; renewals no longer copy it onto the delivery, and
+    /// deliveries locked before that carry `paid` or `payment_failed`, read the same way.
     pub async fn deliveries_of(&self, subscription_id: &str) -> StoreResult<Vec<DeliveryRow>> {
         Ok(on_pool!(self, |pool| {
-            sqlx::query_as(concat!(
-                "SELECT ",
-                delivery_columns!(),
-                " FROM deliveries WHERE subscription_id = $1 ORDER BY delivery_date"
-            ))
+            sqlx::query_as(
+                "SELECT d.id, d.subscription_id, d.delivery_date, d.cutoff_at,
+                     CASE WHEN d.status NOT IN ('locked', 'paid', 'payment_failed') THEN d.status
+                          WHEN i.status = 'paid' THEN 'paid'
+                          WHEN i.status IN ('past_due', 'uncollectible') THEN 'payment_failed'
+                          ELSE 'locked' END AS status,
+                     d.skip_reason, d.amount_minor, d.lines
+                 FROM deliveries d
+                 LEFT JOIN invoices i
+                   ON i.subscription_id = d.subscription_id AND i.delivery_date = d.delivery_date
+                 WHERE d.subscription_id = $1 ORDER BY d.delivery_date",
+            )
             .bind(subscription_id)
             .fetch_all(pool)
             .await?

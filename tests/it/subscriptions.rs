@@ -176,6 +176,10 @@ on_both_backends! {
         assert_eq!((invoices[0]["status"].as_str(), invoices[0]["attempts"].as_i64()), (Some("uncollectible"), Some(4)), "{invoices:?}");
         let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
         assert_eq!(sub["status"], "suspended");
+        // The unpaid box stays held (read from its invoice); the ones after it are skipped.
+        let held = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        assert_eq!(held[0]["status"], "payment_failed", "{held:?}");
+        assert!(held.len() > 1 && held[1..].iter().all(|d| d["status"] == "skipped"), "{held:?}");
         // Nothing after suspension is billed.
         app.advance("2026-10-24T00:00:00Z").await;
         assert_eq!(app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await.len(), 1);
