@@ -1104,4 +1104,79 @@ mod tests {
             .unwrap();
         store.close().await;
     }
+
+    /// The pollers' reads stay on the partial indexes that hold only their queues (migration
+    /// 0009), and `balance_pending` starts from the pending intents. SQLite plans a database
+    /// without statistics, as every new one is, and a plan that reads a whole table returns the
+    /// same rows, so no other test would notice one. The plans are SQLite's own words for the
+    /// version `Cargo.lock` builds. (PostgreSQL plans by its statistics; BENCHMARKS.md,
+    /// "Twenty-first session", shows its plans.)
+    #[tokio::test]
+    async fn poll_plans() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = DatabaseUrl::Sqlite(dir.path().join("plans.db"));
+        let store = Store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let Db::Sqlite(readers) = &store.db else {
+            unreachable!("a SQLite store")
+        };
+        // (query, how many parameters it takes, its plan)
+        let polls: [(&str, usize, &[&str]); 5] = [
+            (
+                subscription::DUE_DELIVERY_IDS,
+                1,
+                // Ties on the cutoff are put in id order: one sort of the due ids, no table read.
+                &[
+                    "SEARCH deliveries USING INDEX deliveries_due (cutoff_at<?)",
+                    "USE TEMP B-TREE FOR LAST TERM OF ORDER BY",
+                ],
+            ),
+            (
+                subscription::PAST_DUE_INVOICES,
+                1,
+                // The whole index is the invoices in dunning, sorted by age.
+                &[
+                    "SCAN invoices USING INDEX invoices_dunning",
+                    "USE TEMP B-TREE FOR ORDER BY",
+                ],
+            ),
+            (
+                payments::PENDING_INTENTS,
+                4,
+                &["SEARCH payment_intents USING INDEX payment_intents_due (seq>?)"],
+            ),
+            (
+                outbox::DUE_EMAILS,
+                2,
+                &["SEARCH outbox USING INDEX outbox_pending (next_attempt_at<?)"],
+            ),
+            (
+                presale::BALANCE_PENDING,
+                1,
+                &[
+                    "SCAN CONSTANT ROW",
+                    "SCALAR SUBQUERY 1",
+                    "SCAN i USING INDEX payment_intents_due",
+                    "SEARCH p USING INDEX sqlite_autoindex_pledges_1 (id=?)",
+                ],
+            ),
+        ];
+        for (sql, params, expected) in polls {
+            let explain = format!("EXPLAIN QUERY PLAN {sql}");
+            let mut query =
+                sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(explain));
+            for _ in 0..params {
+                query = query.bind(None::<i64>);
+            }
+            let plan: Vec<String> = query
+                .fetch_all(readers)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(_, _, _, step)| step)
+                .collect();
+            assert_eq!(plan, expected, "{sql}");
+        }
+        store.close().await;
+    }
 }

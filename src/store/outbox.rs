@@ -7,6 +7,14 @@ use serde::Serialize;
 /// The job that delivers the outbox (woken when an email is enqueued).
 pub const OUTBOX_JOB: &str = "outbox-deliver";
 
+/// The outbox's queue: up to `$2` pending emails due by `$1`, oldest first, read through the
+/// partial `outbox_pending` index (the store's `poll_plans` test checks it).
+pub(super) const DUE_EMAILS: &str =
+    "SELECT id, template, entity, event, to_addr, subject, text_body, html_body, status,
+            attempts, next_attempt_at, last_error, created_at, sent_at
+     FROM outbox WHERE status = 'pending' AND next_attempt_at <= $1
+     ORDER BY next_attempt_at, id LIMIT $2";
+
 /// An email to enqueue, already rendered.
 #[derive(Debug, Clone)]
 pub struct NewEmail {
@@ -60,16 +68,11 @@ impl Store {
     /// Pending emails due by `now`, oldest first.
     pub async fn due_emails(&self, now: i64, limit: i64) -> StoreResult<Vec<OutboxRow>> {
         Ok(on_pool!(self, |pool| {
-            sqlx::query_as(
-                "SELECT id, template, entity, event, to_addr, subject, text_body, html_body, status,
-                        attempts, next_attempt_at, last_error, created_at, sent_at
-                 FROM outbox WHERE status = 'pending' AND next_attempt_at <= $1
-                 ORDER BY next_attempt_at, id LIMIT $2",
-            )
-            .bind(now)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?
+            sqlx::query_as(DUE_EMAILS)
+                .bind(now)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
         }))
     }
 

@@ -12,6 +12,17 @@ use crate::domain::money::{Currency, Money};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
+/// The payment sweep's queue: pending intents due by `$1` (or all, when `$2`), a page of `$4`
+/// after `seq` `$3`, read in `seq` order from the partial `payment_intents_due` index (the
+/// store's `poll_plans` test checks it).
+pub(super) const PENDING_INTENTS: &str = concat!(
+    "SELECT ",
+    intent_columns!(),
+    " FROM payment_intents
+     WHERE status = 'pending' AND ($2 OR next_attempt_at <= $1) AND seq > $3
+     ORDER BY seq LIMIT $4"
+);
+
 /// A charge or refund to commit before sending.
 #[derive(Debug, Clone)]
 pub struct NewIntent {
@@ -511,19 +522,13 @@ impl Store {
         limit: i64,
     ) -> StoreResult<Vec<IntentRow>> {
         Ok(on_pool!(self, |pool| {
-            sqlx::query_as(concat!(
-                "SELECT ",
-                intent_columns!(),
-                " FROM payment_intents
-                 WHERE status = 'pending' AND ($2 OR next_attempt_at <= $1) AND seq > $3
-                 ORDER BY seq LIMIT $4"
-            ))
-            .bind(now)
-            .bind(include_held)
-            .bind(after_seq)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?
+            sqlx::query_as(PENDING_INTENTS)
+                .bind(now)
+                .bind(include_held)
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
         }))
     }
 

@@ -12,6 +12,13 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 /// Inserts one quote inside the caller's transaction.
+/// [`Store::balance_pending`]'s query: from the pending intents (the partial
+/// `payment_intents_due` index) to their pledges by key, as the store's `poll_plans` test checks.
+pub(super) const BALANCE_PENDING: &str = "SELECT EXISTS (
+     SELECT 1 FROM payment_intents i CROSS JOIN pledges p
+     WHERE p.id = i.subject_id AND i.status = 'pending' AND i.purpose = 'balance'
+       AND p.campaign_id = $1 AND p.status = 'awaiting_balance')";
+
 macro_rules! insert_quote {
     ($tx:ident, $q:expr) => {{
         let q: &QuoteRow = $q;
@@ -678,15 +685,10 @@ impl Store {
     /// otherwise it starts from the campaign's pledges awaiting their balance, all of them.
     pub async fn balance_pending(&self, campaign_id: &str) -> StoreResult<bool> {
         Ok(on_pool!(self, |pool| {
-            sqlx::query_scalar(
-                "SELECT EXISTS (
-                     SELECT 1 FROM payment_intents i CROSS JOIN pledges p
-                     WHERE p.id = i.subject_id AND i.status = 'pending' AND i.purpose = 'balance'
-                       AND p.campaign_id = $1 AND p.status = 'awaiting_balance')",
-            )
-            .bind(campaign_id)
-            .fetch_one(pool)
-            .await?
+            sqlx::query_scalar(BALANCE_PENDING)
+                .bind(campaign_id)
+                .fetch_one(pool)
+                .await?
         }))
     }
 

@@ -143,6 +143,21 @@ macro_rules! invoice_columns {
     };
 }
 
+/// The renewal's queue: scheduled deliveries whose cutoff has come, oldest first, read
+/// through the partial `deliveries_due` index (the store's `poll_plans` test checks it).
+pub(super) const DUE_DELIVERY_IDS: &str = "SELECT id FROM deliveries
+     WHERE status = 'scheduled' AND cutoff_at <= $1 ORDER BY cutoff_at, id";
+
+/// Dunning's queue: past-due invoices awaiting a decision or a due retry, read through the
+/// partial `invoices_dunning` index.
+pub(super) const PAST_DUE_INVOICES: &str = concat!(
+    "SELECT ",
+    invoice_columns!(),
+    " FROM invoices WHERE status = 'past_due'
+       AND (next_attempt_at IS NULL OR next_attempt_at <= $1)
+     ORDER BY created_at, id"
+);
+
 /// Inserts a catalog item inside the caller's transaction, with `$conflict` deciding what an
 /// existing sku does.
 macro_rules! upsert_catalog {
@@ -574,13 +589,10 @@ impl Store {
     /// the writer had nothing to do, and held them all in memory.
     pub async fn due_delivery_ids(&self, now: i64) -> StoreResult<Vec<String>> {
         Ok(on_pool!(self, |pool| {
-            sqlx::query_scalar(
-                "SELECT id FROM deliveries WHERE status = 'scheduled' AND cutoff_at <= $1
-                 ORDER BY cutoff_at, id",
-            )
-            .bind(now)
-            .fetch_all(pool)
-            .await?
+            sqlx::query_scalar(DUE_DELIVERY_IDS)
+                .bind(now)
+                .fetch_all(pool)
+                .await?
         }))
     }
 
@@ -798,16 +810,10 @@ impl Store {
     /// whose retry is due by `now`.
     pub async fn past_due_invoices(&self, now: i64) -> StoreResult<Vec<InvoiceRow>> {
         Ok(on_pool!(self, |pool| {
-            sqlx::query_as(concat!(
-                "SELECT ",
-                invoice_columns!(),
-                " FROM invoices WHERE status = 'past_due'
-                   AND (next_attempt_at IS NULL OR next_attempt_at <= $1)
-                 ORDER BY created_at, id"
-            ))
-            .bind(now)
-            .fetch_all(pool)
-            .await?
+            sqlx::query_as(PAST_DUE_INVOICES)
+                .bind(now)
+                .fetch_all(pool)
+                .await?
         }))
     }
 
