@@ -624,26 +624,31 @@ impl Store {
     }
 
     /// Saves provisional boxes (`(delivery id, lines)`) of deliveries still scheduled, in one
-    /// statement.
-    pub async fn set_provisional_boxes(&self, boxes: &[(String, String)]) -> StoreResult<()> {
+    /// statement; returns how many changed. A box planned as before is not written again: the
+    /// weekly plan re-plans two weeks of deliveries, most of them unchanged since last week,
+    /// and rewriting one costs a row (on PostgreSQL a new row version) for nothing.
+    pub async fn set_provisional_boxes(&self, boxes: &[(String, String)]) -> StoreResult<u64> {
         if boxes.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        in_tx!(self, |tx| {
+        let changed = in_tx!(self, |tx| {
             // `status || ''`: see `lock_deliveries`.
             let sql = format!(
                 "UPDATE deliveries SET lines = v.lines
                  FROM (SELECT value->>0 AS id, value->>1 AS lines FROM {}) AS v
-                 WHERE deliveries.id = v.id AND deliveries.status || '' = 'scheduled'",
+                 WHERE deliveries.id = v.id AND deliveries.status || '' = 'scheduled'
+                   AND deliveries.lines IS DISTINCT FROM v.lines",
                 super::json_rows(&tx, 1)
             );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
+            let changed = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(super::json_array(boxes.iter()))
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
             tx.commit().await?;
+            changed
         });
-        Ok(())
+        Ok(changed)
     }
 
     /// Skips a due delivery that will not be billed (its subscription is suspended or

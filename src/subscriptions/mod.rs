@@ -676,22 +676,29 @@ async fn deliveries_in_order(
     })
 }
 
+/// What [`plan_window`] did: boxes planned, how many of them differed from the box saved
+/// before (only those are written), and grower order lines written.
+struct Planned {
+    boxes: usize,
+    boxes_changed: u64,
+    grower_order_lines: usize,
+}
+
 /// Sums the boxes of every delivery in `[from, until)` into the planned grower orders, which
 /// then replace those ripening in the window. With `replan_at`, the boxes of deliveries still
 /// scheduled are planned anew first (provisionally, until each cutoff) and saved, so the
 /// orders count them without reading the deliveries twice. A chunk at a time: one read for
-/// its subscriptions, one write for its boxes, none kept past it. Returns how many boxes were
-/// planned and how many grower order lines were written.
+/// its subscriptions, one write for its boxes, none kept past it.
 async fn plan_window(
     store: &Store,
     (from, until): (NaiveDate, NaiveDate),
     replan_at: Option<DateTime<Utc>>,
-) -> Result<(usize, usize)> {
+) -> Result<Planned> {
     let catalog = catalog_by_sku(store).await?;
     let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
     let mut memo = HashMap::new();
     let mut orders = GrowerOrders::new(&catalog);
-    let mut planned = 0;
+    let (mut planned, mut changed) = (0, 0);
     let ids = store
         .delivery_ids_between(&from.to_string(), &until.to_string())
         .await?;
@@ -731,12 +738,12 @@ async fn plan_window(
             let store = store.clone();
             let write = async move { store.set_provisional_boxes(&boxes).await };
             if let Some(done) = writing.start(write).await {
-                done?;
+                changed += done?;
             }
         }
     }
     while let Some(done) = writing.next().await {
-        done?;
+        changed += done?;
     }
     let rows = orders.rows();
     // A box ripens before its delivery, so no delivery before the window has an order that
@@ -748,7 +755,11 @@ async fn plan_window(
         until: &until,
     };
     store.put_grower_orders(&rows, window).await?;
-    Ok((planned, rows.len()))
+    Ok(Planned {
+        boxes: planned,
+        boxes_changed: changed,
+        grower_order_lines: rows.len(),
+    })
 }
 
 /// Plans the boxes of a new subscription's deliveries in the coming two weeks now (it can't
@@ -789,8 +800,12 @@ pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<U
 pub async fn run_plan(store: &Store, now: DateTime<Utc>) -> Result<serde_json::Value> {
     let today = now.date_naive();
     let window = (today, today + Duration::days(15));
-    let (planned, orders) = plan_window(store, window, Some(now)).await?;
-    Ok(json!({"boxes": planned, "grower_order_lines": orders}))
+    let p = plan_window(store, window, Some(now)).await?;
+    Ok(json!({
+        "boxes": p.boxes,
+        "boxes_changed": p.boxes_changed,
+        "grower_order_lines": p.grower_order_lines,
+    }))
 }
 
 /// `grower-orders`: sends each grower the order lines whose order-by date has come (one

@@ -214,6 +214,42 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn the_weekly_plan_writes_only_the_boxes_that_changed(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 1)).await;
+        let (_, token) = app.shopper("Uma", "pm_ok").await;
+        let (status, body) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let plan_now = || async {
+            let (status, run) = app.post("/api/v1/ops/jobs/subscription-plan/run", Some(ADMIN_TOKEN), json!({})).await;
+            assert_eq!((status, run["state"].as_str()), (StatusCode::ACCEPTED, Some("succeeded")), "{run}");
+            run["result"].clone()
+        };
+        // The signup planned its first box; planned again, it is the same box, not written.
+        let first = plan_now().await;
+        assert_eq!((first["boxes"].as_i64(), first["boxes_changed"].as_i64()), (Some(1), Some(0)), "{first}");
+        // A week on, the window takes in a delivery never planned: that box is written.
+        app.advance("2026-10-07T12:00:00Z").await;
+        let weekly = app.runs_of("subscription-plan").await;
+        let scheduled = weekly.iter().rev().find(|r| r["trigger"] == "schedule").expect("the weekly run");
+        assert_eq!(scheduled["scheduled_for"], "2026-10-07T04:00:00Z", "{weekly:?}");
+        let result = &scheduled["result"];
+        assert!(result["boxes"].as_i64() >= Some(1), "{result}");
+        assert_eq!(result["boxes_changed"], result["boxes"], "every box in the new window was new: {result}");
+        // Planned again at once, nothing has changed and nothing is written.
+        let again = plan_now().await;
+        assert_eq!((again["boxes"].clone(), again["boxes_changed"].as_i64()), (result["boxes"].clone(), Some(0)), "{again}");
+        let deliveries = app.items_of(&format!("/api/v1/subscriptions/{}/deliveries", str_of(&body["id"])), &token).await;
+        // Every box in the window (two weeks from 7 Oct) is planned.
+        let in_window: Vec<_> = deliveries.iter().filter(|d| str_of(&d["date"]).as_str() < "2026-10-22").collect();
+        assert_eq!(in_window.len(), 2, "{deliveries:?}");
+        assert!(in_window.iter().all(|d| !d["lines"].as_array().unwrap().is_empty()), "{deliveries:?}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn grower_orders_go_out_on_their_order_by_dates(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(fruit_plan("24.90", 2)).await;
