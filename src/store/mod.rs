@@ -1074,16 +1074,22 @@ pub fn instant(us: i64) -> DateTime<Utc> {
 mod tests {
     use super::*;
 
+    /// A migrated SQLite store in a directory of its own (removed when the guard drops).
+    async fn migrated_sqlite() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = DatabaseUrl::Sqlite(dir.path().join("store.db"));
+        let store = Store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        (dir, store)
+    }
+
     /// Every write of the service goes through the one SQLite writer, because the readers
     /// refuse writes: a store method that wrote on a reader would fail its own tests (the retry
     /// timers of email delivery and of balances did, until the readers were made query-only).
     /// Checkpoints still run there.
     #[tokio::test]
     async fn sqlite_readers_refuse_writes_and_the_writer_takes_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = DatabaseUrl::Sqlite(dir.path().join("readers.db"));
-        let store = Store::connect(&url).await.unwrap();
-        store.migrate().await.unwrap();
+        let (_dir, store) = migrated_sqlite().await;
         let Db::Sqlite(readers) = &store.db else {
             unreachable!("a SQLite store")
         };
@@ -1113,10 +1119,7 @@ mod tests {
     /// "Twenty-first session", shows its plans.)
     #[tokio::test]
     async fn poll_plans() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = DatabaseUrl::Sqlite(dir.path().join("plans.db"));
-        let store = Store::connect(&url).await.unwrap();
-        store.migrate().await.unwrap();
+        let (_dir, store) = migrated_sqlite().await;
         let Db::Sqlite(readers) = &store.db else {
             unreachable!("a SQLite store")
         };
