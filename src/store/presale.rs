@@ -11,7 +11,6 @@ use crate::domain::presale::{JoinRefusal, admit};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-/// Inserts one quote inside the caller's transaction.
 /// [`Store::balance_pending`]'s query: from the pending intents (the partial
 /// `payment_intents_due` index) to their pledges by key, as the store's `poll_plans` test checks.
 pub(super) const BALANCE_PENDING: &str = "SELECT EXISTS (
@@ -19,6 +18,7 @@ pub(super) const BALANCE_PENDING: &str = "SELECT EXISTS (
      WHERE p.id = i.subject_id AND i.status = 'pending' AND i.purpose = 'balance'
        AND p.campaign_id = $1 AND p.status = 'awaiting_balance')";
 
+/// Inserts one quote inside the caller's transaction.
 macro_rules! insert_quote {
     ($tx:ident, $q:expr) => {{
         let q: &QuoteRow = $q;
