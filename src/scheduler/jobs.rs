@@ -47,6 +47,23 @@ where
     })
 }
 
+/// The body of a subscription billing step (renewal, dunning): each runs over the store, the
+/// gateway and the configured dunning schedule.
+macro_rules! billing {
+    ($step:path) => {
+        body(|ctx| async move {
+            let env = &ctx.env;
+            $step(
+                &env.store,
+                &env.payments,
+                &env.settings.dunning_days,
+                ctx.now,
+            )
+            .await
+        })
+    };
+}
+
 impl JobSpec {
     fn new(name: &str, schedule: &str, zone: Tz, catchup: CatchUp, body: JobBody) -> JobSpec {
         JobSpec {
@@ -121,30 +138,14 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "every 15m",
             utc,
             CatchUp::Latest,
-            body(|ctx| async move {
-                subscriptions::run_renew(
-                    &ctx.env.store,
-                    &ctx.env.payments,
-                    &ctx.env.settings.dunning_days,
-                    ctx.now,
-                )
-                .await
-            }),
+            billing!(subscriptions::run_renew),
         ),
         JobSpec::new(
             subscriptions::DUNNING_JOB,
             "0 * * * *",
             utc,
             CatchUp::Latest,
-            body(|ctx| async move {
-                subscriptions::run_dunning(
-                    &ctx.env.store,
-                    &ctx.env.payments,
-                    &ctx.env.settings.dunning_days,
-                    ctx.now,
-                )
-                .await
-            }),
+            billing!(subscriptions::run_dunning),
         ),
         JobSpec::new(
             "grower-orders",
