@@ -164,9 +164,10 @@ async fn put_catalog_item(
     if !(1..=120).contains(&input.ready_window_days) {
         v.error("ready_window_days", "must be 1–120");
     }
-    let cost =
-        Currency::parse(&input.currency).and_then(|c| Money::parse_positive(&input.unit_cost, c));
-    let cost = v.check("unit_cost", cost);
+    let cost = v.check(
+        "unit_cost",
+        positive_amount(&input.unit_cost, &input.currency),
+    );
     if input.available_months.is_empty()
         || input.available_months.iter().any(|m| !(1..=12).contains(m))
     {
@@ -271,8 +272,8 @@ impl From<PlanRow> for PlanOut {
     }
 }
 
-/// A plan's price: a positive amount in its `currency` code.
-fn positive_price(raw: &str, currency: &str) -> Result<Money, MoneyError> {
+/// A price or cost as the API takes it: a positive decimal amount in a `currency` code.
+fn positive_amount(raw: &str, currency: &str) -> Result<Money, MoneyError> {
     Money::parse_positive(raw, Currency::parse(currency)?)
 }
 
@@ -292,7 +293,7 @@ async fn create_plan(
     }
     let price = v.check(
         "price_per_delivery",
-        positive_price(&input.price_per_delivery, &input.currency),
+        positive_amount(&input.price_per_delivery, &input.currency),
     );
     if ![1, 2].contains(&input.cadence_weeks) {
         v.error("cadence_weeks", "must be 1 or 2");
@@ -420,7 +421,7 @@ async fn change_plan(
 ) -> Result<Json<PlanOut>, ApiError> {
     caller.require_admin()?;
     let plan = plan_of(&state.store, &id).await?;
-    let price = positive_price(&input.price_per_delivery, &plan.currency)
+    let price = positive_amount(&input.price_per_delivery, &plan.currency)
         .map_err(|m| ApiError::field("price_per_delivery", m.to_string()))?;
     let changed = PlanRow {
         price_minor: price.minor(),
