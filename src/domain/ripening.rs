@@ -23,6 +23,8 @@ pub enum Ethylene {
 }
 
 impl Ethylene {
+    /// Reads the shipped catalog's wording ("very high", "n/a", …), where any word it does not
+    /// know means no ethylene worth separating.
     pub fn parse(s: &str) -> Ethylene {
         match s.trim() {
             "high" | "very high" => Ethylene::High,
@@ -30,6 +32,19 @@ impl Ethylene {
             "low" => Ethylene::Low,
             _ => Ethylene::None,
         }
+    }
+
+    /// A level as the API and the store spell it ([`Ethylene::as_str`]); `None` for any other
+    /// word, so a typo is refused instead of read as no ethylene.
+    pub fn from_name(s: &str) -> Option<Ethylene> {
+        [
+            Ethylene::None,
+            Ethylene::Low,
+            Ethylene::Medium,
+            Ethylene::High,
+        ]
+        .into_iter()
+        .find(|e| e.as_str() == s)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -251,6 +266,24 @@ pub fn backward_schedule(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_api_names_each_ethylene_level_one_way() {
+        for level in [
+            Ethylene::None,
+            Ethylene::Low,
+            Ethylene::Medium,
+            Ethylene::High,
+        ] {
+            assert_eq!(Ethylene::from_name(level.as_str()), Some(level));
+        }
+        // The shipped data's wording is read by `parse`, never taken from a client.
+        for word in ["very high", "n/a", "High", "hihg", ""] {
+            assert_eq!(Ethylene::from_name(word), None, "{word}");
+        }
+        assert_eq!(Ethylene::parse("very high"), Ethylene::High);
+        assert_eq!(Ethylene::parse("n/a"), Ethylene::None);
+    }
 
     fn item(sku: &str, r: (i64, i64), w: i64, cost: i64) -> Item {
         Item {

@@ -176,14 +176,22 @@ async fn put_catalog_item(
     if !(0..=60).contains(&input.lead_time_days) {
         v.error("lead_time_days", "must be 0–60");
     }
+    let ethylene = v.check(
+        "ethylene_producer",
+        input
+            .ethylene_producer
+            .as_deref()
+            .map_or(Some(Ethylene::None), Ethylene::from_name)
+            .ok_or("must be none, low, medium or high"),
+    );
     let grower = v.check("grower", parse_name(&input.grower));
     let grower_email = v.check(
         "grower_email",
         crate::domain::identity::parse_email(&input.grower_email),
     );
     v.finish()?;
-    let (Some(name), Some(cost), Some(grower), Some(grower_email)) =
-        (name, cost, grower, grower_email)
+    let (Some(name), Some(cost), Some(ethylene), Some(grower), Some(grower_email)) =
+        (name, cost, ethylene, grower, grower_email)
     else {
         unreachable!("validated")
     };
@@ -197,9 +205,7 @@ async fn put_catalog_item(
         ripening_days_min: input.ripening_days_min,
         ripening_days_max: input.ripening_days_max,
         ready_window_days: input.ready_window_days,
-        ethylene_producer: Ethylene::parse(input.ethylene_producer.as_deref().unwrap_or("none"))
-            .as_str()
-            .into(),
+        ethylene_producer: ethylene.as_str().into(),
         ethylene_sensitive: input.ethylene_sensitive,
         unit_cost_minor: cost.minor(),
         currency: cost.currency().code().into(),

@@ -193,6 +193,59 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn ops_put_catalog_items_and_bad_ones_change_nothing(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let item = json!({"name": "Pawpaw", "kind": "fruit", "ripening_days_min": 2, "ripening_days_max": 4,
+            "ready_window_days": 2, "unit_cost": "1.35", "currency": "EUR", "available_months": [10, 9, 9],
+            "lead_time_days": 3, "grower": "Ohio Orchards", "grower_email": "orders@ohio.example",
+            "ethylene_producer": "high", "ethylene_sensitive": true});
+        let put = |body: Value, token: Option<&'static str>| {
+            let app = &app;
+            async move { app.call(Method::PUT, "/api/v1/catalog/pawpaw", token, Some(body)).await }
+        };
+        let catalog = || async { app.get("/api/v1/catalog", None).await.1["items"].as_array().unwrap().clone() };
+        let before = catalog().await;
+        assert_eq!(put(item.clone(), None).await.0, StatusCode::UNAUTHORIZED);
+        let (_, token) = app.shopper("Otto", "pm_ok").await;
+        let shopper = app.call(Method::PUT, "/api/v1/catalog/pawpaw", Some(&token), Some(item.clone())).await;
+        assert_eq!(shopper.0, StatusCode::FORBIDDEN, "{}", shopper.1);
+        for (field, value) in [
+            ("ethylene_producer", json!("hihg")),
+            ("unit_cost", json!("0.00")),
+            ("currency", json!("ZZZ")),
+            ("available_months", json!([13])),
+            ("ripening_days_max", json!(1)),
+            ("lead_time_days", json!(61)),
+            ("grower_email", json!("orders")),
+            ("kind", json!("vegetable")),
+        ] {
+            let mut bad = item.clone();
+            bad[field] = value;
+            let (status, body) = put(bad, Some(ADMIN_TOKEN)).await;
+            let named = if field == "currency" { "unit_cost" } else { field };
+            assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(named)), "{field}: {body}");
+        }
+        let (status, body) = app.call(Method::PUT, "/api/v1/catalog/Paw_Paw", Some(ADMIN_TOKEN), Some(item.clone())).await;
+        assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("sku")), "{body}");
+        assert_eq!(catalog().await, before, "a refused item changes nothing");
+
+        let (status, added) = put(item.clone(), Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, StatusCode::OK, "{added}");
+        assert_eq!((added["unit_cost"].as_str(), added["available_months"].clone()), (Some("1.35"), json!([9, 10])));
+        let mut cheaper = item.clone();
+        cheaper["unit_cost"] = json!("1.10");
+        cheaper.as_object_mut().unwrap().remove("ethylene_producer");
+        let (status, replaced) = put(cheaper, Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, StatusCode::OK, "{replaced}");
+        let listed = catalog().await;
+        assert_eq!(listed.len(), before.len() + 1, "one item, replaced in place");
+        let pawpaw = listed.iter().find(|i| i["sku"] == "pawpaw").unwrap();
+        assert_eq!((pawpaw["unit_cost"].as_str(), pawpaw["ethylene_producer"].as_str()), (Some("1.10"), Some("none")), "{pawpaw}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn a_declined_card_recovers_after_an_update(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let (id, token) = declined_subscriber(&app, "Rita").await;
