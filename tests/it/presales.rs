@@ -221,6 +221,66 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn ops_cancel_a_campaign_and_every_deposit_comes_back(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        // Non-refundable deposits: a shopper who withdraws forfeits one, but the shop calling the
+        // campaign off returns every one.
+        let mut body = jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z");
+        body["deposit_refundable"] = json!(false);
+        let id = str_of(&app.campaign(body).await["id"]);
+        let ended = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-05T00:00:00Z")).await["id"]);
+        let mut pledges = Vec::new();
+        for i in 0..3 {
+            let (_, token) = app.shopper(&format!("Called{i}"), "pm_ok").await;
+            let (status, body) = app.pledge(&id, &token, json!({"qty": 2, "variant": "L"})).await;
+            assert_eq!((status, body["deposit_amount"].as_str()), (StatusCode::CREATED, Some("40.00")), "{body}");
+            pledges.push((str_of(&body["id"]), token));
+        }
+        let cancel = |campaign: &str, token: Option<&str>| {
+            let path = format!("/api/v1/campaigns/{campaign}/cancel");
+            let token = token.map(str::to_owned);
+            let app = &app;
+            async move { app.post(&path, token.as_deref(), json!({})).await }
+        };
+        assert_eq!(cancel(&id, None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(cancel(&id, Some(&pledges[0].1)).await.0, StatusCode::FORBIDDEN, "shoppers cannot");
+        assert_eq!(cancel("cmp_nope", Some(ADMIN_TOKEN)).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(app.gateway_totals().await.get("refund"), None, "a refused cancel refunds nothing");
+
+        let (status, c) = cancel(&id, Some(ADMIN_TOKEN)).await;
+        assert_eq!((status, c["status"].as_str()), (StatusCode::OK, Some("cancelled")), "{c}");
+        for (pledge, token) in &pledges {
+            let (_, p) = app.get(&format!("/api/v1/pledges/{pledge}"), Some(token)).await;
+            assert_eq!((p["status"].as_str(), p["refunded_amount"].as_str()), (Some("refunded"), Some("40.00")), "{p}");
+        }
+        let (status, again) = cancel(&id, Some(ADMIN_TOKEN)).await;
+        assert_eq!((status, again["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "cancelled once: {again}");
+        let (status, late) = app.pledge(&id, &pledges[0].1, json!({"qty": 1, "variant": "L"})).await;
+        assert_eq!((status, late["code"].as_str()), (StatusCode::CONFLICT, Some("campaign_not_open")), "{late}");
+
+        // The deadline passes: a cancelled campaign is neither closed nor charged, and a campaign
+        // already ended cannot be cancelled.
+        app.advance("2026-06-10T01:00:00Z").await;
+        assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["status"], "cancelled");
+        assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{ended}")).await["status"], "failed");
+        assert_eq!(cancel(&ended, Some(ADMIN_TOKEN)).await.0, StatusCode::CONFLICT);
+        let totals = app.gateway_totals().await;
+        assert_eq!((totals["charge"], totals["refund"]), ((3, 3 * 4000), (3, 3 * 4000)), "each deposit charged once and refunded once");
+        let check = app.ledger_check().await;
+        assert_eq!((check["balanced"].as_bool(), check["gateway_matches"].as_bool()), (Some(true), Some(true)), "{check}");
+        assert_eq!(app.account_balance("deposits_held").await, "0.00");
+        assert_eq!(app.account_balance("gateway_clearing").await, "0.00");
+        for i in 0..3 {
+            let outbox = app.admin_get(&format!("/api/v1/ops/outbox?to=called{i}@example.com")).await;
+            let cancelled = outbox["items"].as_array().unwrap().iter().filter(|e| e["template"] == "campaign_cancelled").count();
+            assert_eq!(cancelled, 1, "{outbox}");
+        }
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn a_campaign_below_its_minimum_refunds_every_deposit_once(backend) {
         let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
         let (factory, _) = app.manufacturer("Northwind").await;
