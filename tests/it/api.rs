@@ -192,6 +192,10 @@ on_both_backends! {
             .await;
         assert_eq!(status, StatusCode::CONFLICT);
         assert_eq!(body["code"], "clock_not_manual");
+        // The instance registered when it started; on the system clock it agrees with the database.
+        let instances = system.admin_get("/api/v1/ops/instances").await["items"].clone();
+        assert_eq!((instances[0]["id"].as_str(), instances[0]["version"].as_str()), (Some("test"), Some(env!("CARGO_PKG_VERSION"))), "{instances}");
+        assert!(instances[0]["clock_skew_ms"].as_i64().unwrap().abs() < 5_000, "{instances}");
         system.stop().await;
 
         let start = Utc.with_ymd_and_hms(2026, 6, 1, 9, 0, 0).unwrap();
@@ -215,6 +219,10 @@ on_both_backends! {
         let (_, shopper_token) = app.shopper("Dora", "pm_ok").await;
         assert_eq!(app.get("/api/v1/ops/clock", Some(&shopper_token)).await.0, StatusCode::FORBIDDEN);
         assert_eq!(app.get("/api/v1/ops/clock", None).await.0, StatusCode::UNAUTHORIZED);
+        // A manual clock set months back shows as skew against the database's own time.
+        let instances = app.admin_get("/api/v1/ops/instances").await["items"].clone();
+        assert!(instances[0]["clock_skew_ms"].as_i64().unwrap() < -86_400_000, "{instances}");
+        assert_eq!(app.get("/api/v1/ops/instances", Some(&shopper_token)).await.0, StatusCode::FORBIDDEN);
         app.stop().await;
     }
 }
