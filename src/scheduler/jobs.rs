@@ -315,15 +315,21 @@ async fn deliver_outbox(ctx: RunCtx) -> Result<serde_json::Value, JobError> {
 
 /// Prunes finished runs older than 90 days and idempotency records older than a day.
 async fn prune(ctx: RunCtx) -> Result<serde_json::Value, JobError> {
-    let (runs, keys) = ctx
+    // An instance silent for a week is long gone: ops have seen its last heartbeat by then.
+    let pruned = ctx
         .env
         .store
         .prune(
             (ctx.now - Duration::days(90)).timestamp_micros(),
             (ctx.now - Duration::days(1)).timestamp_micros(),
+            Duration::days(7),
         )
         .await?;
-    Ok(json!({"runs_pruned": runs, "idempotency_keys_pruned": keys}))
+    Ok(json!({
+        "runs_pruned": pruned.runs,
+        "idempotency_keys_pruned": pruned.keys,
+        "instances_pruned": pruned.instances,
+    }))
 }
 
 impl From<StoreError> for JobError {

@@ -569,7 +569,9 @@ pub use presale::{
     PurchaseOrderRow, QuoteRow, Settlement,
 };
 pub use sandbox::{SandboxPaymentRow, SandboxRefund};
-pub use scheduler::{Claimed, JobDefRow, JobRunRow, NewRun, RunFilter, SchedulerInstanceRow};
+pub use scheduler::{
+    Claimed, JobDefRow, JobRunRow, NewRun, Pruned, RunFilter, SchedulerInstanceRow,
+};
 pub use subscription::{
     CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderMerge, GrowerOrderRow, InvoiceRow, PlanRow,
     SubscriptionRow,

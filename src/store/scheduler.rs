@@ -623,9 +623,18 @@ impl Store {
         }))
     }
 
-    /// Deletes finished runs that ended before `before` (keeping each job's latest), and
-    /// idempotency records older than `keys_before`. Returns (runs, keys) deleted.
-    pub async fn prune(&self, before: i64, keys_before: i64) -> StoreResult<(u64, u64)> {
+    /// Deletes finished runs that ended before `before` (keeping each job's latest),
+    /// idempotency records older than `keys_before`, and instances whose last heartbeat is
+    /// older than `silent_for` in database time (heartbeats are stamped with it). Every start
+    /// under the default instance id (`host-pid`) registers a new instance, so without this the
+    /// ops page would list every process that ever ran.
+    pub async fn prune(
+        &self,
+        before: i64,
+        keys_before: i64,
+        silent_for: chrono::Duration,
+    ) -> StoreResult<Pruned> {
+        let silent_since = self.db_now().await? - silent_for.num_microseconds().unwrap_or(i64::MAX);
         in_tx!(self, |tx| {
             let runs = sqlx::query(
                 "DELETE FROM job_runs WHERE state IN ('succeeded', 'skipped', 'failed')
@@ -641,10 +650,27 @@ impl Store {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+            let instances = sqlx::query("DELETE FROM scheduler_instances WHERE heartbeat_at < $1")
+                .bind(silent_since)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             tx.commit().await?;
-            Ok((runs, keys))
+            Ok(Pruned {
+                runs,
+                keys,
+                instances,
+            })
         })
     }
+}
+
+/// What [`Store::prune`] deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    pub runs: u64,
+    pub keys: u64,
+    pub instances: u64,
 }
 
 impl Store {

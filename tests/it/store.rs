@@ -33,6 +33,25 @@ fn both_backends_have_the_same_migrations() {
     );
 }
 
+/// A UTC job that catches up its latest slot within an hour, with no slot planned yet.
+fn job_def(name: &str, schedule: &str) -> JobDefRow {
+    JobDefRow {
+        name: name.into(),
+        schedule: schedule.into(),
+        time_zone: "UTC".into(),
+        catchup_policy: "latest".into(),
+        catchup_window_secs: 3600,
+        start_grace_secs: 0,
+        overlap_policy: "skip".into(),
+        max_attempts: 3,
+        lease_secs: 60,
+        paused_at: None,
+        paused_note: None,
+        known_since: 0,
+        last_planned_slot: None,
+    }
+}
+
 async fn open(db: &TestDb) -> Store {
     let store = Store::connect(&db.url).await.expect("connect");
     store.migrate().await.expect("migrate");
@@ -118,22 +137,7 @@ on_both_backends! {
     async fn a_plan_made_from_a_watermark_that_moved_changes_nothing(backend) {
         let db = TestDb::new(backend);
         let store = open(&db).await;
-        let def = JobDefRow {
-            name: "every-second".into(),
-            schedule: "every 1s".into(),
-            time_zone: "UTC".into(),
-            catchup_policy: "latest".into(),
-            catchup_window_secs: 3600,
-            start_grace_secs: 0,
-            overlap_policy: "skip".into(),
-            max_attempts: 3,
-            lease_secs: 60,
-            paused_at: None,
-            paused_note: None,
-            known_since: 0,
-            last_planned_slot: None,
-        };
-        store.sync_job_def(&def).await.unwrap();
+        store.sync_job_def(&job_def("every-second", "every 1s")).await.unwrap();
         let read = store.job_defs().await.unwrap()[0].last_planned_slot;
         assert_eq!(read, None);
         let s = |secs: i64| secs * 1_000_000;
@@ -350,6 +354,54 @@ async fn after_a_burst_the_sqlite_wal_file_is_cut_back_to_its_limit() {
             .unwrap();
     }
     store.close().await;
+}
+
+on_both_backends! {
+    /// `maintenance-prune`: old finished runs (never a job's latest, never one still running),
+    /// day-old idempotency records, and instances silent past the limit in database time.
+    async fn pruning_forgets_old_runs_keys_and_long_silent_instances(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        store.sync_job_def(&job_def("old-and-new", "every 1h")).await.unwrap();
+        store.sync_job_def(&job_def("only-old", "every 1h")).await.unwrap();
+        let day = 86_400_000_000_i64;
+        let now = 400 * day;
+        // Inserted in slot order, so ids (the latest run of a job) follow the slots.
+        let run = |slot: i64, job: &str, state: &str, finished_days_ago: Option<i64>| {
+            let finished = finished_days_ago.map_or("NULL".to_owned(), |d| (now - d * day).to_string());
+            format!(
+                "INSERT INTO job_runs (job_name, scheduled_for, trigger, state, exclusive, due_at, finished_at, created_at)
+                 VALUES ('{job}', {slot}, 'schedule', '{state}', FALSE, {slot}, {finished}, 0)"
+            )
+        };
+        let db_now = store.db_now().await.unwrap();
+        let statements = [
+            run(1, "old-and-new", "succeeded", Some(100)),
+            run(2, "old-and-new", "failed", Some(91)),
+            run(3, "old-and-new", "skipped", Some(89)),
+            run(4, "old-and-new", "running", None),
+            run(5, "only-old", "succeeded", Some(200)),
+            run(6, "old-and-new", "succeeded", Some(1)),
+            format!("INSERT INTO idempotency_keys (scope, idem_key, request_hash, created_at) VALUES ('s', 'old', 'h', {})", now - day - 1),
+            format!("INSERT INTO idempotency_keys (scope, idem_key, request_hash, created_at) VALUES ('s', 'new', 'h', {})", now - day / 2),
+            format!("INSERT INTO scheduler_instances VALUES ('gone', '0.1', 0, {}, 0)", db_now - 8 * day),
+            format!("INSERT INTO scheduler_instances VALUES ('quiet', '0.1', 0, {}, 0)", db_now - 6 * day),
+        ];
+        let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
+        raw_tx(&db.url, &statements).await.unwrap();
+        store.heartbeat_instance("live", "0.1", 0, db_now).await.unwrap();
+
+        let pruned = store.prune(now - 90 * day, now - day, chrono::Duration::days(7)).await.unwrap();
+        assert_eq!((pruned.runs, pruned.keys, pruned.instances), (2, 1, 1));
+        let filter = RunFilter { job: None, state: None, before_id: None, limit: 100 };
+        let mut left: Vec<i64> = store.runs(&filter).await.unwrap().iter().map(|r| r.scheduled_for).collect();
+        left.sort_unstable();
+        assert_eq!(left, [3, 4, 5, 6], "the 89-day-old run, the running one and each job's latest stay");
+        let instances: Vec<String> = store.instances().await.unwrap().into_iter().map(|i| i.id).collect();
+        assert_eq!(instances, ["live", "quiet"], "newest heartbeat first; the week-silent one is forgotten");
+        let again = store.prune(now - 90 * day, now - day, chrono::Duration::days(7)).await.unwrap();
+        assert_eq!((again.runs, again.keys, again.instances), (0, 0, 0), "nothing twice");
+    }
 }
 
 on_both_backends! {
