@@ -430,6 +430,8 @@ impl Scheduler {
     pub async fn advance_to(&self, to: DateTime<Utc>) -> Result<Vec<RunReport>, AdvanceError> {
         let manual = self.env.clock.as_manual().ok_or(AdvanceError::NotManual)?;
         let _guard = self.ticking.lock().await;
+        // No ticker beats for a manual clock: each advance is this instance's sign of life.
+        self.heartbeat().await?;
         let mut reports = self.run_until_idle(self.env.clock.now()).await?;
         loop {
             let now = self.env.clock.now();

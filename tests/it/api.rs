@@ -203,6 +203,8 @@ on_both_backends! {
         let (_, clock) = app.get("/api/v1/ops/clock", Some(ADMIN_TOKEN)).await;
         assert_eq!(clock["mode"], "manual");
         assert_eq!(clock["now"], "2026-06-01T09:00:00Z");
+        let beat = |instances: &serde_json::Value| instances[0]["heartbeat_at"].as_str().unwrap().parse::<chrono::DateTime<Utc>>().unwrap();
+        let started = beat(&app.admin_get("/api/v1/ops/instances").await["items"]);
         let (status, body) = app
             .post("/api/v1/ops/clock/advance", Some(ADMIN_TOKEN), json!({"to": "2026-07-01T09:00:00Z"}))
             .await;
@@ -222,6 +224,7 @@ on_both_backends! {
         // A manual clock set months back shows as skew against the database's own time.
         let instances = app.admin_get("/api/v1/ops/instances").await["items"].clone();
         assert!(instances[0]["clock_skew_ms"].as_i64().unwrap() < -86_400_000, "{instances}");
+        assert!(beat(&instances) > started, "no ticker beats for a manual clock; each advance does: {instances}");
         assert_eq!(app.get("/api/v1/ops/instances", Some(&shopper_token)).await.0, StatusCode::FORBIDDEN);
         app.stop().await;
     }
