@@ -31,6 +31,8 @@ pub struct AppState {
     pub joins: presales::Joins,
     /// Group-committed `Idempotency-Key` claims and responses.
     pub idempotency: http::idempotency::Keys,
+    /// Bearer tokens resolved lately.
+    pub known_tokens: Arc<http::extract::KnownTokens>,
 }
 
 /// A service that is bound and migrated, ready to run.
@@ -112,6 +114,7 @@ impl App {
                 payments,
                 idempotency,
                 joins,
+                known_tokens: Default::default(),
             },
             addr,
             generated_admin_token,

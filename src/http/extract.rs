@@ -12,6 +12,7 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
 use std::fmt::Display;
+use std::time::{Duration, Instant};
 
 /// A JSON request body. Wrong content type → 415, unparseable → 400, wrong shape → 422 naming
 /// the field, too large → 413; all as problem+json.
@@ -121,12 +122,45 @@ impl FromRequestParts<AppState> for Caller {
         if hash == *state.admin_token_hash {
             return Ok(Caller(Principal::Admin));
         }
-        state
+        let now = Instant::now();
+        if let Some(known) = state.known_tokens.get(&hash, now) {
+            return Ok(Caller(known));
+        }
+        let principal = state
             .store
             .token_subject(&hash)
             .await?
-            .map(Caller)
-            .ok_or_else(ApiError::unauthorized)
+            .ok_or_else(ApiError::unauthorized)?;
+        state.known_tokens.insert(hash, principal.clone(), now);
+        Ok(Caller(principal))
+    }
+}
+
+/// Bearer tokens this process has resolved lately, by hash. A token never changes its party,
+/// so an answer read once holds; each is kept for [`KnownTokens::FOR`] only, so a token
+/// deleted from the database (a leaked one, by hand) stops working within that time on every
+/// instance. Unknown tokens are never kept. Without it, every request read its token: in a
+/// stampede of joins, the one query run per request rather than per batch.
+#[derive(Default)]
+pub struct KnownTokens(std::sync::RwLock<std::collections::HashMap<String, (Principal, Instant)>>);
+
+impl KnownTokens {
+    const FOR: Duration = Duration::from_secs(10);
+    /// Past this many, the map starts over rather than grow with every token ever seen.
+    const MAX: usize = 100_000;
+
+    fn get(&self, hash: &str, now: Instant) -> Option<Principal> {
+        let known = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let (principal, read_at) = known.get(hash)?;
+        (now.saturating_duration_since(*read_at) < Self::FOR).then(|| principal.clone())
+    }
+
+    fn insert(&self, hash: String, principal: Principal, now: Instant) {
+        let mut known = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= Self::MAX {
+            known.clear();
+        }
+        known.insert(hash, (principal, now));
     }
 }
 
@@ -192,4 +226,44 @@ pub fn idempotency_scope(headers: &axum::http::HeaderMap) -> String {
         .and_then(|v| v.to_str().ok())
         .map(hash_token)
         .unwrap_or_else(|| "public".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_known_token_is_answered_for_a_while_then_read_again() {
+        let known = KnownTokens::default();
+        let t0 = Instant::now();
+        let ana = Principal::Shopper("shp_ana".into());
+        assert_eq!(known.get("h1", t0), None, "never read");
+        known.insert("h1".into(), ana.clone(), t0);
+        assert_eq!(known.get("h1", t0 + KnownTokens::FOR / 2), Some(ana));
+        assert_eq!(
+            known.get("h1", t0 + KnownTokens::FOR),
+            None,
+            "read again after FOR"
+        );
+        assert_eq!(known.get("h2", t0), None, "only the token read");
+    }
+
+    #[test]
+    fn the_known_tokens_start_over_rather_than_grow() {
+        let known = KnownTokens::default();
+        let t0 = Instant::now();
+        for i in 0..=KnownTokens::MAX {
+            known.insert(
+                format!("h{i}"),
+                Principal::Manufacturer(format!("mfr_{i}")),
+                t0,
+            );
+        }
+        let held = known.0.read().unwrap().len();
+        assert_eq!(held, 1, "full at MAX, so the next one started a new map");
+        assert_eq!(
+            known.get(&format!("h{}", KnownTokens::MAX), t0),
+            Some(Principal::Manufacturer(format!("mfr_{}", KnownTokens::MAX)))
+        );
+    }
 }
