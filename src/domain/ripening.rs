@@ -23,6 +23,14 @@ pub enum Ethylene {
 }
 
 impl Ethylene {
+    /// Every level, least first.
+    pub const ALL: [Ethylene; 4] = [
+        Ethylene::None,
+        Ethylene::Low,
+        Ethylene::Medium,
+        Ethylene::High,
+    ];
+
     /// Reads the shipped catalog's wording ("very high", "n/a", …), where any word it does not
     /// know means no ethylene worth separating.
     pub fn parse(s: &str) -> Ethylene {
@@ -37,14 +45,7 @@ impl Ethylene {
     /// A level as the API and the store spell it ([`Ethylene::as_str`]); `None` for any other
     /// word, so a typo is refused instead of read as no ethylene.
     pub fn from_name(s: &str) -> Option<Ethylene> {
-        [
-            Ethylene::None,
-            Ethylene::Low,
-            Ethylene::Medium,
-            Ethylene::High,
-        ]
-        .into_iter()
-        .find(|e| e.as_str() == s)
+        Ethylene::ALL.into_iter().find(|e| e.as_str() == s)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -269,12 +270,7 @@ mod tests {
 
     #[test]
     fn the_api_names_each_ethylene_level_one_way() {
-        for level in [
-            Ethylene::None,
-            Ethylene::Low,
-            Ethylene::Medium,
-            Ethylene::High,
-        ] {
+        for level in Ethylene::ALL {
             assert_eq!(Ethylene::from_name(level.as_str()), Some(level));
         }
         // The shipped data's wording is read by `parse`, never taken from a client.
