@@ -666,7 +666,7 @@ impl Store {
 }
 
 /// What [`Store::prune`] deleted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Pruned {
     pub runs: u64,
     pub keys: u64,

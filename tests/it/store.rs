@@ -8,8 +8,8 @@ use chrono::{TimeZone, Utc};
 use pooled::domain::identity::{Principal, Shopper};
 use pooled::ids::hash_token;
 use pooled::store::{
-    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, JobDefRow, NewRun, PlanRow, RunFilter,
-    Store, StoreError, StoredResponse,
+    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, JobDefRow, NewRun, PlanRow, Pruned,
+    RunFilter, Store, StoreError, StoredResponse,
 };
 use pooled::subscriptions::emails::price_changed;
 use std::collections::BTreeSet;
@@ -392,7 +392,7 @@ on_both_backends! {
         store.heartbeat_instance("live", "0.1", 0, db_now).await.unwrap();
 
         let pruned = store.prune(now - 90 * day, now - day, chrono::Duration::days(7)).await.unwrap();
-        assert_eq!((pruned.runs, pruned.keys, pruned.instances), (2, 1, 1));
+        assert_eq!(pruned, Pruned { runs: 2, keys: 1, instances: 1 });
         let filter = RunFilter { job: None, state: None, before_id: None, limit: 100 };
         let mut left: Vec<i64> = store.runs(&filter).await.unwrap().iter().map(|r| r.scheduled_for).collect();
         left.sort_unstable();
@@ -400,7 +400,7 @@ on_both_backends! {
         let instances: Vec<String> = store.instances().await.unwrap().into_iter().map(|i| i.id).collect();
         assert_eq!(instances, ["live", "quiet"], "newest heartbeat first; the week-silent one is forgotten");
         let again = store.prune(now - 90 * day, now - day, chrono::Duration::days(7)).await.unwrap();
-        assert_eq!((again.runs, again.keys, again.instances), (0, 0, 0), "nothing twice");
+        assert_eq!(again, Pruned { runs: 0, keys: 0, instances: 0 }, "nothing twice");
     }
 }
 
