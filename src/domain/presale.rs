@@ -24,6 +24,17 @@ pub struct Quote {
     pub lead_time_days: i64,
 }
 
+/// The most units a quote may name, as a break or a capacity: far above any real order, and
+/// low enough that no award's exact cost can overflow.
+pub const MAX_QTY: i64 = 100_000_000;
+
+/// The most quotes a campaign takes: the award tries every combination of their breaks.
+pub const MAX_QUOTES: usize = 6;
+
+/// The most combinations of breaks (Π (breaks + 1) over the quotes) the award may try, which
+/// keeps every price computation of a campaign in the milliseconds.
+pub const MAX_COMBINATIONS: u64 = 1024;
+
 /// Why a quote's breaks are refused.
 pub fn check_tiers(tiers: &[Tier], capacity: Option<i64>) -> Result<(), String> {
     let Some(first) = tiers.first() else {
@@ -34,6 +45,9 @@ pub fn check_tiers(tiers: &[Tier], capacity: Option<i64>) -> Result<(), String> 
     }
     if first.min_qty < 1 {
         return Err("min_qty must be at least 1".into());
+    }
+    if tiers.iter().any(|t| t.min_qty > MAX_QTY) {
+        return Err(format!("min_qty must be at most {MAX_QTY}"));
     }
     for pair in tiers.windows(2) {
         if pair[1].min_qty <= pair[0].min_qty {
@@ -195,6 +209,45 @@ pub fn tipping_qty(quotes: &[Quote]) -> Option<i64> {
     quotes.iter().map(Quote::min_order).min()
 }
 
+/// What a campaign's quotes fix before it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    /// The most units it can take (`None`: unbounded; `Some(0)` without quotes).
+    pub capacity: Option<i64>,
+    /// The most anyone will pay per unit (`None` without quotes).
+    pub ceiling: Option<Money>,
+}
+
+/// Checks a campaign's whole set of quotes (each already passed [`check_tiers`]) and derives
+/// its terms; the reason when the set is too large to price.
+pub fn terms(quotes: &[Quote], currency: Currency) -> Result<Terms, String> {
+    if quotes.len() > MAX_QUOTES {
+        return Err(format!("a campaign takes at most {MAX_QUOTES} quotes"));
+    }
+    let combinations = combinations(quotes);
+    if combinations > MAX_COMBINATIONS {
+        return Err(format!(
+            "the quotes' price breaks allow {combinations} combinations, at most \
+             {MAX_COMBINATIONS} (Π (breaks + 1) over the quotes); quote fewer breaks"
+        ));
+    }
+    Ok(Terms {
+        capacity: if quotes.is_empty() {
+            Some(0)
+        } else {
+            total_capacity(quotes)
+        },
+        ceiling: ceiling(quotes, currency),
+    })
+}
+
+/// How many combinations of breaks the award tries: each quote unused or at one of its breaks.
+fn combinations(quotes: &[Quote]) -> u64 {
+    quotes
+        .iter()
+        .fold(1u64, |n, q| n.saturating_mul(q.tiers.len() as u64 + 1))
+}
+
 /// The most units the quotes can make together (`None`: unbounded).
 pub fn total_capacity(quotes: &[Quote]) -> Option<i64> {
     quotes
@@ -203,33 +256,46 @@ pub fn total_capacity(quotes: &[Quote]) -> Option<i64> {
         .try_fold(0i64, |sum, c| c.map(|c| sum.saturating_add(c)))
 }
 
-/// Above this many reachable quantities the ceiling is taken over the quantities where the
-/// price can turn (breaks, capacities and their sums, ±1) rather than over every one.
-const EXHAUSTIVE_SPAN: i64 = 20_000;
+/// Above this many award computations (reachable quantities × combinations of breaks) the
+/// ceiling is taken over the quantities where the price can turn (breaks, capacities and their
+/// sums, ±1) rather than over every one.
+const EXHAUSTIVE_BUDGET: u64 = 2_000_000;
 
 /// The highest price over every reachable pooled quantity: nobody ever pays more. With one
 /// quote that is the price at its minimum order; with several (and capacities) the price is
 /// not monotone in the quantity, so it is computed, not assumed.
+///
+/// Past `hi` (every capacity used up and every break passed) each cheapest award is the
+/// capped quotes cheaper than the marginal one at capacity, plus an unbounded quote at its last
+/// break for the rest, so the price only rises from there, towards that last break's price.
+/// That limit is the ceiling's bound beyond `hi`: why a quote without capacity beside capped
+/// ones can make the ceiling higher than any price up to `hi`.
 pub fn ceiling(quotes: &[Quote], currency: Currency) -> Option<Money> {
     let lo = tipping_qty(quotes)?;
     if quotes.len() == 1 {
         return price_at(quotes, lo, currency);
     }
-    // Past every break (and with no capacity left to run out of) the price is flat.
-    let last_break = quotes
+    let hi = quotes
         .iter()
-        .flat_map(|q| q.tiers.iter().map(|t| t.min_qty))
-        .max()
-        .unwrap_or(lo);
-    let hi = total_capacity(quotes).unwrap_or(last_break).max(lo);
-    let candidates: Vec<i64> = if hi - lo <= EXHAUSTIVE_SPAN {
+        .map(|q| q.capacity.unwrap_or(q.tiers[q.tiers.len() - 1].min_qty))
+        .fold(0i64, i64::saturating_add)
+        .max(lo);
+    let span = (hi - lo + 1) as u64;
+    let candidates: Vec<i64> = if span.saturating_mul(combinations(quotes)) <= EXHAUSTIVE_BUDGET {
         (lo..=hi).collect()
     } else {
         turning_points(quotes, lo, hi)
     };
+    let limit = quotes
+        .iter()
+        .filter(|q| q.capacity.is_none())
+        .map(|q| q.tiers[q.tiers.len() - 1].unit_price.value())
+        .min()
+        .and_then(|p| Money::round(p, currency).ok());
     candidates
         .into_iter()
         .filter_map(|q| price_at(quotes, q, currency))
+        .chain(limit)
         .max_by_key(|m| m.minor())
 }
 
@@ -474,6 +540,36 @@ mod tests {
     }
 
     #[test]
+    fn an_unbounded_quote_beside_a_capped_one_raises_the_ceiling() {
+        // Up to 100 units come from A at 1.00; past them B's 5.00 takes over, so the price
+        // climbs towards 5.00 (4.60 at 1,000 units) and the ceiling must cover it.
+        let quotes = [quote(&[(10, "1")], Some(100)), quote(&[(10, "5")], None)];
+        assert_eq!(price_at(&quotes, 1000, eur()).unwrap().to_string(), "4.60");
+        assert_eq!(ceiling(&quotes, eur()).unwrap().to_string(), "5.00");
+    }
+
+    #[test]
+    fn too_many_quotes_or_combinations_are_refused() {
+        let one = quote(&[(10, "5")], Some(100));
+        let seven = vec![one.clone(); MAX_QUOTES + 1];
+        assert!(
+            terms(&seven, eur())
+                .unwrap_err()
+                .contains("at most 6 quotes")
+        );
+        let breaks: Vec<(i64, String)> =
+            (1..=10).map(|i| (i * 10, format!("{}", 100 - i))).collect();
+        let breaks: Vec<(i64, &str)> = breaks.iter().map(|(q, p)| (*q, p.as_str())).collect();
+        let wide = quote(&breaks, None);
+        // 11 × 11 = 121 combinations are fine; 11³ = 1,331 are not.
+        assert!(terms(&[wide.clone(), wide.clone()], eur()).is_ok());
+        let err = terms(&[wide.clone(), wide.clone(), wide], eur()).unwrap_err();
+        assert!(err.contains("1331 combinations"), "{err}");
+        let none = terms(&[], eur()).unwrap();
+        assert_eq!((none.capacity, none.ceiling), (Some(0), None));
+    }
+
+    #[test]
     fn bad_breaks_are_refused() {
         let t = |min_qty, p| Tier {
             min_qty,
@@ -484,6 +580,7 @@ mod tests {
         assert!(check_tiers(&[t(10, "5"), t(20, "6")], None).is_err());
         assert!(check_tiers(&[t(0, "5")], None).is_err());
         assert!(check_tiers(&[t(10, "5")], Some(9)).is_err());
+        assert!(check_tiers(&[t(10, "5"), t(MAX_QTY + 1, "4")], None).is_err());
         assert!(check_tiers(&[t(10, "5"), t(20, "4")], Some(10)).is_ok());
     }
 
@@ -613,8 +710,14 @@ mod tests {
 
         #[test]
         fn the_price_never_exceeds_the_ceiling(
-            quotes in proptest::collection::vec(arb_quote(), 1..4),
-            qty in 1i64..150,
+            quotes in proptest::collection::vec(
+                (arb_quote(), any::<bool>()).prop_map(|(mut q, unbounded)| {
+                    if unbounded { q.capacity = None; }
+                    q
+                }),
+                1..4,
+            ),
+            qty in prop_oneof![1i64..400, 400i64..1_000_000],
         ) {
             let ceiling = ceiling(&quotes, eur()).unwrap();
             if qty >= tipping_qty(&quotes).unwrap()

@@ -452,10 +452,10 @@ pub(super) fn cursor(after: Option<&str>) -> Result<Option<i64>, ApiError> {
 }
 
 /// Cuts `rows` (fetched with one extra) into a page and the cursor of the next.
-pub(super) fn paginate<R, T>(
+pub(super) fn paginate<R, T, K: ToString>(
     mut rows: Vec<R>,
     limit: i64,
-    id: impl Fn(&R) -> i64,
+    id: impl Fn(&R) -> K,
     view: impl Fn(R) -> T,
 ) -> Page<T> {
     let more = rows.len() as i64 > limit;

@@ -7,13 +7,13 @@ use super::ops::{Page, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::identity::{Principal, parse_name, parse_time_zone};
 use crate::domain::money::{Currency, Money, UnitPrice};
-use crate::domain::presale::{self, Tier, check_tiers};
+use crate::domain::presale::{self, MAX_QTY, Tier, check_tiers};
 use crate::ids::new_id;
 use crate::presales::{
     self, JoinKey, JoinRequest, Joined, Loaded, PresaleError, emails::purchase_order_csv,
 };
 use crate::store::{
-    CampaignRow, PledgeRow, PurchaseOrderRow, QuoteRow, StoredResponse, instant, micros,
+    CampaignRow, PledgeRow, PurchaseOrderRow, QuotePut, QuoteRow, StoredResponse, instant, micros,
 };
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -199,9 +199,9 @@ fn parse_quote(v: &mut Validation, field: &str, q: &QuoteIn) -> Option<Vec<Tier>
         ok = false;
     }
     if let Some(cap) = q.capacity
-        && !(1..=100_000_000).contains(&cap)
+        && !(1..=MAX_QTY).contains(&cap)
     {
-        v.error(&format!("{field}.capacity"), "must be 1–100000000");
+        v.error(&format!("{field}.capacity"), format!("must be 1–{MAX_QTY}"));
         ok = false;
     }
     if ok && let Err(e) = check_tiers(&tiers, q.capacity) {
@@ -283,8 +283,15 @@ async fn create_campaign(
     let mut variants = Vec::new();
     for (i, name) in input.variants.iter().enumerate() {
         let name = name.trim();
-        if name.is_empty() || name.len() > 50 || variants.iter().any(|v: &String| v == name) {
-            v.error(&format!("variants[{i}]"), "must be unique, 1–50 characters");
+        if name.is_empty()
+            || name.len() > 50
+            || name.chars().any(char::is_control)
+            || variants.iter().any(|v: &String| v == name)
+        {
+            v.error(
+                &format!("variants[{i}]"),
+                "must be unique, 1–50 characters, no control characters",
+            );
         } else {
             variants.push(name.to_owned());
         }
@@ -334,7 +341,8 @@ async fn create_campaign(
             created_at: now_us,
         })
         .collect();
-    let rules: Vec<_> = quote_rows.iter().map(presales::quote_of).collect();
+    let terms = presales::terms_of(&quote_rows, currency)
+        .map_err(|reason| ApiError::field("quotes", reason))?;
     let row = CampaignRow {
         id: id.clone(),
         title,
@@ -355,12 +363,8 @@ async fn create_campaign(
             "scheduled".into()
         },
         pooled_qty: 0,
-        capacity: if rules.is_empty() {
-            Some(0)
-        } else {
-            presale::total_capacity(&rules)
-        },
-        price_ceiling_minor: presale::ceiling(&rules, currency).map(|m| m.minor()),
+        capacity: terms.capacity,
+        price_ceiling_minor: terms.ceiling.map(|m| m.minor()),
         locked_price_minor: None,
         final_unit_price_minor: None,
         balance_due_at: None,
@@ -378,18 +382,34 @@ async fn create_campaign(
     Ok((StatusCode::CREATED, Json(CampaignOut::of(&l))))
 }
 
-/// Open and scheduled campaigns (public), soonest deadline first.
-#[utoipa::path(get, path = "/api/v1/campaigns", tag = "presales",
-    responses((status = 200, body = Page<CampaignOut>)))]
+/// Open and scheduled campaigns (public), soonest deadline first. The cursor is the last
+/// campaign's deadline (µs) and id, `closes_at.id`, the listing's order.
+#[utoipa::path(get, path = "/api/v1/campaigns", tag = "presales", params(PageQuery),
+    responses((status = 200, body = Page<CampaignOut>), (status = 422, body = super::error::Problem)))]
 async fn list_campaigns(
     State(state): State<AppState>,
+    Query(q): Query<PageQuery>,
 ) -> Result<Json<Page<CampaignOut>>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    let after = q
+        .after
+        .as_deref()
+        .map(|a| {
+            a.split_once('.')
+                .and_then(|(at, id)| Some((at.parse::<i64>().ok()?, id)))
+                .ok_or_else(|| ApiError::field("after", "is not a cursor from a previous page"))
+        })
+        .transpose()?;
     let mut items = Vec::new();
-    for c in state.store.campaigns_in("open", "scheduled").await? {
-        items.push(CampaignOut::of(&presales::load(&state.store, &c.id).await?));
+    for c in state.store.listed_campaigns(after, limit + 1).await? {
+        items.push(presales::load(&state.store, &c.id).await?);
     }
-    let limit = items.len() as i64;
-    Ok(Json(paginate(items, limit.max(1), |_| 0, |c| c)))
+    Ok(Json(paginate(
+        items,
+        limit,
+        |l| format!("{}.{}", l.campaign.closes_at, l.campaign.id),
+        |l| CampaignOut::of(&l),
+    )))
 }
 
 /// One campaign (public): tiers, progress, deadline.
@@ -436,13 +456,21 @@ async fn add_quote(
         lead_time_days: input.lead_time_days,
         created_at: now,
     };
-    if !state.store.put_quote(&row, now).await? {
-        return Err(ApiError::conflict(
-            "campaign_not_open",
-            "quotes are taken only before the campaign opens",
-        ));
+    let currency = presales::currency_of(&c)?;
+    match state
+        .store
+        .put_quote(&row, now, |rows| presales::terms_of(rows, currency))
+        .await?
+    {
+        QuotePut::Stored => {}
+        QuotePut::TooLate => {
+            return Err(ApiError::conflict(
+                "campaign_not_open",
+                "quotes are taken only before the campaign opens",
+            ));
+        }
+        QuotePut::Refused(reason) => return Err(ApiError::field("quote", reason)),
     }
-    presales::refresh_terms(&state.store, &c.id).await?;
     let l = presales::load(&state.store, &c.id).await?;
     Ok((StatusCode::CREATED, Json(CampaignOut::of(&l))))
 }
@@ -833,7 +861,7 @@ async fn get_purchase_order(
         .map_err(|_| ApiError::not_found(format!("no purchase order {id}")))?;
     if csv {
         let l = presales::load(&state.store, &po.campaign_id).await?;
-        let body = purchase_order_csv(&l, &po);
+        let body = purchase_order_csv(&l.campaign.sku, l.currency, &po);
         return Ok((
             [
                 (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),

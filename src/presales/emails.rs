@@ -3,7 +3,7 @@
 //! shopper and the server read one instant differently).
 
 use super::{Loaded, zone_of};
-use crate::domain::money::{Money, UnitPrice};
+use crate::domain::money::{Currency, Money, UnitPrice};
 use crate::domain::presale::Progress;
 use crate::email::Notice;
 use crate::store::{NewAttachment, NewEmail, PledgeContact, PledgeRow, PurchaseOrderRow, instant};
@@ -241,25 +241,30 @@ pub fn deadline_reminder(l: &Loaded, p: &PledgeContact, progress: &Progress) -> 
     n.render()
 }
 
-/// The purchase order as CSV: one row per variant line.
-pub fn purchase_order_csv(l: &Loaded, po: &PurchaseOrderRow) -> String {
-    let c = &l.campaign;
+/// The purchase order as CSV: one row per variant line. The line totals are the order's total
+/// split over the lines by largest remainder, so they sum to it exactly, as an accounts-payable
+/// import checks; rounding each line on its own could miss it by a cent per line.
+pub fn purchase_order_csv(sku: &str, currency: Currency, po: &PurchaseOrderRow) -> String {
     let price = UnitPrice::from_scaled(po.unit_price_scaled);
     let lines: Vec<serde_json::Value> = serde_json::from_str(&po.lines).unwrap_or_default();
+    let qtys: Vec<i64> = lines
+        .iter()
+        .map(|line| line["qty"].as_i64().unwrap_or(0))
+        .collect();
+    let weights: Vec<u64> = qtys.iter().map(|&q| q.max(0) as u64).collect();
+    let totals = Money::from_minor(po.total_minor, currency)
+        .allocate(&weights)
+        .unwrap_or_default();
     let mut csv = String::from(
         "purchase_order,campaign,sku,variant,qty,unit_price,currency,line_total,ship_by\n",
     );
-    for line in lines {
-        let qty = line["qty"].as_i64().unwrap_or(0);
-        let total = price
-            .times(qty, l.currency)
-            .map(|m| m.to_string())
-            .unwrap_or_default();
+    for (i, (line, qty)) in lines.iter().zip(&qtys).enumerate() {
+        let total = totals.get(i).map(Money::to_string).unwrap_or_default();
         csv.push_str(&format!(
             "{},{},{},{},{qty},{price},{},{total},{}\n",
-            po.id,
-            c.id,
-            csv_field(&c.sku),
+            csv_field(&po.id),
+            csv_field(&po.campaign_id),
+            csv_field(sku),
             csv_field(line["variant"].as_str().unwrap_or("")),
             po.currency,
             po.ship_by
@@ -268,12 +273,19 @@ pub fn purchase_order_csv(l: &Loaded, po: &PurchaseOrderRow) -> String {
     csv
 }
 
-/// Quotes a CSV field when it needs it.
+/// A CSV field: a text that a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab or
+/// carriage return first) gets a leading `'` (OWASP's CSV injection advice), and a field with
+/// a separator, quote or line break is quoted.
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
     } else {
         s.to_owned()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
     }
 }
 
@@ -301,8 +313,44 @@ pub fn purchase_order(l: &Loaded, po: &PurchaseOrderRow, email: &str, name: &str
         attachments: vec![NewAttachment {
             filename: format!("{}.csv", po.id),
             content_type: "text/csv".into(),
-            content: purchase_order_csv(l, po).into_bytes(),
+            content: purchase_order_csv(&c.sku, l.currency, po).into_bytes(),
         }],
     };
     n.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purchase_order_lines_sum_to_the_total_and_cells_are_inert() {
+        // 3 × 1.005 = 3.015, booked as 3.02; each line alone would round to 1.00 (half-even).
+        let po = PurchaseOrderRow {
+            seq: 1,
+            id: "po_1".into(),
+            campaign_id: "cmp_1".into(),
+            manufacturer_id: "mfr_1".into(),
+            quote_id: "quo_1".into(),
+            currency: "EUR".into(),
+            qty: 3,
+            unit_price_scaled: 10_050,
+            total_minor: 302,
+            lines: r#"[{"variant":"=HYPERLINK(\"x\")","qty":1},{"variant":"-L","qty":1},{"variant":"M, tall","qty":1}]"#
+                .into(),
+            issued_at: 0,
+            ship_by: "2026-10-03".into(),
+        };
+        let csv = purchase_order_csv("@SKU", Currency::parse("EUR").unwrap(), &po);
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            rows[1..],
+            [
+                r#"po_1,cmp_1,'@SKU,"'=HYPERLINK(""x"")",1,1.005,EUR,1.01,2026-10-03"#,
+                "po_1,cmp_1,'@SKU,'-L,1,1.005,EUR,1.01,2026-10-03",
+                r#"po_1,cmp_1,'@SKU,"M, tall",1,1.005,EUR,1.00,2026-10-03"#,
+            ]
+        );
+        assert_eq!(csv_field("a\rb"), "\"a\rb\"");
+    }
 }

@@ -12,7 +12,7 @@ use crate::batch::{Batcher, InFlight};
 use crate::domain::identity::Shopper;
 use crate::domain::ledger::{Account, JournalEntry, Line};
 use crate::domain::money::{Currency, Money, UnitPrice};
-use crate::domain::presale::{self, JoinRefusal, Quote, Tier};
+use crate::domain::presale::{self, JoinRefusal, Quote, Terms, Tier};
 use crate::payments::{FollowUpsFuture, Outcome, Payments, PaymentsError, SweepFollowUps};
 use crate::store::{
     CampaignRow, FollowUp, IdempotencyBegin, IdempotencyClaim, IntentRow, JoinAttempt,
@@ -188,18 +188,10 @@ pub async fn load(store: &Store, id: &str) -> Result<Loaded> {
     })
 }
 
-/// Recomputes what the quotes imply (capacity, ceiling) after a quote changed.
-pub async fn refresh_terms(store: &Store, id: &str) -> Result<()> {
-    let l = load(store, id).await?;
-    let rules = l.rules();
-    let capacity = if rules.is_empty() {
-        Some(0)
-    } else {
-        presale::total_capacity(&rules)
-    };
-    let ceiling = presale::ceiling(&rules, l.currency).map(|m| m.minor());
-    store.set_campaign_terms(id, capacity, ceiling).await?;
-    Ok(())
+/// What a campaign's stored quotes imply (capacity, ceiling), or why they are refused.
+pub fn terms_of(rows: &[QuoteRow], currency: Currency) -> std::result::Result<Terms, String> {
+    let rules: Vec<Quote> = rows.iter().map(quote_of).collect();
+    presale::terms(&rules, currency)
 }
 
 fn intent_id(purpose: &str, pledge_id: &str) -> String {
@@ -382,7 +374,7 @@ async fn join_campaign(
     };
     let c = &l.campaign;
     let shoppers = shoppers?;
-    // The batch is judged at its latest request's instant.
+    // Keys are claimed at the batch's latest instant; each join is judged at its own.
     let now = requests.iter().map(|r| r.now).max().unwrap_or_default();
     // Each request's check failure stays beside it: it is the answer only if the key lets
     // the request run at all (a replayed key answers with its first response instead).
@@ -399,7 +391,7 @@ async fn join_campaign(
                     })
             });
             let (join, failed) = match checked {
-                Ok(deposit) => (Some(new_pledge(&l, r, deposit, &shoppers, now)), None),
+                Ok(deposit) => (Some(new_pledge(&l, r, deposit, &shoppers)), None),
                 Err(e) => (None, Some(e)),
             };
             unchecked.push(failed);
@@ -550,9 +542,10 @@ fn new_pledge(
     r: &JoinRequest,
     deposit: Money,
     shoppers: &HashMap<String, Shopper>,
-    now: DateTime<Utc>,
 ) -> NewPledge {
     let c = &l.campaign;
+    // The request's own instant: the store judges the join at it.
+    let now = r.now;
     let now_us = micros(now);
     let pledge_id = crate::ids::new_id("plg");
     let pledge = PledgeRow {
@@ -1319,24 +1312,24 @@ pub async fn cancel_campaign(
         .campaign(id)
         .await?
         .ok_or_else(|| PresaleError::NotFound(format!("no campaign {id}")))?;
+    const CANCELLABLE: [&str; 2] = ["scheduled", "open"];
+    let too_late = |status: &str| {
+        PresaleError::Conflict(format!(
+            "campaign {id} is {status} and can no longer be cancelled"
+        ))
+    };
+    // Refused before anything runs; the guarded move below still decides a race.
+    if !CANCELLABLE.contains(&c.status.as_str()) {
+        return Err(too_late(&c.status));
+    }
     // Deposits still being charged must be answered before the refunds can cover them.
     payments.sweep(now, true).await?;
     if !store
-        .move_campaign(
-            id,
-            &["scheduled", "open"],
-            "cancelled",
-            None,
-            None,
-            None,
-            micros(now),
-        )
+        .move_campaign(id, &CANCELLABLE, "cancelled", None, None, None, micros(now))
         .await?
     {
-        return Err(PresaleError::Conflict(format!(
-            "campaign {id} is {} and can no longer be cancelled",
-            c.status
-        )));
+        let now_status = store.campaign(id).await?.map_or(c.status, |c| c.status);
+        return Err(too_late(&now_status));
     }
     let c = store.campaign(id).await?.unwrap_or(c);
     refund_all(store, &c, now).await?;

@@ -566,7 +566,7 @@ pub use payments::{
 };
 pub use presale::{
     CampaignRow, JoinAttempt, JoinDecision, NewPledge, PledgeContact, PledgeRow, PledgeStep,
-    PurchaseOrderRow, QuoteRow, Settlement,
+    PurchaseOrderRow, QuotePut, QuoteRow, Settlement,
 };
 pub use sandbox::{SandboxPaymentRow, SandboxRefund};
 pub use scheduler::{

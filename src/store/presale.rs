@@ -7,7 +7,7 @@ use super::{
     StoreResult, StoredResponse,
 };
 use crate::domain::ledger::JournalEntry;
-use crate::domain::presale::{JoinRefusal, admit};
+use crate::domain::presale::{JoinRefusal, Terms, admit};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -37,6 +37,21 @@ macro_rules! insert_quote {
         .execute(&mut *$tx)
         .await?;
     }};
+}
+
+/// A campaign's quotes, oldest first.
+const QUOTES_OF: &str =
+    "SELECT id, campaign_id, manufacturer_id, tiers, capacity, lead_time_days, created_at
+     FROM quotes WHERE campaign_id = $1 ORDER BY created_at, id";
+
+/// What [`Store::put_quote`] came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuotePut {
+    Stored,
+    /// The campaign has opened (or is no longer scheduled).
+    TooLate,
+    /// The terms refused the campaign's quotes with this one; nothing was written.
+    Refused(String),
 }
 
 /// Applies one [`PledgeStep`] inside the caller's transaction: the guarded status move, then
@@ -373,6 +388,30 @@ impl Store {
         }))
     }
 
+    /// The campaigns shoppers can see (open and scheduled), soonest deadline first: up to
+    /// `limit` of them after the one at `after` (`(closes_at, id)`, the listing's order).
+    pub async fn listed_campaigns(
+        &self,
+        after: Option<(i64, &str)>,
+        limit: i64,
+    ) -> StoreResult<Vec<CampaignRow>> {
+        let (closes_at, id) = after.unwrap_or((i64::MIN, ""));
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                campaign_columns!(),
+                " FROM campaigns WHERE status IN ('open', 'scheduled')
+                   AND (closes_at > $1 OR (closes_at = $1 AND id > $2))
+                 ORDER BY closes_at, id LIMIT $3"
+            ))
+            .bind(closes_at)
+            .bind(id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
     /// Campaigns in one of two statuses, by deadline.
     pub async fn campaigns_in(&self, a: &str, b: &str) -> StoreResult<Vec<CampaignRow>> {
         Ok(on_pool!(self, |pool| {
@@ -390,19 +429,26 @@ impl Store {
 
     pub async fn quotes(&self, campaign_id: &str) -> StoreResult<Vec<QuoteRow>> {
         Ok(on_pool!(self, |pool| {
-            sqlx::query_as(
-                "SELECT id, campaign_id, manufacturer_id, tiers, capacity, lead_time_days, created_at
-                 FROM quotes WHERE campaign_id = $1 ORDER BY created_at, id",
-            )
-            .bind(campaign_id)
-            .fetch_all(pool)
-            .await?
+            sqlx::query_as(QUOTES_OF)
+                .bind(campaign_id)
+                .fetch_all(pool)
+                .await?
         }))
     }
 
     /// Adds or replaces a manufacturer's quote while the campaign is still scheduled and before
-    /// it opens at `now`; `false` when it is too late.
-    pub async fn put_quote(&self, q: &QuoteRow, now: i64) -> StoreResult<bool> {
+    /// it opens at `now`, with the terms `terms` derives from the campaign's quotes as they
+    /// then stand (capacity, ceiling), or nothing when it refuses them.
+    ///
+    /// One transaction: the opening (and every reader) sees a quote only with its terms, and
+    /// two manufacturers quoting at once are judged one after the other (the guarded update
+    /// holds the campaign's row), so together they cannot pass a limit each passes alone.
+    pub async fn put_quote(
+        &self,
+        q: &QuoteRow,
+        now: i64,
+        terms: impl FnOnce(&[QuoteRow]) -> Result<Terms, String>,
+    ) -> StoreResult<QuotePut> {
         in_tx!(self, |tx| {
             let open = sqlx::query(
                 "UPDATE campaigns SET status = status
@@ -414,7 +460,7 @@ impl Store {
             .await?
             .rows_affected();
             if open == 0 {
-                return Ok(false);
+                return Ok(QuotePut::TooLate);
             }
             sqlx::query("DELETE FROM quotes WHERE campaign_id = $1 AND manufacturer_id = $2")
                 .bind(&q.campaign_id)
@@ -422,39 +468,35 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             insert_quote!(tx, q);
+            let quotes: Vec<QuoteRow> = sqlx::query_as(QUOTES_OF)
+                .bind(&q.campaign_id)
+                .fetch_all(&mut *tx)
+                .await?;
+            let terms = match terms(&quotes) {
+                Ok(terms) => terms,
+                // Dropping the transaction rolls the quote back.
+                Err(reason) => return Ok(QuotePut::Refused(reason)),
+            };
+            sqlx::query(
+                "UPDATE campaigns SET capacity = $2, price_ceiling_minor = $3 WHERE id = $1",
+            )
+            .bind(&q.campaign_id)
+            .bind(terms.capacity)
+            .bind(terms.ceiling.map(|m| m.minor()))
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
-            Ok(true)
+            Ok(QuotePut::Stored)
         })
     }
 
-    /// Stores what the quotes imply (capacity, ceiling) while the campaign is scheduled.
-    pub async fn set_campaign_terms(
-        &self,
-        id: &str,
-        capacity: Option<i64>,
-        ceiling_minor: Option<i64>,
-    ) -> StoreResult<()> {
-        on_writer!(self, |pool| {
-            sqlx::query(
-                "UPDATE campaigns SET capacity = $2, price_ceiling_minor = $3
-                 WHERE id = $1 AND status = 'scheduled'",
-            )
-            .bind(id)
-            .bind(capacity)
-            .bind(ceiling_minor)
-            .execute(pool)
-            .await
-            .map(|_| ())?
-        });
-        Ok(())
-    }
-
-    /// Opens scheduled campaigns whose time has come.
+    /// Opens scheduled campaigns whose time has come, including one whose deadline passed
+    /// while the service was down: the close that follows in the same run then settles it,
+    /// where skipping it would leave it `scheduled` for ever.
     pub async fn open_due_campaigns(&self, now: i64) -> StoreResult<u64> {
         Ok(on_writer!(self, |pool| {
             sqlx::query(
-                "UPDATE campaigns SET status = 'open'
-                 WHERE status = 'scheduled' AND opens_at <= $1 AND closes_at > $1",
+                "UPDATE campaigns SET status = 'open' WHERE status = 'scheduled' AND opens_at <= $1",
             )
             .bind(now)
             .execute(pool)
@@ -507,22 +549,32 @@ impl Store {
                 let asked: Vec<usize> = (0..attempts.len())
                     .filter(|&i| decisions[i].is_none())
                     .collect();
-                let state: Option<(i64, Option<i64>, bool)> = sqlx::query_as(
-                    "SELECT pooled_qty, capacity,
-                            status = 'open' AND opens_at <= $2 AND closes_at > $2
+                let state: Option<(i64, Option<i64>, bool, i64, i64)> = sqlx::query_as(
+                    "SELECT pooled_qty, capacity, status = 'open', opens_at, closes_at
                      FROM campaigns WHERE id = $1",
                 )
                 .bind(campaign_id)
-                .bind(now_us)
                 .fetch_optional(&mut *tx)
                 .await?;
                 let (admitted, total) = match state {
-                    Some((pooled, capacity, true)) => {
-                        let quantities = asked
+                    Some((pooled, capacity, true, opens_at, closes_at)) => {
+                        // Each join is judged at its own request's instant (its pledge's
+                        // `created_at`), not the batch's: one sent just before the deadline
+                        // stays in when a later request shares its batch.
+                        let (in_time, late): (Vec<usize>, Vec<usize>) =
+                            asked.into_iter().partition(|&i| {
+                                attempts[i].join.as_ref().is_some_and(|j| {
+                                    (opens_at..closes_at).contains(&j.pledge.created_at)
+                                })
+                            });
+                        for &i in &late {
+                            decisions[i] = Some(JoinDecision::Refused(JoinRefusal::NotOpen));
+                        }
+                        let quantities = in_time
                             .iter()
                             .filter_map(|&i| Some(attempts[i].join.as_ref()?.pledge.qty));
                         let (answers, total) = admit(quantities, pooled, capacity);
-                        for (&i, answer) in asked.iter().zip(answers) {
+                        for (&i, answer) in in_time.iter().zip(answers) {
                             decisions[i] = Some(match answer {
                                 Ok(()) => JoinDecision::Admitted,
                                 Err(refusal) => JoinDecision::Refused(refusal),
@@ -544,7 +596,7 @@ impl Store {
                             // Another writer moved the count: start over (this rolls back).
                             break 'batch None;
                         }
-                        (asked, total)
+                        (in_time, total)
                     }
                     _ => {
                         for &i in &asked {

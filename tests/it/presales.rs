@@ -416,6 +416,147 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn quotes_the_campaign_cannot_price_are_refused_and_change_nothing(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let mut makers = Vec::new();
+        for i in 0..7 {
+            makers.push(app.manufacturer(&format!("Maker{i}")).await);
+        }
+        let one_break = |m: &str| json!({"manufacturer_id": m, "lead_time_days": 10, "capacity": 100,
+                                         "tiers": [{"min_qty": 10, "unit_price": "1.00"}]});
+        let mut body = json!({
+            "title": "Mugs", "sku": "MUG", "currency": "EUR", "reference_price": "15.00",
+            "deposit_percent": 10, "opens_at": "2026-06-02T00:00:00Z", "closes_at": "2026-06-10T00:00:00Z",
+            "time_zone": "UTC", "quotes": makers.iter().map(|(m, _)| one_break(m)).collect::<Vec<_>>()
+        });
+        let (status, problem) = app.post("/api/v1/campaigns", Some(ADMIN_TOKEN), body.clone()).await;
+        assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("quotes")), "{problem}");
+        let (_, list) = app.get("/api/v1/campaigns", None).await;
+        assert_eq!(list["items"].as_array().unwrap().len(), 0, "nothing was created: {list}");
+
+        // A capped quote at 1.00 beside an unbounded one at 5.00: past the first 100 units the
+        // price climbs towards 5.00, so that is the ceiling.
+        body["quotes"] = json!([one_break(&makers[0].0)]);
+        let id = str_of(&app.campaign(body).await["id"]);
+        let path = format!("/api/v1/campaigns/{id}/quotes");
+        let (status, c) = app.post(&path, Some(&makers[1].1),
+            json!({"lead_time_days": 10, "tiers": [{"min_qty": 10, "unit_price": "5.00"}]})).await;
+        assert_eq!(status, StatusCode::CREATED, "{c}");
+        assert_eq!((&c["price_ceiling"], &c["capacity"]), (&json!("5.00"), &Value::Null), "{c}");
+
+        let (_, shopper) = app.shopper("Sam", "pm_ok").await;
+        let (status, _) = app.post(&path, Some(&shopper),
+            json!({"lead_time_days": 10, "tiers": [{"min_qty": 10, "unit_price": "1.00"}]})).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "only manufacturers quote");
+        let refused = [
+            (json!({"manufacturer_id": makers[0].0, "lead_time_days": 10,
+                    "tiers": [{"min_qty": 10, "unit_price": "1.00"}]}), "manufacturer_id"),
+            (json!({"lead_time_days": 10, "tiers": [{"min_qty": 10, "unit_price": "2.00"},
+                    {"min_qty": 1_000_000_000_000_i64, "unit_price": "1.00"}]}), "quote.tiers"),
+            (json!({"lead_time_days": 10, "capacity": 1_000_000_000, "tiers": [{"min_qty": 10, "unit_price": "1.00"}]}),
+             "quote.capacity"),
+        ];
+        for (quote, field) in refused {
+            let (status, problem) = app.post(&path, Some(&makers[2].1), quote).await;
+            assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!(field)), "{problem}");
+        }
+        // Six quotes are the most; the seventh is refused and not stored.
+        for (m, token) in &makers[2..6] {
+            let (status, c) = app.post(&path, Some(token),
+                json!({"lead_time_days": 10, "capacity": 50, "tiers": [{"min_qty": 10, "unit_price": "3.00"}]})).await;
+            assert_eq!(status, StatusCode::CREATED, "{m}: {c}");
+        }
+        let before = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
+        let (status, problem) = app.post(&path, Some(&makers[6].1),
+            json!({"lead_time_days": 10, "capacity": 50, "tiers": [{"min_qty": 10, "unit_price": "0.50"}]})).await;
+        assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("quote")), "{problem}");
+        assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await, before);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn each_join_in_a_batch_is_judged_at_its_own_instant(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
+        let (ana, _) = app.shopper("Ana", "pm_ok").await;
+        let (bo, _) = app.shopper("Bo", "pm_ok").await;
+        let deadline: chrono::DateTime<chrono::Utc> = "2026-06-10T00:00:00Z".parse().unwrap();
+        let ms = chrono::Duration::milliseconds(1);
+        // Ana's request came in just before the deadline, Bo's just after, and they share a batch.
+        let answers = join_settled(&app.state.store, &app.state.payments, vec![
+            join_request(&id, &ana, 2, deadline - ms),
+            join_request(&id, &bo, 3, deadline),
+        ]).await;
+        let Ok(Joined::Pledged(pledge, _)) = &answers[0] else { panic!("{answers:?}") };
+        assert_eq!((pledge.qty, pledge.status.as_str()), (2, "active"));
+        assert!(matches!(answers[1], Err(PresaleError::NotOpen(_))), "{answers:?}");
+        assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["pooled_qty"], 2);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_campaign_whose_whole_window_fell_in_downtime_still_closes(backend) {
+        let start: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().unwrap();
+        let app = TestApp::spawn_manual(backend, start).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let with_quote = str_of(&app.campaign(jacket(&factory, "2026-06-02T00:00:00Z", "2026-06-03T00:00:00Z")).await["id"]);
+        let mut body = jacket(&factory, "2026-06-02T00:00:00Z", "2026-06-03T00:00:00Z");
+        body["quotes"] = json!([]);
+        let without_quote = str_of(&app.campaign(body).await["id"]);
+        // Down from before the campaigns open until after they close.
+        let back = "2026-06-05T00:00:00Z";
+        let app = app.restart_with(|s| {
+            s.clock = pooled::config::ClockMode::Manual;
+            s.clock_start = Some(back.parse().unwrap());
+        }).await;
+        app.advance(back).await;
+        for id in [&with_quote, &without_quote] {
+            let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
+            assert_eq!(c["status"], "failed", "no pledges, below the minimum: {c}");
+        }
+        let (_, list) = app.get("/api/v1/campaigns", None).await;
+        assert_eq!(list["items"], json!([]), "nothing is left scheduled: {list}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn the_campaign_list_pages_by_deadline(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let mut ids = Vec::new();
+        // Two share a deadline: the id breaks the tie, so no page repeats or drops one.
+        for closes in ["2026-06-12T00:00:00Z", "2026-06-10T00:00:00Z", "2026-06-12T00:00:00Z", "2026-06-11T00:00:00Z"] {
+            ids.push((closes, str_of(&app.campaign(jacket(&factory, "2026-06-02T00:00:00Z", closes)).await["id"])));
+        }
+        ids.sort();
+        let want: Vec<String> = ids.into_iter().map(|(_, id)| id).collect();
+        let mut got = Vec::new();
+        let mut path = "/api/v1/campaigns?limit=3".to_string();
+        let mut pages = 0;
+        loop {
+            let (status, page) = app.get(&path, None).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            pages += 1;
+            got.extend(page["items"].as_array().unwrap().iter().map(|c| str_of(&c["id"])));
+            match page["next"].as_str() {
+                Some(next) => path = format!("/api/v1/campaigns?limit=3&after={next}"),
+                None => break,
+            }
+        }
+        assert_eq!((got, pages), (want, 2));
+        for bad in ["limit=0", "limit=501", "after=nonsense", "after=12.x&limit=abc"] {
+            let (status, problem) = app.get(&format!("/api/v1/campaigns?{bad}"), None).await;
+            assert!(status == StatusCode::UNPROCESSABLE_ENTITY || status == StatusCode::BAD_REQUEST, "{bad}: {status} {problem}");
+        }
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn a_deadline_at_local_midnight_on_the_dst_change_is_exact(backend) {
         // New York leaves DST at 02:00 on 1 November; its midnight that day is 04:00 UTC.
         let app = TestApp::spawn_manual(backend, "2026-10-30T00:00:00Z".parse().unwrap()).await;
