@@ -1,6 +1,7 @@
 //! Presales end to end over HTTP with the manual clock, on both backends: the down jacket that
 //! reaches 30% off, a campaign below its minimum, defaults in the balance window, a split
-//! award, a deadline at local midnight across DST, and a stampede of concurrent joins.
+//! award, a deadline at local midnight across DST, a stampede of concurrent joins, and the
+//! contract's edges: refused campaigns and quotes, privacy of pledges and orders, paging.
 
 use crate::helpers::{ADMIN_TOKEN, TestApp, join_request, join_settled, raw_tx, str_of};
 use crate::on_both_backends;
@@ -552,6 +553,99 @@ on_both_backends! {
             let (status, problem) = app.get(&format!("/api/v1/campaigns?{bad}"), None).await;
             assert!(status == StatusCode::UNPROCESSABLE_ENTITY || status == StatusCode::BAD_REQUEST, "{bad}: {status} {problem}");
         }
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_deposit_above_the_final_price_comes_back_and_orders_stay_private(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, factory_token) = app.manufacturer("Northwind").await;
+        let (_, rival_token) = app.manufacturer("Rival").await;
+        // A 50% deposit of the 200.00 reference is 100.00 a unit; the price settles at 80.00.
+        let mut body = jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z");
+        body["deposit_percent"] = json!("50");
+        body["quotes"][0]["tiers"] = json!([{"min_qty": 1, "unit_price": "80.00"}]);
+        let id = str_of(&app.campaign(body).await["id"]);
+        let (_, ana) = app.shopper("Ana", "pm_ok").await;
+        let (_, bo) = app.shopper("Bo", "pm_ok").await;
+        let (status, pledge) = app.pledge(&id, &ana, json!({"qty": 2, "variant": "S"})).await;
+        assert_eq!((status, pledge["deposit_amount"].as_str()), (StatusCode::CREATED, Some("200.00")), "{pledge}");
+        let pledge_id = str_of(&pledge["id"]);
+        let (status, _) = app.pledge(&id, &bo, json!({"qty": 1, "variant": "L"})).await;
+        assert_eq!(status, StatusCode::CREATED);
+
+        // Another shopper neither sees nor cancels Ana's pledge.
+        let path = format!("/api/v1/pledges/{pledge_id}");
+        assert_eq!(app.get(&path, Some(&bo)).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(app.post(&format!("{path}/cancel"), Some(&bo), json!({})).await.0, StatusCode::NOT_FOUND);
+
+        app.advance("2026-06-10T00:05:00Z").await;
+        let (status, body) = app.post(&format!("{path}/cancel"), Some(&ana), json!({})).await;
+        assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "no cancelling after the deadline: {body}");
+        let (_, p) = app.get(&path, Some(&ana)).await;
+        // Nothing is owed and the 40.00 over 2 × 80.00 comes back at close.
+        assert_eq!((p["status"].as_str(), p["final_unit_price"].as_str(), p["balance_amount"].as_str(), p["refunded_amount"].as_str()),
+            (Some("paid"), Some("80.00"), Some("0.00"), Some("40.00")), "{p}");
+        let totals = app.gateway_totals().await;
+        assert_eq!((totals["charge"], totals["refund"]), ((2, 30000), (2, 6000)), "{totals:?}");
+
+        // The purchase order, issued when the balance window ends, is its manufacturer's and
+        // ops' only.
+        app.advance("2026-06-13T00:05:00Z").await;
+        let (_, orders) = app.get("/api/v1/purchase-orders", Some(&factory_token)).await;
+        let po = &orders["items"][0];
+        let po_path = format!("/api/v1/purchase-orders/{}", str_of(&po["id"]));
+        let (status, one) = app.get(&po_path, Some(&factory_token)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&one, po);
+        assert_eq!((one["campaign_id"].as_str(), one["qty"].as_i64(), one["unit_price"].as_str(), one["total"].as_str(), one["currency"].as_str()),
+            (Some(id.as_str()), Some(3), Some("80.00"), Some("240.00"), Some("EUR")), "{one}");
+        assert_eq!(one["lines"], json!([{"variant": "L", "qty": 1}, {"variant": "S", "qty": 2}]), "{one}");
+        assert_eq!(app.get(&po_path, Some(&rival_token)).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(app.get(&format!("{po_path}.csv"), Some(&rival_token)).await.0, StatusCode::NOT_FOUND);
+        assert!(matches!(app.get(&po_path, Some(&ana)).await.0, StatusCode::NOT_FOUND | StatusCode::FORBIDDEN));
+        let (_, theirs) = app.get("/api/v1/purchase-orders", Some(&rival_token)).await;
+        assert_eq!(theirs["items"], json!([]), "{theirs}");
+        let check = app.ledger_check().await;
+        assert_eq!((check["balanced"].as_bool(), check["gateway_matches"].as_bool()), (Some(true), Some(true)), "{check}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_bad_campaign_is_refused_field_by_field_and_nothing_is_created(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, factory_token) = app.manufacturer("Northwind").await;
+        let good = jacket(&factory, "2026-06-02T00:00:00Z", "2026-06-10T00:00:00Z");
+        let (status, _) = app.post("/api/v1/campaigns", Some(&factory_token), good.clone()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "ops create campaigns");
+        let mut bad = good.clone();
+        for (field, value) in [
+            ("title", json!("")), ("sku", json!("")),
+            ("reference_price", json!("-1")), ("deposit_percent", json!("51")),
+            ("closes_at", json!("2026-06-01T12:00:00Z")), ("time_zone", json!("Mars/Base")),
+            ("balance_window_hours", json!(0)), ("variants", json!(["S", "S\u{7}"])),
+        ] {
+            bad[field] = value;
+        }
+        bad["quotes"][0]["tiers"] = json!([{"min_qty": 10, "unit_price": "5.00"}, {"min_qty": 20, "unit_price": "6.00"}]);
+        let (status, problem) = app.post("/api/v1/campaigns", Some(ADMIN_TOKEN), bad).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+        let fields: Vec<&str> = problem["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+        assert_eq!(fields, ["title", "sku", "reference_price", "deposit_percent", "closes_at", "time_zone",
+            "balance_window_hours", "variants[1]", "quotes[0].tiers"], "{problem}");
+        let mut euro = good.clone();
+        euro["currency"] = json!("EURO");
+        let (status, problem) = app.post("/api/v1/campaigns", Some(ADMIN_TOKEN), euro).await;
+        assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("currency")), "{problem}");
+        let mut refundless = good.clone();
+        refundless["deposit_refundable"] = json!(false);
+        refundless["deposit_percent"] = json!("25");
+        let (status, problem) = app.post("/api/v1/campaigns", Some(ADMIN_TOKEN), refundless).await;
+        assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("deposit_percent")), "{problem}");
+        let (_, list) = app.get("/api/v1/campaigns", None).await;
+        assert_eq!(list["items"], json!([]), "{list}");
         app.stop().await;
     }
 }
