@@ -432,6 +432,13 @@ async fn list_runs(
     Ok(Json(paginate(rows, limit, |r| r.id, RunOut::from)))
 }
 
+/// `?limit=` and `?after=` of a list with nothing else to filter on.
+#[derive(Deserialize, IntoParams)]
+pub struct PageQuery {
+    pub limit: Option<i64>,
+    pub after: Option<String>,
+}
+
 /// Validates `?limit=` (default 50, 1–500).
 pub(super) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     match limit {

@@ -3,7 +3,7 @@
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller, Validation};
 use super::idempotency::{self, UnclaimedKey};
-use super::ops::{Page, cursor, page_limit, paginate};
+use super::ops::{Page, PageQuery, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::identity::{Principal, parse_name, parse_time_zone};
 use crate::domain::money::{Currency, Money, UnitPrice};
@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -640,12 +640,6 @@ async fn cancel_pledge(
         status: "cancelled".into(),
         refunded_amount: refunded.to_string(),
     }))
-}
-
-#[derive(Deserialize, IntoParams)]
-pub struct PageQuery {
-    limit: Option<i64>,
-    after: Option<String>,
 }
 
 /// A shopper's pledges, newest first (that shopper, ops).

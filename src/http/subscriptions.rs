@@ -4,7 +4,7 @@
 use super::amount_string;
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller, Validation};
-use super::ops::Page;
+use super::ops::{Page, PageQuery, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::identity::{parse_name, parse_payment_token, parse_time_zone};
 use crate::domain::money::{Currency, Money, MoneyError};
@@ -45,9 +45,28 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(grower_orders))
 }
 
-fn page<T>(items: Vec<T>) -> Json<Page<T>> {
-    let n = items.len() as i64;
-    Json(super::ops::paginate(items, n.max(1), |_| 0, |x| x))
+/// Pages a list read whole, in its order: each is short (the catalog, the plans, one
+/// subscription's deliveries or invoices, grower orders). The cursor is the position of the
+/// previous page's last item, which stays put as these lists only grow at their end.
+fn page<T>(items: Vec<T>, q: &PageQuery) -> Result<Json<Page<T>>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    let start = match cursor(q.after.as_deref())? {
+        None => 0,
+        Some(at) if at >= 0 => at as usize + 1,
+        Some(_) => {
+            return Err(ApiError::field(
+                "after",
+                "is not a cursor from a previous page",
+            ));
+        }
+    };
+    let rows: Vec<(usize, T)> = items
+        .into_iter()
+        .enumerate()
+        .skip(start)
+        .take(limit as usize + 1)
+        .collect();
+    Ok(Json(paginate(rows, limit, |(at, _)| *at, |(_, item)| item)))
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -93,12 +112,13 @@ impl From<CatalogRow> for CatalogItemOut {
 }
 
 /// The catalog (public): fruit and flowers with ripening data, cost, season and lead time.
-#[utoipa::path(get, path = "/api/v1/catalog", tag = "subscriptions",
+#[utoipa::path(get, path = "/api/v1/catalog", tag = "subscriptions", params(PageQuery),
     responses((status = 200, body = Page<CatalogItemOut>)))]
 async fn list_catalog(
     State(state): State<AppState>,
+    Query(q): Query<PageQuery>,
 ) -> Result<Json<Page<CatalogItemOut>>, ApiError> {
-    Ok(page(
+    page(
         state
             .store
             .catalog()
@@ -106,7 +126,8 @@ async fn list_catalog(
             .into_iter()
             .map(Into::into)
             .collect(),
-    ))
+        &q,
+    )
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -395,10 +416,13 @@ async fn create_plan(
 }
 
 /// Plans (public).
-#[utoipa::path(get, path = "/api/v1/plans", tag = "subscriptions",
+#[utoipa::path(get, path = "/api/v1/plans", tag = "subscriptions", params(PageQuery),
     responses((status = 200, body = Page<PlanOut>)))]
-async fn list_plans(State(state): State<AppState>) -> Result<Json<Page<PlanOut>>, ApiError> {
-    Ok(page(
+async fn list_plans(
+    State(state): State<AppState>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<PlanOut>>, ApiError> {
+    page(
         state
             .store
             .plans()
@@ -406,7 +430,8 @@ async fn list_plans(State(state): State<AppState>) -> Result<Json<Page<PlanOut>>
             .into_iter()
             .map(Into::into)
             .collect(),
-    ))
+        &q,
+    )
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -824,11 +849,12 @@ fn delivery_out(d: DeliveryRow, plan: &PlanRow) -> Result<DeliveryOut, ApiError>
 
 /// Deliveries with their lines and ready windows (its shopper, ops).
 #[utoipa::path(get, path = "/api/v1/subscriptions/{id}/deliveries", tag = "subscriptions",
-    responses((status = 200, body = Page<DeliveryOut>)))]
+    params(PageQuery), responses((status = 200, body = Page<DeliveryOut>)))]
 async fn deliveries(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
 ) -> Result<Json<Page<DeliveryOut>>, ApiError> {
     let sub = visible(&state, &caller, &id).await?;
     let plan = plan_of(&state.store, &sub.plan_id).await?;
@@ -839,7 +865,7 @@ async fn deliveries(
         .into_iter()
         .map(|d| delivery_out(d, &plan))
         .collect::<Result<_, _>>()?;
-    Ok(page(items))
+    page(items, &q)
 }
 
 #[derive(Serialize, ToSchema)]
@@ -870,14 +896,15 @@ impl From<InvoiceRow> for InvoiceOut {
 
 /// Invoices, one per billed delivery (its shopper, ops).
 #[utoipa::path(get, path = "/api/v1/subscriptions/{id}/invoices", tag = "subscriptions",
-    responses((status = 200, body = Page<InvoiceOut>)))]
+    params(PageQuery), responses((status = 200, body = Page<InvoiceOut>)))]
 async fn invoices(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
 ) -> Result<Json<Page<InvoiceOut>>, ApiError> {
     visible(&state, &caller, &id).await?;
-    Ok(page(
+    page(
         state
             .store
             .invoices_of(&id)
@@ -885,7 +912,8 @@ async fn invoices(
             .into_iter()
             .map(Into::into)
             .collect(),
-    ))
+        &q,
+    )
 }
 
 /// Escapes iCalendar text values (RFC 5545 §3.3.11).
@@ -957,6 +985,8 @@ async fn calendar(
 pub struct WeekQuery {
     /// ISO week such as 2026-W49.
     week: Option<String>,
+    limit: Option<i64>,
+    after: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -994,7 +1024,7 @@ async fn grower_orders(
         }
     }
     let rows = state.store.grower_orders(q.week.as_deref()).await?;
-    Ok(page(
+    page(
         rows.into_iter()
             .map(|g| GrowerOrderOut {
                 supplier: g.supplier,
@@ -1006,5 +1036,9 @@ async fn grower_orders(
                 week: g.week,
             })
             .collect(),
-    ))
+        &PageQuery {
+            limit: q.limit,
+            after: q.after,
+        },
+    )
 }

@@ -32,6 +32,31 @@ impl TestApp {
         assert_eq!(status, StatusCode::OK, "{path}: {body}");
         body["items"].as_array().cloned().unwrap_or_default()
     }
+
+    /// Every item of a list walked `limit` at a time, and how many pages it took.
+    pub async fn walk_pages(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Value>, usize) {
+        let (mut items, mut pages, mut after) = (Vec::new(), 0, String::new());
+        loop {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let (status, body) = self
+                .get(&format!("{path}{sep}limit={limit}{after}"), token)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{path}: {body}");
+            let page = body["items"].as_array().unwrap();
+            assert!(page.len() <= limit);
+            items.extend(page.iter().cloned());
+            pages += 1;
+            match body["next"].as_str() {
+                Some(next) => after = format!("&after={next}"),
+                None => return (items, pages),
+            }
+        }
+    }
 }
 
 fn fruit_plan(price: &str, portions: i64) -> Value {
@@ -64,7 +89,13 @@ on_both_backends! {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let (status, catalog) = app.get("/api/v1/catalog", None).await;
         assert_eq!(status, StatusCode::OK);
-        assert!(catalog["items"].as_array().unwrap().len() >= 30, "seeded from the shipped catalog");
+        let catalog = catalog["items"].as_array().unwrap();
+        assert!(catalog.len() >= 30, "seeded from the shipped catalog");
+        let (walked, pages) = app.walk_pages("/api/v1/catalog", None, 10).await;
+        assert_eq!((&walked, pages), (catalog, catalog.len().div_ceil(10)), "pages of 10 tile the catalog");
+        for bad in ["limit=0", "after=x", "after=-2"] {
+            assert_eq!(app.get(&format!("/api/v1/catalog?{bad}"), None).await.0, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        }
         let plan = app.plan(fruit_plan("24.90", 2)).await;
         let (shopper, token) = app.shopper("Lena", "pm_ok").await;
         let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
@@ -88,6 +119,8 @@ on_both_backends! {
             app.advance(&format!("{day}T00:00:00Z")).await;
         }
         let sub_now = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        let (walked, _) = app.walk_pages(&format!("/api/v1/subscriptions/{id}/deliveries"), Some(&token), 3).await;
+        assert_eq!(walked, sub_now, "pages of 3 tile the deliveries");
         let by_date = |date: &str| sub_now.iter().find(|d| d["date"] == date).cloned().unwrap_or_else(|| panic!("no {date}"));
         assert_eq!(by_date("2026-10-15")["status"], "skipped");
         assert_eq!(by_date("2026-10-29")["skip_reason"], "paused");
