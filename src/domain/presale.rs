@@ -259,7 +259,7 @@ pub fn total_capacity(quotes: &[Quote]) -> Option<i64> {
 /// Above this many award computations (reachable quantities × combinations of breaks) the
 /// ceiling is taken over the quantities where the price can turn (breaks, capacities and their
 /// sums, ±1) rather than over every one.
-const EXHAUSTIVE_BUDGET: u64 = 2_000_000;
+const EXHAUSTIVE_BUDGET: u64 = 250_000;
 
 /// The highest price over every reachable pooled quantity: nobody ever pays more. With one
 /// quote that is the price at its minimum order; with several (and capacities) the price is
