@@ -3,7 +3,7 @@
 //! award, a deadline at local midnight across DST, a stampede of concurrent joins, and the
 //! contract's edges: refused campaigns and quotes, privacy of pledges and orders, paging.
 
-use crate::helpers::{ADMIN_TOKEN, TestApp, join_request, join_settled, raw_tx, str_of};
+use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, join_request, join_settled, raw_tx, str_of};
 use crate::on_both_backends;
 use pooled::config::DatabaseUrl;
 use pooled::domain::ledger::Account;
@@ -101,6 +101,22 @@ pub fn jacket(manufacturer: &str, opens_at: &str, closes_at: &str) -> Value {
                               {"min_qty": 500, "unit_price": "160.00"},
                               {"min_qty": 1000, "unit_price": "140.00"}]}]
     })
+}
+
+/// A service on the manual clock at 1 June 2026 with Northwind's jacket on sale until 10 June;
+/// the app and the campaign's id.
+async fn jacket_on_sale(backend: Backend) -> (TestApp, String) {
+    let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+    let (factory, _) = app.manufacturer("Northwind").await;
+    let id = str_of(
+        &app.campaign(jacket(
+            &factory,
+            "2026-06-01T00:00:00Z",
+            "2026-06-10T00:00:00Z",
+        ))
+        .await["id"],
+    );
+    (app, id)
 }
 
 on_both_backends! {
@@ -283,9 +299,7 @@ on_both_backends! {
 
 on_both_backends! {
     async fn a_campaign_below_its_minimum_refunds_every_deposit_once(backend) {
-        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
-        let (factory, _) = app.manufacturer("Northwind").await;
-        let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
+        let (app, id) = jacket_on_sale(backend).await;
         let mut tokens = Vec::new();
         for i in 0..3 {
             let (_, token) = app.shopper(&format!("Few{i}"), "pm_ok").await;
@@ -478,9 +492,7 @@ on_both_backends! {
 
 on_both_backends! {
     async fn each_join_in_a_batch_is_judged_at_its_own_instant(backend) {
-        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
-        let (factory, _) = app.manufacturer("Northwind").await;
-        let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
+        let (app, id) = jacket_on_sale(backend).await;
         let (ana, _) = app.shopper("Ana", "pm_ok").await;
         let (bo, _) = app.shopper("Bo", "pm_ok").await;
         let deadline: chrono::DateTime<chrono::Utc> = "2026-06-10T00:00:00Z".parse().unwrap();
@@ -1053,9 +1065,7 @@ on_both_backends! {
 
 on_both_backends! {
     async fn a_flaky_deposit_is_retried_beside_the_join_queue(backend) {
-        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
-        let (factory, _) = app.manufacturer("Northwind").await;
-        let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
+        let (app, id) = jacket_on_sale(backend).await;
         let (flaky, _) = app.shopper("Fay", "pm_flaky").await;
         let (steady, _) = app.shopper("Sam", "pm_ok").await;
         let join = |shopper: &str| join_request(&id, shopper, 1, app.state.clock.now());
@@ -1084,9 +1094,7 @@ on_both_backends! {
 
 on_both_backends! {
     async fn a_deposit_charged_on_its_retry_but_not_recorded_is_settled_by_the_sweep_and_charged_once(backend) {
-        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
-        let (factory, _) = app.manufacturer("Northwind").await;
-        let id = str_of(&app.campaign(jacket(&factory, "2026-06-01T00:00:00Z", "2026-06-10T00:00:00Z")).await["id"]);
+        let (app, id) = jacket_on_sale(backend).await;
         let (flaky, _) = app.shopper("Fay", "pm_flaky").await;
         let request = join_request(&id, &flaky, 3, app.state.clock.now());
         // The database refuses to record a deposit's success: pm_flaky fails its first call,
