@@ -551,7 +551,7 @@ async fn signup(
         created_at: micros(now),
         ended_at: None,
     };
-    let deliveries = subscriptions::upcoming_rows(&sub, plan, first)?;
+    let deliveries = subscriptions::upcoming_rows(&sub, plan, first, now)?;
     store
         .create_subscription(&sub, &deliveries, subscriptions::RENEW_JOB, micros(now))
         .await?;

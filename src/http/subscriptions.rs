@@ -584,11 +584,7 @@ async fn subscribe(
         ended_at: None,
     };
     let first = first_delivery(input.start_date, weekday);
-    // Deliveries whose cutoff has already passed can't be planned and billed in time.
-    let rows: Vec<DeliveryRow> = upcoming_rows(&row, &plan, first)?
-        .into_iter()
-        .filter(|d| d.cutoff_at > micros(now))
-        .collect();
+    let rows = upcoming_rows(&row, &plan, first, now)?;
     state
         .store
         .create_subscription(&row, &rows, subscriptions::RENEW_JOB, micros(now))

@@ -182,11 +182,14 @@ fn delivery_row(sub: &SubscriptionRow, plan: &PlanRow, date: NaiveDate) -> Deliv
     }
 }
 
-/// The deliveries of a subscription from `from` to the horizon.
+/// The deliveries of a subscription from `from` to the horizon whose cutoff is still ahead
+/// at `now`: one past its cutoff can no longer be skipped, planned or billed in time, so it
+/// is never added (a renewal run would otherwise lock and bill it at once).
 pub fn upcoming_rows(
     sub: &SubscriptionRow,
     plan: &PlanRow,
     from: NaiveDate,
+    now: DateTime<Utc>,
 ) -> Result<Vec<DeliveryRow>> {
     let weekday = parse_weekday(&sub.delivery_weekday)
         .ok_or_else(|| StoreError::Inconsistent(format!("bad weekday {}", sub.delivery_weekday)))?;
@@ -199,6 +202,7 @@ pub fn upcoming_rows(
     )
     .into_iter()
     .map(|d| delivery_row(sub, plan, d))
+    .filter(|d| d.cutoff_at > micros(now))
     .collect())
 }
 
@@ -341,7 +345,7 @@ pub async fn run_renew(
                 resume(store, &sub, now).await?;
             }
             if sub.status != "suspended" {
-                upcoming.extend(upcoming_rows(&sub, plan, today)?);
+                upcoming.extend(upcoming_rows(&sub, plan, today, now)?);
             }
             if upcoming.len() >= CHUNK {
                 let rows = std::mem::take(&mut upcoming);

@@ -85,6 +85,39 @@ fn assert_covered(delivery: &Value, days: i64, need: i64) {
 }
 
 on_both_backends! {
+    async fn a_delivery_past_its_cutoff_at_signup_is_never_added_or_billed(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 2)).await;
+        let subscribe = |token: String, start: &'static str| {
+            let app = &app;
+            let plan = plan.clone();
+            async move {
+                let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+                    "plan_id": plan, "delivery_weekday": "thu", "start_date": start})).await;
+                assert_eq!(status, StatusCode::CREATED, "{sub}");
+                (str_of(&sub["id"]), token)
+            }
+        };
+        // Ana's box for Thursday 1 October is planned in time (its cutoff: 29 Sep 22:00 UTC).
+        let (_, ana) = app.shopper("Ana", "pm_ok").await;
+        let (ana_sub, ana) = subscribe(ana, "2026-10-01").await;
+        // Bo signs up after that cutoff, for the same plan and weekday: the box is there,
+        // but his first delivery is the 8th, and the renewal runs do not add the 1st.
+        app.advance("2026-09-30T00:00:00Z").await;
+        let (_, bo) = app.shopper("Bo", "pm_ok").await;
+        let (bo_sub, bo) = subscribe(bo, "2026-09-30").await;
+        app.advance("2026-10-02T00:00:00Z").await;
+        let dates = |items: Vec<Value>| items.iter().map(|d| str_of(&d["date"])).collect::<Vec<_>>();
+        let bo_dates = dates(app.items_of(&format!("/api/v1/subscriptions/{bo_sub}/deliveries"), &bo).await);
+        assert_eq!(bo_dates.first().map(String::as_str), Some("2026-10-08"), "{bo_dates:?}");
+        assert_eq!(app.items_of(&format!("/api/v1/subscriptions/{bo_sub}/invoices"), &bo).await, Vec::<Value>::new());
+        let ana_invoices = app.items_of(&format!("/api/v1/subscriptions/{ana_sub}/invoices"), &ana).await;
+        assert_eq!(dates(ana_invoices.iter().map(|i| json!({"date": i["delivery_date"]})).collect()), ["2026-10-01"]);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn eight_weeks_of_fruit_across_the_dst_change(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let (status, catalog) = app.get("/api/v1/catalog", None).await;
