@@ -1121,7 +1121,7 @@ async fn retry_declined_balances(
             if intent.resolved_at.is_none_or(|t| t > cutoff) {
                 continue;
             }
-            if store.retry_declined_intent(&id, now_us).await? {
+            if store.reopen_unpaid_charge(&id, now_us).await? {
                 payments.attempt(&id, now).await?;
                 retried += 1;
             }

@@ -493,14 +493,17 @@ impl Store {
         Ok(())
     }
 
-    /// Puts a declined charge back to pending (a dunning retry, or a card update), keeping its
-    /// key: the gateway decides a declined key afresh. `false` if it was not declined.
-    pub async fn retry_declined_intent(&self, id: &str, now: i64) -> StoreResult<bool> {
+    /// Puts an unpaid charge (declined, or failed: the gateway refused the call or kept
+    /// failing it) back to pending for a dunning retry or a card update, keeping its key: the
+    /// gateway decides such a key afresh. `false` if it was not unpaid. Why failed ones too:
+    /// a failed renewal leaves its invoice past due like a decline, and a retry that could not
+    /// reopen it left dunning replanning the same step for ever.
+    pub async fn reopen_unpaid_charge(&self, id: &str, now: i64) -> StoreResult<bool> {
         let done = on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE payment_intents
                  SET status = 'pending', next_attempt_at = $2, resolved_at = NULL
-                 WHERE id = $1 AND status = 'declined' AND kind = 'charge'",
+                 WHERE id = $1 AND status IN ('declined', 'failed') AND kind = 'charge'",
             )
             .bind(id)
             .bind(now)

@@ -562,7 +562,7 @@ pub async fn run_dunning(
         }
         let intent = format!("pi_renewal_{}", inv.id);
         if store.begin_dunning_retry(&inv.id, now_us).await?
-            && store.retry_declined_intent(&intent, now_us).await?
+            && store.reopen_unpaid_charge(&intent, now_us).await?
         {
             payments.attempt(&intent, now).await?;
             retried += 1;

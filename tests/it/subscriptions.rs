@@ -259,6 +259,31 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_renewal_the_gateway_failed_is_retried_by_dunning(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let (id, token) = declined_subscriber(&app, "Fenna").await;
+        app.advance("2026-10-05T22:00:00Z").await;
+        // The gateway failed the charge (refused the call, or kept failing it) rather than
+        // declining the card: the invoice is past due all the same.
+        crate::helpers::raw_tx(&app.state.settings.database, &[
+            "UPDATE payment_intents SET status = 'failed', last_error = 'gateway refused the call'
+             WHERE purpose = 'renewal'",
+        ]).await.unwrap();
+        let (status, _) = app.call(Method::PUT, &format!("/api/v1/subscriptions/{id}/payment-method"),
+            Some(&token), Some(json!({"payment_token": "pm_ok"}))).await;
+        assert_eq!(status, StatusCode::OK);
+        // The first dunning step (+1 d) charges it again, with the card now on file.
+        app.advance("2026-10-07T00:00:00Z").await;
+        let inv = &app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await[0];
+        assert_eq!((inv["status"].as_str(), inv["attempts"].as_i64()), (Some("paid"), Some(2)), "{inv}");
+        let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
+        assert_eq!(sub["status"], "active");
+        assert_eq!(app.gateway_totals().await["charge"].0, 1);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn ops_put_catalog_items_and_bad_ones_change_nothing(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let item = json!({"name": "Pawpaw", "kind": "fruit", "ripening_days_min": 2, "ripening_days_max": 4,
