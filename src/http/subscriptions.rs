@@ -45,6 +45,10 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(grower_orders))
 }
 
+/// How far ahead a subscription may start or a pause end: a year covers any real plan, and
+/// the dates computed from it stay far inside the calendar (an unbounded one overflowed it).
+const MAX_DAYS_AHEAD: i64 = 366;
+
 /// Pages a list read whole, in its order: each is short (the catalog, the plans, one
 /// subscription's deliveries or invoices, grower orders). The cursor is the position of the
 /// previous page's last item, which stays put as these lists only grow at their end.
@@ -552,6 +556,11 @@ async fn subscribe(
         let today = now.with_timezone(&subscriptions::zone_of(p)).date_naive();
         if input.start_date < today {
             v.error("start_date", "must not be in the past");
+        } else if input.start_date > today + Duration::days(MAX_DAYS_AHEAD) {
+            v.error(
+                "start_date",
+                format!("must be within {MAX_DAYS_AHEAD} days"),
+            );
         }
     }
     let catalog = state.store.catalog().await?;
@@ -690,6 +699,12 @@ async fn pause(
     };
     if until.is_some_and(|u| u <= now.date_naive()) {
         return Err(ApiError::field("until", "must be in the future"));
+    }
+    if until.is_some_and(|u| u > now.date_naive() + Duration::days(MAX_DAYS_AHEAD)) {
+        return Err(ApiError::field(
+            "until",
+            format!("must be within {MAX_DAYS_AHEAD} days"),
+        ));
     }
     let until_s = until.map(|u| u.to_string());
     if !state

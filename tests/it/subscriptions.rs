@@ -472,6 +472,8 @@ on_both_backends! {
         for (bad, field) in [
             (json!({"plan_id": plan, "delivery_weekday": "mon", "start_date": "2026-10-02"}), "delivery_weekday"),
             (json!({"plan_id": plan, "delivery_weekday": "fri", "start_date": "2026-09-01"}), "start_date"),
+            (json!({"plan_id": plan, "delivery_weekday": "fri", "start_date": "+262142-12-28"}), "start_date"),
+            (json!({"plan_id": plan, "delivery_weekday": "fri", "start_date": "2027-10-08"}), "start_date"),
             (json!({"plan_id": plan, "delivery_weekday": "fri", "start_date": "2026-10-02", "exclusions": ["durian"]}), "exclusions[0]"),
             (json!({"plan_id": "pln_nope", "delivery_weekday": "fri", "start_date": "2026-10-02"}), "plan_id"),
         ] {
@@ -480,8 +482,12 @@ on_both_backends! {
         }
         let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/resume"), Some(&token), json!({})).await;
         assert_eq!(status, StatusCode::CONFLICT, "not paused");
-        let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({"until": "2026-01-01"})).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        for until in ["2026-01-01", "2027-12-31", "+262142-12-28"] {
+            let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({"until": until})).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{until}: {body}");
+        }
+        let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
+        assert_eq!(sub["status"], "active", "a refused pause changes nothing");
         // A plan the catalog can't keep ready every day is refused, not silently unbillable:
         // no fruit in the data stays surely ready for a fortnight.
         let mut fortnight = fruit_plan("30.00", 1);
