@@ -402,14 +402,17 @@ impl Scheduler {
         })
     }
 
-    /// Everything before claiming: plan new slots, skip overlapping ones, reap dead attempts.
+    /// Everything before claiming: plan new slots, reap dead attempts, skip overlapping ones.
+    /// Reaping first: a dead instance's attempt still marked `running` must not make live
+    /// slots look like overlaps.
     async fn prepare(&self, now: DateTime<Utc>) -> StoreResult<()> {
         self.plan(now).await?;
+        self.reap().await?;
         self.env
             .store
             .skip_overlapping(now.timestamp_micros())
             .await?;
-        self.reap().await
+        Ok(())
     }
 
     /// Plans, reaps and runs everything due at `now`, one run at a time, until nothing is due.

@@ -238,14 +238,18 @@ impl Store {
     }
 
     /// Slots of exclusive jobs that came due while the job is still running are skipped
-    /// (overlap policy `skip`); timers, manual runs and backfills wait instead.
+    /// (overlap policy `skip`); timers, manual runs and backfills wait instead. Only slots due
+    /// after the running attempt started: the missed slots a catch-up planned at once (all due
+    /// before it) wait their turn, where skipping them dropped every one but the first.
     pub async fn skip_overlapping(&self, now: i64) -> StoreResult<u64> {
         Ok(on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE job_runs SET state = 'skipped', skip_reason = 'overlap', finished_at = $1
                  WHERE state = 'pending' AND trigger IN ('schedule', 'catchup') AND due_at <= $1
                    AND exclusive AND EXISTS (
-                     SELECT 1 FROM job_runs x WHERE x.job_name = job_runs.job_name AND x.state = 'running')",
+                     SELECT 1 FROM job_runs x
+                     WHERE x.job_name = job_runs.job_name AND x.state = 'running'
+                       AND job_runs.due_at > x.started_at)",
             )
             .bind(now)
             .execute(pool)

@@ -179,6 +179,36 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    /// After downtime a job under the `all` policy has its missed slots planned at once; while
+    /// the oldest runs, the others wait their turn. Only a slot that comes due after the
+    /// running attempt started is an overlap.
+    async fn catch_up_slots_wait_for_the_running_one_and_only_later_slots_overlap(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        store.sync_job_def(&job_def("hourly", "every 1s")).await.unwrap();
+        let s = |secs: i64| secs * 1_000_000;
+        let run = |at: i64, trigger: &'static str| NewRun {
+            scheduled_for: s(at), trigger, state: "pending", skip_reason: None, coalesced: 0,
+        };
+        let missed = vec![run(1, "catchup"), run(2, "catchup"), run(3, "catchup")];
+        assert_eq!(store.plan_runs("hourly", true, &missed, None, s(3), s(10)).await.unwrap(), 3);
+        let claimed = store.claim_next("a", s(10), s(10)).await.unwrap().expect("the oldest slot");
+        assert_eq!(claimed.run.scheduled_for, s(1));
+        assert_eq!(store.skip_overlapping(s(10)).await.unwrap(), 0, "the missed slots wait");
+        assert_eq!(store.plan_runs("hourly", true, &[run(11, "schedule")], Some(s(3)), s(11), s(11)).await.unwrap(), 1);
+        assert_eq!(store.skip_overlapping(s(11)).await.unwrap(), 1, "slot 11 came due while slot 1 ran");
+        let runs = store
+            .runs(&RunFilter { job: Some("hourly".into()), state: None, before_id: None, limit: 100 })
+            .await
+            .unwrap();
+        let mut states: Vec<(i64, String)> = runs.iter().map(|r| (r.scheduled_for / 1_000_000, r.state.clone())).collect();
+        states.sort();
+        assert_eq!(states, [(1, "running".into()), (2, "pending".into()), (3, "pending".into()), (11, "skipped".into())]);
+        store.close().await;
+    }
+}
+
 #[tokio::test]
 async fn a_second_process_on_one_sqlite_file_is_refused() {
     let db = TestDb::new(Backend::Sqlite);
