@@ -346,6 +346,18 @@ async fn refund_intent(
     let (Some(amount), Some(memo)) = (amount, memo) else {
         unreachable!("validation passed")
     };
+    // A deposit is refunded by its pledge (a cancel, a failed or cancelled campaign, a
+    // default, the excess over the final price), always in full: a partial refund here would
+    // leave that refund no room, and the shopper short.
+    if charge.purpose == "deposit" {
+        return Err(ApiError::conflict(
+            "conflict",
+            format!(
+                "charge {id} is a pledge's deposit: it is refunded by cancelling the pledge or \
+                 the campaign"
+            ),
+        ));
+    }
     if charge.status != "succeeded" || !amount.is_positive() {
         return Err(ApiError::conflict(
             "conflict",

@@ -587,6 +587,11 @@ on_both_backends! {
         let (status, _) = app.pledge(&id, &bo, json!({"qty": 1, "variant": "L"})).await;
         assert_eq!(status, StatusCode::CREATED);
 
+        // Ops cannot refund a deposit outside its pledge: the pledge's own refunds need it whole.
+        let (status, body) = app.post_keyed(&format!("/api/v1/ops/payment-intents/pi_deposit_{pledge_id}/refund"),
+            "goodwill", json!({"amount": "5.00", "memo": "goodwill"})).await;
+        assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "{body}");
+        assert!(!app.gateway_totals().await.contains_key("refund"), "nothing refunded");
         // Another shopper neither sees nor cancels Ana's pledge.
         let path = format!("/api/v1/pledges/{pledge_id}");
         assert_eq!(app.get(&path, Some(&bo)).await.0, StatusCode::NOT_FOUND);
