@@ -714,7 +714,7 @@ async fn pause(
             &["active"],
             "paused",
             until_s.as_deref(),
-            ("scheduled", None, "skipped", Some("paused")),
+            (["scheduled"; 2], None, "skipped", Some("paused")),
             ("0000-00-00", until_s.as_deref().unwrap_or("9999-99-99")),
             micros(now),
         )
@@ -754,12 +754,12 @@ async fn cancel(
     visible(&state, &caller, &id).await?;
     let now = micros(state.clock.now());
     let mut moved = false;
-    for from in ["scheduled", "skipped"] {
-        let from_status: &[&str] = if from == "scheduled" {
-            &["active", "past_due"]
-        } else {
-            &["paused", "paused"]
-        };
+    // A paused subscription also has deliveries still scheduled, after its pause ends.
+    let deliveries: [(&[&str], [&str; 2]); 2] = [
+        (&["active", "past_due"], ["scheduled"; 2]),
+        (&["paused"], ["scheduled", "skipped"]),
+    ];
+    for (from_status, from) in deliveries {
         moved |= state
             .store
             .move_subscription(

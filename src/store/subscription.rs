@@ -476,9 +476,9 @@ impl Store {
     }
 
     /// Moves a subscription between statuses, and its open deliveries with it: deliveries whose
-    /// cutoff has not passed and that are `deliveries_from` (with `reason_from`, if given)
-    /// become `deliveries_to` with `reason_to`, from `from_date` (inclusive) to `until_date`
-    /// (exclusive). `false` when the subscription was not in `from`.
+    /// cutoff has not passed and that are in one of `deliveries_from` (with `reason_from`, if
+    /// given) become `deliveries_to` with `reason_to`, from `from_date` (inclusive) to
+    /// `until_date` (exclusive). `false` when the subscription was not in `from`.
     #[allow(clippy::too_many_arguments)]
     pub async fn move_subscription(
         &self,
@@ -486,7 +486,7 @@ impl Store {
         from: &[&str],
         to: &str,
         paused_until: Option<&str>,
-        deliveries: (&str, Option<&str>, &str, Option<&str>),
+        deliveries: ([&str; 2], Option<&str>, &str, Option<&str>),
         dates: (&str, &str),
         now: i64,
     ) -> StoreResult<bool> {
@@ -516,18 +516,19 @@ impl Store {
             }
             sqlx::query(
                 "UPDATE deliveries SET status = $3, skip_reason = $5
-                 WHERE subscription_id = $1 AND status = $2
+                 WHERE subscription_id = $1 AND status IN ($2, $9)
                    AND ($4 IS NULL OR skip_reason = $4)
                    AND cutoff_at > $6 AND delivery_date >= $7 AND delivery_date < $8",
             )
             .bind(id)
-            .bind(d_from)
+            .bind(d_from[0])
             .bind(d_to)
             .bind(reason_from)
             .bind(reason_to)
             .bind(now)
             .bind(dates.0)
             .bind(dates.1)
+            .bind(d_from[1])
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;

@@ -841,7 +841,7 @@ pub async fn resume(store: &Store, sub: &SubscriptionRow, now: DateTime<Utc>) ->
             &["paused"],
             "active",
             None,
-            ("skipped", Some("paused"), "scheduled", None),
+            (["skipped"; 2], Some("paused"), "scheduled", None),
             ("0000-00-00", "9999-99-99"),
             micros(now),
         )

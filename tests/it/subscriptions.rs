@@ -394,6 +394,36 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn cancelling_a_paused_subscription_drops_the_deliveries_after_its_pause_too(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 2)).await;
+        let (_, token) = app.shopper("Pia", "pm_ok").await;
+        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        let id = str_of(&sub["id"]);
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({"until": "2026-10-22"})).await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("paused")), "{body}");
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/cancel"), Some(&token), json!({})).await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("cancelled")), "{body}");
+        assert_eq!(body["next_delivery_date"], Value::Null, "{body}");
+        let deliveries = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        assert!(deliveries.len() >= 3, "{deliveries:?}");
+        for d in &deliveries {
+            assert_eq!((d["status"].as_str(), d["skip_reason"].as_str()), (Some("skipped"), Some("cancelled")), "{d}");
+        }
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/cancel"), Some(&token), json!({})).await;
+        assert_eq!(status, StatusCode::CONFLICT, "cancelled once");
+        // Nothing is billed, or ordered from growers, for it.
+        app.advance("2026-10-30T00:00:00Z").await;
+        assert_eq!(app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await, Vec::<Value>::new());
+        let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+        assert_eq!(orders["items"], json!([]), "{orders}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn grower_orders_go_out_on_their_order_by_dates(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(fruit_plan("24.90", 2)).await;
