@@ -49,9 +49,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// the dates computed from it stay far inside the calendar (an unbounded one overflowed it).
 const MAX_DAYS_AHEAD: i64 = 366;
 
-/// Pages a list read whole, in its order: each is short (the catalog, the plans, one
-/// subscription's deliveries or invoices, grower orders). The cursor is the position of the
-/// previous page's last item, which stays put as these lists only grow at their end.
+/// Pages a list read whole, in its order: each is short (the plans, one subscription's
+/// deliveries or invoices). The cursor is the position of the previous page's last item, which
+/// stays put as these lists only grow at their end.
 fn page<T>(items: Vec<T>, q: &PageQuery) -> Result<Json<Page<T>>, ApiError> {
     let limit = page_limit(q.limit)?;
     let start = match cursor(q.after.as_deref())? {
@@ -71,6 +71,27 @@ fn page<T>(items: Vec<T>, q: &PageQuery) -> Result<Json<Page<T>>, ApiError> {
         .take(limit as usize + 1)
         .collect();
     Ok(Json(paginate(rows, limit, |(at, _)| *at, |(_, item)| item)))
+}
+
+/// Pages a short list read whole that can change in the middle (a catalog item added, a
+/// week's grower orders replaced), ordered by `key` (unique): the cursor is the previous
+/// page's last key, so a walk neither repeats nor skips what stayed.
+fn page_by_key<T>(
+    mut items: Vec<T>,
+    q: &PageQuery,
+    key: impl Fn(&T) -> String,
+) -> Result<Json<Page<T>>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    items.sort_by_cached_key(&key);
+    let start = q.after.as_deref().map_or(0, |after| {
+        items.partition_point(|i| key(i).as_str() <= after)
+    });
+    let rows: Vec<T> = items
+        .into_iter()
+        .skip(start)
+        .take(limit as usize + 1)
+        .collect();
+    Ok(Json(paginate(rows, limit, &key, |item| item)))
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -122,7 +143,7 @@ async fn list_catalog(
     State(state): State<AppState>,
     Query(q): Query<PageQuery>,
 ) -> Result<Json<Page<CatalogItemOut>>, ApiError> {
-    page(
+    page_by_key(
         state
             .store
             .catalog()
@@ -131,6 +152,7 @@ async fn list_catalog(
             .map(Into::into)
             .collect(),
         &q,
+        |c: &CatalogItemOut| format!("{}/{}", c.kind, c.sku),
     )
 }
 
@@ -1035,7 +1057,7 @@ async fn grower_orders(
         }
     }
     let rows = state.store.grower_orders(q.week.as_deref()).await?;
-    page(
+    page_by_key(
         rows.into_iter()
             .map(|g| GrowerOrderOut {
                 supplier: g.supplier,
@@ -1050,6 +1072,12 @@ async fn grower_orders(
         &PageQuery {
             limit: q.limit,
             after: q.after,
+        },
+        |g: &GrowerOrderOut| {
+            format!(
+                "{}/{}/{}/{}/{}",
+                g.order_by, g.week, g.supplier, g.sku, g.ripening_start
+            )
         },
     )
 }
