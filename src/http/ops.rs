@@ -321,7 +321,8 @@ async fn pause_job(
     one_job(&state, &name).await
 }
 
-/// Resume a paused job from now: slots that fell in the pause are not run.
+/// Resume a paused job from now: slots that fell in the pause are not run. Resuming a job that
+/// is not paused changes nothing (its catch-up stays planned).
 #[utoipa::path(post, path = "/api/v1/ops/jobs/{name}/resume", tag = "ops",
     responses((status = 200, body = JobOut)))]
 async fn resume_job(

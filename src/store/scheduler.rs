@@ -197,10 +197,13 @@ impl Store {
             // from: an instance that planned the same slots meanwhile wins, and this plan
             // rolls back. Otherwise one plan's row and the other's coalesced count could both
             // cover a slot.
+            // And only while the job is not paused: a pause that commits after the plan read
+            // the job would otherwise find nothing to skip, and the slots would run on resume.
             let moved = sqlx::query(
                 "UPDATE job_defs SET last_planned_slot = $2
                  WHERE name = $1 AND last_planned_slot IS NOT DISTINCT FROM $3
-                   AND (last_planned_slot IS NULL OR last_planned_slot < $2)",
+                   AND (last_planned_slot IS NULL OR last_planned_slot < $2)
+                   AND paused_at IS NULL",
             )
             .bind(job)
             .bind(watermark)
@@ -495,17 +498,20 @@ impl Store {
     }
 
     /// Pauses a job: it plans and claims nothing; its planned-but-unstarted slots are skipped.
-    /// False if there is no such job.
+    /// Pausing a paused job keeps when the pause began and takes the new note. False if there
+    /// is no such job.
     pub async fn pause_job(&self, job: &str, note: Option<&str>, now: i64) -> StoreResult<bool> {
         in_tx!(self, |tx| {
-            let n =
-                sqlx::query("UPDATE job_defs SET paused_at = $2, paused_note = $3 WHERE name = $1")
-                    .bind(job)
-                    .bind(now)
-                    .bind(note)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
+            let n = sqlx::query(
+                "UPDATE job_defs SET paused_at = COALESCE(paused_at, $2), paused_note = $3
+                 WHERE name = $1",
+            )
+            .bind(job)
+            .bind(now)
+            .bind(note)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
             sqlx::query(
                 "UPDATE job_runs SET state = 'skipped', skip_reason = 'paused', finished_at = $2
                  WHERE job_name = $1 AND state = 'pending' AND trigger IN ('schedule', 'catchup')",
@@ -519,14 +525,15 @@ impl Store {
         })
     }
 
-    /// Resumes a job from `now`: slots that fell in the pause are never planned.
+    /// Resumes a paused job from `now`: slots that fell in the pause are never planned. A job
+    /// that is not paused is left alone (moving its watermark would drop its catch-up): false.
     pub async fn resume_job(&self, job: &str, now: i64) -> StoreResult<bool> {
         let n = on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE job_defs SET paused_at = NULL, paused_note = NULL,
                     last_planned_slot = CASE WHEN last_planned_slot IS NULL OR last_planned_slot < $2
                                              THEN $2 ELSE last_planned_slot END
-                 WHERE name = $1",
+                 WHERE name = $1 AND paused_at IS NOT NULL",
             )
             .bind(job)
             .bind(now)

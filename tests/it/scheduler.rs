@@ -78,6 +78,19 @@ async fn downtime(backend: crate::helpers::Backend, hours: i64) {
     // Down from 01:00 for `hours`; back at the top of an hour.
     let back = at("2026-06-01T01:00:00Z") + chrono::Duration::hours(hours);
     let app = app.restart_with(manual(back)).await;
+    // A resume of a job that is not paused changes nothing: its missed slots still run.
+    let (status, job) = app
+        .post(
+            "/api/v1/ops/jobs/grower-orders/resume",
+            Some(ADMIN_TOKEN),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, &job["paused"]),
+        (StatusCode::OK, &serde_json::json!(false)),
+        "{job}"
+    );
     app.advance(&back.to_rfc3339()).await;
     let n = hours as usize;
 
