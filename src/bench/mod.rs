@@ -553,7 +553,13 @@ async fn signup(
     };
     let deliveries = subscriptions::upcoming_rows(&sub, plan, first, now)?;
     store
-        .create_subscription(&sub, &deliveries, subscriptions::RENEW_JOB, micros(now))
+        .create_subscription(
+            &sub,
+            &deliveries,
+            None,
+            subscriptions::RENEW_JOB,
+            micros(now),
+        )
         .await?;
     subscriptions::plan_upcoming(store, &sub, now).await?;
     Ok(started.elapsed().as_secs_f64() * 1000.0)

@@ -616,15 +616,27 @@ async fn subscribe(
     };
     let first = first_delivery(input.start_date, weekday);
     let rows = upcoming_rows(&row, &plan, first, now)?;
-    state
-        .store
-        .create_subscription(&row, &rows, subscriptions::RENEW_JOB, micros(now))
-        .await?;
-    subscriptions::plan_upcoming(&state.store, &row, now).await?;
     let who = state.store.shopper(&row.shopper_id).await?;
     let welcome =
         subscriptions::emails::subscription_confirmed(&plan, &row.id, first, &who.email, &who.name);
-    state.store.enqueue_email(&welcome, micros(now)).await?;
+    // The subscription, its deliveries and its welcome are one commit: once it lands the
+    // answer is 201, so a client's retry under the same key replays it and never subscribes
+    // twice.
+    state
+        .store
+        .create_subscription(
+            &row,
+            &rows,
+            Some(&welcome),
+            subscriptions::RENEW_JOB,
+            micros(now),
+        )
+        .await?;
+    // Best effort: the grower-orders refresh recomputes every order from the boxes wanted,
+    // and the renewal plans a box at its cutoff, so a failure here loses nothing.
+    if let Err(e) = subscriptions::plan_upcoming(&state.store, &row, now).await {
+        tracing::warn!(subscription = %row.id, error = %e, "planning the first boxes failed");
+    }
     let out = subscription_out(&state, row).await?;
     Ok((StatusCode::CREATED, Json(out)))
 }

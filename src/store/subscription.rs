@@ -395,6 +395,7 @@ impl Store {
         &self,
         s: &SubscriptionRow,
         deliveries: &[DeliveryRow],
+        welcome: Option<&NewEmail>,
         job: &str,
         now: i64,
     ) -> StoreResult<()> {
@@ -417,6 +418,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             insert_deliveries!(tx, deliveries, job, now);
+            if let Some(email) = welcome {
+                let _new = enqueue_email!(tx, email, now);
+            }
             tx.commit().await?;
         });
         Ok(())

@@ -5,6 +5,7 @@
 use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, str_of};
 use crate::on_both_backends;
 use chrono::{Duration, NaiveDate};
+use pooled::config::DatabaseUrl;
 use pooled::store::{DeliveryRow, RunFilter};
 use pooled::subscriptions::RENEW_JOB;
 use reqwest::{Method, StatusCode};
@@ -434,6 +435,43 @@ on_both_backends! {
         assert_eq!(app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await, Vec::<Value>::new());
         let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
         assert_eq!(orders["items"], json!([]), "{orders}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_signup_whose_box_planning_fails_is_still_one_subscription_and_replays(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 2)).await;
+        let (shopper, token) = app.shopper("Ivo", "pm_ok").await;
+        // Grower orders can't be written: planning the first boxes fails after the signup.
+        let refuse: &[&str] = match &app.state.settings.database {
+            DatabaseUrl::Sqlite(_) => &["CREATE TRIGGER refuse_orders BEFORE INSERT ON grower_orders \
+                 BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
+            DatabaseUrl::Postgres(_) => &[
+                "CREATE FUNCTION refuse_orders() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+                "CREATE TRIGGER refuse_orders BEFORE INSERT ON grower_orders FOR EACH ROW \
+                 EXECUTE FUNCTION refuse_orders()",
+            ],
+        };
+        crate::helpers::raw_tx(&app.state.settings.database, refuse).await.unwrap();
+        let body = json!({"plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"});
+        let subscribe = || async {
+            let res = app.client.post(format!("{}/api/v1/subscriptions", app.base)).bearer_auth(&token)
+                .header("Idempotency-Key", "signup-1").json(&body).send().await.unwrap();
+            (res.status(), res.json::<Value>().await.unwrap())
+        };
+        let (status, first) = subscribe().await;
+        assert_eq!(status, StatusCode::CREATED, "{first}");
+        let (status, again) = subscribe().await;
+        assert_eq!((status, &again["id"]), (StatusCode::CREATED, &first["id"]), "the retry replays: {again}");
+        assert_eq!(first["shopper_id"].as_str(), Some(shopper.as_str()));
+        let live = app.state.store.live_subscription_ids().await.unwrap();
+        assert_eq!(live, [str_of(&first["id"])], "one subscription");
+        let welcome = app.admin_get("/api/v1/ops/outbox?to=ivo@example.com").await;
+        let welcomes = welcome["items"].as_array().unwrap().iter().filter(|e| e["template"] == "subscription_confirmed").count();
+        assert_eq!(welcomes, 1, "{welcome}");
         app.stop().await;
     }
 }
