@@ -490,7 +490,7 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     // renewal at the cutoff. Both are timed.
     reset_peak_rss();
     let started = Instant::now();
-    subscriptions::run_plan(store, now).await?;
+    subscriptions::run_plan(store, now, chrono_tz::UTC).await?;
     let planned = started.elapsed().as_secs_f64();
     let at_cutoff = crate::store::instant(cutoff);
     subscriptions::run_renew(store, &f.app_state.payments, &[1, 3, 5], at_cutoff).await?;

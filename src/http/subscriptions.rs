@@ -723,7 +723,7 @@ async fn pause(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<SubscriptionOut>, ApiError> {
-    visible(&state, &caller, &id).await?;
+    let sub = visible(&state, &caller, &id).await?;
     let now = state.clock.now();
     // The body is optional: no body (or `{}`) pauses until resumed.
     let until = if body.is_empty() {
@@ -731,10 +731,13 @@ async fn pause(
     } else {
         super::extract::parse_json::<PauseIn>(&body)?.until
     };
-    if until.is_some_and(|u| u <= now.date_naive()) {
+    // Dates are the plan's, like its deliveries.
+    let plan = plan_of(&state.store, &sub.plan_id).await?;
+    let today = now.with_timezone(&subscriptions::zone_of(&plan)).date_naive();
+    if until.is_some_and(|u| u <= today) {
         return Err(ApiError::field("until", "must be in the future"));
     }
-    if until.is_some_and(|u| u > now.date_naive() + Duration::days(MAX_DAYS_AHEAD)) {
+    if until.is_some_and(|u| u > today + Duration::days(MAX_DAYS_AHEAD)) {
         return Err(ApiError::field(
             "until",
             format!("must be within {MAX_DAYS_AHEAD} days"),

@@ -131,7 +131,10 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "0 6 * * 3",
             shop,
             CatchUp::All,
-            body(|ctx| async move { subscriptions::run_plan(&ctx.env.store, ctx.now).await }),
+            body(|ctx| async move {
+                let shop = ctx.env.settings.time_zone;
+                subscriptions::run_plan(&ctx.env.store, ctx.now, shop).await
+            }),
         ),
         JobSpec::new(
             subscriptions::RENEW_JOB,
@@ -152,9 +155,10 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "0 5 * * *",
             shop,
             CatchUp::All,
-            body(
-                |ctx| async move { subscriptions::run_grower_orders(&ctx.env.store, ctx.now).await },
-            ),
+            body(|ctx| async move {
+                let shop = ctx.env.settings.time_zone;
+                subscriptions::run_grower_orders(&ctx.env.store, ctx.now, shop).await
+            }),
         ),
         outbox,
         JobSpec::new(

@@ -801,8 +801,8 @@ pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<U
 
 /// `subscription-plan`: plans the boxes of the coming two weeks (provisionally, until each
 /// cutoff) and aggregates them into grower orders with their order-by dates.
-pub async fn run_plan(store: &Store, now: DateTime<Utc>) -> Result<serde_json::Value> {
-    let today = now.date_naive();
+pub async fn run_plan(store: &Store, now: DateTime<Utc>, shop: Tz) -> Result<serde_json::Value> {
+    let today = now.with_timezone(&shop).date_naive();
     let window = (today, today + Duration::days(15));
     let p = plan_window(store, window, Some(now)).await?;
     Ok(json!({
@@ -813,9 +813,15 @@ pub async fn run_plan(store: &Store, now: DateTime<Utc>) -> Result<serde_json::V
 }
 
 /// `grower-orders`: sends each grower the order lines whose order-by date has come (one
-/// email with a CSV per grower), once.
-pub async fn run_grower_orders(store: &Store, now: DateTime<Utc>) -> Result<serde_json::Value> {
-    let today = now.date_naive();
+/// email with a CSV per grower), once. "Today" is the shop's (`shop`, the zone the job runs
+/// in): east of UTC its 05:00 run falls on the day before in UTC, when that day's orders
+/// would wait a day.
+pub async fn run_grower_orders(
+    store: &Store,
+    now: DateTime<Utc>,
+    shop: Tz,
+) -> Result<serde_json::Value> {
+    let today = now.with_timezone(&shop).date_naive();
     plan_window(store, (today, today + Duration::days(15)), None).await?;
     let mut by_supplier: BTreeMap<String, Vec<GrowerOrderRow>> = BTreeMap::new();
     for g in store.grower_orders(None).await? {

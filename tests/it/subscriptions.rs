@@ -541,6 +541,34 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn grower_orders_go_out_on_the_shops_own_day_east_of_utc(backend) {
+        let app = TestApp::spawn_with(backend, |s| {
+            s.clock = pooled::config::ClockMode::Manual;
+            s.clock_start = Some("2026-09-28T00:00:00Z".parse().unwrap());
+            s.time_zone = "Asia/Tokyo".parse().unwrap();
+        }).await;
+        let mut body = fruit_plan("24.90", 2);
+        body["time_zone"] = json!("Asia/Tokyo");
+        let plan = app.plan(body).await;
+        let (_, token) = app.shopper("Yui", "pm_ok").await;
+        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+        let first: NaiveDate = orders["items"].as_array().unwrap().iter()
+            .map(|o| str_of(&o["order_by"]).parse::<NaiveDate>().unwrap()).min().expect("orders planned");
+        // 05:00 in Tokyo on the order-by date is 20:00 UTC the day before.
+        let run_at = format!("{}T20:30:00Z", first - Duration::days(1));
+        app.advance(&run_at).await;
+        let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+        let due: Vec<&Value> = orders["items"].as_array().unwrap().iter()
+            .filter(|o| str_of(&o["order_by"]) == first.to_string()).collect();
+        assert!(!due.is_empty() && due.iter().all(|o| o["status"] == "sent"), "sent on the shop's day: {orders}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn flowers_bloom_every_day_until_the_next_delivery(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(json!({"name": "Fortnightly bouquet", "kind": "flower", "currency": "EUR",
