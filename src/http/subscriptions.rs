@@ -733,7 +733,9 @@ async fn pause(
     };
     // Dates are the plan's, like its deliveries.
     let plan = plan_of(&state.store, &sub.plan_id).await?;
-    let today = now.with_timezone(&subscriptions::zone_of(&plan)).date_naive();
+    let today = now
+        .with_timezone(&subscriptions::zone_of(&plan))
+        .date_naive();
     if until.is_some_and(|u| u <= today) {
         return Err(ApiError::field("until", "must be in the future"));
     }
