@@ -480,16 +480,21 @@ async fn change_plan(
     let plan = plan_of(&state.store, &id).await?;
     let price = positive_amount(&input.price_per_delivery, &plan.currency)
         .map_err(|m| ApiError::field("price_per_delivery", m.to_string()))?;
+    // The same price again (a retried request) changes and announces nothing.
+    if price.minor() == plan.price_minor {
+        return Ok(Json(plan.into()));
+    }
     let changed = PlanRow {
         price_minor: price.minor(),
         ..plan.clone()
     };
+    let now = micros(state.clock.now());
     let announce = |sub_id: &str, email: &str, name: &str| {
-        subscriptions::emails::price_changed(&changed, plan.price_minor, sub_id, email, name)
+        subscriptions::emails::price_changed(&changed, plan.price_minor, now, sub_id, email, name)
     };
     state
         .store
-        .set_plan_price(&id, price.minor(), announce, micros(state.clock.now()))
+        .set_plan_price(&id, price.minor(), announce, now)
         .await?;
     Ok(Json(changed.into()))
 }

@@ -153,9 +153,12 @@ pub fn suspended(plan: &PlanRow, inv: &InvoiceRow, to: &str, name: &str) -> NewE
     n.render()
 }
 
+/// A price change of `plan`, made at `changed_at` (µs): keyed by that instant, so a price that
+/// comes back (A → B → A → B) is announced each time.
 pub fn price_changed(
     plan: &PlanRow,
     old_minor: i64,
+    changed_at: i64,
     sub_id: &str,
     to: &str,
     name: &str,
@@ -163,7 +166,7 @@ pub fn price_changed(
     let mut n = notice(
         "price_changed",
         sub_id,
-        &format!("price-{}-{}", plan.id, plan.price_minor),
+        &format!("price-{}-{changed_at}", plan.id),
         to,
         name,
         format!("The price of {} changes", plan.name),

@@ -498,7 +498,7 @@ on_both_backends! {
 
         let old = store.plan("p1").await.unwrap().unwrap();
         let changed = PlanRow { price_minor: 2400, ..old.clone() };
-        let announce = |sub: &str, to: &str, name: &str| price_changed(&changed, old.price_minor, sub, to, name);
+        let announce = |sub: &str, to: &str, name: &str| price_changed(&changed, old.price_minor, 0, sub, to, name);
         store.set_plan_price("p1", 2400, announce, 0).await.unwrap();
         assert_eq!(store.plan("p1").await.unwrap().unwrap().price_minor, 2400);
 

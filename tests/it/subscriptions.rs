@@ -609,8 +609,15 @@ on_both_backends! {
         app.advance("2026-10-05T00:00:00Z").await;
         let (status, changed) = app.call(Method::PUT, &format!("/api/v1/plans/{plan}"), Some(ADMIN_TOKEN), Some(json!({"price_per_delivery": "31.00"}))).await;
         assert_eq!((status, changed["price_per_delivery"].as_str()), (StatusCode::OK, Some("31.00")), "{changed}");
+        // Back and forth: each change is announced, a repeat of the same price is not.
+        for (second, price) in [(1, "29.00"), (2, "31.00"), (3, "31.00")] {
+            app.advance(&format!("2026-10-05T00:00:0{second}Z")).await;
+            let (status, body) = app.call(Method::PUT, &format!("/api/v1/plans/{plan}"), Some(ADMIN_TOKEN), Some(json!({"price_per_delivery": price}))).await;
+            assert_eq!((status, body["price_per_delivery"].as_str()), (StatusCode::OK, Some(price)), "{body}");
+        }
         let outbox = app.admin_get("/api/v1/ops/outbox?to=flora@example.com").await;
-        assert!(outbox["items"].as_array().unwrap().iter().any(|e| e["template"] == "price_changed"), "{outbox}");
+        let announced = outbox["items"].as_array().unwrap().iter().filter(|e| e["template"] == "price_changed").count();
+        assert_eq!(announced, 3, "31.00, 29.00, 31.00: {outbox}");
         app.advance("2026-10-17T00:00:00Z").await;
         let deliveries = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
         let dates: Vec<String> = deliveries.iter().map(|d| str_of(&d["date"])).collect();
