@@ -1,5 +1,5 @@
-//! Extractors: JSON bodies with problem+json rejections, field validation, and the caller's
-//! identity from the bearer token (the one place roles are checked).
+//! Extractors: JSON bodies and query strings with problem+json rejections, field validation,
+//! and the caller's identity from the bearer token (the one place roles are checked).
 
 use super::error::{ApiError, FieldError};
 use crate::app::AppState;
@@ -48,6 +48,31 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             other => ApiError::new(other.status(), "bad_request", other.body_text()),
         })?;
         parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// A query string. A parameter of the wrong shape (`?limit=abc`) → 422 naming it, as
+/// problem+json, like a body's fields.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let pairs = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(pairs)
+            .map(ApiQuery)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let field = if path == "." {
+                    "query".to_owned()
+                } else {
+                    path
+                };
+                let message = e.into_inner().to_string();
+                ApiError::validation(vec![FieldError { field, message }])
+            })
     }
 }
 

@@ -1,7 +1,7 @@
 //! Ops API: the clock, jobs and their runs, scheduler instances, the email outbox. Admin only.
 
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller, parse_json};
+use super::extract::{ApiJson, ApiQuery, Caller, parse_json};
 use crate::app::AppState;
 use crate::clock::Clock;
 use crate::scheduler::jobs::JobSpec;
@@ -9,7 +9,7 @@ use crate::scheduler::schedule::UpcomingSlot;
 use crate::scheduler::{AdvanceError, RunReport};
 use crate::store::{JobRunRow, RunFilter, instant};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -400,7 +400,7 @@ pub struct RunsQuery {
 async fn list_runs(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<RunsQuery>,
+    ApiQuery(q): ApiQuery<RunsQuery>,
 ) -> Result<Json<Page<RunOut>>, ApiError> {
     caller.require_admin()?;
     let limit = page_limit(q.limit)?;
@@ -540,7 +540,7 @@ pub struct EmailOut {
 async fn list_outbox(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<OutboxQuery>,
+    ApiQuery(q): ApiQuery<OutboxQuery>,
 ) -> Result<Json<Page<EmailOut>>, ApiError> {
     caller.require_admin()?;
     let limit = page_limit(q.limit)?;

@@ -3,7 +3,7 @@
 
 use super::amount_string;
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller, Validation};
+use super::extract::{ApiJson, ApiQuery, Caller, Validation};
 use super::ops::{Page, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::ledger::Account;
@@ -12,7 +12,7 @@ use crate::ids::new_id;
 use crate::payments::Outcome;
 use crate::store::{IntentFilter, IntentRow, LedgerCheck, NewIntent, SandboxPaymentRow, instant};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -84,7 +84,7 @@ pub struct PaymentsQuery {
 async fn list_payments(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<PaymentsQuery>,
+    ApiQuery(q): ApiQuery<PaymentsQuery>,
 ) -> Result<Json<Page<PaymentOut>>, ApiError> {
     caller.require_admin()?;
     let limit = page_limit(q.limit)?;
@@ -165,7 +165,7 @@ pub struct IntentsQuery {
 async fn list_intents(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<IntentsQuery>,
+    ApiQuery(q): ApiQuery<IntentsQuery>,
 ) -> Result<Json<Page<IntentOut>>, ApiError> {
     caller.require_admin()?;
     let limit = page_limit(q.limit)?;

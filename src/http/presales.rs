@@ -1,7 +1,7 @@
 //! Presales over HTTP: campaigns and their quotes, pledges, demand, purchase orders.
 
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller, Validation};
+use super::extract::{ApiJson, ApiQuery, Caller, Validation};
 use super::idempotency::{self, UnclaimedKey};
 use super::ops::{Page, PageQuery, cursor, page_limit, paginate};
 use crate::app::AppState;
@@ -15,7 +15,7 @@ use crate::presales::{
 use crate::store::{
     CampaignRow, PledgeRow, PurchaseOrderRow, QuotePut, QuoteRow, StoredResponse, instant, micros,
 };
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -388,7 +388,7 @@ async fn create_campaign(
     responses((status = 200, body = Page<CampaignOut>), (status = 422, body = super::error::Problem)))]
 async fn list_campaigns(
     State(state): State<AppState>,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<CampaignOut>>, ApiError> {
     let limit = page_limit(q.limit)?;
     let after = q
@@ -649,7 +649,7 @@ async fn shopper_pledges(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<PledgeOut>>, ApiError> {
     caller.may_see_shopper(&id)?;
     let limit = page_limit(q.limit)?;
@@ -812,7 +812,7 @@ impl From<PurchaseOrderRow> for PurchaseOrderOut {
 async fn list_purchase_orders(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<PurchaseOrderOut>>, ApiError> {
     let manufacturer = match &caller.0 {
         Principal::Admin => None,

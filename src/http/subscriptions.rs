@@ -3,7 +3,7 @@
 
 use super::amount_string;
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller, Validation};
+use super::extract::{ApiJson, ApiQuery, Caller, Validation};
 use super::ops::{Page, PageQuery, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::identity::{parse_name, parse_payment_token, parse_time_zone};
@@ -18,7 +18,7 @@ use crate::subscriptions::{
     self, SubscriptionError, date_of, exclusions_of, lines_of, plan_of, upcoming_rows,
 };
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
@@ -141,7 +141,7 @@ impl From<CatalogRow> for CatalogItemOut {
     responses((status = 200, body = Page<CatalogItemOut>)))]
 async fn list_catalog(
     State(state): State<AppState>,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<CatalogItemOut>>, ApiError> {
     page_by_key(
         state
@@ -446,7 +446,7 @@ async fn create_plan(
     responses((status = 200, body = Page<PlanOut>)))]
 async fn list_plans(
     State(state): State<AppState>,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<PlanOut>>, ApiError> {
     page(
         state
@@ -909,7 +909,7 @@ async fn deliveries(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<DeliveryOut>>, ApiError> {
     let sub = visible(&state, &caller, &id).await?;
     let plan = plan_of(&state.store, &sub.plan_id).await?;
@@ -956,7 +956,7 @@ async fn invoices(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<InvoiceOut>>, ApiError> {
     visible(&state, &caller, &id).await?;
     page(
@@ -1062,7 +1062,7 @@ pub struct GrowerOrderOut {
 async fn grower_orders(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<WeekQuery>,
+    ApiQuery(q): ApiQuery<WeekQuery>,
 ) -> Result<Json<Page<GrowerOrderOut>>, ApiError> {
     caller.require_admin()?;
     if let Some(w) = &q.week {

@@ -241,6 +241,9 @@ on_both_backends! {
         assert_eq!(app.runs_of("billing-dunning").await.len(), 3);
         let (status, _) = app.get("/api/v1/ops/runs?state=bogus", Some(ADMIN_TOKEN)).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        // A parameter of the wrong shape is a problem+json naming it, not a plain-text 400.
+        let (status, problem) = app.get("/api/v1/ops/runs?limit=abc", Some(ADMIN_TOKEN)).await;
+        assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("limit")), "{problem}");
 
         let (_, jobs) = app.get("/api/v1/ops/jobs", Some(ADMIN_TOKEN)).await;
         let names: Vec<String> = jobs["items"].as_array().unwrap().iter().map(|j| str_of(&j["name"])).collect();
