@@ -131,10 +131,9 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "0 6 * * 3",
             shop,
             CatchUp::All,
-            body(|ctx| async move {
-                let shop = ctx.env.settings.time_zone;
-                subscriptions::run_plan(&ctx.env.store, ctx.now, shop).await
-            }),
+            body(
+                move |ctx| async move { subscriptions::run_plan(&ctx.env.store, ctx.now, shop).await },
+            ),
         ),
         JobSpec::new(
             subscriptions::RENEW_JOB,
@@ -155,8 +154,7 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "0 5 * * *",
             shop,
             CatchUp::All,
-            body(|ctx| async move {
-                let shop = ctx.env.settings.time_zone;
+            body(move |ctx| async move {
                 subscriptions::run_grower_orders(&ctx.env.store, ctx.now, shop).await
             }),
         ),
