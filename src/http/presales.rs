@@ -3,7 +3,7 @@
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery, Caller, Validation};
 use super::idempotency::{self, UnclaimedKey};
-use super::ops::{Page, PageQuery, cursor, page_limit, paginate};
+use super::ops::{Page, PageQuery, bad_cursor, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::identity::{Principal, parse_name, parse_time_zone};
 use crate::domain::money::{Currency, Money, UnitPrice};
@@ -397,12 +397,12 @@ async fn list_campaigns(
         .map(|a| {
             a.split_once('.')
                 .and_then(|(at, id)| Some((at.parse::<i64>().ok()?, id)))
-                .ok_or_else(|| ApiError::field("after", "is not a cursor from a previous page"))
+                .ok_or_else(bad_cursor)
         })
         .transpose()?;
     let mut items = Vec::new();
     for c in state.store.listed_campaigns(after, limit + 1).await? {
-        items.push(presales::load(&state.store, &c.id).await?);
+        items.push(presales::load_quotes(&state.store, c).await?);
     }
     Ok(Json(paginate(
         items,

@@ -173,6 +173,16 @@ pub async fn load(store: &Store, id: &str) -> Result<Loaded> {
     // Two reads at once: each is its own snapshot either way, and a join batch waits on both.
     let (campaign, quotes) = tokio::try_join!(store.campaign(id), store.quotes(id))?;
     let campaign = campaign.ok_or_else(|| PresaleError::NotFound(format!("no campaign {id}")))?;
+    loaded(campaign, quotes)
+}
+
+/// A campaign already read, with its quotes (one read).
+pub async fn load_quotes(store: &Store, campaign: CampaignRow) -> Result<Loaded> {
+    let quotes = store.quotes(&campaign.id).await?;
+    loaded(campaign, quotes)
+}
+
+fn loaded(campaign: CampaignRow, quotes: Vec<QuoteRow>) -> Result<Loaded> {
     let quotes = quotes
         .into_iter()
         .map(|row| {
