@@ -452,11 +452,13 @@ pub(super) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 /// Decodes `?after=` (an id-based cursor).
 pub(super) fn cursor(after: Option<&str>) -> Result<Option<i64>, ApiError> {
     after
-        .map(|a| {
-            a.parse::<i64>()
-                .map_err(|_| ApiError::field("after", "is not a cursor from a previous page"))
-        })
+        .map(|a| a.parse::<i64>().map_err(|_| bad_cursor()))
         .transpose()
+}
+
+/// The answer to an `?after=` no page gave out.
+pub(super) fn bad_cursor() -> ApiError {
+    ApiError::field("after", "is not a cursor from a previous page")
 }
 
 /// Cuts `rows` (fetched with one extra) into a page and the cursor of the next.

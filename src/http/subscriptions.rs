@@ -4,7 +4,7 @@
 use super::amount_string;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery, Caller, Validation};
-use super::ops::{Page, PageQuery, cursor, page_limit, paginate};
+use super::ops::{Page, PageQuery, bad_cursor, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::identity::{parse_name, parse_payment_token, parse_time_zone};
 use crate::domain::money::{Currency, Money, MoneyError};
@@ -56,13 +56,7 @@ fn page<T>(items: Vec<T>, q: &PageQuery) -> Result<Json<Page<T>>, ApiError> {
     let limit = page_limit(q.limit)?;
     let start = match cursor(q.after.as_deref())? {
         None => 0,
-        Some(at) if at >= 0 => at as usize + 1,
-        Some(_) => {
-            return Err(ApiError::field(
-                "after",
-                "is not a cursor from a previous page",
-            ));
-        }
+        Some(at) => usize::try_from(at).map_err(|_| bad_cursor())? + 1,
     };
     let rows: Vec<(usize, T)> = items
         .into_iter()

@@ -155,6 +155,10 @@ on_both_backends! {
         let sub_now = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
         let (walked, _) = app.walk_pages(&format!("/api/v1/subscriptions/{id}/deliveries"), Some(&token), 3).await;
         assert_eq!(walked, sub_now, "pages of 3 tile the deliveries");
+        for bad in ["after=-2", "after=x"] {
+            let (status, problem) = app.get(&format!("/api/v1/subscriptions/{id}/deliveries?{bad}"), Some(&token)).await;
+            assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("after")), "{bad}: {problem}");
+        }
         let by_date = |date: &str| sub_now.iter().find(|d| d["date"] == date).cloned().unwrap_or_else(|| panic!("no {date}"));
         assert_eq!(by_date("2026-10-15")["status"], "skipped");
         assert_eq!(by_date("2026-10-29")["skip_reason"], "paused");
