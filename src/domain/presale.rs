@@ -72,6 +72,11 @@ impl Quote {
         self.tiers[0].min_qty
     }
 
+    /// The last (largest) break.
+    pub fn last_break(&self) -> Tier {
+        self.tiers[self.tiers.len() - 1]
+    }
+
     /// The unit price at `qty` units, or `None` below the minimum or above capacity.
     pub fn price_at(&self, qty: i64) -> Option<UnitPrice> {
         if qty < self.min_order() || self.capacity.is_some_and(|c| qty > c) {
@@ -277,7 +282,7 @@ pub fn ceiling(quotes: &[Quote], currency: Currency) -> Option<Money> {
     }
     let hi = quotes
         .iter()
-        .map(|q| q.capacity.unwrap_or(q.tiers[q.tiers.len() - 1].min_qty))
+        .map(|q| q.capacity.unwrap_or(q.last_break().min_qty))
         .fold(0i64, i64::saturating_add)
         .max(lo);
     let span = (hi - lo + 1) as u64;
@@ -289,7 +294,7 @@ pub fn ceiling(quotes: &[Quote], currency: Currency) -> Option<Money> {
     let limit = quotes
         .iter()
         .filter(|q| q.capacity.is_none())
-        .map(|q| q.tiers[q.tiers.len() - 1].unit_price.value())
+        .map(|q| q.last_break().unit_price.value())
         .min()
         .and_then(|p| Money::round(p, currency).ok());
     candidates
