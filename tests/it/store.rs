@@ -209,6 +209,31 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    /// A plan made from a reading taken before a pause lands nothing once the pause has
+    /// committed (the pause found nothing of it to skip); a second pause keeps when the first
+    /// began; resuming a job that is not paused leaves its watermark alone.
+    async fn a_pause_wins_over_a_plan_read_before_it(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        store.sync_job_def(&job_def("hourly", "every 1s")).await.unwrap();
+        let s = |secs: i64| secs * 1_000_000;
+        let run = |at: i64| NewRun { scheduled_for: s(at), trigger: "schedule", state: "pending", skip_reason: None, coalesced: 0 };
+        assert_eq!(store.plan_runs("hourly", true, &[run(1)], None, s(1), s(1)).await.unwrap(), 1);
+        let read = store.job_defs().await.unwrap()[0].last_planned_slot;
+        assert!(store.pause_job("hourly", Some("first"), s(2)).await.unwrap());
+        assert_eq!(store.plan_runs("hourly", true, &[run(2)], read, s(2), s(2)).await.unwrap(), 0, "the plan lands nothing");
+        assert!(store.pause_job("hourly", Some("second"), s(3)).await.unwrap());
+        let def = &store.job_defs().await.unwrap()[0];
+        assert_eq!((def.paused_at, def.paused_note.as_deref(), def.last_planned_slot), (Some(s(2)), Some("second"), Some(s(1))));
+        assert!(store.resume_job("hourly", s(5)).await.unwrap());
+        assert_eq!(store.job_defs().await.unwrap()[0].last_planned_slot, Some(s(5)), "the pause's slots are never planned");
+        assert!(!store.resume_job("hourly", s(9)).await.unwrap(), "not paused");
+        assert_eq!(store.job_defs().await.unwrap()[0].last_planned_slot, Some(s(5)), "the watermark stays");
+        store.close().await;
+    }
+}
+
 #[tokio::test]
 async fn a_second_process_on_one_sqlite_file_is_refused() {
     let db = TestDb::new(Backend::Sqlite);
