@@ -915,8 +915,9 @@ impl Store {
     }
 
     /// Writes planned grower orders in one transaction, as `merge` says (a full
-    /// recomputation, or a new subscription's boxes; concurrent adds both count). Orders
-    /// already sent never change.
+    /// recomputation, or a new subscription's boxes; concurrent adds both count). Lines
+    /// already sent never change: a recomputation plans only what they do not cover, and
+    /// boxes added after a line was sent go out as a supplementary line.
     pub async fn put_grower_orders(
         &self,
         rows: &[GrowerOrderRow],
@@ -935,7 +936,7 @@ impl Store {
             )
         }));
         in_tx!(self, |tx| {
-            let qty = match merge {
+            let (qty, on_conflict) = match merge {
                 GrowerOrderMerge::Replace { from, until } => {
                     let sql = format!(
                         "DELETE FROM grower_orders
@@ -951,22 +952,35 @@ impl Store {
                         .bind(until)
                         .execute(&mut *tx)
                         .await?;
-                    "excluded.qty"
+                    // What is wanted less what the sent lines already ordered; a line left
+                    // with nothing to order is deleted below.
+                    (
+                        "CAST(value->>5 AS BIGINT) - COALESCE((SELECT SUM(s.qty) FROM grower_orders s
+                             WHERE s.status = 'sent' AND s.supplier = value->>2
+                               AND s.sku = value->>4 AND s.ripening_start = value->>6), 0)",
+                        "excluded.qty",
+                    )
                 }
-                GrowerOrderMerge::Add => "grower_orders.qty + excluded.qty",
+                GrowerOrderMerge::Add => (
+                    "CAST(value->>5 AS BIGINT)",
+                    "grower_orders.qty + excluded.qty",
+                ),
             };
             let sql = format!(
                 "INSERT INTO grower_orders (id, week, supplier, supplier_email, sku, qty,
                      ripening_start, order_by, status, sent_at)
-                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4,
-                     CAST(value->>5 AS BIGINT), value->>6, value->>7, 'planned', NULL
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, {qty},
+                     value->>6, value->>7, 'planned', NULL
                  FROM {} WHERE true
-                 ON CONFLICT (supplier, sku, ripening_start) DO UPDATE SET qty = {qty}
-                 WHERE grower_orders.status = 'planned'",
+                 ON CONFLICT (supplier, sku, ripening_start) WHERE status = 'planned'
+                 DO UPDATE SET qty = {on_conflict}",
                 super::json_rows(&tx, 1)
             );
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(&json)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM grower_orders WHERE status = 'planned' AND qty <= 0")
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
@@ -989,27 +1003,36 @@ impl Store {
         }))
     }
 
-    /// Marks grower orders sent with their email, once.
+    /// Marks the planned lines among `ids` sent and writes one email of exactly those
+    /// lines (`email_of`, given them as they were sent), in one transaction. A line sent
+    /// meanwhile is left out, so each line is mailed once and the email never claims
+    /// more, or less, than it marked. Returns the lines sent.
     pub async fn send_grower_orders(
         &self,
         ids: &[String],
-        email: &NewEmail,
+        email_of: impl FnOnce(&[GrowerOrderRow]) -> NewEmail,
         now: i64,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<Vec<GrowerOrderRow>> {
         in_tx!(self, |tx| {
+            let mut sent: Vec<GrowerOrderRow> = Vec::new();
             for id in ids {
-                sqlx::query(
+                let row = sqlx::query_as(
                     "UPDATE grower_orders SET status = 'sent', sent_at = $2
-                     WHERE id = $1 AND status = 'planned'",
+                     WHERE id = $1 AND status = 'planned'
+                     RETURNING id, week, supplier, supplier_email, sku, qty, ripening_start,
+                               order_by, status, sent_at",
                 )
                 .bind(id)
                 .bind(now)
-                .execute(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
+                sent.extend(row);
             }
-            let _new = enqueue_email!(tx, email, now);
+            if !sent.is_empty() {
+                let _new = enqueue_email!(tx, &email_of(&sent), now);
+            }
             tx.commit().await?;
-        });
-        Ok(())
+            Ok(sent)
+        })
     }
 }

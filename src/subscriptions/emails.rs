@@ -181,7 +181,9 @@ pub fn price_changed(
     n.render()
 }
 
-/// A grower's purchase order: the lines due today, with a CSV.
+/// A grower's purchase order: the lines due today, with a CSV. Keyed by its first line,
+/// since each line is sent once: a second order on the same day (boxes added after the
+/// first) is an email of its own, not a duplicate of the first.
 pub fn grower_order(supplier: &str, lines: &[GrowerOrderRow], today: NaiveDate) -> NewEmail {
     let mut csv = String::from("order_line,sku,qty,deliver_by,order_by,week\n");
     for l in lines {
@@ -194,10 +196,11 @@ pub fn grower_order(supplier: &str, lines: &[GrowerOrderRow], today: NaiveDate) 
         .first()
         .map(|l| l.supplier_email.clone())
         .unwrap_or_default();
+    let first = lines.first().map(|l| l.id.as_str()).unwrap_or_default();
     let mut n = notice(
         "grower_order",
         supplier,
-        &today.to_string(),
+        &format!("{today}/{first}"),
         &to,
         supplier,
         format!("Order from pooled for {today}"),

@@ -831,10 +831,12 @@ pub async fn run_grower_orders(
     }
     let mut sent = 0;
     for (supplier, lines) in by_supplier {
-        let email = emails::grower_order(&supplier, &lines, today);
         let ids: Vec<String> = lines.iter().map(|l| l.id.clone()).collect();
-        sent += ids.len();
-        store.send_grower_orders(&ids, &email, micros(now)).await?;
+        let email_of = |sent: &[GrowerOrderRow]| emails::grower_order(&supplier, sent, today);
+        sent += store
+            .send_grower_orders(&ids, email_of, micros(now))
+            .await?
+            .len();
     }
     Ok(json!({"sent": sent}))
 }

@@ -10,6 +10,7 @@ use pooled::store::{DeliveryRow, RunFilter};
 use pooled::subscriptions::RENEW_JOB;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
 /// A manual clock in the shop zone Europe/Berlin.
 async fn app_at(backend: Backend, start: &str) -> TestApp {
@@ -540,6 +541,79 @@ on_both_backends! {
         assert!(outbox["items"].as_array().unwrap().iter().any(|e| e["template"] == "grower_order"), "{outbox}");
         let (status, _) = app.get("/api/v1/grower-orders?week=41", Some(ADMIN_TOKEN)).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn boxes_added_after_a_grower_order_went_out_are_ordered_in_a_supplement(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 2)).await;
+        let subscribe = |name: &'static str| {
+            let app = &app;
+            let plan = plan.clone();
+            async move {
+                let (_, token) = app.shopper(name, "pm_ok").await;
+                let (status, body) = app.post("/api/v1/subscriptions", Some(&token), json!({
+                    "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+                assert_eq!(status, StatusCode::CREATED, "{body}");
+            }
+        };
+        subscribe("Ann").await;
+        let lines = |orders: &Value| orders["items"].as_array().unwrap().iter()
+            .map(|o| (str_of(&o["sku"]), str_of(&o["ripening_start"]), str_of(&o["order_by"]), o["qty"].as_i64().unwrap(), str_of(&o["status"])))
+            .collect::<Vec<_>>();
+        let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+        let one_box = lines(&orders);
+        let first: NaiveDate = one_box.iter().map(|l| l.2.parse::<NaiveDate>().unwrap()).min().expect("orders planned");
+        // The first order went out at 05:00 Berlin; the cutoff of 8 October is later that day.
+        app.advance(&format!("{first}T03:30:00Z")).await;
+        let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+        let sent: Vec<_> = lines(&orders).into_iter().filter(|l| l.4 == "sent").collect();
+        assert!(!sent.is_empty(), "{orders}");
+        let grower_emails = || async {
+            let rows = app.state.store.outbox(None, 500, None).await.unwrap();
+            rows.into_iter().filter(|e| e.template == "grower_order").collect::<Vec<_>>()
+        };
+        let before = grower_emails().await;
+        // A second subscriber for the same delivery: the sent lines stay as they went out, and
+        // the new box's units of those items wait in supplementary lines.
+        subscribe("Ben").await;
+        let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+        for (sku, start, order_by, qty, _) in &sent {
+            let mut same: Vec<_> = lines(&orders).into_iter().filter(|l| (&l.0, &l.1) == (sku, start)).collect();
+            same.sort_by(|a, b| a.4.cmp(&b.4));
+            let line = |status: &str| (sku.clone(), start.clone(), order_by.clone(), *qty, status.to_owned());
+            assert_eq!(same, [line("planned"), line("sent")], "the sent line and its supplement: {orders}");
+        }
+        // A full refresh leaves them as they are: it orders what the sent lines do not cover.
+        let run_job = || async {
+            let (status, run) = app.post("/api/v1/ops/jobs/grower-orders/run", Some(ADMIN_TOKEN), json!({})).await;
+            assert_eq!((status, run["state"].as_str()), (StatusCode::ACCEPTED, Some("succeeded")), "{run}");
+            run
+        };
+        let run = run_job().await;
+        let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+        let mut total: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for l in lines(&orders) {
+            assert!(l.3 > 0, "{orders}");
+            *total.entry((l.0, l.1)).or_default() += l.3;
+        }
+        for (sku, start, _, qty, _) in &one_box {
+            assert_eq!(total[&(sku.clone(), start.clone())], 2 * qty, "two boxes' worth, no more: {orders}");
+        }
+        // That run sent the supplements (due today), in an email of their own on the same day
+        // as the first order: before, both were keyed by grower and day, so the second was
+        // dropped as a duplicate while its lines were marked sent.
+        assert_eq!(run["result"]["sent"].as_u64(), Some(sent.len() as u64), "{run}");
+        let after = grower_emails().await;
+        assert_eq!(after.len(), before.len() + 1, "{after:?}");
+        assert!(lines(&app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await.1).iter()
+            .filter(|l| l.2.parse::<NaiveDate>().unwrap() <= first).all(|l| l.4 == "sent"));
+        // Running again sends nothing twice.
+        let run = run_job().await;
+        assert_eq!(run["result"]["sent"].as_u64(), Some(0), "{run}");
+        assert_eq!(grower_emails().await.len(), after.len());
         app.stop().await;
     }
 }
