@@ -44,94 +44,99 @@ on_both_backends! {
     }
 }
 
-/// SIGKILL during a run: the next process reaps the run and retries it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_killed_with_its_process_is_reaped_and_retried() {
-    let db = TestDb::new(Backend::Sqlite);
-    let start = |clock_start: &str, overrides: &str| {
-        let mut cmd = pooled(db.dir.path());
-        cmd.env("POOLED_CLOCK", "manual")
-            .env("POOLED_CLOCK_START", clock_start)
-            .env("POOLED_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("POOLED_JOB_OVERRIDES", overrides);
-        serve(cmd)
-    };
-    let client = reqwest::Client::new();
-    let mut first = start(
-        "2026-06-01T02:59:00Z",
-        "maintenance-prune.debug_delay=120s;maintenance-prune.lease=1s",
-    );
-    let base = first.base.clone();
-    let advance = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .post(format!("{base}/api/v1/ops/clock/advance"))
-                .bearer_auth(ADMIN_TOKEN)
-                .json(&json!({"to": "2026-06-01T03:00:00Z"}))
-                .send()
-                .await
-        }
-    });
-    // Wait until the prune run is running, then kill the process mid-run.
-    let running = async {
-        loop {
-            let (_, res) = first
-                .get(
-                    "/api/v1/ops/runs?job=maintenance-prune&state=running",
-                    Some(ADMIN_TOKEN),
-                )
-                .await;
-            if let Some(run) = res["items"].as_array().and_then(|a| a.first()) {
-                return str_of(&run["id"]);
+on_both_backends! {
+    /// SIGKILL during a run: the next process reaps the run and retries it.
+    async fn a_run_killed_with_its_process_is_reaped_and_retried(backend) {
+        let db = TestDb::new(backend);
+        let start = |clock_start: &str, overrides: &str| {
+            let mut cmd = pooled(db.dir.path());
+            // SQLite: the embedded default in the data directory; PostgreSQL: the test database.
+            if let pooled::config::DatabaseUrl::Postgres(url) = &db.url {
+                cmd.env("DATABASE_URL", url);
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let id = tokio::time::timeout(Duration::from_secs(30), running)
-        .await
-        .expect("the run started");
-    first.child.kill().unwrap();
-    first.child.wait().unwrap();
-    assert!(
-        advance.await.unwrap().is_err(),
-        "the advance died with its process"
-    );
+            cmd.env("POOLED_CLOCK", "manual")
+                .env("POOLED_CLOCK_START", clock_start)
+                .env("POOLED_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("POOLED_JOB_OVERRIDES", overrides);
+            serve(cmd)
+        };
+        let client = reqwest::Client::new();
+        let mut first = start(
+            "2026-06-01T02:59:00Z",
+            "maintenance-prune.debug_delay=120s;maintenance-prune.lease=1s",
+        );
+        let base = first.base.clone();
+        let advance = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .post(format!("{base}/api/v1/ops/clock/advance"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .json(&json!({"to": "2026-06-01T03:00:00Z"}))
+                    .send()
+                    .await
+            }
+        });
+        // Wait until the prune run is running, then kill the process mid-run.
+        let running = async {
+            loop {
+                let (_, res) = first
+                    .get(
+                        "/api/v1/ops/runs?job=maintenance-prune&state=running",
+                        Some(ADMIN_TOKEN),
+                    )
+                    .await;
+                if let Some(run) = res["items"].as_array().and_then(|a| a.first()) {
+                    return str_of(&run["id"]);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let id = tokio::time::timeout(Duration::from_secs(30), running)
+            .await
+            .expect("the run started");
+        first.child.kill().unwrap();
+        first.child.wait().unwrap();
+        assert!(
+            advance.await.unwrap().is_err(),
+            "the advance died with its process"
+        );
 
-    // Let the lease lapse in database time, then start again.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let second = start("2026-06-01T03:00:00Z", "maintenance-prune.lease=1s");
-    let res = client
-        .post(format!("{}/api/v1/ops/clock/advance", second.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"to": "2026-06-01T03:10:00Z"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let runs: serde_json::Value = client
-        .get(format!(
-            "{}/api/v1/ops/runs?job=maintenance-prune",
-            second.base
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let items = runs["items"].as_array().unwrap();
-    assert_eq!(items.len(), 1, "{runs}");
-    let run = &items[0];
-    assert_eq!(str_of(&run["id"]), id);
-    assert_eq!(run["state"], "succeeded", "{run}");
-    assert_eq!(run["attempt"], 2, "{run}");
-    assert!(
-        str_of(&run["last_error"]).contains("lease expired"),
-        "{run}"
-    );
-    drop(second);
+        // Let the lease lapse in database time, then start again.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let second = start("2026-06-01T03:00:00Z", "maintenance-prune.lease=1s");
+        let res = client
+            .post(format!("{}/api/v1/ops/clock/advance", second.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"to": "2026-06-01T03:10:00Z"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let runs: serde_json::Value = client
+            .get(format!(
+                "{}/api/v1/ops/runs?job=maintenance-prune",
+                second.base
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let items = runs["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "{runs}");
+        let run = &items[0];
+        assert_eq!(str_of(&run["id"]), id);
+        assert_eq!(run["state"], "succeeded", "{run}");
+        assert_eq!(run["attempt"], 2, "{run}");
+        assert!(
+            str_of(&run["last_error"]).contains("lease expired"),
+            "{run}"
+        );
+        drop(second);
+    }
 }
 
 /// Three `pooled serve` processes on one PostgreSQL database for a stretch of real time, one
