@@ -339,8 +339,9 @@ impl Store {
         }))
     }
 
-    /// Changes plan `id`'s price (used from the next delivery locked) and announces it, in one
-    /// transaction, to the subscriptions still billed on it (neither cancelled nor suspended):
+    /// Changes plan `id`'s price (for every delivery whose cutoff is still ahead) and announces
+    /// it, in one transaction, to the subscriptions still billed on it (neither cancelled nor
+    /// suspended):
     /// `announce(subscription id, shopper's email, shopper's name)` writes each one's email.
     /// The subscribers are read with their shoppers and their emails written a thousand at a
     /// time inside the transaction, so a plan of 100,000 holds one chunk of emails in memory,
@@ -354,6 +355,18 @@ impl Store {
     ) -> StoreResult<()> {
         const CHUNK: i64 = 1000;
         in_tx!(self, |tx| {
+            // A delivery past its cutoff keeps the price it had then, even when the renewal
+            // has not locked it yet (the job paused, or catching up): it is stamped with the
+            // price before this change, unless an earlier change already stamped it.
+            sqlx::query(
+                "UPDATE deliveries SET amount_minor = (SELECT price_minor FROM plans WHERE id = $1)
+                 WHERE status = 'scheduled' AND cutoff_at <= $2 AND amount_minor IS NULL
+                   AND subscription_id IN (SELECT id FROM subscriptions WHERE plan_id = $1)",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
             sqlx::query("UPDATE plans SET price_minor = $2 WHERE id = $1")
                 .bind(id)
                 .bind(price_minor)

@@ -172,7 +172,7 @@ pub fn price_changed(
         format!("The price of {} changes", plan.name),
     );
     n.paragraphs.push(format!(
-        "From your next delivery that is not yet locked, each {} box costs {} (was {}). \
+        "From your next delivery whose cutoff is still ahead, each {} box costs {} (was {}). \
          Deliveries already past their cutoff keep their price.",
         plan.name,
         money(plan.price_minor, &plan.currency),

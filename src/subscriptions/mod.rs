@@ -465,14 +465,15 @@ async fn lock_and_bill(
     let currency =
         Currency::parse(&plan.currency).map_err(|e| StoreError::Inconsistent(e.to_string()))?;
     d.lines = Some(serde_json::to_string(&lines).unwrap_or_else(|_| "[]".into()));
-    // The price in force when the delivery locks: a change applies from the next unlocked one.
-    d.amount_minor = Some(plan.price_minor);
+    // The price in force at the delivery's cutoff: the plan's, unless it changed since the
+    // cutoff (then the delivery was stamped with the price before the change).
+    let price = *d.amount_minor.get_or_insert(plan.price_minor);
     let invoice = InvoiceRow {
         id: crate::ids::new_id("inv"),
         subscription_id: sub.id.clone(),
         delivery_id: d.id.clone(),
         delivery_date: d.delivery_date.clone(),
-        amount_minor: plan.price_minor,
+        amount_minor: price,
         currency: plan.currency.clone(),
         status: "pending".into(),
         attempts: 0,
@@ -488,7 +489,7 @@ async fn lock_and_bill(
         purpose: "renewal",
         subject_id: invoice.id.clone(),
         shopper_id: sub.shopper_id.clone(),
-        amount: Money::from_minor(plan.price_minor, currency),
+        amount: Money::from_minor(price, currency),
         account: Account::SubscriptionRevenue,
         refund_of: None,
         memo: format!("{} delivery {}", plan.name, d.delivery_date),

@@ -546,6 +546,38 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_delivery_past_its_cutoff_keeps_its_price_while_the_renewal_is_paused(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 2)).await;
+        let (_, token) = app.shopper("Ida", "pm_ok").await;
+        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        let id = str_of(&sub["id"]);
+        // Ops pause the renewal; the cutoff of 8 October (48 h before, Berlin) passes.
+        let (status, _) = app.post(&format!("/api/v1/ops/jobs/{RENEW_JOB}/pause"), Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        app.advance("2026-10-06T00:00:00Z").await;
+        // Two price changes while 8 October waits unlocked: it keeps the price of its cutoff.
+        for (second, price) in [(1, "31.00"), (2, "33.00")] {
+            app.advance(&format!("2026-10-06T00:00:0{second}Z")).await;
+            let (status, body) = app.call(Method::PUT, &format!("/api/v1/plans/{plan}"), Some(ADMIN_TOKEN), Some(json!({"price_per_delivery": price}))).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+        let (status, _) = app.post(&format!("/api/v1/ops/jobs/{RENEW_JOB}/resume"), Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, run) = app.post(&format!("/api/v1/ops/jobs/{RENEW_JOB}/run"), Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!((status, run["state"].as_str()), (StatusCode::ACCEPTED, Some("succeeded")), "{run}");
+        // The next delivery's cutoff comes after the changes: it pays the new price.
+        app.advance("2026-10-13T00:00:00Z").await;
+        let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
+        let billed: Vec<(String, String)> = invoices.iter().map(|i| (str_of(&i["delivery_date"]), str_of(&i["amount"]))).collect();
+        assert_eq!(billed, [("2026-10-08".to_owned(), "24.90".to_owned()), ("2026-10-15".to_owned(), "33.00".to_owned())], "{invoices:?}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn boxes_added_after_a_grower_order_went_out_are_ordered_in_a_supplement(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(fruit_plan("24.90", 2)).await;
