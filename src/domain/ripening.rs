@@ -238,6 +238,19 @@ pub fn plan_box(req: &BoxRequest<'_>) -> Result<BoxPlan, PlanError> {
     Ok(BoxPlan { lines, cost_minor })
 }
 
+/// Whether the request can be met in at least one month of the year (its own `month` is
+/// ignored): what a plan, or a subscriber's exclusions, must allow. Months without a box are
+/// skipped at their cutoffs, never billed.
+pub fn feasible_in_some_month(req: &BoxRequest<'_>) -> bool {
+    (1..=12).any(|month| {
+        plan_box(&BoxRequest {
+            month,
+            ..req.clone()
+        })
+        .is_ok()
+    })
+}
+
 /// Surely-ready portions on each day of the period.
 pub fn coverage(lines: &[BoxLine], period_days: i64) -> Vec<i64> {
     (0..period_days)
@@ -455,6 +468,27 @@ mod tests {
                     prop_assert_eq!(Some(plan.cost_minor), brute_force(&req));
                 }
                 Err(_) => prop_assert_eq!(brute_force(&req), None),
+            }
+        }
+
+        #[test]
+        fn a_box_is_feasible_in_some_month_exactly_when_one_exists_and_exclusions_only_narrow_it(
+            mut items in proptest::collection::vec(arb_item(), 1..4),
+            months in proptest::collection::vec(proptest::collection::vec(1u32..13, 1..3), 3),
+            period in 2i64..5,
+            need in 1i64..3,
+            exclude_first in any::<bool>(),
+        ) {
+            for (i, it) in items.iter_mut().enumerate() {
+                it.sku = format!("item{i}");
+                it.available_months = months[i % months.len()].clone();
+            }
+            let exclusions = if exclude_first { vec!["item0".to_string()] } else { vec![] };
+            let req = request(&items, &exclusions, period, need);
+            let some_month = (1..=12).any(|month| brute_force(&BoxRequest { month, ..req.clone() }).is_some());
+            prop_assert_eq!(feasible_in_some_month(&req), some_month);
+            if feasible_in_some_month(&req) {
+                prop_assert!(feasible_in_some_month(&request(&items, &[], period, need)));
             }
         }
     }

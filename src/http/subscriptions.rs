@@ -378,40 +378,6 @@ async fn create_plan(
     let (Some(name), Some(price), Some(zone)) = (name, price, zone) else {
         unreachable!("validated")
     };
-    // A plan whose box can't cover its period with the catalog would fail every delivery.
-    let items: Vec<_> = state
-        .store
-        .catalog()
-        .await?
-        .iter()
-        .filter(|c| c.kind == input.kind)
-        .map(subscriptions::item_of)
-        .collect();
-    let month = chrono::Datelike::month(&state.clock.now().with_timezone(&zone));
-    let feasible = (0..12).any(|m| {
-        crate::domain::ripening::plan_box(&crate::domain::ripening::BoxRequest {
-            items: &items,
-            period_days: 7 * input.cadence_weeks,
-            portions_per_day: input.portions_per_day,
-            exclusions: &[],
-            month: (month - 1 + m) % 12 + 1,
-            variety_cap: cap as usize,
-            days_ahead: 60,
-            transit_days: transit,
-        })
-        .is_ok()
-    });
-    if !feasible {
-        return Err(ApiError::field(
-            "cadence_weeks",
-            format!(
-                "no {} box from the catalog keeps {} portion(s) surely ready every day for {} days",
-                input.kind,
-                input.portions_per_day,
-                7 * input.cadence_weeks
-            ),
-        ));
-    }
     let row = PlanRow {
         id: new_id("pln"),
         name,
@@ -431,6 +397,17 @@ async fn create_plan(
         transit_days: transit,
         created_at: micros(state.clock.now()),
     };
+    if !subscriptions::feasible(&row, &state.store.catalog().await?, &[]) {
+        return Err(ApiError::field(
+            "cadence_weeks",
+            format!(
+                "no {} box from the catalog keeps {} portion(s) surely ready every day for {} days",
+                row.kind,
+                row.portions_per_day,
+                7 * row.cadence_weeks
+            ),
+        ));
+    }
     state.store.create_plan(&row).await?;
     Ok((StatusCode::CREATED, Json(row.into())))
 }
@@ -595,6 +572,22 @@ async fn subscribe(
         } else if !exclusions.contains(sku) {
             exclusions.push(sku.clone());
         }
+    }
+    // Exclusions that leave no box in any month would skip every delivery, unbilled, for ever.
+    if let Some(p) = &plan
+        && !exclusions.is_empty()
+        && !subscriptions::feasible(p, &catalog, &exclusions)
+    {
+        v.error(
+            "exclusions",
+            format!(
+                "without {}, no {} box from the catalog keeps {} portion(s) surely ready every \
+                 day in any month",
+                exclusions.join(", "),
+                p.kind,
+                p.portions_per_day
+            ),
+        );
     }
     v.finish()?;
     let (Some(plan), Some(weekday)) = (plan, weekday) else {

@@ -225,6 +225,38 @@ async fn plan_in<'a>(
     Ok(&plans[id])
 }
 
+/// What a box of `plan` must meet for a delivery in `month`, planned `days_ahead` days before.
+fn box_request<'a>(
+    plan: &PlanRow,
+    items: &'a [Item],
+    exclusions: &'a [String],
+    month: u32,
+    days_ahead: i64,
+) -> BoxRequest<'a> {
+    BoxRequest {
+        items,
+        period_days: 7 * plan.cadence_weeks,
+        portions_per_day: plan.portions_per_day,
+        exclusions,
+        month,
+        variety_cap: plan.variety_cap as usize,
+        days_ahead,
+        transit_days: plan.transit_days,
+    }
+}
+
+/// Whether `plan`'s box, without `exclusions`, can be made from `catalog` in some month:
+/// checked before a plan is created or a subscriber's exclusions accepted, since otherwise
+/// every delivery would be skipped at its cutoff, unbilled, for ever.
+pub fn feasible(plan: &PlanRow, catalog: &[CatalogRow], exclusions: &[String]) -> bool {
+    let items: Vec<Item> = catalog
+        .iter()
+        .filter(|c| c.kind == plan.kind)
+        .map(item_of)
+        .collect();
+    ripening::feasible_in_some_month(&box_request(plan, &items, exclusions, 1, 60))
+}
+
 /// The box for a delivery: solved once per (plan, exclusions, weekday, date) profile.
 ///
 /// `memo` keeps the profiles a run has already seen, so a run over many subscriptions reads
@@ -257,16 +289,8 @@ pub async fn box_for(
         .collect();
     let items: Vec<Item> = catalog.iter().map(item_of).collect();
     let exclusions = exclusions_of(sub);
-    let req = BoxRequest {
-        items: &items,
-        period_days: 7 * plan.cadence_weeks,
-        portions_per_day: plan.portions_per_day,
-        exclusions: &exclusions,
-        month: date.month(),
-        variety_cap: plan.variety_cap as usize,
-        days_ahead: (date - today(plan, now)).num_days(),
-        transit_days: plan.transit_days,
-    };
+    let days_ahead = (date - today(plan, now)).num_days();
+    let req = box_request(plan, &items, &exclusions, date.month(), days_ahead);
     let planned =
         ripening::plan_box(&req).map_err(|e| SubscriptionError::Conflict(e.to_string()))?;
     let lines: Vec<StoredLine> = planned

@@ -701,6 +701,19 @@ on_both_backends! {
             let (status, body) = app.post("/api/v1/subscriptions", Some(&token), bad).await;
             assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(field)), "{body}");
         }
+        // Exclusions that leave no bouquet in any month would skip every delivery unbilled.
+        let (_, catalog) = app.get("/api/v1/catalog?limit=500", None).await;
+        let flowers: Vec<Value> = catalog["items"].as_array().unwrap().iter()
+            .filter(|c| c["kind"] == "flower").map(|c| c["sku"].clone()).collect();
+        assert!(flowers.len() > 3, "{catalog}");
+        let (status, body) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "fri", "start_date": "2026-10-09", "exclusions": flowers})).await;
+        assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("exclusions")), "{body}");
+        let (status, one_less) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "fri", "start_date": "2026-10-09", "exclusions": [flowers[0]]})).await;
+        assert_eq!(status, StatusCode::CREATED, "one exclusion leaves enough: {one_less}");
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{}/cancel", str_of(&one_less["id"])), Some(&token), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
         let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/resume"), Some(&token), json!({})).await;
         assert_eq!(status, StatusCode::CONFLICT, "not paused");
         for until in ["2026-01-01", "2027-12-31", "+262142-12-28"] {
