@@ -85,6 +85,17 @@ pub fn bills(status: &str) -> bool {
     status == "scheduled"
 }
 
+/// The status a delivery is shown in on `today` (the plan zone's date): a paid box leaves
+/// the warehouse `transit_days` before its date and reads `dispatched` from that day on. An
+/// unpaid one is held (`payment_failed`) and leaves once its invoice is paid.
+pub fn shown_status(status: &str, date: NaiveDate, today: NaiveDate, transit_days: i64) -> &str {
+    if status == "paid" && today >= date - Duration::days(transit_days) {
+        "dispatched"
+    } else {
+        status
+    }
+}
+
 /// What dunning does after the `failures`-th failed attempt of an invoice first declined at
 /// `first_failure`: retry at the next step, or give up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +118,25 @@ mod tests {
 
     fn date(s: &str) -> NaiveDate {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn only_a_paid_box_is_dispatched_and_only_from_its_dispatch_day() {
+        let thu = date("2026-10-08");
+        for (status, today, shown) in [
+            ("paid", "2026-10-06", "paid"),
+            ("paid", "2026-10-07", "dispatched"),
+            ("paid", "2026-10-20", "dispatched"),
+            ("payment_failed", "2026-10-20", "payment_failed"),
+            ("locked", "2026-10-07", "locked"),
+            ("skipped", "2026-10-20", "skipped"),
+        ] {
+            assert_eq!(
+                shown_status(status, thu, date(today), 1),
+                shown,
+                "{status} {today}"
+            );
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::app::AppState;
 use crate::domain::identity::{parse_name, parse_payment_token, parse_time_zone};
 use crate::domain::money::{Currency, Money, MoneyError};
 use crate::domain::ripening::Ethylene;
-use crate::domain::subscription::{first_delivery, parse_weekday, weekday_name};
+use crate::domain::subscription::{first_delivery, parse_weekday, shown_status, weekday_name};
 use crate::ids::new_id;
 use crate::store::{
     CatalogRow, DeliveryRow, InvoiceRow, PlanRow, SubscriptionRow, instant, micros,
@@ -864,9 +864,11 @@ pub struct DeliveryOut {
     lines: Vec<LineOut>,
 }
 
-fn delivery_out(d: DeliveryRow, plan: &PlanRow) -> Result<DeliveryOut, ApiError> {
+/// A delivery as shown on `today` (the plan zone's date).
+fn delivery_out(d: DeliveryRow, plan: &PlanRow, today: NaiveDate) -> Result<DeliveryOut, ApiError> {
     let date = date_of(&d.delivery_date)?;
     let currency = Currency::parse(&plan.currency).map_err(|e| ApiError::internal(&e))?;
+    let status = shown_status(&d.status, date, today, plan.transit_days).to_owned();
     Ok(DeliveryOut {
         lines: lines_of(&d)
             .into_iter()
@@ -880,7 +882,7 @@ fn delivery_out(d: DeliveryRow, plan: &PlanRow) -> Result<DeliveryOut, ApiError>
             })
             .collect(),
         date: d.delivery_date,
-        status: d.status,
+        status,
         skip_reason: d.skip_reason,
         cutoff_at: instant(d.cutoff_at),
         amount: d
@@ -900,12 +902,13 @@ async fn deliveries(
 ) -> Result<Json<Page<DeliveryOut>>, ApiError> {
     let sub = visible(&state, &caller, &id).await?;
     let plan = plan_of(&state.store, &sub.plan_id).await?;
+    let today = subscriptions::today(&plan, state.clock.now());
     let items = state
         .store
         .deliveries_of(&id)
         .await?
         .into_iter()
-        .map(|d| delivery_out(d, &plan))
+        .map(|d| delivery_out(d, &plan, today))
         .collect::<Result<_, _>>()?;
     page(items, &q)
 }

@@ -159,7 +159,8 @@ pub fn date_of(s: &str) -> Result<NaiveDate> {
         .map_err(|_| StoreError::Inconsistent(format!("bad date {s}")).into())
 }
 
-fn today(plan: &PlanRow, now: DateTime<Utc>) -> NaiveDate {
+/// The date in `plan`'s zone at `now`.
+pub fn today(plan: &PlanRow, now: DateTime<Utc>) -> NaiveDate {
     now.with_timezone(&zone_of(plan)).date_naive()
 }
 

@@ -169,7 +169,7 @@ on_both_backends! {
         let billed = ["2026-10-01", "2026-10-08", "2026-10-22", "2026-11-05", "2026-11-12", "2026-11-19"];
         for date in billed {
             let d = by_date(date);
-            assert_eq!(d["status"], "paid", "{d}");
+            assert_eq!(d["status"], "dispatched", "paid, and out of the warehouse: {d}");
             assert_eq!(d["amount"], "24.90");
             assert_covered(&d, 7, 2);
             assert!(d["lines"].as_array().unwrap().iter().all(|l| l["sku"] != "kiwifruit"), "{d}");
@@ -372,7 +372,7 @@ on_both_backends! {
         let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
         assert_eq!(sub["status"], "active");
         let d = &app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await[0];
-        assert_eq!(d["status"], "paid", "the held box goes out once paid");
+        assert_eq!(d["status"], "dispatched", "the held box goes out once paid");
         assert_eq!(app.gateway_totals().await["charge"], (1, 1900), "charged once, under the invoice's one key");
         app.stop().await;
     }
@@ -568,6 +568,17 @@ on_both_backends! {
         assert_eq!(status, StatusCode::OK);
         let (status, run) = app.post(&format!("/api/v1/ops/jobs/{RENEW_JOB}/run"), Some(ADMIN_TOKEN), json!({})).await;
         assert_eq!((status, run["state"].as_str()), (StatusCode::ACCEPTED, Some("succeeded")), "{run}");
+        // Paid, and dispatched from the warehouse on 7 October (one day of transit).
+        let status_on = |at: &'static str| {
+            let (app, id, token) = (&app, &id, &token);
+            async move {
+                app.advance(at).await;
+                let deliveries = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), token).await;
+                str_of(&deliveries[0]["status"])
+            }
+        };
+        assert_eq!(status_on("2026-10-06T12:00:00Z").await, "paid");
+        assert_eq!(status_on("2026-10-06T22:30:00Z").await, "dispatched", "7 October has begun in Berlin");
         // The next delivery's cutoff comes after the changes: it pays the new price.
         app.advance("2026-10-13T00:00:00Z").await;
         let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
@@ -745,10 +756,10 @@ on_both_backends! {
         let deliveries = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
         let dates: Vec<String> = deliveries.iter().map(|d| str_of(&d["date"])).collect();
         assert_eq!(&dates[..2], ["2026-10-02", "2026-10-16"], "every second Friday");
-        for d in deliveries.iter().filter(|d| d["status"] == "paid") {
+        for d in deliveries.iter().filter(|d| d["status"] == "dispatched") {
             assert_covered(d, 14, 5);
         }
-        assert_eq!(deliveries.iter().filter(|d| d["status"] == "paid").count(), 2);
+        assert_eq!(deliveries.iter().filter(|d| d["status"] == "dispatched").count(), 2);
         let amounts: Vec<&str> = deliveries[..2].iter().map(|d| d["amount"].as_str().unwrap()).collect();
         assert_eq!(amounts, ["29.00", "31.00"], "the locked delivery kept its price");
         app.stop().await;
