@@ -7,7 +7,7 @@ use super::extract::{ApiJson, ApiQuery, Caller, Validation};
 use super::ops::{Page, PageQuery, bad_cursor, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::identity::{parse_name, parse_payment_token, parse_time_zone};
-use crate::domain::money::{Currency, Money, MoneyError};
+use crate::domain::money::{Currency, Money};
 use crate::domain::ripening::Ethylene;
 use crate::domain::subscription::{first_delivery, parse_weekday, shown_status, weekday_name};
 use crate::ids::new_id;
@@ -320,8 +320,20 @@ impl From<PlanRow> for PlanOut {
 }
 
 /// A price or cost as the API takes it: a positive decimal amount in a `currency` code.
-fn positive_amount(raw: &str, currency: &str) -> Result<Money, MoneyError> {
-    Money::parse_positive(raw, Currency::parse(currency)?)
+/// The largest price or unit cost a plan or catalog item takes, in major units: far above any
+/// box, and far enough inside 64-bit minor units that box costs and ledger sums cannot
+/// overflow.
+const MAX_AMOUNT: i64 = 1_000_000;
+
+/// A price or cost: above zero and at most [`MAX_AMOUNT`].
+fn positive_amount(raw: &str, currency: &str) -> Result<Money, String> {
+    let money = Currency::parse(currency)
+        .and_then(|c| Money::parse_positive(raw, c))
+        .map_err(|e| e.to_string())?;
+    if money.to_decimal() > MAX_AMOUNT.into() {
+        return Err(format!("must be at most {MAX_AMOUNT}"));
+    }
+    Ok(money)
 }
 
 /// Creates a plan (ops).
@@ -450,7 +462,7 @@ async fn change_plan(
     caller.require_admin()?;
     let plan = plan_of(&state.store, &id).await?;
     let price = positive_amount(&input.price_per_delivery, &plan.currency)
-        .map_err(|m| ApiError::field("price_per_delivery", m.to_string()))?;
+        .map_err(|m| ApiError::field("price_per_delivery", m))?;
     // The same price again (a retried request) changes and announces nothing.
     if price.minor() == plan.price_minor {
         return Ok(Json(plan.into()));

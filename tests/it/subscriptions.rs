@@ -309,6 +309,7 @@ on_both_backends! {
         for (field, value) in [
             ("ethylene_producer", json!("hihg")),
             ("unit_cost", json!("0.00")),
+            ("unit_cost", json!("1000000.01")),
             ("currency", json!("ZZZ")),
             ("available_months", json!([13])),
             ("ripening_days_max", json!(1)),
@@ -739,6 +740,10 @@ on_both_backends! {
         fortnight["cadence_weeks"] = json!(2);
         let (status, body) = app.post("/api/v1/plans", Some(ADMIN_TOKEN), fortnight).await;
         assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("cadence_weeks")), "{body}");
+        let (status, body) = app.post("/api/v1/plans", Some(ADMIN_TOKEN), fruit_plan("1000000.01", 1)).await;
+        assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("price_per_delivery")), "{body}");
+        let (status, body) = app.call(Method::PUT, &format!("/api/v1/plans/{plan}"), Some(ADMIN_TOKEN), Some(json!({"price_per_delivery": "99999999999999999.99"}))).await;
+        assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("price_per_delivery")), "{body}");
         // A price change applies from the next unlocked delivery and is announced.
         app.advance("2026-10-05T00:00:00Z").await;
         let (status, changed) = app.call(Method::PUT, &format!("/api/v1/plans/{plan}"), Some(ADMIN_TOKEN), Some(json!({"price_per_delivery": "31.00"}))).await;
