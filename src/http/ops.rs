@@ -197,7 +197,7 @@ async fn list_jobs(
 }
 
 pub(super) async fn job_views(state: &AppState) -> Result<Vec<JobOut>, ApiError> {
-    Ok(job_snapshots(state, 1)
+    Ok(job_snapshots(state, 0)
         .await?
         .into_iter()
         .map(|j| JobOut {
@@ -208,19 +208,24 @@ pub(super) async fn job_views(state: &AppState) -> Result<Vec<JobOut>, ApiError>
             catchup_policy: j.def.catchup_policy.clone(),
             paused: j.def.paused_at.is_some(),
             paused_note: j.def.paused_note.clone(),
+            // The next slot, or a timer or retry due before it (a renewal's cutoff).
             next_run_at: if j.def.paused_at.is_some() {
                 None
             } else {
-                j.upcoming.first().map(|u| u.utc)
+                let slot = j.upcoming.first().map(|u| u.utc);
+                let waiting = j.next_due.map(instant);
+                slot.into_iter().chain(waiting).min()
             },
             upcoming: j.upcoming,
-            last_run: j.recent.into_iter().next().map(RunOut::from),
+            last_run: j.last_run.map(RunOut::from),
         })
         .collect())
 }
 
-/// One job as ops see it: its definition, parsed schedule, next five slots and most recent
-/// runs (newest first). The API's job list and the `/ops` page both render this.
+/// One job as ops see it: its definition, parsed schedule, next five slots, most recent
+/// runs (newest first, timers not yet due among them), the latest run that has begun, and
+/// when its earliest waiting run is due. The API's job list and the `/ops` page both render
+/// this.
 pub(super) struct JobSnapshot {
     pub name: String,
     pub spec: String,
@@ -228,6 +233,8 @@ pub(super) struct JobSnapshot {
     pub def: crate::store::JobDefRow,
     pub upcoming: Vec<UpcomingSlot>,
     pub recent: Vec<JobRunRow>,
+    pub last_run: Option<JobRunRow>,
+    pub next_due: Option<i64>,
 }
 
 pub(super) async fn job_snapshots(
@@ -242,16 +249,23 @@ pub(super) async fn job_snapshots(
             continue;
         };
         let schedule = spec.parsed_schedule().map_err(|e| ApiError::internal(&e))?;
-        let recent = state
-            .store
-            .runs(&RunFilter {
-                job: Some(spec.name.clone()),
-                limit: recent_runs,
-                ..RunFilter::default()
-            })
-            .await?;
+        let recent = if recent_runs == 0 {
+            Vec::new()
+        } else {
+            state
+                .store
+                .runs(&RunFilter {
+                    job: Some(spec.name.clone()),
+                    limit: recent_runs,
+                    ..RunFilter::default()
+                })
+                .await?
+        };
+        let (last_run, next_due) = state.store.job_timeline(&spec.name).await?;
         items.push(JobSnapshot {
             name: spec.name.clone(),
+            last_run,
+            next_due,
             spec: spec.schedule.clone(),
             upcoming: schedule.upcoming(now, 5),
             schedule,

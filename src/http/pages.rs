@@ -140,19 +140,15 @@ async fn ops_page(State(state): State<AppState>, headers: HeaderMap) -> Result<R
     let now = state.clock.now();
     let mut jobs = Vec::new();
     for job in super::ops::job_snapshots(&state, 30).await? {
-        let last_run = job
-            .recent
-            .iter()
-            .find(|r| r.state != "pending")
-            .map(|r| LastRun {
-                state: r.state.clone(),
-                scheduled_for: instant(r.scheduled_for).to_rfc3339(),
-                duration: r.duration_ms.map_or("–".into(), |d| format!("{d} ms")),
-                lag: r.started_at.map_or("–".into(), |s| {
-                    format!("{} ms", (s - r.scheduled_for) / 1000)
-                }),
-                attempt: r.attempt,
-            });
+        let last_run = job.last_run.as_ref().map(|r| LastRun {
+            state: r.state.clone(),
+            scheduled_for: instant(r.scheduled_for).to_rfc3339(),
+            duration: r.duration_ms.map_or("–".into(), |d| format!("{d} ms")),
+            lag: r.started_at.map_or("–".into(), |s| {
+                format!("{} ms", (s - r.scheduled_for) / 1000)
+            }),
+            attempt: r.attempt,
+        });
         let durations: Vec<i64> = job
             .recent
             .iter()

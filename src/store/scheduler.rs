@@ -544,6 +544,27 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Job `name`'s latest run that has begun (a timer or retry still waiting for its instant
+    /// has not), and the earliest instant one of its pending or retrying runs is due.
+    pub async fn job_timeline(&self, name: &str) -> StoreResult<(Option<JobRunRow>, Option<i64>)> {
+        const LAST: &str = concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM job_runs WHERE job_name = $1 AND state <> 'pending' ORDER BY id DESC LIMIT 1"
+        );
+        Ok(on_pool!(self, |pool| {
+            let last = sqlx::query_as(LAST).bind(name).fetch_optional(pool).await?;
+            let next = sqlx::query_scalar(
+                "SELECT MIN(due_at) FROM job_runs
+                 WHERE job_name = $1 AND state IN ('pending', 'retrying')",
+            )
+            .bind(name)
+            .fetch_one(pool)
+            .await?;
+            (last, next)
+        }))
+    }
+
     /// The earliest due instant of a pending or retrying run strictly after `after`.
     pub async fn next_due_after(&self, after: i64) -> StoreResult<Option<i64>> {
         Ok(on_pool!(self, |pool| {

@@ -256,6 +256,29 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_job_shows_its_last_run_begun_and_its_next_timer(backend) {
+        let app = TestApp::spawn_manual(backend, at("2026-06-01T00:30:00Z")).await;
+        app.advance("2026-06-01T01:00:30Z").await;
+        // A timer between two hourly slots (a dunning retry's instant) waits in the runs.
+        let timer = at("2026-06-01T01:20:00Z").timestamp_micros();
+        app.state.store.add_timer("billing-dunning", timer, at("2026-06-01T01:00:30Z").timestamp_micros()).await.unwrap();
+        let dunning = || async {
+            let (_, jobs) = app.get("/api/v1/ops/jobs", Some(ADMIN_TOKEN)).await;
+            jobs["items"].as_array().unwrap().iter().find(|j| j["name"] == "billing-dunning").unwrap().clone()
+        };
+        let job = dunning().await;
+        assert_eq!(job["last_run"]["scheduled_for"], "2026-06-01T01:00:00Z", "not the timer still waiting: {job}");
+        assert_eq!(job["last_run"]["state"], "succeeded", "{job}");
+        assert_eq!(job["next_run_at"], "2026-06-01T01:20:00Z", "the timer comes before the next slot: {job}");
+        app.advance("2026-06-01T01:25:00Z").await;
+        let job = dunning().await;
+        assert_eq!((&job["last_run"]["scheduled_for"], &job["last_run"]["trigger"]), (&json!("2026-06-01T01:20:00Z"), &json!("timer")), "{job}");
+        assert_eq!(job["next_run_at"], "2026-06-01T02:00:00Z", "{job}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn a_month_of_manual_clock_runs_quickly_and_once_per_slot(backend) {
         let app = TestApp::spawn_manual(backend, at("2026-06-01T00:00:00Z")).await;
         let runs = app.advance("2026-07-01T00:00:00Z").await;
