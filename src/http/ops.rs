@@ -4,7 +4,7 @@ use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery, Caller, parse_json};
 use crate::app::AppState;
 use crate::clock::Clock;
-use crate::scheduler::jobs::JobSpec;
+use crate::scheduler::jobs::{JobSpec, RUN_RETENTION_DAYS};
 use crate::scheduler::schedule::UpcomingSlot;
 use crate::scheduler::{AdvanceError, RunReport};
 use crate::store::{JobRunRow, RunFilter, instant};
@@ -389,8 +389,16 @@ async fn backfill_job(
     if input.to < input.from {
         return Err(ApiError::field("to", "must not be before from"));
     }
-    if input.to > state.clock.now() {
+    let now = state.clock.now();
+    if input.to > now {
         return Err(ApiError::field("to", "must not be in the future"));
+    }
+    // Older runs are pruned: their slots would look as if they never ran, and run again.
+    if input.from < now - chrono::Duration::days(RUN_RETENTION_DAYS) {
+        return Err(ApiError::field(
+            "from",
+            format!("must be within the last {RUN_RETENTION_DAYS} days (older runs are pruned)"),
+        ));
     }
     let scheduled = state
         .scheduler

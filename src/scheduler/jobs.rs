@@ -315,14 +315,19 @@ async fn deliver_outbox(ctx: RunCtx) -> Result<serde_json::Value, JobError> {
     Ok(json!({"sent": sent, "retrying": retrying, "failed": failed}))
 }
 
-/// Prunes finished runs older than 90 days and idempotency records older than a day.
+/// Days finished runs are kept. Past them nobody knows which slots ran, so a backfill may not
+/// reach back further.
+pub const RUN_RETENTION_DAYS: i64 = 90;
+
+/// Prunes finished runs older than [`RUN_RETENTION_DAYS`] and idempotency records older than
+/// a day.
 async fn prune(ctx: RunCtx) -> Result<serde_json::Value, JobError> {
     // An instance silent for a week is long gone: ops have seen its last heartbeat by then.
     let pruned = ctx
         .env
         .store
         .prune(
-            (ctx.now - Duration::days(90)).timestamp_micros(),
+            (ctx.now - Duration::days(RUN_RETENTION_DAYS)).timestamp_micros(),
             (ctx.now - Duration::days(1)).timestamp_micros(),
             Duration::days(7),
         )

@@ -233,6 +233,7 @@ on_both_backends! {
             ("/api/v1/ops/jobs/nope/run", json!({}), StatusCode::NOT_FOUND),
             ("/api/v1/ops/jobs/billing-dunning/backfill", json!({"from": "2026-06-01T03:00:00Z", "to": "2026-06-01T02:00:00Z"}), StatusCode::UNPROCESSABLE_ENTITY),
             ("/api/v1/ops/jobs/billing-dunning/backfill", json!({"from": "2026-06-01T03:00:00Z", "to": "2030-01-01T00:00:00Z"}), StatusCode::UNPROCESSABLE_ENTITY),
+            ("/api/v1/ops/jobs/billing-dunning/backfill", json!({"from": "2026-03-01T00:00:00Z", "to": "2026-03-01T03:00:00Z"}), StatusCode::UNPROCESSABLE_ENTITY),
             ("/api/v1/ops/clock/advance", json!({"to": "2026-06-01T00:00:00Z"}), StatusCode::UNPROCESSABLE_ENTITY),
         ] {
             let (got, problem) = app.post(path, Some(ADMIN_TOKEN), body).await;
