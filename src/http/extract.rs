@@ -63,16 +63,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
         let pairs = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
         serde_path_to_error::deserialize(pairs)
             .map(ApiQuery)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let field = if path == "." {
-                    "query".to_owned()
-                } else {
-                    path
-                };
-                let message = e.into_inner().to_string();
-                ApiError::validation(vec![FieldError { field, message }])
-            })
+            .map_err(|e| shape_error(e, "query"))
     }
 }
 
@@ -93,12 +84,25 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             format!("the body is not valid JSON: {e}"),
         )
     })?;
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." { "body".to_owned() } else { path };
-        let message = e.into_inner().to_string();
-        ApiError::validation(vec![FieldError { field, message }])
-    })
+    serde_path_to_error::deserialize(value).map_err(|e| shape_error(e, "body"))
+}
+
+/// A 422 naming the field a query or body got wrong. serde reports a missing field at the
+/// object that lacks it, so that field's name is read from the message and added to the path;
+/// an error of the whole (`root`) names `root`.
+fn shape_error<E: Display>(e: serde_path_to_error::Error<E>, root: &str) -> ApiError {
+    let path = e.path().to_string();
+    let message = e.into_inner().to_string();
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    let field = match (path.as_str(), missing) {
+        (".", Some(name)) => name.to_owned(),
+        (".", None) => root.to_owned(),
+        (_, Some(name)) => format!("{path}.{name}"),
+        (_, None) => path,
+    };
+    ApiError::validation(vec![FieldError { field, message }])
 }
 
 /// Collects per-field problems so a client sees all of them at once.

@@ -172,7 +172,11 @@ impl CampaignOut {
             balance_window_hours: c.balance_window_hours,
             balance_due_at: c.balance_due_at.map(instant),
             variants: presales::variants_of(c),
-            final_unit_price: c.final_unit_price_minor.map(|m| money(m, cur)),
+            // From the close on: locked then, and the settlement's final price is the same.
+            final_unit_price: c
+                .final_unit_price_minor
+                .or(c.locked_price_minor)
+                .map(|m| money(m, cur)),
             surplus_qty: c.surplus_qty,
         }
     }

@@ -78,6 +78,17 @@ on_both_backends! {
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
         let fields: Vec<&str> = body["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
         assert_eq!(fields, ["name", "email", "time_zone", "payment_token"]);
+        // A missing field is named as itself (a nested one with its path), an unknown one too.
+        for (body, field) in [(json!({"name": "A"}), "email"), (json!({"title": "x"}), "title")] {
+            let (status, problem) = app.post("/api/v1/shoppers", None, body).await;
+            assert_eq!((status, problem["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(field)), "{problem}");
+        }
+        let (status, problem) = app.post("/api/v1/campaigns", Some(ADMIN_TOKEN), json!({
+            "title": "Down jacket", "sku": "DJ-1", "currency": "EUR", "reference_price": "200.00",
+            "deposit_percent": "10", "opens_at": "2026-07-01T00:00:00Z", "closes_at": "2026-08-01T00:00:00Z",
+            "time_zone": "Europe/Berlin", "balance_window_hours": 72,
+            "quotes": [{"manufacturer_id": "mfr_x", "lead_time_days": 60, "tiers": [{"min_qty": 100}]}]})).await;
+        assert_eq!((status, problem["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("quotes[0].tiers[0].unit_price")), "{problem}");
         app.stop().await;
     }
 }

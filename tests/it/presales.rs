@@ -193,6 +193,7 @@ on_both_backends! {
         assert_eq!((status, late["code"].as_str()), (StatusCode::CONFLICT, Some("campaign_not_open")));
         let c = app.admin_get(&format!("/api/v1/campaigns/{id}")).await;
         assert_eq!(c["status"], "settling", "{c}");
+        assert_eq!(c["final_unit_price"], "140.00", "shown from the close on: {c}");
         // Balances are charged at once; a flaky card's retry comes half a minute later.
         app.advance("2026-08-01T00:05:00Z").await;
         for (pledge, token, qty) in &pledges {
