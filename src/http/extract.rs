@@ -227,9 +227,29 @@ impl Caller {
         }
     }
 
-    /// Whether the caller may read resources owned by this shopper (they or ops). Callers that
-    /// may not get a 404, never a 403, so ids can't be probed.
+    /// Shoppers' resources (pledges, subscriptions) are read by shoppers and ops: a
+    /// manufacturer gets a 403, the wrong role. Checked before the resource is looked up, so
+    /// the answer says nothing about whether the id exists.
+    pub fn reads_shoppers(&self) -> Result<(), ApiError> {
+        match self.0 {
+            Principal::Manufacturer(_) => Err(ApiError::forbidden()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Manufacturers' resources (purchase orders) are read by manufacturers and ops: a shopper
+    /// gets a 403, as [`Caller::reads_shoppers`].
+    pub fn reads_manufacturers(&self) -> Result<(), ApiError> {
+        match self.0 {
+            Principal::Shopper(_) => Err(ApiError::forbidden()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the caller may read resources owned by this shopper (they or ops). Another
+    /// shopper gets a 404, so ids can't be probed; the wrong role a 403.
     pub fn may_see_shopper(&self, shopper_id: &str) -> Result<(), ApiError> {
+        self.reads_shoppers()?;
         match &self.0 {
             Principal::Admin => Ok(()),
             Principal::Shopper(id) if id == shopper_id => Ok(()),
@@ -237,8 +257,10 @@ impl Caller {
         }
     }
 
-    /// Whether the caller may read this manufacturer's resources (they or ops).
+    /// Whether the caller may read this manufacturer's resources (they or ops): another
+    /// manufacturer gets a 404, the wrong role a 403.
     pub fn may_see_manufacturer(&self, manufacturer_id: &str) -> Result<(), ApiError> {
+        self.reads_manufacturers()?;
         match &self.0 {
             Principal::Admin => Ok(()),
             Principal::Manufacturer(id) if id == manufacturer_id => Ok(()),

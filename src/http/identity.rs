@@ -145,7 +145,8 @@ async fn set_payment_method(
     Path(id): Path<String>,
     ApiJson(input): ApiJson<PaymentMethodIn>,
 ) -> Result<Json<ShopperOut>, ApiError> {
-    if caller.require_shopper().ok() != Some(id.as_str()) {
+    // Only the shopper themself: another shopper gets a 404, any other role a 403.
+    if caller.require_shopper()? != id {
         return Err(ApiError::not_found("no such shopper"));
     }
     let token = parse_payment_token(&input.payment_token)

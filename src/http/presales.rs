@@ -589,12 +589,13 @@ fn remembered_decline(reason: &str) -> StoredResponse {
     ApiError::from(PresaleError::Declined(reason.to_owned())).remembered()
 }
 
-/// A pledge the caller may see (its shopper or ops), else 404.
+/// A pledge the caller may see (its shopper or ops), else 404 (403 for a manufacturer).
 async fn visible_pledge(
     state: &AppState,
     caller: &Caller,
     id: &str,
 ) -> Result<(PledgeRow, Loaded), ApiError> {
+    caller.reads_shoppers()?;
     let pledge = state
         .store
         .pledge(id)
@@ -740,13 +741,11 @@ async fn demand(
     Path(id): Path<String>,
 ) -> Result<Json<DemandOut>, ApiError> {
     let l = presales::load(&state.store, &id).await?;
-    let allowed = match &caller.0 {
-        Principal::Admin => true,
-        Principal::Manufacturer(m) => l.quotes.iter().any(|(q, _)| q.manufacturer_id == *m),
-        Principal::Shopper(_) => false,
-    };
-    if !allowed {
-        return Err(ApiError::not_found(format!("no campaign {id}")));
+    match &caller.0 {
+        Principal::Admin => {}
+        Principal::Manufacturer(m) if l.quotes.iter().any(|(q, _)| q.manufacturer_id == *m) => {}
+        Principal::Manufacturer(_) => return Err(ApiError::not_found(format!("no campaign {id}"))),
+        Principal::Shopper(_) => return Err(ApiError::forbidden()),
     }
     let by_variant = state.store.live_demand(&id).await?.into_iter().collect();
     let changes = state.store.demand_changes(&id).await?;
@@ -849,6 +848,7 @@ async fn get_purchase_order(
         Some(id) => (id.to_owned(), true),
         None => (id, false),
     };
+    caller.reads_manufacturers()?;
     let po = state
         .store
         .purchase_order(&id)

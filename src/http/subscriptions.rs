@@ -645,8 +645,9 @@ async fn subscribe(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
-/// A subscription the caller may see (its shopper or ops), else 404.
+/// A subscription the caller may see (its shopper or ops), else 404 (403 for a manufacturer).
 async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<SubscriptionRow, ApiError> {
+    caller.reads_shoppers()?;
     let sub = state
         .store
         .subscription(id)

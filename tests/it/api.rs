@@ -126,9 +126,16 @@ on_both_backends! {
         assert_eq!(status, StatusCode::CREATED);
         let (id, token) = (str_of(&created["id"]), str_of(&created["token"]));
         assert_eq!(app.get(&format!("/api/v1/manufacturers/{id}"), Some(&token)).await.0, StatusCode::OK);
-        assert_eq!(app.get(&format!("/api/v1/manufacturers/{id}"), Some(&ana_token)).await.0, StatusCode::NOT_FOUND);
-        // A shopper token is not a manufacturer token and vice versa.
-        assert_eq!(app.get(&format!("/api/v1/shoppers/{ana}"), Some(&token)).await.0, StatusCode::NOT_FOUND);
+        // A role that never reads the other's resources gets 403 whatever the id, so nothing is
+        // learned about ids; a party of the right role gets 404 for another's.
+        assert_eq!(app.get(&format!("/api/v1/manufacturers/{id}"), Some(&ana_token)).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(app.get("/api/v1/manufacturers/mfr_nope", Some(&ana_token)).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(app.get(&format!("/api/v1/shoppers/{ana}"), Some(&token)).await.0, StatusCode::FORBIDDEN);
+        let path = format!("/api/v1/shoppers/{ana}/payment-method");
+        for other in [token.as_str(), ADMIN_TOKEN] {
+            let (status, body) = app.call(Method::PUT, &path, Some(other), Some(json!({"payment_token": "pm_ok"}))).await;
+            assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "only the shopper sets their card");
+        }
         app.stop().await;
     }
 }

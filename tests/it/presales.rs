@@ -174,10 +174,12 @@ on_both_backends! {
         assert_eq!(demand["by_variant"].as_object().unwrap().values().map(|v| v.as_i64().unwrap()).sum::<i64>(), total);
         assert_eq!(demand["history"].as_array().unwrap().last().unwrap()["pooled_qty"], total);
         let (status, _) = app.get(&format!("/api/v1/campaigns/{id}/demand"), Some(&early_token)).await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "shoppers don't see demand");
-        // Privacy: another shopper's pledge is not found.
+        assert_eq!(status, StatusCode::FORBIDDEN, "shoppers don't see demand: the wrong role");
+        // Privacy: another shopper's pledge is not found; a manufacturer never reads pledges.
         let (status, _) = app.get(&format!("/api/v1/pledges/{}", pledges[1].0), Some(&early_token)).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = app.get(&format!("/api/v1/pledges/{}", pledges[1].0), Some(&factory_token)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
 
         // A day before the deadline every pledger is reminded, on time: a timer, not the hourly
         // poll (the manual clock does not stop at hourly slots).
@@ -623,7 +625,8 @@ on_both_backends! {
         assert_eq!(one["lines"], json!([{"variant": "L", "qty": 1}, {"variant": "S", "qty": 2}]), "{one}");
         assert_eq!(app.get(&po_path, Some(&rival_token)).await.0, StatusCode::NOT_FOUND);
         assert_eq!(app.get(&format!("{po_path}.csv"), Some(&rival_token)).await.0, StatusCode::NOT_FOUND);
-        assert!(matches!(app.get(&po_path, Some(&ana)).await.0, StatusCode::NOT_FOUND | StatusCode::FORBIDDEN));
+        assert_eq!(app.get(&po_path, Some(&ana)).await.0, StatusCode::FORBIDDEN, "a shopper: the wrong role");
+        assert_eq!(app.get("/api/v1/purchase-orders/po_nope", Some(&ana)).await.0, StatusCode::FORBIDDEN, "whatever the id");
         let (_, theirs) = app.get("/api/v1/purchase-orders", Some(&rival_token)).await;
         assert_eq!(theirs["items"], json!([]), "{theirs}");
         let check = app.ledger_check().await;
