@@ -145,24 +145,31 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer_token(parts).ok_or_else(ApiError::unauthorized)?;
-        let hash = hash_token(token);
-        // Compared as hashes so the comparison doesn't leak the admin token's prefix by timing.
-        if hash == *state.admin_token_hash {
-            return Ok(Caller(Principal::Admin));
-        }
-        let now = Instant::now();
-        if let Some(known) = state.known_tokens.get(&hash, now) {
-            return Ok(Caller(known));
-        }
-        let principal = state
-            .store
-            .token_subject(&hash)
+        let token = bearer_token(&parts.headers).ok_or_else(ApiError::unauthorized)?;
+        principal_of(state, token)
             .await?
-            .ok_or_else(ApiError::unauthorized)?;
-        state.known_tokens.insert(hash, principal.clone(), now);
-        Ok(Caller(principal))
+            .map(Caller)
+            .ok_or_else(ApiError::unauthorized)
     }
+}
+
+/// The party a token stands for, or `None` for an unknown token. The API's [`Caller`] and the
+/// pages' sessions both ask this.
+pub async fn principal_of(state: &AppState, token: &str) -> Result<Option<Principal>, ApiError> {
+    let hash = hash_token(token);
+    // Compared as hashes so the comparison doesn't leak the admin token's prefix by timing.
+    if hash == *state.admin_token_hash {
+        return Ok(Some(Principal::Admin));
+    }
+    let now = Instant::now();
+    if let Some(known) = state.known_tokens.get(&hash, now) {
+        return Ok(Some(known));
+    }
+    let principal = state.store.token_subject(&hash).await?;
+    if let Some(p) = &principal {
+        state.known_tokens.insert(hash, p.clone(), now);
+    }
+    Ok(principal)
 }
 
 /// Bearer tokens this process has resolved lately, by hash. A token never changes its party,
@@ -193,8 +200,9 @@ impl KnownTokens {
     }
 }
 
-fn bearer_token(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+/// The token of an `Authorization: Bearer …` header (the scheme in any case).
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

@@ -1,19 +1,23 @@
 //! Server-rendered pages: `/ops` (jobs, next slots, last runs, durations, failures, instances,
-//! run/pause/resume), the `/login` form that sets its session cookie, and the public
-//! `/campaigns/{id}` (tiers, progress to the next tier, time left, a chart of pooled demand).
+//! run/pause/resume), the `/login` form that sets its session cookie, the public
+//! `/campaigns/{id}` (tiers, progress to the next tier, time left, a chart of pooled demand)
+//! and a subscription's delivery calendar `/subscriptions/{id}/calendar`.
 //!
-//! Pages accept the admin bearer token or a session cookie holding it (HttpOnly,
-//! SameSite=Strict); their state-changing buttons also carry a CSRF token derived from it.
+//! Pages accept a bearer token or a session cookie holding one (HttpOnly, SameSite=Strict),
+//! read as the API reads it; `/ops` wants the admin's, and its state-changing buttons also
+//! carry a CSRF token derived from it. A calendar also opens with its private link.
 
 use super::error::ApiError;
+use super::extract::{bearer_token, principal_of};
 use crate::app::AppState;
+use crate::domain::identity::Principal;
 use crate::ids::hash_token;
 use crate::scheduler::schedule::UpcomingSlot;
 use crate::store::{RunFilter, instant};
 use askama::Template;
 use askama_web::WebTemplate;
 use axum::Router;
-use axum::extract::{Form, Path, State};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -27,29 +31,34 @@ pub fn router() -> Router<AppState> {
         .route("/ops", get(ops_page))
         .route("/ops/jobs/{name}/{action}", post(ops_action))
         .route("/campaigns/{id}", get(campaign_page))
+        .route("/subscriptions/{id}/calendar", get(calendar_page))
 }
 
-/// Whether the request carries the admin token, as a bearer or in the session cookie.
-fn is_admin(headers: &HeaderMap, state: &AppState) -> bool {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+/// The token a page request carries: a bearer header, else the session cookie.
+fn session_token(headers: &HeaderMap) -> Option<String> {
     let cookie = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .filter_map(|c| {
+        .find_map(|c| {
             c.trim()
                 .strip_prefix(&format!("{COOKIE}="))
                 .map(str::to_owned)
-        })
-        .next();
-    [bearer.map(str::to_owned), cookie]
-        .into_iter()
-        .flatten()
-        .any(|t| hash_token(&t) == *state.admin_token_hash)
+        });
+    bearer_token(headers).map(str::to_owned).or(cookie)
+}
+
+/// Who the page request is from, as the API would answer for the same token.
+async fn session(headers: &HeaderMap, state: &AppState) -> Result<Option<Principal>, ApiError> {
+    match session_token(headers) {
+        Some(token) => principal_of(state, &token).await,
+        None => Ok(None),
+    }
+}
+
+async fn is_admin(headers: &HeaderMap, state: &AppState) -> Result<bool, ApiError> {
+    Ok(session(headers, state).await? == Some(Principal::Admin))
 }
 
 /// The CSRF token of the admin session: derived from the admin token, never the token itself.
@@ -61,30 +70,61 @@ fn csrf_token(state: &AppState) -> String {
 #[template(path = "login.html")]
 struct LoginPage {
     failed: bool,
+    signed_in: bool,
+    next: String,
 }
 
-async fn login_form() -> LoginPage {
-    LoginPage { failed: false }
+#[derive(Deserialize)]
+struct LoginQuery {
+    next: Option<String>,
+    signed_in: Option<bool>,
+}
+
+async fn login_form(Query(q): Query<LoginQuery>) -> LoginPage {
+    LoginPage {
+        failed: false,
+        signed_in: q.signed_in.unwrap_or(false),
+        next: q.next.filter(|n| local_path(n)).unwrap_or_default(),
+    }
+}
+
+/// A path on this site (`/…`, not `//host…`): the only place a sign-in sends the browser on
+/// to, so the form can't be used to redirect elsewhere.
+fn local_path(next: &str) -> bool {
+    next.starts_with('/') && !next.starts_with("//") && !next.contains('\\')
 }
 
 #[derive(Deserialize)]
 struct LoginForm {
     token: String,
+    #[serde(default)]
+    next: String,
 }
 
-async fn login(State(state): State<AppState>, Form(form): Form<LoginForm>) -> Response {
-    if hash_token(form.token.trim()) != *state.admin_token_hash {
-        return (
-            axum::http::StatusCode::UNAUTHORIZED,
-            LoginPage { failed: true },
-        )
-            .into_response();
-    }
-    let cookie = format!(
-        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
-        form.token.trim()
-    );
-    ([(header::SET_COOKIE, cookie)], Redirect::to("/ops")).into_response()
+/// Any party's token signs in: ops land on `/ops`, shoppers where they were going (their
+/// calendar), else back here, signed in.
+async fn login(
+    State(state): State<AppState>,
+    Form(form): Form<LoginForm>,
+) -> Result<Response, ApiError> {
+    let token = form.token.trim();
+    let Some(who) = principal_of(&state, token).await? else {
+        let page = LoginPage {
+            failed: true,
+            signed_in: false,
+            next: form.next.clone(),
+        };
+        return Ok((axum::http::StatusCode::UNAUTHORIZED, page).into_response());
+    };
+    let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+    let to = if local_path(&form.next) {
+        form.next
+    } else if who == Principal::Admin {
+        "/ops".to_owned()
+    } else {
+        "/login?signed_in=true".to_owned()
+    };
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&to)).into_response())
 }
 
 struct JobRow {
@@ -134,7 +174,7 @@ struct OpsPage {
 }
 
 async fn ops_page(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    if !is_admin(&headers, &state) {
+    if !is_admin(&headers, &state).await? {
         return Ok(Redirect::to("/login").into_response());
     }
     let now = state.clock.now();
@@ -250,7 +290,7 @@ async fn ops_action(
     Path((name, action)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Result<Response, ApiError> {
-    if !is_admin(&headers, &state) {
+    if !is_admin(&headers, &state).await? {
         return Err(ApiError::unauthorized());
     }
     if form.csrf != csrf_token(&state) {
@@ -422,4 +462,194 @@ fn demand_chart(points: &[(i64, i64)], thresholds: &[i64], (start, end): (i64, i
     format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="pooled demand over time, now {last} units">{lines}<path d="{path}" fill="none" stroke="#1a73e8" stroke-width="2"/></svg>"##
     )
+}
+
+/// The key of a subscription's private calendar link: whoever holds the link reads the
+/// calendar without signing in (as with a calendar app's secret address), nobody can guess
+/// it. Derived from the admin token, so every instance agrees and no key is stored.
+fn calendar_key(state: &AppState, subscription_id: &str) -> String {
+    hash_token(&format!(
+        "calendar:{}:{subscription_id}",
+        state.admin_token_hash
+    ))
+}
+
+/// The private link to a subscription's calendar page.
+pub fn calendar_link(state: &AppState, subscription_id: &str) -> String {
+    format!(
+        "/subscriptions/{subscription_id}/calendar?key={}",
+        calendar_key(state, subscription_id)
+    )
+}
+
+struct CalendarDay {
+    date: String,
+    today: bool,
+    arrives: Option<String>,
+    ready: Vec<String>,
+    portions: i64,
+    short: bool,
+}
+
+struct CalendarDelivery {
+    date: String,
+    status: String,
+    cutoff: String,
+    amount: String,
+    lines: Vec<String>,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "calendar.html")]
+struct CalendarPage {
+    plan: String,
+    status: String,
+    ready_word: &'static str,
+    need: i64,
+    days: Vec<CalendarDay>,
+    deliveries: Vec<CalendarDelivery>,
+}
+
+#[derive(Deserialize)]
+struct CalendarQuery {
+    key: Option<String>,
+}
+
+/// Days shown: from a few days back to the end of the last box on its way, at most six weeks.
+const CALENDAR_DAYS_BACK: i64 = 3;
+const CALENDAR_MAX_DAYS: i64 = 42;
+
+/// A subscription's delivery calendar: what is ready on each day until the last box on its
+/// way runs out, and each delivery with its status, cutoff and lines. Its shopper or ops (by
+/// session or bearer), or whoever holds its private link.
+async fn calendar_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<CalendarQuery>,
+) -> Result<Response, ApiError> {
+    use crate::subscriptions::{date_of, lines_of, plan_of, today};
+    let not_found = || ApiError::not_found(format!("no subscription {id}"));
+    // With the private link, nobody signs in; without it, the session says who may look.
+    let who = match &q.key {
+        Some(key) if *key == calendar_key(&state, &id) => None,
+        Some(_) => return Err(not_found()),
+        None => match session(&headers, &state).await? {
+            None => {
+                let next = format!("/subscriptions/{id}/calendar");
+                return Ok(Redirect::to(&format!("/login?next={next}")).into_response());
+            }
+            Some(Principal::Manufacturer(_)) => return Err(ApiError::forbidden()),
+            Some(who) => Some(who),
+        },
+    };
+    let sub = state.store.subscription(&id).await?.ok_or_else(not_found)?;
+    if who.is_some_and(|w| w != Principal::Admin && w != Principal::Shopper(sub.shopper_id.clone()))
+    {
+        return Err(not_found());
+    }
+    let plan = plan_of(&state.store, &sub.plan_id).await?;
+    let zone = crate::subscriptions::zone_of(&plan);
+    let now = state.clock.now();
+    let today = today(&plan, now);
+    let mut deliveries = Vec::new();
+    // Each day's ready lines, from the boxes that come (a skipped or held one does not).
+    let mut ready: std::collections::BTreeMap<chrono::NaiveDate, (Vec<String>, i64)> =
+        Default::default();
+    let mut arrives = std::collections::BTreeMap::new();
+    for d in state.store.deliveries_of(&id).await? {
+        let date = date_of(&d.delivery_date)?;
+        let status =
+            crate::domain::subscription::shown_status(&d.status, date, today, plan.transit_days)
+                .to_owned();
+        let lines = lines_of(&d);
+        if matches!(
+            status.as_str(),
+            "scheduled" | "locked" | "paid" | "dispatched"
+        ) {
+            arrives.insert(date, status.clone());
+            for l in &lines {
+                for offset in l.ready_from..=l.ready_until {
+                    let day = ready
+                        .entry(date + chrono::Duration::days(offset))
+                        .or_default();
+                    day.0.push(format!("{} × {}", l.qty, l.name));
+                    day.1 += l.qty;
+                }
+            }
+        }
+        let currency = crate::domain::money::Currency::parse(&plan.currency)
+            .map_err(|e| ApiError::internal(&e))?;
+        deliveries.push(CalendarDelivery {
+            date: date.format("%a %-d %b %Y").to_string(),
+            status,
+            cutoff: instant(d.cutoff_at)
+                .with_timezone(&zone)
+                .format("%a %-d %b, %H:%M %Z")
+                .to_string(),
+            amount: d.amount_minor.map_or_else(
+                || "–".to_owned(),
+                |m| {
+                    format!(
+                        "{} {currency}",
+                        crate::domain::money::Money::from_minor(m, currency)
+                    )
+                },
+            ),
+            lines: lines
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} × {}: {} {}–{}",
+                        l.qty,
+                        l.name,
+                        if plan.kind == "flower" {
+                            "in bloom"
+                        } else {
+                            "ready"
+                        },
+                        (date + chrono::Duration::days(l.ready_from)).format("%-d %b"),
+                        (date + chrono::Duration::days(l.ready_until)).format("%-d %b"),
+                    )
+                })
+                .collect(),
+        });
+    }
+    let first_box = arrives.keys().next().copied();
+    let from = today - chrono::Duration::days(CALENDAR_DAYS_BACK);
+    let last = ready
+        .keys()
+        .next_back()
+        .copied()
+        .unwrap_or(today)
+        .max(today);
+    let until = last.min(from + chrono::Duration::days(CALENDAR_MAX_DAYS - 1));
+    let days = from
+        .iter_days()
+        .take_while(|d| *d <= until)
+        .map(|d| {
+            let (lines, portions) = ready.remove(&d).unwrap_or_default();
+            CalendarDay {
+                date: d.format("%a %-d %b").to_string(),
+                today: d == today,
+                arrives: arrives.get(&d).cloned(),
+                short: first_box.is_some_and(|f| d >= f) && portions < plan.portions_per_day,
+                ready: lines,
+                portions,
+            }
+        })
+        .collect();
+    Ok(CalendarPage {
+        plan: plan.name,
+        status: sub.status,
+        ready_word: if plan.kind == "flower" {
+            "in bloom"
+        } else {
+            "ready to eat"
+        },
+        need: plan.portions_per_day,
+        days,
+        deliveries,
+    }
+    .into_response())
 }

@@ -504,6 +504,9 @@ pub struct SubscriptionOut {
     exclusions: Vec<String>,
     paused_until: Option<String>,
     next_delivery_date: Option<String>,
+    /// The private link to the subscription's calendar page: whoever holds it sees the
+    /// calendar without signing in.
+    calendar_page: String,
 }
 
 async fn subscription_out(
@@ -518,6 +521,7 @@ async fn subscription_out(
         .find(|d| d.status == "scheduled")
         .map(|d| d.delivery_date);
     Ok(SubscriptionOut {
+        calendar_page: super::pages::calendar_link(state, &s.id),
         exclusions: exclusions_of(&s),
         id: s.id,
         plan_id: s.plan_id,

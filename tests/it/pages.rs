@@ -1,10 +1,11 @@
 //! Pages: `/ops` (sign-in, what it shows, its CSRF-guarded buttons) on both backends, and the
 //! campaign page and sign-in as a real headless Chromium renders them.
 
-use crate::helpers::{ADMIN_TOKEN, TestApp};
+use crate::helpers::{ADMIN_TOKEN, TestApp, str_of};
 use crate::on_both_backends;
 use reqwest::StatusCode;
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use serde_json::json;
 
 on_both_backends! {
     async fn the_ops_page_shows_jobs_and_runs_them(backend) {
@@ -47,6 +48,108 @@ on_both_backends! {
         assert!(html.contains("paused from /ops"));
         app.stop().await;
     }
+}
+
+/// A Berlin fruit box for one shopper, subscribed on 28 September for 8 October: the app, its
+/// subscription's id and the shopper's token.
+async fn fruit_subscriber(backend: crate::helpers::Backend) -> (TestApp, String, String) {
+    let app = TestApp::spawn_with(backend, |s| {
+        s.clock = pooled::config::ClockMode::Manual;
+        s.clock_start = Some("2026-09-28T00:00:00Z".parse().unwrap());
+        s.time_zone = chrono_tz::Europe::Berlin;
+    })
+    .await;
+    let (status, plan) = app
+        .post(
+            "/api/v1/plans",
+            Some(ADMIN_TOKEN),
+            json!({"name": "Weekly fruit", "kind": "fruit",
+        "currency": "EUR", "price_per_delivery": "24.90", "cadence_weeks": 1, "portions_per_day": 2,
+        "delivery_weekdays": ["thu"], "time_zone": "Europe/Berlin"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{plan}");
+    let (_, token) = app.shopper("Cal", "pm_ok").await;
+    let (status, sub) = app
+        .post(
+            "/api/v1/subscriptions",
+            Some(&token),
+            json!({
+        "plan_id": plan["id"], "delivery_weekday": "thu", "start_date": "2026-10-08"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{sub}");
+    (app, str_of(&sub["id"]), token)
+}
+
+on_both_backends! {
+    async fn a_subscription_calendar_shows_something_ready_every_day_to_its_shopper(backend) {
+        let (app, id, token) = fruit_subscriber(backend).await;
+        let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let url = |p: &str| format!("{}{p}", app.base);
+        app.advance("2026-10-09T12:00:00Z").await;
+        let page = format!("/subscriptions/{id}/calendar");
+        // The private link from the API needs no sign-in.
+        let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
+        let link = str_of(&sub["calendar_page"]);
+        assert!(link.starts_with(&format!("{page}?key=")), "{sub}");
+        let res = client.get(url(&link)).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let html = res.text().await.unwrap();
+        for expected in ["<h1>Weekly fruit</h1>", "Thu 8 Oct", "arrives", "dispatched", "Thu 15 Oct", "24.90 EUR", "ready to eat"] {
+            assert!(html.contains(expected), "the calendar lacks {expected}: {html}");
+        }
+        assert!(!html.contains("class=\"failed\""), "every day from the first box has its portions: {html}");
+        assert_eq!(client.get(url(&format!("{page}?key=forged"))).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+        // Without the link: sign in first, and come back.
+        let res = client.get(url(&page)).send().await.unwrap();
+        assert_eq!((res.status(), res.headers()[LOCATION].to_str().unwrap()), (StatusCode::SEE_OTHER, format!("/login?next={page}").as_str()));
+        let res = client.post(url("/login")).form(&[("token", "pld_shp_forged"), ("next", page.as_str())]).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        let res = client.post(url("/login")).form(&[("token", token.as_str()), ("next", page.as_str())]).send().await.unwrap();
+        assert_eq!((res.status(), res.headers()[LOCATION].to_str().unwrap()), (StatusCode::SEE_OTHER, page.as_str()));
+        let session = res.headers()[SET_COOKIE].to_str().unwrap().split(';').next().unwrap().to_owned();
+        let res = client.get(url(&page)).header(COOKIE, &session).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        // A sign-in never sends the browser to another site.
+        let res = client.post(url("/login")).form(&[("token", token.as_str()), ("next", "//evil.example/")]).send().await.unwrap();
+        assert_eq!(res.headers()[LOCATION], "/login?signed_in=true");
+        // Another shopper: not found; a manufacturer: the wrong role; ops: as the shopper sees it.
+        let (_, other) = app.shopper("Other", "pm_ok").await;
+        let (_, maker) = app.manufacturer("Orchard").await;
+        for (bearer, status) in [(other, StatusCode::NOT_FOUND), (maker, StatusCode::FORBIDDEN), (ADMIN_TOKEN.to_owned(), StatusCode::OK)] {
+            let res = client.get(url(&page)).bearer_auth(&bearer).send().await.unwrap();
+            assert_eq!(res.status(), status);
+        }
+        let res = client.get(url("/subscriptions/sub_nope/calendar")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+        app.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_browser_renders_a_subscription_calendar_from_its_private_link() {
+    let (app, id, token) = fruit_subscriber(crate::helpers::Backend::Sqlite).await;
+    let (_, sub) = app
+        .get(&format!("/api/v1/subscriptions/{id}"), Some(&token))
+        .await;
+    let Some(dom) = browser_dom(&format!("{}{}", app.base, str_of(&sub["calendar_page"]))).await
+    else {
+        return;
+    };
+    for expected in [
+        "<h1>Weekly fruit</h1>",
+        "Thu 8 Oct",
+        "arrives",
+        "scheduled",
+        "ready to eat",
+    ] {
+        assert!(
+            dom.contains(expected),
+            "the rendered calendar lacks {expected}: {dom}"
+        );
+    }
+    app.stop().await;
 }
 
 /// The page as a real headless Chromium renders it (its DOM after parsing), or `None` to
