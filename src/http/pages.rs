@@ -134,6 +134,8 @@ struct JobRow {
     paused: bool,
     paused_note: Option<String>,
     upcoming: Vec<UpcomingSlot>,
+    /// When a waiting timer or retry runs, if before the next slot.
+    waiting: Option<String>,
     last_run: Option<LastRun>,
     chart: String,
 }
@@ -201,6 +203,19 @@ async fn ops_page(State(state): State<AppState>, headers: HeaderMap) -> Result<R
             catchup: job.def.catchup_policy.clone(),
             paused: job.def.paused_at.is_some(),
             paused_note: job.def.paused_note.clone(),
+            // A timer or retry due before the next slot (a renewal's cutoff, say) runs first.
+            waiting: job
+                .next_due
+                .map(instant)
+                .filter(|at| job.upcoming.first().is_none_or(|slot| *at < slot.utc))
+                .map(|at| {
+                    let local = at.with_timezone(&job.schedule.zone());
+                    format!(
+                        "{} · {}",
+                        local.format("%a %Y-%m-%d %H:%M %Z"),
+                        at.to_rfc3339()
+                    )
+                }),
             upcoming: job.upcoming,
             last_run,
             chart: duration_chart(&durations),
@@ -370,7 +385,13 @@ async fn campaign_page(
     let closes = instant(c.closes_at);
     let zone = crate::presales::zone_of(c);
     let local = closes.with_timezone(&zone).format("%A %-d %B %Y, %H:%M %Z");
-    let deadline = if c.status == "open" || c.status == "scheduled" {
+    // An open campaign past its deadline waits for its last deposits' answers to close.
+    let deadline = if c.status == "open" && closes <= now {
+        format!(
+            "Closed {local} ({}): the price locks once the last deposits are answered.",
+            c.time_zone
+        )
+    } else if c.status == "open" || c.status == "scheduled" {
         format!(
             "Closes {local} ({}) — {} left.",
             c.time_zone,

@@ -46,6 +46,35 @@ on_both_backends! {
         assert_eq!(res.status(), StatusCode::SEE_OTHER);
         let html = client.get(url("/ops")).header(COOKIE, &session).send().await.unwrap().text().await.unwrap();
         assert!(html.contains("paused from /ops"));
+        // A timer due before a job's next slot is shown first.
+        let now = app.state.clock.now();
+        app.state.store.add_timer("billing-dunning", (now + chrono::Duration::minutes(20)).timestamp_micros(), now.timestamp_micros()).await.unwrap();
+        let html = client.get(url("/ops")).header(COOKIE, &session).send().await.unwrap().text().await.unwrap();
+        assert!(html.contains("2027-03-27T12:20:00+00:00</strong> <small>timer or retry"), "{html}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_campaign_past_its_deadline_but_not_yet_closed_says_so(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:00:00Z".parse().unwrap()).await;
+        let (factory, _) = app.manufacturer("Northwind").await;
+        let c = app.campaign(json!({
+            "title": "Down jacket", "sku": "DJ", "currency": "EUR", "reference_price": "200.00",
+            "deposit_percent": "10", "opens_at": "2026-06-01T00:00:00Z", "closes_at": "2026-06-02T00:00:00Z",
+            "time_zone": "Europe/Berlin",
+            "quotes": [{"manufacturer_id": factory, "lead_time_days": 30,
+                        "tiers": [{"min_qty": 2, "unit_price": "180.00"}]}]})).await;
+        let page = format!("{}/campaigns/{}", app.base, str_of(&c["id"]));
+        let html = app.client.get(&page).send().await.unwrap().text().await.unwrap();
+        assert!(html.contains("Closes Tuesday 2 June 2026, 02:00 CEST (Europe/Berlin) — 1 days 0 hours left."), "{html}");
+        // The close waits (here: paused by ops); the page no longer counts down below zero.
+        let (status, _) = app.post("/api/v1/ops/jobs/presale-close/pause", Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        app.advance("2026-06-02T01:00:00Z").await;
+        let html = app.client.get(&page).send().await.unwrap().text().await.unwrap();
+        assert!(html.contains("Closed Tuesday 2 June 2026, 02:00 CEST (Europe/Berlin): the price locks once"), "{html}");
+        assert!(!html.contains("left."), "{html}");
         app.stop().await;
     }
 }
