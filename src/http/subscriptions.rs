@@ -691,17 +691,36 @@ async fn skip(
     ApiJson(input): ApiJson<SkipIn>,
 ) -> Result<Json<SubscriptionOut>, ApiError> {
     let sub = visible(&state, &caller, &id).await?;
-    let now = micros(state.clock.now());
+    let clock_now = state.clock.now();
+    let now = micros(clock_now);
     let date = input.date.to_string();
-    let delivery = state
-        .store
-        .deliveries_of(&id)
-        .await?
-        .into_iter()
-        .find(|d| d.delivery_date == date)
-        .ok_or_else(|| {
-            ApiError::field("date", "is not one of this subscription's delivery dates")
-        })?;
+    let of_date = |rows: Vec<DeliveryRow>| rows.into_iter().find(|d| d.delivery_date == date);
+    let not_a_delivery =
+        || ApiError::field("date", "is not one of this subscription's delivery dates");
+    let delivery = match of_date(state.store.deliveries_of(&id).await?) {
+        Some(d) => d,
+        // Beyond the rows kept ahead: a delivery date of a live subscription, within the
+        // bound every date has, is added as skipped. Were the renewal to add it first, it is
+        // skipped below like any other.
+        None => {
+            let plan = plan_of(&state.store, &sub.plan_id).await?;
+            let today = subscriptions::today(&plan, clock_now);
+            let live = !matches!(sub.status.as_str(), "cancelled" | "suspended");
+            let row = subscriptions::delivery_on(&sub, &plan, input.date, clock_now)?
+                .filter(|_| live && input.date <= today + Duration::days(MAX_DAYS_AHEAD))
+                .ok_or_else(not_a_delivery)?;
+            let skipped = DeliveryRow {
+                status: "skipped".into(),
+                skip_reason: Some(row.skip_reason.clone().unwrap_or_else(|| "skipped".into())),
+                ..row
+            };
+            state
+                .store
+                .add_deliveries(&[skipped], subscriptions::RENEW_JOB, now)
+                .await?;
+            of_date(state.store.deliveries_of(&id).await?).ok_or_else(not_a_delivery)?
+        }
+    };
     if delivery.status == "skipped" {
         return Ok(Json(subscription_out(&state, sub).await?));
     }

@@ -207,6 +207,23 @@ pub fn upcoming_rows(
     .collect())
 }
 
+/// The row of `date` if it is one of `sub`'s delivery dates with its cutoff still ahead:
+/// how a delivery beyond the rows kept ahead ([`HORIZON_DAYS`]) is made so that it can be
+/// skipped long in advance. `None` for any other date.
+pub fn delivery_on(
+    sub: &SubscriptionRow,
+    plan: &PlanRow,
+    date: NaiveDate,
+    now: DateTime<Utc>,
+) -> Result<Option<DeliveryRow>> {
+    let weekday = parse_weekday(&sub.delivery_weekday)
+        .ok_or_else(|| StoreError::Inconsistent(format!("bad weekday {}", sub.delivery_weekday)))?;
+    let first = first_delivery(date_of(&sub.start_date)?, weekday);
+    let on_schedule =
+        deliveries_between(first, plan.cadence_weeks, date, date + Duration::days(1)) == [date];
+    Ok(Some(delivery_row(sub, plan, date)).filter(|d| on_schedule && d.cutoff_at > micros(now)))
+}
+
 pub async fn plan_of(store: &Store, id: &str) -> Result<PlanRow> {
     store
         .plan(id)

@@ -547,6 +547,51 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_week_far_ahead_can_be_skipped_and_is_never_billed(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 2)).await;
+        let (_, token) = app.shopper("Vera", "pm_ok").await;
+        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        let id = str_of(&sub["id"]);
+        let skip = |date: &'static str| {
+            let (app, id, token) = (&app, &id, &token);
+            async move { app.post(&format!("/api/v1/subscriptions/{id}/skip"), Some(token), json!({"date": date})).await }
+        };
+        // Deliveries are kept four weeks ahead; 26 November is eight weeks out.
+        let dates = |ds: &[Value]| ds.iter().map(|d| str_of(&d["date"])).collect::<Vec<_>>();
+        let before = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        assert!(!dates(&before).contains(&"2026-11-26".to_owned()), "{before:?}");
+        let (status, body) = skip("2026-11-26").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(skip("2026-11-26").await.0, StatusCode::OK, "skipping again changes nothing");
+        // Not a delivery date, too far ahead: refused, and nothing is added.
+        for bad in ["2026-11-25", "2027-12-02"] {
+            let (status, body) = skip(bad).await;
+            assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("date")), "{bad}: {body}");
+        }
+        let after = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        let skipped: Vec<&Value> = after.iter().filter(|d| d["date"] == "2026-11-26").collect();
+        assert_eq!(skipped.len(), 1, "{after:?}");
+        assert_eq!((&skipped[0]["status"], &skipped[0]["skip_reason"]), (&json!("skipped"), &json!("skipped")));
+        assert_eq!(after.len(), before.len() + 1, "{after:?}");
+        // The renewal reaches that week and leaves it skipped; the weeks around it bill.
+        app.advance("2026-12-04T00:00:00Z").await;
+        let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
+        let billed: Vec<String> = invoices.iter().map(|i| str_of(&i["delivery_date"])).collect();
+        assert!(billed.contains(&"2026-11-19".to_owned()) && billed.contains(&"2026-12-03".to_owned()), "{billed:?}");
+        assert!(!billed.contains(&"2026-11-26".to_owned()), "{billed:?}");
+        // A cancelled subscription has no weeks ahead to skip.
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/cancel"), Some(&token), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, body) = skip("2027-02-04").await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn a_delivery_past_its_cutoff_keeps_its_price_while_the_renewal_is_paused(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(fruit_plan("24.90", 2)).await;
