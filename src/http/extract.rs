@@ -39,16 +39,35 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 "send the body as JSON with Content-Type: application/json",
             ));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| match e {
-            BytesRejection::FailedToBufferBody(_)
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
-            {
-                too_large()
-            }
-            other => ApiError::new(other.status(), "bad_request", other.body_text()),
-        })?;
-        parse_json(&bytes).map(ApiJson)
+        parse_json(&body_of(req, state).await?).map(ApiJson)
     }
+}
+
+/// An optional JSON body: none (or only whitespace) is `None`, anything else is read as
+/// [`ApiJson`] reads it, with the same problem+json answers (for `pause`, whose body is
+/// optional, so a client may send none and no content type).
+pub struct OptionalJson<T>(pub Option<T>);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = body_of(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(None));
+        }
+        parse_json(&bytes).map(|v| OptionalJson(Some(v)))
+    }
+}
+
+/// The request's body, with a too-large or broken one answered as problem+json.
+async fn body_of<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            too_large()
+        }
+        other => ApiError::new(other.status(), "bad_request", other.body_text()),
+    })
 }
 
 /// A query string. A parameter of the wrong shape (`?limit=abc`) → 422 naming it, as
@@ -76,7 +95,7 @@ pub fn too_large() -> ApiError {
 }
 
 /// Parses a JSON body: 400 if it isn't JSON, 422 naming the field if it has the wrong shape.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

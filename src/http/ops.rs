@@ -1,7 +1,7 @@
 //! Ops API: the clock, jobs and their runs, scheduler instances, the email outbox. Admin only.
 
 use super::error::ApiError;
-use super::extract::{ApiJson, ApiQuery, Caller, parse_json};
+use super::extract::{ApiJson, ApiQuery, Caller, OptionalJson};
 use crate::app::AppState;
 use crate::clock::Clock;
 use crate::scheduler::jobs::{JobSpec, RUN_RETENTION_DAYS};
@@ -315,16 +315,12 @@ async fn pause_job(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    OptionalJson(body): OptionalJson<PauseIn>,
 ) -> Result<Json<JobOut>, ApiError> {
     caller.require_admin()?;
     known_job(&state, &name)?;
     // The body is optional: none means no note.
-    let note = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        parse_json::<PauseIn>(&body)?.note
-    };
+    let note = body.and_then(|b| b.note);
     if note.as_ref().is_some_and(|n| n.chars().count() > 500) {
         return Err(ApiError::field("note", "must be at most 500 characters"));
     }

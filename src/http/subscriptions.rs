@@ -3,7 +3,7 @@
 
 use super::amount_string;
 use super::error::ApiError;
-use super::extract::{ApiJson, ApiQuery, Caller, Validation};
+use super::extract::{ApiJson, ApiQuery, Caller, OptionalJson, Validation};
 use super::ops::{Page, PageQuery, bad_cursor, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::identity::{parse_name, parse_payment_token, parse_time_zone};
@@ -749,16 +749,12 @@ async fn pause(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    OptionalJson(body): OptionalJson<PauseIn>,
 ) -> Result<Json<SubscriptionOut>, ApiError> {
     let sub = visible(&state, &caller, &id).await?;
     let now = state.clock.now();
     // The body is optional: no body (or `{}`) pauses until resumed.
-    let until = if body.is_empty() {
-        None
-    } else {
-        super::extract::parse_json::<PauseIn>(&body)?.until
-    };
+    let until = body.and_then(|b| b.until);
     // Dates are the plan's, like its deliveries.
     let plan = plan_of(&state.store, &sub.plan_id).await?;
     let today = now

@@ -47,6 +47,8 @@ on_both_backends! {
             ("wrong content type", app.client.post(url("/api/v1/shoppers")).header(header::CONTENT_TYPE, "text/plain").body("{}").build().unwrap(), 415, "unsupported_media_type"),
             ("oversized body", app.client.post(url("/api/v1/shoppers")).header(header::CONTENT_TYPE, "application/json").body(format!("{{\"name\":\"{}\"}}", "x".repeat(2 << 20))).build().unwrap(), 413, "payload_too_large"),
             ("wrong shape", app.client.post(url("/api/v1/shoppers")).json(&json!({"name": 5, "email": "a@b.co"})).build().unwrap(), 422, "validation_failed"),
+            ("oversized optional body", app.client.post(url("/api/v1/ops/jobs/billing-dunning/pause")).bearer_auth(ADMIN_TOKEN).body(format!("{{\"note\":\"{}\"}}", "x".repeat(2 << 20))).build().unwrap(), 413, "payload_too_large"),
+            ("bad optional body", app.client.post(url("/api/v1/ops/jobs/billing-dunning/pause")).bearer_auth(ADMIN_TOKEN).body("{\"note\":").build().unwrap(), 400, "malformed_json"),
             ("no token", app.client.post(url("/api/v1/manufacturers")).json(&json!({"name": "F", "email": "f@x.co"})).build().unwrap(), 401, "unauthorized"),
         ];
         for (what, request, status, code) in cases {
