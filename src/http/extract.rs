@@ -264,7 +264,8 @@ impl Caller {
         }
     }
 
-    /// Manufacturers' resources (purchase orders) are read by manufacturers and ops: a shopper
+    /// Manufacturers' resources (purchase orders, a campaign's demand) are read by
+    /// manufacturers and ops: a shopper
     /// gets a 403, as [`Caller::reads_shoppers`].
     pub fn reads_manufacturers(&self) -> Result<(), ApiError> {
         match self.0 {

@@ -88,10 +88,30 @@ async fn login_form(Query(q): Query<LoginQuery>) -> LoginPage {
     }
 }
 
+/// How long a page session lasts before the token is asked for again.
+const SESSION_SECS: u32 = 12 * 3600;
+
+/// Whether a form was posted from this site: browsers send `Origin` with every POST, and it
+/// names this host unless another site posted it. Clients that send none (scripts) pass.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+    host.is_some() && origin_host == host
+}
+
 /// A path on this site (`/…`, not `//host…`): the only place a sign-in sends the browser on
 /// to, so the form can't be used to redirect elsewhere.
 fn local_path(next: &str) -> bool {
-    next.starts_with('/') && !next.starts_with("//") && !next.contains('\\')
+    // Browsers drop tabs and newlines from URLs and read `\` as `/`, so `/\t/evil` would be
+    // `//evil`: no whitespace, control character or backslash is let through.
+    next.starts_with('/')
+        && !next.starts_with("//")
+        && !next
+            .chars()
+            .any(|c| c == '\\' || c.is_whitespace() || c.is_control())
 }
 
 #[derive(Deserialize)]
@@ -105,8 +125,13 @@ struct LoginForm {
 /// calendar), else back here, signed in.
 async fn login(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Result<Response, ApiError> {
+    // A form posted from another site would sign this browser in as someone else.
+    if !same_origin(&headers) {
+        return Err(ApiError::forbidden());
+    }
     let token = form.token.trim();
     let Some(who) = principal_of(&state, token).await? else {
         let page = LoginPage {
@@ -116,7 +141,8 @@ async fn login(
         };
         return Ok((axum::http::StatusCode::UNAUTHORIZED, page).into_response());
     };
-    let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+    let cookie =
+        format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={SESSION_SECS}");
     let to = if local_path(&form.next) {
         form.next
     } else if who == Principal::Admin {
@@ -485,22 +511,19 @@ fn demand_chart(points: &[(i64, i64)], thresholds: &[i64], (start, end): (i64, i
     )
 }
 
-/// The key of a subscription's private calendar link: whoever holds the link reads the
-/// calendar without signing in (as with a calendar app's secret address), nobody can guess
-/// it. Derived from the admin token, so every instance agrees and no key is stored.
-fn calendar_key(state: &AppState, subscription_id: &str) -> String {
-    hash_token(&format!(
-        "calendar:{}:{subscription_id}",
-        state.admin_token_hash
-    ))
-}
-
-/// The private link to a subscription's calendar page.
-pub fn calendar_link(state: &AppState, subscription_id: &str) -> String {
-    format!(
-        "/subscriptions/{subscription_id}/calendar?key={}",
-        calendar_key(state, subscription_id)
-    )
+/// The private link to a subscription's calendar page: whoever holds it reads that calendar
+/// without signing in (as with a calendar app's secret address). Its key is random, minted
+/// the first time the link is shown; `None` when there is no such subscription.
+pub async fn calendar_link(
+    state: &AppState,
+    subscription_id: &str,
+) -> Result<Option<String>, ApiError> {
+    let fresh = crate::ids::new_token("cal");
+    Ok(state
+        .store
+        .mint_calendar_key(subscription_id, &fresh)
+        .await?
+        .map(|key| format!("/subscriptions/{subscription_id}/calendar?key={key}")))
 }
 
 struct CalendarDay {
@@ -553,11 +576,23 @@ async fn calendar_page(
     let not_found = || ApiError::not_found(format!("no subscription {id}"));
     // With the private link, nobody signs in; without it, the session says who may look.
     let who = match &q.key {
-        Some(key) if *key == calendar_key(&state, &id) => None,
+        // Compared as hashes, so the time taken says nothing about the key's prefix.
+        Some(key)
+            if state
+                .store
+                .calendar_key(&id)
+                .await?
+                .is_some_and(|stored| hash_token(&stored) == hash_token(key)) =>
+        {
+            None
+        }
         Some(_) => return Err(not_found()),
         None => match session(&headers, &state).await? {
             None => {
-                let next = format!("/subscriptions/{id}/calendar");
+                let next: String = form_urlencoded::byte_serialize(
+                    format!("/subscriptions/{id}/calendar").as_bytes(),
+                )
+                .collect();
                 return Ok(Redirect::to(&format!("/login?next={next}")).into_response());
             }
             Some(Principal::Manufacturer(_)) => return Err(ApiError::forbidden()),
@@ -573,6 +608,8 @@ async fn calendar_page(
     let zone = crate::subscriptions::zone_of(&plan);
     let now = state.clock.now();
     let today = today(&plan, now);
+    let currency = crate::domain::money::Currency::parse(&plan.currency)
+        .map_err(|e| ApiError::internal(&e))?;
     let mut deliveries = Vec::new();
     // Each day's ready lines, from the boxes that come (a skipped or held one does not).
     let mut ready: std::collections::BTreeMap<chrono::NaiveDate, (Vec<String>, i64)> =
@@ -599,8 +636,6 @@ async fn calendar_page(
                 }
             }
         }
-        let currency = crate::domain::money::Currency::parse(&plan.currency)
-            .map_err(|e| ApiError::internal(&e))?;
         deliveries.push(CalendarDelivery {
             date: date.format("%a %-d %b %Y").to_string(),
             status,
@@ -624,11 +659,7 @@ async fn calendar_page(
                         "{} × {}: {} {}–{}",
                         l.qty,
                         l.name,
-                        if plan.kind == "flower" {
-                            "in bloom"
-                        } else {
-                            "ready"
-                        },
+                        crate::subscriptions::ready_word(&plan),
                         (date + chrono::Duration::days(l.ready_from)).format("%-d %b"),
                         (date + chrono::Duration::days(l.ready_until)).format("%-d %b"),
                     )
@@ -661,13 +692,9 @@ async fn calendar_page(
         })
         .collect();
     Ok(CalendarPage {
+        ready_word: crate::subscriptions::ready_word(&plan),
         plan: plan.name,
         status: sub.status,
-        ready_word: if plan.kind == "flower" {
-            "in bloom"
-        } else {
-            "ready to eat"
-        },
         need: plan.portions_per_day,
         days,
         deliveries,

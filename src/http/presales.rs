@@ -172,11 +172,8 @@ impl CampaignOut {
             balance_window_hours: c.balance_window_hours,
             balance_due_at: c.balance_due_at.map(instant),
             variants: presales::variants_of(c),
-            // From the close on: locked then, and the settlement's final price is the same.
-            final_unit_price: c
-                .final_unit_price_minor
-                .or(c.locked_price_minor)
-                .map(|m| money(m, cur)),
+            // From the close on: the price locked then is the one the settlement records.
+            final_unit_price: c.locked_price_minor.map(|m| money(m, cur)),
             surplus_qty: c.surplus_qty,
         }
     }
@@ -740,12 +737,12 @@ async fn demand(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<DemandOut>, ApiError> {
+    caller.reads_manufacturers()?;
     let l = presales::load(&state.store, &id).await?;
-    match &caller.0 {
-        Principal::Admin => {}
-        Principal::Manufacturer(m) if l.quotes.iter().any(|(q, _)| q.manufacturer_id == *m) => {}
-        Principal::Manufacturer(_) => return Err(ApiError::not_found(format!("no campaign {id}"))),
-        Principal::Shopper(_) => return Err(ApiError::forbidden()),
+    if let Principal::Manufacturer(m) = &caller.0
+        && !l.quotes.iter().any(|(q, _)| q.manufacturer_id == *m)
+    {
+        return Err(ApiError::not_found(format!("no campaign {id}")));
     }
     let by_variant = state.store.live_demand(&id).await?.into_iter().collect();
     let changes = state.store.demand_changes(&id).await?;

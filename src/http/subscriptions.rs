@@ -520,8 +520,11 @@ async fn subscription_out(
         .into_iter()
         .find(|d| d.status == "scheduled")
         .map(|d| d.delivery_date);
+    let calendar_page = super::pages::calendar_link(state, &s.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no subscription {}", s.id)))?;
     Ok(SubscriptionOut {
-        calendar_page: super::pages::calendar_link(state, &s.id),
+        calendar_page,
         exclusions: exclusions_of(&s),
         id: s.id,
         plan_id: s.plan_id,
@@ -567,7 +570,7 @@ async fn subscribe(
         _ => {}
     }
     if let Some(p) = &plan {
-        let today = now.with_timezone(&subscriptions::zone_of(p)).date_naive();
+        let today = subscriptions::today(p, now);
         if input.start_date < today {
             v.error("start_date", "must not be in the past");
         } else if input.start_date > today + Duration::days(MAX_DAYS_AHEAD) {
@@ -709,9 +712,10 @@ async fn skip(
             let row = subscriptions::delivery_on(&sub, &plan, input.date, clock_now)?
                 .filter(|_| live && input.date <= today + Duration::days(MAX_DAYS_AHEAD))
                 .ok_or_else(not_a_delivery)?;
+            // Skipped by the shopper even inside a pause, so a resume does not bring it back.
             let skipped = DeliveryRow {
                 status: "skipped".into(),
-                skip_reason: Some(row.skip_reason.clone().unwrap_or_else(|| "skipped".into())),
+                skip_reason: Some("skipped".into()),
                 ..row
             };
             state
@@ -757,9 +761,7 @@ async fn pause(
     let until = body.and_then(|b| b.until);
     // Dates are the plan's, like its deliveries.
     let plan = plan_of(&state.store, &sub.plan_id).await?;
-    let today = now
-        .with_timezone(&subscriptions::zone_of(&plan))
-        .date_naive();
+    let today = subscriptions::today(&plan, now);
     if until.is_some_and(|u| u <= today) {
         return Err(ApiError::field("until", "must be in the future"));
     }
@@ -1012,11 +1014,7 @@ async fn calendar(
     let sub = visible(&state, &caller, &id).await?;
     let plan = plan_of(&state.store, &sub.plan_id).await?;
     let stamp = state.clock.now().format("%Y%m%dT%H%M%SZ").to_string();
-    let ready = if plan.kind == "flower" {
-        "in bloom"
-    } else {
-        "ready to eat"
-    };
+    let ready = subscriptions::ready_word(&plan);
     let mut ics = vec![
         "BEGIN:VCALENDAR".to_owned(),
         "VERSION:2.0".into(),

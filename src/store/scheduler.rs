@@ -544,13 +544,15 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Job `name`'s latest run that has begun (a timer or retry still waiting for its instant
-    /// has not), and the earliest instant one of its pending or retrying runs is due.
+    /// Job `name`'s run that began last (a timer still waiting for its instant has not; a
+    /// run waiting for its retry has), and the earliest instant one of its pending or
+    /// retrying runs is due. By start, not id: a timer is inserted long before it runs.
     pub async fn job_timeline(&self, name: &str) -> StoreResult<(Option<JobRunRow>, Option<i64>)> {
         const LAST: &str = concat!(
             "SELECT ",
             run_columns!(),
-            " FROM job_runs WHERE job_name = $1 AND state <> 'pending' ORDER BY id DESC LIMIT 1"
+            " FROM job_runs WHERE job_name = $1 AND started_at IS NOT NULL
+               ORDER BY started_at DESC, id DESC LIMIT 1"
         );
         Ok(on_pool!(self, |pool| {
             let last = sqlx::query_as(LAST).bind(name).fetch_optional(pool).await?;

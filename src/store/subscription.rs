@@ -361,7 +361,8 @@ impl Store {
             sqlx::query(
                 "UPDATE deliveries SET amount_minor = (SELECT price_minor FROM plans WHERE id = $1)
                  WHERE status = 'scheduled' AND cutoff_at <= $2 AND amount_minor IS NULL
-                   AND subscription_id IN (SELECT id FROM subscriptions WHERE plan_id = $1)",
+                   AND subscription_id IN (SELECT id FROM subscriptions
+                       WHERE plan_id = $1 AND status NOT IN ('cancelled', 'suspended'))",
             )
             .bind(id)
             .bind(now)
@@ -451,6 +452,37 @@ impl Store {
             tx.commit().await?;
         });
         Ok(())
+    }
+
+    /// The key of subscription `id`'s private calendar link, if one was minted.
+    pub async fn calendar_key(&self, id: &str) -> StoreResult<Option<String>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT calendar_key FROM subscriptions WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+                .flatten()
+        }))
+    }
+
+    /// The key of subscription `id`'s private calendar link, minted as `fresh` when it has
+    /// none yet (of two first uses at once, the guarded update keeps one). `None` when there
+    /// is no such subscription.
+    pub async fn mint_calendar_key(&self, id: &str, fresh: &str) -> StoreResult<Option<String>> {
+        if let Some(key) = self.calendar_key(id).await? {
+            return Ok(Some(key));
+        }
+        on_writer!(self, |pool| {
+            sqlx::query(
+                "UPDATE subscriptions SET calendar_key = $2 WHERE id = $1 AND calendar_key IS NULL",
+            )
+            .bind(id)
+            .bind(fresh)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        self.calendar_key(id).await
     }
 
     pub async fn subscription(&self, id: &str) -> StoreResult<Option<SubscriptionRow>> {
@@ -670,11 +702,11 @@ impl Store {
     }
 
     /// Skips a due delivery that will not be billed (its subscription is suspended or
-    /// cancelled).
+    /// cancelled, or its box cannot be made in time), and forgets any price stamped on it.
     pub async fn skip_due_delivery(&self, delivery_id: &str, reason: &str) -> StoreResult<()> {
         on_writer!(self, |pool| {
             sqlx::query(
-                "UPDATE deliveries SET status = 'skipped', skip_reason = $2
+                "UPDATE deliveries SET status = 'skipped', skip_reason = $2, amount_minor = NULL
                  WHERE id = $1 AND status = 'scheduled'",
             )
             .bind(delivery_id)

@@ -51,11 +51,7 @@ pub fn box_planned(
         name,
         format!("Your {} box for {date} is planned", plan.name),
     );
-    let ready = if plan.kind == "flower" {
-        "in bloom"
-    } else {
-        "ready to eat"
-    };
+    let ready = super::ready_word(plan);
     n.paragraphs.push(format!(
         "Here is what arrives on {date} and when each item is {ready}, so that something is \
          {ready} every day until the next delivery. Start with the first lines."

@@ -159,6 +159,15 @@ pub fn date_of(s: &str) -> Result<NaiveDate> {
         .map_err(|_| StoreError::Inconsistent(format!("bad date {s}")).into())
 }
 
+/// What a plan's items are on the days they count: fruit is ready to eat, flowers in bloom.
+pub fn ready_word(plan: &PlanRow) -> &'static str {
+    if plan.kind == "flower" {
+        "in bloom"
+    } else {
+        "ready to eat"
+    }
+}
+
 /// The date in `plan`'s zone at `now`.
 pub fn today(plan: &PlanRow, now: DateTime<Utc>) -> NaiveDate {
     now.with_timezone(&zone_of(plan)).date_naive()

@@ -132,7 +132,10 @@ on_both_backends! {
         assert_eq!(client.get(url(&format!("{page}?key=forged"))).send().await.unwrap().status(), StatusCode::NOT_FOUND);
         // Without the link: sign in first, and come back.
         let res = client.get(url(&page)).send().await.unwrap();
-        assert_eq!((res.status(), res.headers()[LOCATION].to_str().unwrap()), (StatusCode::SEE_OTHER, format!("/login?next={page}").as_str()));
+        let encoded = page.replace('/', "%2F");
+        assert_eq!((res.status(), res.headers()[LOCATION].to_str().unwrap()), (StatusCode::SEE_OTHER, format!("/login?next={encoded}").as_str()));
+        let form = client.get(url(&format!("/login?next={encoded}"))).send().await.unwrap().text().await.unwrap();
+        assert!(form.contains(&format!("name=\"next\" value=\"{page}\"")), "{form}");
         let res = client.post(url("/login")).form(&[("token", "pld_shp_forged"), ("next", page.as_str())]).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
         let res = client.post(url("/login")).form(&[("token", token.as_str()), ("next", page.as_str())]).send().await.unwrap();
@@ -140,9 +143,26 @@ on_both_backends! {
         let session = res.headers()[SET_COOKIE].to_str().unwrap().split(';').next().unwrap().to_owned();
         let res = client.get(url(&page)).header(COOKIE, &session).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
-        // A sign-in never sends the browser to another site.
-        let res = client.post(url("/login")).form(&[("token", token.as_str()), ("next", "//evil.example/")]).send().await.unwrap();
-        assert_eq!(res.headers()[LOCATION], "/login?signed_in=true");
+        // A sign-in never sends the browser to another site, nor comes from one.
+        for evil in ["//evil.example/", "/\t/evil.example/", "/\\evil.example", "https://evil.example/"] {
+            let res = client.post(url("/login")).form(&[("token", token.as_str()), ("next", evil)]).send().await.unwrap();
+            assert_eq!(res.headers()[LOCATION], "/login?signed_in=true", "{evil:?}");
+        }
+        let res = client.post(url("/login")).header("origin", "https://evil.example").form(&[("token", token.as_str())]).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        let host = app.base.trim_start_matches("http://").to_owned();
+        let res = client.post(url("/login")).header("origin", format!("http://{host}")).form(&[("token", token.as_str())]).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::SEE_OTHER);
+        assert!(res.headers()[SET_COOKIE].to_str().unwrap().contains("Max-Age="), "a session ends");
+        // Another subscription's key opens nothing here.
+        let (status, other_sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": sub["plan_id"], "delivery_weekday": "thu", "start_date": "2026-10-22"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{other_sub}");
+        let other_key = str_of(&other_sub["calendar_page"]).split("key=").nth(1).unwrap().to_owned();
+        assert_ne!(other_key, link.split("key=").nth(1).unwrap(), "each subscription its own key");
+        assert_eq!(client.get(url(&format!("{page}?key={other_key}"))).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+        let (_, again) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
+        assert_eq!(again["calendar_page"], sub["calendar_page"], "the link stays the same");
         // Another shopper: not found; a manufacturer: the wrong role; ops: as the shopper sees it.
         let (_, other) = app.shopper("Other", "pm_ok").await;
         let (_, maker) = app.manufacturer("Orchard").await;

@@ -275,6 +275,16 @@ on_both_backends! {
         let job = dunning().await;
         assert_eq!((&job["last_run"]["scheduled_for"], &job["last_run"]["trigger"]), (&json!("2026-06-01T01:20:00Z"), &json!("timer")), "{job}");
         assert_eq!(job["next_run_at"], "2026-06-01T02:00:00Z", "{job}");
+        // A timer made now for after the next slot runs after the slot's run, though made
+        // before it: the last run is the one that began last, not the one written last.
+        let later = at("2026-06-01T02:20:00Z").timestamp_micros();
+        app.state.store.add_timer("billing-dunning", later, at("2026-06-01T01:25:00Z").timestamp_micros()).await.unwrap();
+        app.advance("2026-06-01T02:00:30Z").await;
+        assert_eq!(dunning().await["last_run"]["scheduled_for"], "2026-06-01T02:00:00Z");
+        app.advance("2026-06-01T02:25:00Z").await;
+        let job = dunning().await;
+        assert_eq!(job["last_run"]["scheduled_for"], "2026-06-01T02:20:00Z", "{job}");
+        assert_eq!(job["next_run_at"], "2026-06-01T03:00:00Z", "{job}");
         app.stop().await;
     }
 }

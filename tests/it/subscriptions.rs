@@ -576,12 +576,27 @@ on_both_backends! {
         assert_eq!(skipped.len(), 1, "{after:?}");
         assert_eq!((&skipped[0]["status"], &skipped[0]["skip_reason"]), (&json!("skipped"), &json!("skipped")));
         assert_eq!(after.len(), before.len() + 1, "{after:?}");
+        // Skipped inside a pause, a week stays skipped when the pause ends.
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, body) = skip("2026-12-10").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/resume"), Some(&token), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let deliveries = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        for date in ["2026-11-26", "2026-12-10"] {
+            let d = deliveries.iter().find(|d| d["date"] == date).unwrap();
+            assert_eq!((&d["status"], &d["skip_reason"]), (&json!("skipped"), &json!("skipped")), "{d}");
+        }
         // The renewal reaches that week and leaves it skipped; the weeks around it bill.
         app.advance("2026-12-04T00:00:00Z").await;
         let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
         let billed: Vec<String> = invoices.iter().map(|i| str_of(&i["delivery_date"])).collect();
         assert!(billed.contains(&"2026-11-19".to_owned()) && billed.contains(&"2026-12-03".to_owned()), "{billed:?}");
         assert!(!billed.contains(&"2026-11-26".to_owned()), "{billed:?}");
+        app.advance("2026-12-11T00:00:00Z").await;
+        let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
+        assert!(!invoices.iter().any(|i| i["delivery_date"] == "2026-12-10"), "{invoices:?}");
         // A cancelled subscription has no weeks ahead to skip.
         let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/cancel"), Some(&token), json!({})).await;
         assert_eq!(status, StatusCode::OK);
