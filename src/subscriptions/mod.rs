@@ -201,19 +201,7 @@ pub fn upcoming_rows(
     from: NaiveDate,
     now: DateTime<Utc>,
 ) -> Result<Vec<DeliveryRow>> {
-    let weekday = parse_weekday(&sub.delivery_weekday)
-        .ok_or_else(|| StoreError::Inconsistent(format!("bad weekday {}", sub.delivery_weekday)))?;
-    let first = first_delivery(date_of(&sub.start_date)?, weekday);
-    Ok(deliveries_between(
-        first,
-        plan.cadence_weeks,
-        from,
-        from + Duration::days(HORIZON_DAYS),
-    )
-    .into_iter()
-    .map(|d| delivery_row(sub, plan, d))
-    .filter(|d| d.cutoff_at > micros(now))
-    .collect())
+    rows_between(sub, plan, (from, from + Duration::days(HORIZON_DAYS)), now)
 }
 
 /// The row of `date` if it is one of `sub`'s delivery dates with its cutoff still ahead:
@@ -225,12 +213,24 @@ pub fn delivery_on(
     date: NaiveDate,
     now: DateTime<Utc>,
 ) -> Result<Option<DeliveryRow>> {
+    Ok(rows_between(sub, plan, (date, date + Duration::days(1)), now)?.pop())
+}
+
+/// `sub`'s delivery rows with dates in `[from, until)` and their cutoffs after `now`.
+fn rows_between(
+    sub: &SubscriptionRow,
+    plan: &PlanRow,
+    (from, until): (NaiveDate, NaiveDate),
+    now: DateTime<Utc>,
+) -> Result<Vec<DeliveryRow>> {
     let weekday = parse_weekday(&sub.delivery_weekday)
         .ok_or_else(|| StoreError::Inconsistent(format!("bad weekday {}", sub.delivery_weekday)))?;
     let first = first_delivery(date_of(&sub.start_date)?, weekday);
-    let on_schedule =
-        deliveries_between(first, plan.cadence_weeks, date, date + Duration::days(1)) == [date];
-    Ok(Some(delivery_row(sub, plan, date)).filter(|d| on_schedule && d.cutoff_at > micros(now)))
+    Ok(deliveries_between(first, plan.cadence_weeks, from, until)
+        .into_iter()
+        .map(|d| delivery_row(sub, plan, d))
+        .filter(|d| d.cutoff_at > micros(now))
+        .collect())
 }
 
 pub async fn plan_of(store: &Store, id: &str) -> Result<PlanRow> {
