@@ -819,7 +819,7 @@ pub async fn run_close(
             waiting += 1;
             continue;
         }
-        let l = load(store, &c.id).await?;
+        let l = load_quotes(store, c.clone()).await?;
         let rules = l.rules();
         let tips = presale::tipping_qty(&rules).is_some_and(|t| c.pooled_qty >= t);
         if tips {
@@ -864,10 +864,11 @@ pub async fn run_close(
     // Refunds of failed or cancelled campaigns, and balances of settling ones, in chunks.
     let mut steps_applied = 0;
     for c in store.campaigns_in("failed", "cancelled").await? {
-        steps_applied += refund_all(store, &c, now).await?;
+        steps_applied += refund_all(store, &load_quotes(store, c).await?, now).await?;
     }
     for c in store.campaigns_in("settling", "settling").await? {
-        steps_applied += charge_balances(store, payments, &c, now).await?;
+        let l = load_quotes(store, c).await?;
+        steps_applied += charge_balances(store, payments, &l, now).await?;
     }
     payments.sweep(now, false).await?;
     Ok(json!({"opened": opened, "failed": failed, "tipped": tipped,
@@ -875,8 +876,8 @@ pub async fn run_close(
 }
 
 /// Refunds every active pledge of a failed or cancelled campaign (each once).
-async fn refund_all(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> Result<usize> {
-    let l = load(store, &c.id).await?;
+async fn refund_all(store: &Store, l: &Loaded, now: DateTime<Utc>) -> Result<usize> {
+    let c = &l.campaign;
     let (mut applied, mut after) = (0, 0);
     loop {
         let batch = store.pledge_contacts(&c.id, "active", after, CHUNK).await?;
@@ -898,7 +899,7 @@ async fn refund_all(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> Resul
                     charge: None,
                     refund: deposit_refund(&pledge, deposit, &c.status, now),
                     entry: None,
-                    email: Some(emails::campaign_ended(&l, p)),
+                    email: Some(emails::campaign_ended(l, p)),
                 }
             })
             .collect();
@@ -911,10 +912,10 @@ async fn refund_all(store: &Store, c: &CampaignRow, now: DateTime<Utc>) -> Resul
 async fn charge_balances(
     store: &Store,
     payments: &Payments,
-    c: &CampaignRow,
+    l: &Loaded,
     now: DateTime<Utc>,
 ) -> Result<usize> {
-    let l = load(store, &c.id).await?;
+    let c = &l.campaign;
     let Some(locked) = c.locked_price_minor else {
         return Ok(0);
     };
@@ -960,7 +961,7 @@ async fn charge_balances(
                     }),
                     refund: None,
                     entry: None,
-                    email: Some(emails::balance_due(&l, p, locked, balance, due)),
+                    email: Some(emails::balance_due(l, p, locked, balance, due)),
                 }
             } else {
                 // The deposit already covers the final price: nothing is due, the rest returns.
@@ -978,7 +979,7 @@ async fn charge_balances(
                         now,
                     ),
                     entry: None,
-                    email: Some(emails::balance_paid(&l, p, locked)),
+                    email: Some(emails::balance_paid(l, p, locked)),
                 }
             });
         }
@@ -1007,10 +1008,10 @@ pub async fn run_balances(
     let now_us = micros(now);
     let mut summary = Vec::new();
     for c in store.campaigns_in("settling", "settling").await? {
+        let l = load_quotes(store, c.clone()).await?;
         // A close that a crash cut short is finished first.
-        charge_balances(store, payments, &c, now).await?;
+        charge_balances(store, payments, &l, now).await?;
         payments.sweep(now, false).await?;
-        let l = load(store, &c.id).await?;
         let locked = Money::from_minor(c.locked_price_minor.unwrap_or(0), l.currency);
         let due = c.balance_due_at.unwrap_or(now_us);
         let retried = if now_us < due {
@@ -1291,7 +1292,7 @@ pub async fn run_reminders(store: &Store, now: DateTime<Utc>) -> Result<serde_js
         if c.closes_at <= now_us || c.closes_at > horizon {
             continue;
         }
-        let l = load(store, &c.id).await?;
+        let l = load_quotes(store, c.clone()).await?;
         let progress = presale::progress(&l.rules(), c.pooled_qty, l.currency);
         let mut after = 0;
         loop {
@@ -1342,7 +1343,8 @@ pub async fn cancel_campaign(
         return Err(too_late(&now_status));
     }
     let c = store.campaign(id).await?.unwrap_or(c);
-    refund_all(store, &c, now).await?;
+    let l = load_quotes(store, c).await?;
+    refund_all(store, &l, now).await?;
     payments.sweep(now, false).await?;
-    Ok(c)
+    Ok(l.campaign)
 }
