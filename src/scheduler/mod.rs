@@ -321,7 +321,9 @@ impl Scheduler {
             attempt: run.attempt,
             now,
         };
-        let heartbeat = {
+        // The heartbeat task ends only when the attempt is fenced out: a reaper gave the slot
+        // to a new attempt, which will do this work again.
+        let mut fenced = {
             let store = self.env.store.clone();
             let every =
                 std::time::Duration::from_millis((claimed.lease_secs * 1000 / 3).max(200) as u64);
@@ -330,8 +332,7 @@ impl Scheduler {
                     tokio::time::sleep(every).await;
                     match store.heartbeat_run(run.id, run.attempt).await {
                         Ok(true) => {}
-                        // Fenced out: a reaper gave the slot to a new attempt.
-                        Ok(false) => break,
+                        Ok(false) => return,
                         Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                     }
                 }
@@ -339,7 +340,7 @@ impl Scheduler {
         };
         // The body runs in its own task so that a panic is an error of the run, not of the
         // scheduler.
-        let outcome = tokio::spawn(async move {
+        let mut body = tokio::spawn(async move {
             if let Some(delay) = spec.debug_delay {
                 tokio::time::sleep(delay.to_std().unwrap_or_default()).await;
             }
@@ -347,10 +348,20 @@ impl Scheduler {
                 return Err(JobError("debug_fail is set for this job".into()));
             }
             (spec.body)(ctx).await
-        })
-        .await
-        .unwrap_or_else(|e| Err(JobError(format!("the job panicked: {e}"))));
-        heartbeat.abort();
+        });
+        let outcome = tokio::select! {
+            joined = &mut body => {
+                joined.unwrap_or_else(|e| Err(JobError(format!("the job panicked: {e}"))))
+            }
+            // Fenced out: stop the body where it is, as a crash would (every step it takes
+            // is a guarded write, so the new attempt finds what it left), rather than let it
+            // do the new attempt's work beside it. Its outcome is fenced out below.
+            _ = &mut fenced => {
+                body.abort();
+                Err(JobError("fenced out: the lease passed to a new attempt".into()))
+            }
+        };
+        fenced.abort();
         let duration_ms = started.elapsed().as_millis() as i64;
         metrics::histogram!("job_run_duration_seconds", "job" => run.job_name.clone())
             .record(duration_ms as f64 / 1000.0);

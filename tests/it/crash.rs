@@ -45,6 +45,45 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_fenced_out_attempt_stops_its_body(backend) {
+        let app = TestApp::spawn_with(backend, |s| {
+            s.clock = pooled::config::ClockMode::Manual;
+            s.clock_start = Some("2026-06-01T00:00:00Z".parse().unwrap());
+            s.job_overrides = Some("maintenance-prune.debug_delay=120s;maintenance-prune.lease=1s".into());
+        })
+        .await;
+        let run_now = tokio::spawn({
+            let (client, base) = (app.client.clone(), app.base.clone());
+            async move {
+                client.post(format!("{base}/api/v1/ops/jobs/maintenance-prune/run")).bearer_auth(ADMIN_TOKEN).send().await
+            }
+        });
+        let store = &app.state.store;
+        let running = async {
+            loop {
+                let runs = store.runs(&RunFilter { job: Some("maintenance-prune".into()), state: Some("running".into()), before_id: None, limit: 1 }).await.unwrap();
+                if let Some(run) = runs.into_iter().next() {
+                    return run;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let run = tokio::time::timeout(Duration::from_secs(30), running).await.expect("the run started");
+        // Another instance's reaper takes the slot from this attempt (as when its lease ran
+        // out while it was cut off from the database).
+        let now = app.state.clock.now().timestamp_micros();
+        let retry_at = now + 3_600_000_000;
+        assert!(store.fail_run(run.id, run.attempt, "lease expired", Some(retry_at), now, None, None).await.unwrap());
+        // Its next heartbeat finds it fenced out and stops the body, well before its 120 s.
+        let answered = tokio::time::timeout(Duration::from_secs(30), run_now).await;
+        assert!(answered.is_ok(), "the fenced-out body kept running");
+        let after = store.run(run.id).await.unwrap().unwrap();
+        assert_eq!((after.state.as_str(), after.attempt, after.last_error.as_deref()), ("retrying", run.attempt, Some("lease expired")), "the fenced attempt recorded nothing");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     /// SIGKILL during a run: the next process reaps the run and retries it.
     async fn a_run_killed_with_its_process_is_reaped_and_retried(backend) {
         let db = TestDb::new(backend);
