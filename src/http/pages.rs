@@ -91,27 +91,34 @@ async fn login_form(Query(q): Query<LoginQuery>) -> LoginPage {
 /// How long a page session lasts before the token is asked for again.
 const SESSION_SECS: u32 = 12 * 3600;
 
-/// Whether a form was posted from this site: browsers send `Origin` with every POST, and it
-/// names this host unless another site posted it. Clients that send none (scripts) pass.
+/// Whether a form was posted from this site. Browsers say so in `Sec-Fetch-Site`, which a
+/// proxy in front leaves alone (`same-origin`, or `none` when the user typed the address);
+/// older ones only send `Origin`, compared with `Host` (case aside). Clients that send
+/// neither (scripts) pass: the check is against a browser made to post by another site.
 fn same_origin(headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = value("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
+    }
+    let Some(origin) = value(header::ORIGIN.as_str()) else {
         return true;
     };
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     let origin_host = origin.split_once("://").map(|(_, rest)| rest);
-    host.is_some() && origin_host == host
+    match (origin_host, value(header::HOST.as_str())) {
+        (Some(o), Some(h)) => o.eq_ignore_ascii_case(h),
+        _ => false,
+    }
 }
 
 /// A path on this site (`/…`, not `//host…`): the only place a sign-in sends the browser on
 /// to, so the form can't be used to redirect elsewhere.
 fn local_path(next: &str) -> bool {
     // Browsers drop tabs and newlines from URLs and read `\` as `/`, so `/\t/evil` would be
-    // `//evil`: no whitespace, control character or backslash is let through.
+    // `//evil`: only printable ASCII other than `\` is let through (which also keeps the
+    // `Location` header valid).
     next.starts_with('/')
         && !next.starts_with("//")
-        && !next
-            .chars()
-            .any(|c| c == '\\' || c.is_whitespace() || c.is_control())
+        && next.chars().all(|c| c.is_ascii_graphic() && c != '\\')
 }
 
 #[derive(Deserialize)]

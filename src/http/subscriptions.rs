@@ -725,10 +725,13 @@ async fn skip(
             of_date(state.store.deliveries_of(&id).await?).ok_or_else(not_a_delivery)?
         }
     };
-    if delivery.status == "skipped" {
+    // Skipped by the shopper already: nothing to do. Held by a pause: skipped for good, so
+    // the end of the pause does not bring it back.
+    let skipped = delivery.status == "skipped";
+    if skipped && delivery.skip_reason.as_deref() != Some("paused") {
         return Ok(Json(subscription_out(&state, sub).await?));
     }
-    if !state.store.skip_delivery(&id, &date, now).await? {
+    if !state.store.skip_delivery(&id, &date, now).await? && !skipped {
         return Err(SubscriptionError::Locked(format!(
             "the delivery of {date} is past its cutoff ({}) and is {}",
             instant(delivery.cutoff_at).to_rfc3339(),

@@ -295,6 +295,8 @@ impl Scheduler {
     }
 
     /// Runs a claimed attempt with a heartbeat, then records its outcome, guarded by attempt.
+    /// If the caller goes away meanwhile (an HTTP client hanging up on a manual-clock run),
+    /// the body and its heartbeat stop with it; the lease then lapses and a reaper retries.
     async fn execute(&self, claimed: Claimed) -> StoreResult<RunReport> {
         let run = claimed.run.clone();
         let started = std::time::Instant::now();
@@ -323,7 +325,7 @@ impl Scheduler {
         };
         // The heartbeat task ends only when the attempt is fenced out: a reaper gave the slot
         // to a new attempt, which will do this work again.
-        let mut fenced = {
+        let mut fenced = AbortOnDrop({
             let store = self.env.store.clone();
             let every =
                 std::time::Duration::from_millis((claimed.lease_secs * 1000 / 3).max(200) as u64);
@@ -337,10 +339,10 @@ impl Scheduler {
                     }
                 }
             })
-        };
+        });
         // The body runs in its own task so that a panic is an error of the run, not of the
         // scheduler.
-        let mut body = tokio::spawn(async move {
+        let mut body = AbortOnDrop(tokio::spawn(async move {
             if let Some(delay) = spec.debug_delay {
                 tokio::time::sleep(delay.to_std().unwrap_or_default()).await;
             }
@@ -348,20 +350,22 @@ impl Scheduler {
                 return Err(JobError("debug_fail is set for this job".into()));
             }
             (spec.body)(ctx).await
-        });
+        }));
         let outcome = tokio::select! {
-            joined = &mut body => {
+            joined = &mut body.0 => {
                 joined.unwrap_or_else(|e| Err(JobError(format!("the job panicked: {e}"))))
             }
             // Fenced out: stop the body where it is, as a crash would (every step it takes
             // is a guarded write, so the new attempt finds what it left), rather than let it
-            // do the new attempt's work beside it. Its outcome is fenced out below.
-            _ = &mut fenced => {
-                body.abort();
+            // do the new attempt's work beside it. Its outcome is fenced out below. (A
+            // heartbeat task that panicked is not a fence: that arm then waits no more.)
+            Ok(()) = &mut fenced.0 => {
+                body.0.abort();
+                let _stopped = (&mut body.0).await;
                 Err(JobError("fenced out: the lease passed to a new attempt".into()))
             }
         };
-        fenced.abort();
+        drop(fenced);
         let duration_ms = started.elapsed().as_millis() as i64;
         metrics::histogram!("job_run_duration_seconds", "job" => run.job_name.clone())
             .record(duration_ms as f64 / 1000.0);
@@ -605,4 +609,13 @@ pub enum AdvanceError {
     Invalid(String),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+}
+
+/// A task aborted when its handle is dropped, so it never outlives the run that owns it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -610,7 +610,9 @@ impl Store {
         }))
     }
 
-    /// Skips one scheduled delivery before its cutoff; `false` when it is locked or gone.
+    /// Skips one delivery before its cutoff: a scheduled one, or one a pause holds (then it
+    /// stays skipped when the pause ends); `false` when it is locked, gone or already
+    /// skipped by the shopper.
     pub async fn skip_delivery(
         &self,
         subscription_id: &str,
@@ -620,8 +622,8 @@ impl Store {
         let done = on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE deliveries SET status = 'skipped', skip_reason = 'skipped'
-                 WHERE subscription_id = $1 AND delivery_date = $2 AND status = 'scheduled'
-                   AND cutoff_at > $3",
+                 WHERE subscription_id = $1 AND delivery_date = $2 AND cutoff_at > $3
+                   AND (status = 'scheduled' OR (status = 'skipped' AND skip_reason = 'paused'))",
             )
             .bind(subscription_id)
             .bind(date)
@@ -947,7 +949,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "UPDATE deliveries SET status = 'skipped', skip_reason = 'suspended'
+                "UPDATE deliveries SET status = 'skipped', skip_reason = 'suspended',
+                     amount_minor = NULL
                  WHERE subscription_id = $1 AND status = 'scheduled'",
             )
             .bind(&invoice.subscription_id)

@@ -84,6 +84,32 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_run_whose_caller_hangs_up_is_not_left_running(backend) {
+        let app = TestApp::spawn_with(backend, |s| {
+            s.clock = pooled::config::ClockMode::Manual;
+            s.clock_start = Some("2026-06-01T00:00:00Z".parse().unwrap());
+            s.job_overrides = Some("maintenance-prune.debug_delay=120s;maintenance-prune.lease=1s".into());
+        })
+        .await;
+        // On the manual clock "run now" runs inside the request; the client gives up after 1 s.
+        let hung_up = app.client.post(format!("{}/api/v1/ops/jobs/maintenance-prune/run", app.base))
+            .bearer_auth(ADMIN_TOKEN).timeout(Duration::from_secs(1)).send().await;
+        assert!(hung_up.is_err(), "the run outlasted the client: {hung_up:?}");
+        let store = &app.state.store;
+        let filter = RunFilter { job: Some("maintenance-prune".into()), state: None, before_id: None, limit: 1 };
+        let run = store.runs(&filter).await.unwrap().remove(0);
+        // Its body and heartbeat stopped with the request, so the lease lapses and the reaper
+        // takes the run back; before, the heartbeat kept it `running` for ever.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        app.state.scheduler.reap().await.unwrap();
+        let after = store.run(run.id).await.unwrap().unwrap();
+        assert_eq!(after.state, "retrying", "{after:?}");
+        assert!(after.last_error.unwrap_or_default().contains("lease expired"));
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     /// SIGKILL during a run: the next process reaps the run and retries it.
     async fn a_run_killed_with_its_process_is_reaped_and_retried(backend) {
         let db = TestDb::new(backend);
