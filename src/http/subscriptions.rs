@@ -727,17 +727,21 @@ async fn skip(
     };
     // Skipped by the shopper already: nothing to do. Held by a pause: skipped for good, so
     // the end of the pause does not bring it back.
-    let skipped = delivery.status == "skipped";
-    if skipped && delivery.skip_reason.as_deref() != Some("paused") {
+    if delivery.status == "skipped" && delivery.skip_reason.as_deref() != Some("paused") {
         return Ok(Json(subscription_out(&state, sub).await?));
     }
-    if !state.store.skip_delivery(&id, &date, now).await? && !skipped {
-        return Err(SubscriptionError::Locked(format!(
-            "the delivery of {date} is past its cutoff ({}) and is {}",
-            instant(delivery.cutoff_at).to_rfc3339(),
-            delivery.status
-        ))
-        .into());
+    if !state.store.skip_delivery(&id, &date, now).await? {
+        // Past its cutoff, or moved meanwhile (a resume, then the lock): the answer is what
+        // the week is now. Still skipped (by a pause past its cutoff) is not billed either.
+        let now_status =
+            of_date(state.store.deliveries_of(&id).await?).map_or(delivery.status, |d| d.status);
+        if now_status != "skipped" {
+            return Err(SubscriptionError::Locked(format!(
+                "the delivery of {date} is past its cutoff ({}) and is {now_status}",
+                instant(delivery.cutoff_at).to_rfc3339(),
+            ))
+            .into());
+        }
     }
     Ok(Json(subscription_out(&state, sub).await?))
 }
