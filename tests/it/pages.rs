@@ -150,6 +150,16 @@ on_both_backends! {
         }
         let res = client.post(url("/login")).header("origin", "https://evil.example").form(&[("token", token.as_str())]).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        // Browsers that say where a post comes from are believed over Origin and Host, which a
+        // proxy in front may rewrite.
+        for (site, origin, status) in [
+            ("cross-site", "https://evil.example", StatusCode::FORBIDDEN),
+            ("same-site", "https://other.shop.example", StatusCode::FORBIDDEN),
+            ("same-origin", "https://shop.example", StatusCode::SEE_OTHER),
+        ] {
+            let res = client.post(url("/login")).header("sec-fetch-site", site).header("origin", origin).form(&[("token", token.as_str())]).send().await.unwrap();
+            assert_eq!(res.status(), status, "{site}");
+        }
         let host = app.base.trim_start_matches("http://").to_owned();
         let res = client.post(url("/login")).header("origin", format!("http://{host}")).form(&[("token", token.as_str())]).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::SEE_OTHER);
