@@ -525,12 +525,18 @@ pub async fn calendar_link(
     state: &AppState,
     subscription_id: &str,
 ) -> Result<Option<String>, ApiError> {
-    let fresh = crate::ids::new_token("cal");
-    Ok(state
-        .store
-        .mint_calendar_key(subscription_id, &fresh)
-        .await?
-        .map(|key| format!("/subscriptions/{subscription_id}/calendar?key={key}")))
+    // Read first: the link is in every subscription answer, and minted only once.
+    let key = match state.store.calendar_key(subscription_id).await? {
+        Some(key) => Some(key),
+        None => {
+            let fresh = crate::ids::new_token("cal");
+            state
+                .store
+                .mint_calendar_key(subscription_id, &fresh)
+                .await?
+        }
+    };
+    Ok(key.map(|key| format!("/subscriptions/{subscription_id}/calendar?key={key}")))
 }
 
 struct CalendarDay {

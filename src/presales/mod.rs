@@ -819,7 +819,8 @@ pub async fn run_close(
             waiting += 1;
             continue;
         }
-        let l = load_quotes(store, c.clone()).await?;
+        let l = load_quotes(store, c).await?;
+        let c = &l.campaign;
         let rules = l.rules();
         let tips = presale::tipping_qty(&rules).is_some_and(|t| c.pooled_qty >= t);
         if tips {
@@ -1008,14 +1009,15 @@ pub async fn run_balances(
     let now_us = micros(now);
     let mut summary = Vec::new();
     for c in store.campaigns_in("settling", "settling").await? {
-        let l = load_quotes(store, c.clone()).await?;
+        let l = load_quotes(store, c).await?;
+        let c = &l.campaign;
         // A close that a crash cut short is finished first.
         charge_balances(store, payments, &l, now).await?;
         payments.sweep(now, false).await?;
         let locked = Money::from_minor(c.locked_price_minor.unwrap_or(0), l.currency);
         let due = c.balance_due_at.unwrap_or(now_us);
         let retried = if now_us < due {
-            retry_declined_balances(store, payments, &c, now).await?
+            retry_declined_balances(store, payments, c, now).await?
         } else {
             0
         };
@@ -1292,7 +1294,8 @@ pub async fn run_reminders(store: &Store, now: DateTime<Utc>) -> Result<serde_js
         if c.closes_at <= now_us || c.closes_at > horizon {
             continue;
         }
-        let l = load_quotes(store, c.clone()).await?;
+        let l = load_quotes(store, c).await?;
+        let c = &l.campaign;
         let progress = presale::progress(&l.rules(), c.pooled_qty, l.currency);
         let mut after = 0;
         loop {

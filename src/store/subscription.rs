@@ -469,20 +469,17 @@ impl Store {
     /// none yet (of two first uses at once, the guarded update keeps one). `None` when there
     /// is no such subscription.
     pub async fn mint_calendar_key(&self, id: &str, fresh: &str) -> StoreResult<Option<String>> {
-        if let Some(key) = self.calendar_key(id).await? {
-            return Ok(Some(key));
-        }
-        on_writer!(self, |pool| {
-            sqlx::query(
-                "UPDATE subscriptions SET calendar_key = $2 WHERE id = $1 AND calendar_key IS NULL",
+        Ok(on_writer!(self, |pool| {
+            sqlx::query_scalar(
+                "UPDATE subscriptions SET calendar_key = COALESCE(calendar_key, $2)
+                 WHERE id = $1 RETURNING calendar_key",
             )
             .bind(id)
             .bind(fresh)
-            .execute(pool)
+            .fetch_optional(pool)
             .await?
-            .rows_affected()
-        });
-        self.calendar_key(id).await
+            .flatten()
+        }))
     }
 
     pub async fn subscription(&self, id: &str) -> StoreResult<Option<SubscriptionRow>> {

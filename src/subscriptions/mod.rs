@@ -226,10 +226,11 @@ fn rows_between(
     let weekday = parse_weekday(&sub.delivery_weekday)
         .ok_or_else(|| StoreError::Inconsistent(format!("bad weekday {}", sub.delivery_weekday)))?;
     let first = first_delivery(date_of(&sub.start_date)?, weekday);
+    let now = micros(now);
     Ok(deliveries_between(first, plan.cadence_weeks, from, until)
         .into_iter()
         .map(|d| delivery_row(sub, plan, d))
-        .filter(|d| d.cutoff_at > micros(now))
+        .filter(|d| d.cutoff_at > now)
         .collect())
 }
 
