@@ -815,7 +815,8 @@ async fn resume(
     Ok(Json(subscription_out(&state, sub).await?))
 }
 
-/// Cancels: deliveries whose cutoff has not passed are dropped; locked ones still come.
+/// Cancels: deliveries whose cutoff has not passed are dropped; locked ones still come once
+/// paid, but a box held because its payment failed is not sent: its invoice is void.
 #[utoipa::path(post, path = "/api/v1/subscriptions/{id}/cancel", tag = "subscriptions",
     responses((status = 200, body = SubscriptionOut), (status = 409, body = super::error::Problem)))]
 async fn cancel(
@@ -852,6 +853,7 @@ async fn cancel(
         ));
     }
     let sub = visible(&state, &caller, &id).await?;
+    subscriptions::void_held_boxes(&state.store, &sub, state.clock.now()).await?;
     Ok(Json(subscription_out(&state, sub).await?))
 }
 

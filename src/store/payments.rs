@@ -23,6 +23,12 @@ pub(super) const PENDING_INTENTS: &str = concat!(
      ORDER BY seq LIMIT $4"
 );
 
+/// Puts unpaid charge `$1` (declined or failed) back to pending, due at `$2`, keeping its key
+/// ([`Store::reopen_unpaid_charge`], and a dunning retry inside its own transaction).
+pub(super) const REOPEN_UNPAID_CHARGE: &str = "UPDATE payment_intents
+     SET status = 'pending', next_attempt_at = $2, resolved_at = NULL
+     WHERE id = $1 AND status IN ('declined', 'failed') AND kind = 'charge'";
+
 /// A charge or refund to commit before sending.
 #[derive(Debug, Clone)]
 pub struct NewIntent {
@@ -500,16 +506,12 @@ impl Store {
     /// reopen it left dunning replanning the same step for ever.
     pub async fn reopen_unpaid_charge(&self, id: &str, now: i64) -> StoreResult<bool> {
         let done = on_writer!(self, |pool| {
-            sqlx::query(
-                "UPDATE payment_intents
-                 SET status = 'pending', next_attempt_at = $2, resolved_at = NULL
-                 WHERE id = $1 AND status IN ('declined', 'failed') AND kind = 'charge'",
-            )
-            .bind(id)
-            .bind(now)
-            .execute(pool)
-            .await?
-            .rows_affected()
+            sqlx::query(REOPEN_UNPAID_CHARGE)
+                .bind(id)
+                .bind(now)
+                .execute(pool)
+                .await?
+                .rows_affected()
         });
         Ok(done == 1)
     }

@@ -584,9 +584,10 @@ impl Store {
 
     /// A subscription's deliveries by date. A locked delivery's status is its invoice's
     /// outcome: `paid` once the invoice is, `payment_failed` while it is past due or after it
-    /// became uncollectible (the box stays held), `locked` until the first charge answers. The
-    /// invoice is the one record of payment; renewals no longer copy it onto the delivery, and
-    /// deliveries locked before that carry `paid` or `payment_failed`, read the same way.
+    /// became uncollectible (the box stays held), `skipped` (reason `cancelled`) once void,
+    /// `locked` until the first charge answers. The invoice is the one record of payment;
+    /// renewals no longer copy it onto the delivery, and deliveries locked before that carry
+    /// `paid` or `payment_failed`, read the same way.
     pub async fn deliveries_of(&self, subscription_id: &str) -> StoreResult<Vec<DeliveryRow>> {
         Ok(on_pool!(self, |pool| {
             sqlx::query_as(
@@ -594,8 +595,11 @@ impl Store {
                      CASE WHEN d.status NOT IN ('locked', 'paid', 'payment_failed') THEN d.status
                           WHEN i.status = 'paid' THEN 'paid'
                           WHEN i.status IN ('past_due', 'uncollectible') THEN 'payment_failed'
+                          WHEN i.status = 'void' THEN 'skipped'
                           ELSE 'locked' END AS status,
-                     d.skip_reason, d.amount_minor, d.lines
+                     CASE WHEN i.status = 'void' THEN 'cancelled' ELSE d.skip_reason END
+                         AS skip_reason,
+                     d.amount_minor, d.lines
                  FROM deliveries d
                  LEFT JOIN invoices i
                    ON i.subscription_id = d.subscription_id AND i.delivery_date = d.delivery_date
@@ -901,20 +905,87 @@ impl Store {
         })
     }
 
-    /// Clears a due retry before it is sent, so its result gets a fresh dunning decision.
-    pub async fn begin_dunning_retry(&self, invoice_id: &str, now: i64) -> StoreResult<bool> {
-        let done = on_writer!(self, |pool| {
-            sqlx::query(
+    /// Starts a due dunning retry: clears the retry from the invoice (so its result gets a
+    /// fresh dunning decision) and reopens its charge `intent_id`, in one transaction. `None`
+    /// when the retry is not due or another run took it; `Some(false)` when the charge was not
+    /// left declined or failed (nothing to send again).
+    ///
+    /// Why one transaction, the invoice first: the invoice's row lock is what a void waits on
+    /// ([`Store::void_invoice`]), so a void never sees the charge resting and the invoice
+    /// past due between the two steps, and a charge is never reopened on a void invoice.
+    pub async fn begin_dunning_retry(
+        &self,
+        invoice_id: &str,
+        intent_id: &str,
+        now: i64,
+    ) -> StoreResult<Option<bool>> {
+        in_tx!(self, |tx| {
+            let taken = sqlx::query(
                 "UPDATE invoices SET next_attempt_at = NULL
                  WHERE id = $1 AND status = 'past_due' AND next_attempt_at <= $2",
             )
             .bind(invoice_id)
             .bind(now)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?
-            .rows_affected()
-        });
-        Ok(done == 1)
+            .rows_affected();
+            if taken == 0 {
+                return Ok(None);
+            }
+            let reopened = sqlx::query(super::payments::REOPEN_UNPAID_CHARGE)
+                .bind(intent_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            Ok(Some(reopened == 1))
+        })
+    }
+
+    /// Voids a past-due invoice of a cancelled subscription, with its email: the box is held
+    /// for payment and will not be sent, so nothing is owed and dunning stops. `false` when
+    /// the invoice is not past due, its subscription is not cancelled, or its charge is out
+    /// at the gateway (a pending intent): the dunning decision after that charge's result
+    /// voids it then, if it did not pay.
+    pub async fn void_invoice(
+        &self,
+        invoice_id: &str,
+        email: &NewEmail,
+        now: i64,
+    ) -> StoreResult<bool> {
+        in_tx!(self, |tx| {
+            // The update comes first to take the invoice's row lock, which a dunning retry
+            // holds while it reopens the charge; the check after it is a new statement, so on
+            // PostgreSQL it reads with a new snapshot and sees a charge reopened before the
+            // lock was granted (a condition inside the update would read the old one).
+            let voided = sqlx::query(
+                "UPDATE invoices SET status = 'void', next_attempt_at = NULL
+                 WHERE id = $1 AND status = 'past_due'
+                   AND subscription_id IN (SELECT id FROM subscriptions WHERE status = 'cancelled')",
+            )
+            .bind(invoice_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if voided == 0 {
+                return Ok(false);
+            }
+            let (charging,): (bool,) = sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM payment_intents
+                                WHERE subject_id = $1 AND status = 'pending')",
+            )
+            .bind(invoice_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if charging {
+                // Rolls back the void: the charge's result decides.
+                return Ok(false);
+            }
+            let _new = enqueue_email!(tx, email, now);
+            tx.commit().await?;
+            Ok(true)
+        })
     }
 
     /// The last dunning step failed: the invoice is uncollectible, the subscription suspended,

@@ -149,6 +149,29 @@ pub fn suspended(plan: &PlanRow, inv: &InvoiceRow, to: &str, name: &str) -> NewE
     n.render()
 }
 
+/// A held box will not come: the subscription was cancelled before its invoice was paid.
+pub fn invoice_voided(plan: &PlanRow, inv: &InvoiceRow, to: &str, name: &str) -> NewEmail {
+    let mut n = notice(
+        "invoice_voided",
+        &inv.id,
+        "void",
+        to,
+        name,
+        format!(
+            "Your unpaid {} box of {} will not be sent",
+            plan.name, inv.delivery_date
+        ),
+    );
+    n.paragraphs.push(format!(
+        "The subscription is cancelled and the payment of {} for the delivery of {} did not \
+         go through, so the box will not be sent and nothing is owed for it. We will not try \
+         to charge it again.",
+        money(inv.amount_minor, &inv.currency),
+        inv.delivery_date
+    ));
+    n.render()
+}
+
 /// A price change of `plan`, made at `changed_at` (µs): keyed by that instant, so a price that
 /// comes back (A → B → A → B) is announced each time.
 pub fn price_changed(

@@ -570,12 +570,11 @@ async fn dunning_decisions(
         if inv.next_attempt_at.is_some() {
             continue;
         }
-        let sub = store
-            .subscription(&inv.subscription_id)
-            .await?
-            .ok_or_else(|| {
-                StoreError::Inconsistent(format!("invoice {} has no subscription", inv.id))
-            })?;
+        let sub = subscription_of(store, &inv).await?;
+        if sub.status == "cancelled" {
+            void_held_box(store, &sub, &inv, now).await?;
+            continue;
+        }
         let plan = plan_of(store, &sub.plan_id).await?;
         let shopper = store.shopper(&sub.shopper_id).await?;
         let first = crate::store::instant(inv.first_failed_at.unwrap_or(now_us));
@@ -599,6 +598,47 @@ async fn dunning_decisions(
     Ok(planned)
 }
 
+async fn subscription_of(store: &Store, inv: &InvoiceRow) -> Result<SubscriptionRow> {
+    Ok(store
+        .subscription(&inv.subscription_id)
+        .await?
+        .ok_or_else(|| {
+            StoreError::Inconsistent(format!("invoice {} has no subscription", inv.id))
+        })?)
+}
+
+/// Voids past-due invoice `inv` of cancelled subscription `sub`, telling the shopper: a box
+/// held for payment is not sent once the subscription is cancelled, so it is not charged
+/// either (dunning stops). `false` while its charge is out at the gateway (see
+/// [`Store::void_invoice`]).
+pub async fn void_held_box(
+    store: &Store,
+    sub: &SubscriptionRow,
+    inv: &InvoiceRow,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let plan = plan_of(store, &sub.plan_id).await?;
+    let shopper = store.shopper(&sub.shopper_id).await?;
+    let email = emails::invoice_voided(&plan, inv, &shopper.email, &shopper.name);
+    Ok(store.void_invoice(&inv.id, &email, micros(now)).await?)
+}
+
+/// Voids every past-due invoice of `sub`, just cancelled ([`void_held_box`]); returns how
+/// many.
+pub async fn void_held_boxes(
+    store: &Store,
+    sub: &SubscriptionRow,
+    now: DateTime<Utc>,
+) -> Result<usize> {
+    let mut voided = 0;
+    for inv in store.invoices_of(&sub.id).await? {
+        if inv.status == "past_due" && void_held_box(store, sub, &inv, now).await? {
+            voided += 1;
+        }
+    }
+    Ok(voided)
+}
+
 /// `billing-dunning`: retries past-due invoices whose step has come (with the shopper's
 /// current card and the invoice's one key), then plans the next step of those still failing.
 pub async fn run_dunning(
@@ -613,10 +653,14 @@ pub async fn run_dunning(
         if inv.next_attempt_at.is_none_or(|t| t > now_us) {
             continue;
         }
+        let sub = subscription_of(store, &inv).await?;
+        if sub.status == "cancelled" {
+            // Cancelled while the retry waited: the held box is not chased.
+            void_held_box(store, &sub, &inv, now).await?;
+            continue;
+        }
         let intent = format!("pi_renewal_{}", inv.id);
-        if store.begin_dunning_retry(&inv.id, now_us).await?
-            && store.reopen_unpaid_charge(&intent, now_us).await?
-        {
+        if store.begin_dunning_retry(&inv.id, &intent, now_us).await? == Some(true) {
             payments.attempt(&intent, now).await?;
             retried += 1;
         }

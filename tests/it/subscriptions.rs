@@ -264,6 +264,81 @@ on_both_backends! {
     }
 }
 
+/// The emails sent to `to`, by template.
+async fn templates_to(app: &TestApp, to: &str) -> Vec<String> {
+    let outbox = app
+        .admin_get(&format!("/api/v1/ops/outbox?to={to}&limit=100"))
+        .await;
+    outbox["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| str_of(&e["template"]))
+        .collect()
+}
+
+on_both_backends! {
+    async fn cancelling_voids_a_box_held_for_payment_and_stops_dunning(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let (id, token) = declined_subscriber(&app, "Vera").await;
+        app.advance("2026-10-05T22:00:00Z").await;
+        let invoices = format!("/api/v1/subscriptions/{id}/invoices");
+        let inv = &app.items_of(&invoices, &token).await[0];
+        assert_eq!((inv["status"].as_str(), inv["attempts"].as_i64()), (Some("past_due"), Some(1)), "{inv}");
+
+        let (status, sub) = app.post(&format!("/api/v1/subscriptions/{id}/cancel"), Some(&token), json!({})).await;
+        assert_eq!((status, sub["status"].as_str()), (StatusCode::OK, Some("cancelled")), "{sub}");
+        let inv = &app.items_of(&invoices, &token).await[0];
+        assert_eq!((inv["status"].as_str(), inv["next_attempt_at"].as_str()), (Some("void"), None), "{inv}");
+        let boxes = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        assert_eq!(boxes[0]["status"], "skipped", "the held box is not sent: {boxes:?}");
+        assert!(boxes.iter().all(|d| d["status"] == "skipped"), "{boxes:?}");
+
+        // Every dunning step passes with nothing retried, no suspension, nothing charged.
+        app.advance("2026-10-14T00:00:00Z").await;
+        let inv = &app.items_of(&invoices, &token).await[0];
+        assert_eq!((inv["status"].as_str(), inv["attempts"].as_i64()), (Some("void"), Some(1)), "{inv}");
+        let templates = templates_to(&app, "vera@example.com").await;
+        assert_eq!(templates.iter().filter(|t| *t == "invoice_voided").count(), 1, "{templates:?}");
+        assert_eq!(templates.iter().filter(|t| *t == "payment_failed").count(), 1, "{templates:?}");
+        assert!(!templates.iter().any(|t| t == "subscription_suspended"), "{templates:?}");
+        assert!(!app.gateway_totals().await.contains_key("charge"), "nothing charged");
+        // A second cancel is refused and changes nothing.
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/cancel"), Some(&token), json!({})).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(templates_to(&app, "vera@example.com").await.len(), templates.len());
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_held_box_whose_charge_is_out_is_voided_after_its_answer(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let (id, token) = declined_subscriber(&app, "Wim").await;
+        app.advance("2026-10-05T22:00:00Z").await;
+        // The charge is out at the gateway again (pending) when the shopper cancels: its
+        // answer could still be a payment, so the invoice is not voided yet.
+        crate::helpers::raw_tx(&app.state.settings.database, &[
+            "UPDATE payment_intents SET status = 'pending', next_attempt_at = 0 WHERE purpose = 'renewal'",
+        ]).await.unwrap();
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/cancel"), Some(&token), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        let invoices = format!("/api/v1/subscriptions/{id}/invoices");
+        assert_eq!(app.items_of(&invoices, &token).await[0]["status"], "past_due");
+        // The payment sweep sends it, the card declines, and the next dunning run voids it
+        // instead of planning a retry.
+        app.advance("2026-10-06T01:00:00Z").await;
+        let inv = &app.items_of(&invoices, &token).await[0];
+        assert_eq!((inv["status"].as_str(), inv["attempts"].as_i64()), (Some("void"), Some(2)), "{inv}");
+        app.advance("2026-10-14T00:00:00Z").await;
+        assert_eq!(app.items_of(&invoices, &token).await[0]["attempts"], 2, "never retried after");
+        let templates = templates_to(&app, "wim@example.com").await;
+        assert_eq!(templates.iter().filter(|t| *t == "invoice_voided").count(), 1, "{templates:?}");
+        assert!(!templates.iter().any(|t| t == "subscription_suspended"), "{templates:?}");
+        app.stop().await;
+    }
+}
+
 on_both_backends! {
     async fn a_renewal_the_gateway_failed_is_retried_by_dunning(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
