@@ -175,7 +175,14 @@ impl FromRequestParts<AppState> for Caller {
 /// The party a token stands for, or `None` for an unknown token. The API's [`Caller`] and the
 /// pages' sessions both ask this.
 pub async fn principal_of(state: &AppState, token: &str) -> Result<Option<Principal>, ApiError> {
-    let hash = hash_token(token);
+    principal_of_hash(state, hash_token(token)).await
+}
+
+/// The party the token of `hash` stands for (a page session keeps only the hash).
+pub async fn principal_of_hash(
+    state: &AppState,
+    hash: String,
+) -> Result<Option<Principal>, ApiError> {
     // Compared as hashes so the comparison doesn't leak the admin token's prefix by timing.
     if hash == *state.admin_token_hash {
         return Ok(Some(Principal::Admin));

@@ -3,12 +3,13 @@
 //! `/campaigns/{id}` (tiers, progress to the next tier, time left, a chart of pooled demand)
 //! and a subscription's delivery calendar `/subscriptions/{id}/calendar`.
 //!
-//! Pages accept a bearer token or a session cookie holding one (HttpOnly, SameSite=Strict),
-//! read as the API reads it; `/ops` wants the admin's, and its state-changing buttons also
-//! carry a CSRF token derived from it. A calendar also opens with its private link.
+//! Pages accept a bearer token, read as the API reads it, or a session cookie (HttpOnly,
+//! SameSite=Strict) holding a random session id that answers as the token it signed in with,
+//! until sign-out or 12 hours; `/ops` wants the admin's, and its state-changing buttons also
+//! carry a CSRF token derived from the session. A calendar also opens with its private link.
 
 use super::error::ApiError;
-use super::extract::{bearer_token, principal_of};
+use super::extract::{bearer_token, principal_of, principal_of_hash};
 use crate::app::AppState;
 use crate::domain::identity::Principal;
 use crate::ids::hash_token;
@@ -28,42 +29,76 @@ const COOKIE: &str = "pooled_session";
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
         .route("/ops", get(ops_page))
         .route("/ops/jobs/{name}/{action}", post(ops_action))
         .route("/campaigns/{id}", get(campaign_page))
         .route("/subscriptions/{id}/calendar", get(calendar_page))
 }
 
-/// The token a page request carries: a bearer header, else the session cookie.
-fn session_token(headers: &HeaderMap) -> Option<String> {
-    let cookie = headers
+/// What a page request signs in with: a bearer header, else the session cookie.
+enum Credential {
+    Bearer(String),
+    /// The session id the cookie holds (never a token).
+    Session(String),
+}
+
+fn credential(headers: &HeaderMap) -> Option<Credential> {
+    if let Some(token) = bearer_token(headers) {
+        return Some(Credential::Bearer(token.to_owned()));
+    }
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|c| {
-            c.trim()
-                .strip_prefix(&format!("{COOKIE}="))
-                .map(str::to_owned)
-        });
-    bearer_token(headers).map(str::to_owned).or(cookie)
+        .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))
+        .filter(|id| !id.is_empty())
+        .map(|id| Credential::Session(id.to_owned()))
 }
 
-/// Who the page request is from, as the API would answer for the same token.
-async fn session(headers: &HeaderMap, state: &AppState) -> Result<Option<Principal>, ApiError> {
-    match session_token(headers) {
-        Some(token) => principal_of(state, &token).await,
-        None => Ok(None),
-    }
+/// Who a page request is from, with the CSRF token its forms carry.
+struct PageCaller {
+    who: Principal,
+    /// Derived from the credential's hash: each session has its own, and it says nothing
+    /// about the credential.
+    csrf: String,
+    /// Signed in with the cookie (a page shows "sign out").
+    signed_in: bool,
 }
 
-async fn is_admin(headers: &HeaderMap, state: &AppState) -> Result<bool, ApiError> {
-    Ok(session(headers, state).await? == Some(Principal::Admin))
+/// Who the page request is from, as the API would answer for the same token; a session
+/// answers as the token it signed in with, until it ends or expires.
+async fn session(headers: &HeaderMap, state: &AppState) -> Result<Option<PageCaller>, ApiError> {
+    let (token_hash, secret_hash, signed_in) = match credential(headers) {
+        None => return Ok(None),
+        Some(Credential::Bearer(token)) => {
+            let hash = hash_token(&token);
+            (hash.clone(), hash, false)
+        }
+        Some(Credential::Session(id)) => {
+            let id_hash = hash_token(&id);
+            let now = state.clock.now().timestamp_micros();
+            match state.store.page_session_token(&id_hash, now).await? {
+                Some(token_hash) => (token_hash, id_hash, true),
+                None => return Ok(None),
+            }
+        }
+    };
+    Ok(principal_of_hash(state, token_hash)
+        .await?
+        .map(|who| PageCaller {
+            who,
+            csrf: hash_token(&format!("csrf:{secret_hash}")),
+            signed_in,
+        }))
 }
 
-/// The CSRF token of the admin session: derived from the admin token, never the token itself.
-fn csrf_token(state: &AppState) -> String {
-    hash_token(&format!("csrf:{}", state.admin_token_hash))
+/// The request's caller if it is ops.
+async fn admin(headers: &HeaderMap, state: &AppState) -> Result<Option<PageCaller>, ApiError> {
+    Ok(session(headers, state)
+        .await?
+        .filter(|c| c.who == Principal::Admin))
 }
 
 #[derive(Template, WebTemplate)]
@@ -71,6 +106,7 @@ fn csrf_token(state: &AppState) -> String {
 struct LoginPage {
     failed: bool,
     signed_in: bool,
+    signed_out: bool,
     next: String,
 }
 
@@ -78,12 +114,14 @@ struct LoginPage {
 struct LoginQuery {
     next: Option<String>,
     signed_in: Option<bool>,
+    signed_out: Option<bool>,
 }
 
 async fn login_form(Query(q): Query<LoginQuery>) -> LoginPage {
     LoginPage {
         failed: false,
         signed_in: q.signed_in.unwrap_or(false),
+        signed_out: q.signed_out.unwrap_or(false),
         next: q.next.filter(|n| local_path(n)).unwrap_or_default(),
     }
 }
@@ -144,12 +182,22 @@ async fn login(
         let page = LoginPage {
             failed: true,
             signed_in: false,
+            signed_out: false,
             next: form.next.clone(),
         };
         return Ok((axum::http::StatusCode::UNAUTHORIZED, page).into_response());
     };
+    // The cookie holds a session id, so the token itself is never stored in the browser and
+    // signing out ends the session for good, wherever the cookie was copied to.
+    let id = crate::ids::new_token("ses");
+    let now = state.clock.now().timestamp_micros();
+    let expires_at = now + i64::from(SESSION_SECS) * 1_000_000;
+    state
+        .store
+        .start_page_session(&hash_token(&id), &hash_token(token), now, expires_at)
+        .await?;
     let cookie =
-        format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={SESSION_SECS}");
+        format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={SESSION_SECS}");
     let to = if local_path(&form.next) {
         form.next
     } else if who == Principal::Admin {
@@ -158,6 +206,24 @@ async fn login(
         "/login?signed_in=true".to_owned()
     };
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&to)).into_response())
+}
+
+/// Signs out: the session ends (its cookie no longer signs anyone in, even if replayed) and
+/// the browser forgets it.
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    // Another site could otherwise sign this browser out.
+    if !same_origin(&headers) {
+        return Err(ApiError::forbidden());
+    }
+    if let Some(Credential::Session(id)) = credential(&headers) {
+        state.store.end_page_session(&hash_token(&id)).await?;
+    }
+    let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    Ok((
+        [(header::SET_COOKIE, cookie)],
+        Redirect::to("/login?signed_out=true"),
+    )
+        .into_response())
 }
 
 struct JobRow {
@@ -206,12 +272,13 @@ struct OpsPage {
     failures: Vec<Failure>,
     instances: Vec<InstanceRow>,
     csrf: String,
+    signed_in: bool,
 }
 
 async fn ops_page(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    if !is_admin(&headers, &state).await? {
+    let Some(caller) = admin(&headers, &state).await? else {
         return Ok(Redirect::to("/login").into_response());
-    }
+    };
     let now = state.clock.now();
     let mut jobs = Vec::new();
     for job in super::ops::job_snapshots(&state, 30).await? {
@@ -295,7 +362,8 @@ async fn ops_page(State(state): State<AppState>, headers: HeaderMap) -> Result<R
         jobs,
         failures,
         instances,
-        csrf: csrf_token(&state),
+        csrf: caller.csrf,
+        signed_in: caller.signed_in,
     }
     .into_response())
 }
@@ -338,10 +406,10 @@ async fn ops_action(
     Path((name, action)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Result<Response, ApiError> {
-    if !is_admin(&headers, &state).await? {
+    let Some(caller) = admin(&headers, &state).await? else {
         return Err(ApiError::unauthorized());
-    }
-    if form.csrf != csrf_token(&state) {
+    };
+    if form.csrf != caller.csrf {
         return Err(ApiError::forbidden());
     }
     if state.scheduler.job(&name).is_none() {
@@ -559,6 +627,7 @@ struct CalendarDelivery {
 #[derive(Template, WebTemplate)]
 #[template(path = "calendar.html")]
 struct CalendarPage {
+    signed_in: bool,
     plan: String,
     status: String,
     ready_word: &'static str,
@@ -608,15 +677,20 @@ async fn calendar_page(
                 .collect();
                 return Ok(Redirect::to(&format!("/login?next={next}")).into_response());
             }
-            Some(Principal::Manufacturer(_)) => return Err(ApiError::forbidden()),
-            Some(who) => Some(who),
+            Some(PageCaller {
+                who: Principal::Manufacturer(_),
+                ..
+            }) => return Err(ApiError::forbidden()),
+            Some(caller) => Some(caller),
         },
     };
     let sub = state.store.subscription(&id).await?.ok_or_else(not_found)?;
-    if who.is_some_and(|w| w != Principal::Admin && w != Principal::Shopper(sub.shopper_id.clone()))
-    {
+    if who.as_ref().is_some_and(|c| {
+        c.who != Principal::Admin && c.who != Principal::Shopper(sub.shopper_id.clone())
+    }) {
         return Err(not_found());
     }
+    let signed_in = who.is_some_and(|c| c.signed_in);
     let plan = plan_of(&state.store, &sub.plan_id).await?;
     let zone = crate::subscriptions::zone_of(&plan);
     let now = state.clock.now();
@@ -705,6 +779,7 @@ async fn calendar_page(
         })
         .collect();
     Ok(CalendarPage {
+        signed_in,
         ready_word: crate::subscriptions::ready_word(&plan),
         plan: plan.name,
         status: sub.status,

@@ -329,12 +329,14 @@ async fn prune(ctx: RunCtx) -> Result<serde_json::Value, JobError> {
         .prune(
             (ctx.now - Duration::days(RUN_RETENTION_DAYS)).timestamp_micros(),
             (ctx.now - Duration::days(1)).timestamp_micros(),
+            ctx.now.timestamp_micros(),
             Duration::days(7),
         )
         .await?;
     Ok(json!({
         "runs_pruned": pruned.runs,
         "idempotency_keys_pruned": pruned.keys,
+        "page_sessions_pruned": pruned.sessions,
         "instances_pruned": pruned.instances,
     }))
 }

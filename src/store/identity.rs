@@ -1,4 +1,4 @@
-//! Shoppers, manufacturers and their hashed bearer tokens.
+//! Shoppers, manufacturers, their hashed bearer tokens, and the pages' sign-in sessions.
 
 use super::{Store, StoreError, StoreResult, instant, micros};
 use crate::domain::identity::{Manufacturer, Principal, Shopper};
@@ -172,5 +172,56 @@ impl Store {
             "manufacturer" => Some(Principal::Manufacturer(id)),
             _ => None,
         }))
+    }
+
+    /// Records a page session `id_hash` signed in with the token of `token_hash`, valid until
+    /// `expires_at` (µs).
+    pub async fn start_page_session(
+        &self,
+        id_hash: &str,
+        token_hash: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> StoreResult<()> {
+        on_writer!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO page_sessions (id_hash, token_hash, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(id_hash)
+            .bind(token_hash)
+            .bind(now)
+            .bind(expires_at)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(())
+    }
+
+    /// The token hash page session `id_hash` signed in with, unless it ended or expired by
+    /// `now`.
+    pub async fn page_session_token(&self, id_hash: &str, now: i64) -> StoreResult<Option<String>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_scalar(
+                "SELECT token_hash FROM page_sessions WHERE id_hash = $1 AND expires_at > $2",
+            )
+            .bind(id_hash)
+            .bind(now)
+            .fetch_optional(pool)
+            .await?
+        }))
+    }
+
+    /// Ends page session `id_hash` (sign-out); `false` when there was none.
+    pub async fn end_page_session(&self, id_hash: &str) -> StoreResult<bool> {
+        let ended = on_writer!(self, |pool| {
+            sqlx::query("DELETE FROM page_sessions WHERE id_hash = $1")
+                .bind(id_hash)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(ended == 1)
     }
 }

@@ -658,7 +658,8 @@ impl Store {
     }
 
     /// Deletes finished runs that ended before `before` (keeping each job's latest),
-    /// idempotency records older than `keys_before`, and instances whose last heartbeat is
+    /// idempotency records older than `keys_before`, page sessions expired by `now`, and
+    /// instances whose last heartbeat is
     /// older than `silent_for` in database time (heartbeats are stamped with it). Every start
     /// under the default instance id (`host-pid`) registers a new instance, so without this the
     /// ops page would list every process that ever ran.
@@ -666,6 +667,7 @@ impl Store {
         &self,
         before: i64,
         keys_before: i64,
+        now: i64,
         silent_for: chrono::Duration,
     ) -> StoreResult<Pruned> {
         let silent_since = self.db_now().await? - silent_for.num_microseconds().unwrap_or(i64::MAX);
@@ -684,6 +686,11 @@ impl Store {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+            let sessions = sqlx::query("DELETE FROM page_sessions WHERE expires_at <= $1")
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             let instances = sqlx::query("DELETE FROM scheduler_instances WHERE heartbeat_at < $1")
                 .bind(silent_since)
                 .execute(&mut *tx)
@@ -693,6 +700,7 @@ impl Store {
             Ok(Pruned {
                 runs,
                 keys,
+                sessions,
                 instances,
             })
         })
@@ -704,6 +712,7 @@ impl Store {
 pub struct Pruned {
     pub runs: u64,
     pub keys: u64,
+    pub sessions: u64,
     pub instances: u64,
 }
 

@@ -29,7 +29,8 @@ on_both_backends! {
         assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
         let session = cookie.split(';').next().unwrap().to_owned();
 
-        app.advance("2027-03-27T12:00:00Z").await;
+        // Within the session's 12 hours.
+        app.advance("2027-03-26T23:00:00Z").await;
         let html = client.get(url("/ops")).header(COOKIE, &session).send().await.unwrap().text().await.unwrap();
         for expected in ["subscription-plan", "every 15 minutes (UTC)", "(DST)", "<svg", "Instances"] {
             assert!(html.contains(expected), "the page lacks {expected}");
@@ -50,7 +51,70 @@ on_both_backends! {
         let now = app.state.clock.now();
         app.state.store.add_timer("billing-dunning", (now + chrono::Duration::minutes(20)).timestamp_micros(), now.timestamp_micros()).await.unwrap();
         let html = client.get(url("/ops")).header(COOKIE, &session).send().await.unwrap().text().await.unwrap();
-        assert!(html.contains("2027-03-27T12:20:00+00:00</strong> <small>timer or retry"), "{html}");
+        assert!(html.contains("2027-03-26T23:20:00+00:00</strong> <small>timer or retry"), "{html}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_page_session_holds_no_token_and_ends_at_sign_out_or_after_twelve_hours(backend) {
+        let app = TestApp::spawn_with(backend, |s| {
+            s.clock = pooled::config::ClockMode::Manual;
+            s.clock_start = Some("2027-03-26T12:00:00Z".parse().unwrap());
+        })
+        .await;
+        let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let url = |p: &str| format!("{}{p}", app.base);
+        let sign_in = || async {
+            let res = client.post(url("/login")).form(&[("token", ADMIN_TOKEN)]).send().await.unwrap();
+            assert_eq!(res.status(), StatusCode::SEE_OTHER);
+            res.headers()[SET_COOKIE].to_str().unwrap().split(';').next().unwrap().to_owned()
+        };
+        // What the ops page answers a cookie: its CSRF token, or where it sends the browser.
+        let ops = |cookie: String| {
+            let (client, page) = (client.clone(), url("/ops"));
+            async move {
+            let res = client.get(page).header(COOKIE, cookie).send().await.unwrap();
+            match res.status() {
+                StatusCode::OK => {
+                    let html = res.text().await.unwrap();
+                    assert!(html.contains("action=\"/logout\""), "a signed-in page offers sign-out");
+                    Ok(html.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned())
+                }
+                status => Err((status, res.headers()[LOCATION].to_str().unwrap().to_owned())),
+            }
+            }
+        };
+        let (a, b) = (sign_in().await, sign_in().await);
+        assert!(a.starts_with("pooled_session=ses_") && !a.contains(ADMIN_TOKEN), "the cookie holds a session id, not the token: {a}");
+        assert_ne!(a, b);
+        let (csrf_a, csrf_b) = (ops(a.clone()).await.unwrap(), ops(b.clone()).await.unwrap());
+        assert_ne!(csrf_a, csrf_b, "each session its own CSRF token");
+        let res = client.post(url("/ops/jobs/grower-orders/pause")).header(COOKIE, &b).form(&[("csrf", csrf_a.as_str())]).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "one session's token does not pass for another's");
+        let signed_out = Err((StatusCode::SEE_OTHER, "/login".to_owned()));
+        assert_eq!(ops("pooled_session=ses_forged".into()).await, signed_out);
+        // With the bearer header there is no session to end.
+        let html = client.get(url("/ops")).bearer_auth(ADMIN_TOKEN).send().await.unwrap().text().await.unwrap();
+        assert!(!html.contains("action=\"/logout\""));
+
+        // Another site cannot sign the browser out.
+        let res = client.post(url("/logout")).header(COOKIE, &a).header("sec-fetch-site", "cross-site").send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert!(ops(a.clone()).await.is_ok());
+        let res = client.post(url("/logout")).header(COOKIE, &a).send().await.unwrap();
+        assert_eq!((res.status(), res.headers()[LOCATION].to_str().unwrap()), (StatusCode::SEE_OTHER, "/login?signed_out=true"));
+        assert!(res.headers()[SET_COOKIE].to_str().unwrap().contains("Max-Age=0"), "the browser forgets it");
+        assert_eq!(ops(a.clone()).await, signed_out, "the old cookie, replayed, signs nobody in");
+        let form = client.get(url("/login?signed_out=true")).send().await.unwrap().text().await.unwrap();
+        assert!(form.contains("You are signed out."));
+        assert!(ops(b.clone()).await.is_ok(), "another session goes on");
+
+        // Twelve hours on the clock end it.
+        app.advance("2027-03-26T23:59:00Z").await;
+        assert!(ops(b.clone()).await.is_ok());
+        app.advance("2027-03-27T00:00:01Z").await;
+        assert_eq!(ops(b.clone()).await, signed_out);
         app.stop().await;
     }
 }

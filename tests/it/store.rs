@@ -445,17 +445,21 @@ on_both_backends! {
         let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
         raw_tx(&db.url, &statements).await.unwrap();
         store.heartbeat_instance("live", "0.1", 0, db_now).await.unwrap();
+        store.start_page_session("ended", "t", now - day, now).await.unwrap();
+        store.start_page_session("open", "t", now - day, now + 1).await.unwrap();
 
-        let pruned = store.prune(now - 90 * day, now - day, chrono::Duration::days(7)).await.unwrap();
-        assert_eq!(pruned, Pruned { runs: 2, keys: 1, instances: 1 });
+        let pruned = store.prune(now - 90 * day, now - day, now, chrono::Duration::days(7)).await.unwrap();
+        assert_eq!(pruned, Pruned { runs: 2, keys: 1, sessions: 1, instances: 1 });
+        assert_eq!(store.page_session_token("open", now).await.unwrap().as_deref(), Some("t"));
+        assert_eq!(store.page_session_token("open", now + 1).await.unwrap(), None, "expired, though not yet pruned");
         let filter = RunFilter { job: None, state: None, before_id: None, limit: 100 };
         let mut left: Vec<i64> = store.runs(&filter).await.unwrap().iter().map(|r| r.scheduled_for).collect();
         left.sort_unstable();
         assert_eq!(left, [3, 4, 5, 6], "the 89-day-old run, the running one and each job's latest stay");
         let instances: Vec<String> = store.instances().await.unwrap().into_iter().map(|i| i.id).collect();
         assert_eq!(instances, ["live", "quiet"], "newest heartbeat first; the week-silent one is forgotten");
-        let again = store.prune(now - 90 * day, now - day, chrono::Duration::days(7)).await.unwrap();
-        assert_eq!(again, Pruned { runs: 0, keys: 0, instances: 0 }, "nothing twice");
+        let again = store.prune(now - 90 * day, now - day, now, chrono::Duration::days(7)).await.unwrap();
+        assert_eq!(again, Pruned { runs: 0, keys: 0, sessions: 0, instances: 0 }, "nothing twice");
     }
 }
 
