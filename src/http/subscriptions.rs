@@ -34,6 +34,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(change_plan))
         .routes(routes!(subscribe))
         .routes(routes!(get_subscription))
+        .routes(routes!(replace_calendar_link))
         .routes(routes!(skip))
         .routes(routes!(pause))
         .routes(routes!(resume))
@@ -675,6 +676,21 @@ async fn get_subscription(
     Path(id): Path<String>,
 ) -> Result<Json<SubscriptionOut>, ApiError> {
     let sub = visible(&state, &caller, &id).await?;
+    Ok(Json(subscription_out(&state, sub).await?))
+}
+
+/// Replaces the private link to the calendar page (its shopper, ops): the old link opens
+/// nothing from now on, as when a calendar app's secret address is reset.
+#[utoipa::path(post, path = "/api/v1/subscriptions/{id}/calendar-link", tag = "subscriptions",
+    responses((status = 200, body = SubscriptionOut)))]
+async fn replace_calendar_link(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SubscriptionOut>, ApiError> {
+    let sub = visible(&state, &caller, &id).await?;
+    let fresh = crate::ids::new_token("cal");
+    state.store.replace_calendar_key(&sub.id, &fresh).await?;
     Ok(Json(subscription_out(&state, sub).await?))
 }
 

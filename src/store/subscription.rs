@@ -482,6 +482,20 @@ impl Store {
         }))
     }
 
+    /// Gives subscription `id`'s private calendar link the new key `fresh`: the old key
+    /// stops opening it.
+    pub async fn replace_calendar_key(&self, id: &str, fresh: &str) -> StoreResult<()> {
+        on_writer!(self, |pool| {
+            sqlx::query("UPDATE subscriptions SET calendar_key = $2 WHERE id = $1")
+                .bind(id)
+                .bind(fresh)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(())
+    }
+
     pub async fn subscription(&self, id: &str) -> StoreResult<Option<SubscriptionRow>> {
         Ok(on_pool!(self, |pool| {
             sqlx::query_as(concat!(

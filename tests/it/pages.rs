@@ -250,6 +250,41 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    async fn a_calendar_link_can_be_replaced_and_the_old_one_opens_nothing(backend) {
+        let (app, id, token) = fruit_subscriber(backend).await;
+        let client = reqwest::Client::new();
+        let opens = |link: String| {
+            let (client, url) = (client.clone(), format!("{}{link}", app.base));
+            async move { client.get(url).send().await.unwrap().status() }
+        };
+        let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
+        let old = str_of(&sub["calendar_page"]);
+        assert_eq!(opens(old.clone()).await, StatusCode::OK);
+        let path = format!("/api/v1/subscriptions/{id}/calendar-link");
+        // Only its shopper and ops: another shopper finds nothing, a manufacturer has the wrong role.
+        let (_, other) = app.shopper("Nosy", "pm_ok").await;
+        let (_, maker) = app.manufacturer("Grove").await;
+        for (bearer, status) in [(other.as_str(), StatusCode::NOT_FOUND), (maker.as_str(), StatusCode::FORBIDDEN)] {
+            let (got, body) = app.post(&path, Some(bearer), json!({})).await;
+            assert_eq!(got, status, "{body}");
+        }
+        assert_eq!(opens(old.clone()).await, StatusCode::OK, "a refused replacement changes nothing");
+        let (status, replaced) = app.post(&path, Some(&token), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{replaced}");
+        let new = str_of(&replaced["calendar_page"]);
+        assert_ne!(new, old);
+        assert_eq!((opens(old.clone()).await, opens(new.clone()).await), (StatusCode::NOT_FOUND, StatusCode::OK));
+        let (_, again) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
+        assert_eq!(again["calendar_page"], new.as_str(), "the new link stays");
+        let (status, by_ops) = app.post(&path, Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(opens(new).await, StatusCode::NOT_FOUND);
+        assert_eq!(opens(str_of(&by_ops["calendar_page"])).await, StatusCode::OK);
+        app.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_browser_renders_a_subscription_calendar_from_its_private_link() {
     let (app, id, token) = fruit_subscriber(crate::helpers::Backend::Sqlite).await;
