@@ -264,6 +264,22 @@ pub fn coverage(lines: &[BoxLine], period_days: i64) -> Vec<i64> {
         .collect()
 }
 
+/// Whether a box already planned, with lines `(sku, ripened_days)`, can still be ordered for
+/// the delivery `req` describes: every line's item is in `req.items` and its grower order-by
+/// date ([`backward_schedule`]) is not before today, the rule [`plan_box`] plans by. A box
+/// planned weeks ahead stops being orderable as its order-by dates pass.
+pub fn still_orderable<'a>(
+    req: &BoxRequest<'_>,
+    mut lines: impl Iterator<Item = (&'a str, i64)>,
+) -> bool {
+    lines.all(|(sku, ripened_days)| {
+        req.items.iter().any(|item| {
+            item.sku == sku
+                && ripened_days + req.transit_days + item.lead_time_days <= req.days_ahead
+        })
+    })
+}
+
 /// Working backwards from a delivery on day 0: (dispatch, ripening start, grower order-by),
 /// as day offsets.
 pub fn backward_schedule(
@@ -489,6 +505,39 @@ mod tests {
             prop_assert_eq!(feasible_in_some_month(&req), some_month);
             if feasible_in_some_month(&req) {
                 prop_assert!(feasible_in_some_month(&request(&items, &[], period, need)));
+            }
+        }
+
+        #[test]
+        fn a_planned_box_stays_orderable_until_a_line_s_order_by_date_passes(
+            mut items in proptest::collection::vec(arb_item(), 1..4),
+            leads in proptest::collection::vec(0i64..6, 3),
+            period in 2i64..5,
+            need in 1i64..3,
+            days_ahead in 2i64..12,
+        ) {
+            for (i, it) in items.iter_mut().enumerate() {
+                it.sku = format!("item{i}");
+                it.lead_time_days = leads[i % leads.len()];
+            }
+            let mut req = request(&items, &[], period, need);
+            req.days_ahead = days_ahead;
+            if let Ok(plan) = plan_box(&req) {
+                let lines = || plan.lines.iter().map(|l| (l.sku.as_str(), l.ripened_days));
+                prop_assert!(still_orderable(&req, lines()), "a fresh plan is orderable: {:?}", plan);
+                // The latest order-by date among the lines: a day later, one of them has passed.
+                let slack = plan.lines.iter()
+                    .map(|l| {
+                        let lead = items.iter().find(|i| i.sku == l.sku).unwrap().lead_time_days;
+                        days_ahead - (l.ripened_days + req.transit_days + lead)
+                    })
+                    .min().unwrap();
+                for later in 0..=slack + 1 {
+                    let closer = BoxRequest { days_ahead: days_ahead - later, ..req.clone() };
+                    prop_assert_eq!(still_orderable(&closer, lines()), later <= slack);
+                }
+                let gone = BoxRequest { items: &items[..0], ..req.clone() };
+                prop_assert!(!still_orderable(&gone, lines()), "an item no longer sold cannot be ordered");
             }
         }
     }

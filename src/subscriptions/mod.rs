@@ -287,27 +287,41 @@ pub fn feasible(plan: &PlanRow, catalog: &[CatalogRow], exclusions: &[String]) -
 
 /// The box for a delivery: solved once per (plan, exclusions, weekday, date) profile.
 ///
-/// `memo` keeps the profiles a run has already seen, so a run over many subscriptions reads
-/// each profile's box once.
+/// A delivery planned for the first time (`first`: it has no lines yet) takes the profile's
+/// box only while every line can still be ordered from its grower; past a line's order-by
+/// date (a signup close to the cutoff) it gets a box of its own from what can still come in
+/// time, or none. A delivery that already has its box keeps the profile's: its lines were
+/// ordered. `memo` keeps the profiles a run has already seen, so a run over many
+/// subscriptions reads each profile's box once.
 pub async fn box_for(
     store: &Store,
     plan: &PlanRow,
     sub: &SubscriptionRow,
     date: NaiveDate,
     now: DateTime<Utc>,
+    first: bool,
     memo: &mut HashMap<String, Vec<StoredLine>>,
 ) -> Result<Vec<StoredLine>> {
     let profile = format!(
         "{}|{}|{}|{}",
         plan.id, sub.exclusions, sub.delivery_weekday, date
     );
-    if let Some(lines) = memo.get(&profile) {
+    // Within a run `today` is one day, so a box checked for new deliveries once holds.
+    let key = if first {
+        format!("{profile}|new")
+    } else {
+        profile.clone()
+    };
+    if let Some(lines) = memo.get(&key) {
         return Ok(lines.clone());
     }
-    if let Some(lines) = store.box_plan(&profile).await? {
-        let lines: Vec<StoredLine> = serde_json::from_str(&lines).unwrap_or_default();
-        memo.insert(profile, lines.clone());
-        return Ok(lines);
+    let stored: Option<Vec<StoredLine>> = store
+        .box_plan(&profile)
+        .await?
+        .map(|lines| serde_json::from_str(&lines).unwrap_or_default());
+    if let (Some(lines), false) = (&stored, first) {
+        memo.insert(key, lines.clone());
+        return Ok(lines.clone());
     }
     let catalog: Vec<CatalogRow> = store
         .catalog()
@@ -319,6 +333,12 @@ pub async fn box_for(
     let exclusions = exclusions_of(sub);
     let days_ahead = (date - today(plan, now)).num_days();
     let req = box_request(plan, &items, &exclusions, date.month(), days_ahead);
+    if let Some(lines) = stored.as_ref().filter(|lines| {
+        ripening::still_orderable(&req, lines.iter().map(|l| (l.sku.as_str(), l.ripened_days)))
+    }) {
+        memo.insert(key, lines.clone());
+        return Ok(lines.clone());
+    }
     let planned =
         ripening::plan_box(&req).map_err(|e| SubscriptionError::Conflict(e.to_string()))?;
     let lines: Vec<StoredLine> = planned
@@ -336,11 +356,15 @@ pub async fn box_for(
             ready_until: l.ready_until,
         })
         .collect();
-    let json = serde_json::to_string(&lines).unwrap_or_else(|_| "[]".into());
-    store
-        .save_box_plan(&profile, &json, planned.cost_minor, micros(now))
-        .await?;
-    memo.insert(profile, lines.clone());
+    // A late box is this delivery's (and this day's other late ones'); the profile's box
+    // stays what its earlier deliveries were ordered with.
+    if stored.is_none() {
+        let json = serde_json::to_string(&lines).unwrap_or_else(|_| "[]".into());
+        store
+            .save_box_plan(&profile, &json, planned.cost_minor, micros(now))
+            .await?;
+    }
+    memo.insert(key, lines.clone());
     Ok(lines)
 }
 
@@ -503,7 +527,13 @@ async fn lock_and_bill(
     memo: &mut HashMap<String, Vec<StoredLine>>,
 ) -> Result<Option<DeliveryLock>> {
     let date = date_of(&d.delivery_date)?;
-    let lines = match box_for(store, plan, sub, date, now, memo).await {
+    // A box planned ahead is final as planned: its growers were ordered for it.
+    let planned = lines_of(&d);
+    let lines = match planned.is_empty() {
+        false => Ok(planned),
+        true => box_for(store, plan, sub, date, now, true, memo).await,
+    };
+    let lines = match lines {
         Ok(lines) => lines,
         // Nothing can reach the warehouse in time any more (the box was never planned ahead):
         // the delivery is skipped, and never billed.
@@ -823,7 +853,13 @@ async fn plan_window(
             let date = date_of(&d.delivery_date)?;
             let lines = match replan_at {
                 Some(now) if d.status == "scheduled" => {
-                    let lines = box_for(store, plan, sub, date, now, &mut memo).await?;
+                    let first = d.lines.is_none();
+                    let lines = match box_for(store, plan, sub, date, now, first, &mut memo).await {
+                        Ok(lines) => lines,
+                        // Too late to plan: skipped at its cutoff (see `lock_and_bill`).
+                        Err(SubscriptionError::Conflict(_)) => continue,
+                        Err(e) => return Err(e),
+                    };
                     boxes.push((
                         d.id.clone(),
                         serde_json::to_string(&lines).unwrap_or_default(),
@@ -880,7 +916,8 @@ pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<U
         let date = date_of(&d.delivery_date)?;
         if d.status == "scheduled" && date < until {
             // A delivery too close to plan is skipped at its cutoff (see `lock_and_bill`).
-            let lines = match box_for(store, &plan, sub, date, now, &mut memo).await {
+            let first = d.lines.is_none();
+            let lines = match box_for(store, &plan, sub, date, now, first, &mut memo).await {
                 Ok(lines) => lines,
                 Err(SubscriptionError::Conflict(_)) => continue,
                 Err(e) => return Err(e),

@@ -811,6 +811,64 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_signup_after_an_order_by_date_gets_a_box_that_can_still_be_ordered(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        // A cutoff 12 hours before the delivery leaves days between the first order-by date
+        // and the cutoff.
+        let mut body = fruit_plan("24.90", 2);
+        body["cutoff_hours"] = json!(12);
+        let plan = app.plan(body).await;
+        let subscribe = |name: &'static str| {
+            let app = &app;
+            let plan = plan.clone();
+            async move {
+                let (_, token) = app.shopper(name, "pm_ok").await;
+                let (status, body) = app.post("/api/v1/subscriptions", Some(&token), json!({
+                    "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+                assert_eq!(status, StatusCode::CREATED, "{body}");
+                let id = str_of(&body["id"]);
+                let boxes = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+                (boxes[0]["lines"].clone(), id, token)
+            }
+        };
+        let (ann, ann_id, ann_token) = subscribe("Ann").await;
+        let orders = || async {
+            let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+            orders["items"].as_array().unwrap().iter()
+                .map(|o| (str_of(&o["sku"]), str_of(&o["order_by"]), o["qty"].as_i64().unwrap(), str_of(&o["status"])))
+                .collect::<Vec<_>>()
+        };
+        let first: NaiveDate = orders().await.iter().map(|l| l.1.parse::<NaiveDate>().unwrap()).min().expect("orders planned");
+        // The day after the first order-by date, before that day's orders go out (05:00 Berlin),
+        // and days before the cutoff: the first box's earliest lines can no longer be ordered.
+        let today = first + Duration::days(1);
+        assert!(today <= NaiveDate::from_ymd_opt(2026, 10, 6).unwrap(), "the cutoff is 7 Oct 10:00 UTC: {first}");
+        app.advance(&format!("{today}T02:00:00Z")).await;
+        let before = orders().await;
+        let (cleo, cleo_id, cleo_token) = subscribe("Cleo").await;
+        assert_ne!(cleo, ann, "the first box has lines past their order-by date");
+        // Nothing is ordered after its order-by date: the late box is made of what can still
+        // come in time, and the first box's lines (sent or not) are left as they were.
+        let after = orders().await;
+        for line in &after {
+            assert!(line.3 == "sent" || line.1.parse::<NaiveDate>().unwrap() >= today, "ordered late: {line:?} in {after:?}");
+        }
+        for line in before.iter().filter(|l| l.3 == "sent") {
+            assert!(after.contains(line), "{line:?}");
+        }
+        // Two days ahead nothing can come in time: at the cutoff Cleo's first box is skipped, and
+        // never billed; Ann's comes as planned.
+        app.advance("2026-10-07T12:00:00Z").await;
+        let cleo_boxes = app.items_of(&format!("/api/v1/subscriptions/{cleo_id}/deliveries"), &cleo_token).await;
+        assert_eq!((cleo_boxes[0]["status"].as_str(), cleo_boxes[0]["date"].as_str()), (Some("skipped"), Some("2026-10-08")), "{cleo_boxes:?}");
+        assert!(app.items_of(&format!("/api/v1/subscriptions/{cleo_id}/invoices"), &cleo_token).await.is_empty());
+        let ann_boxes = app.items_of(&format!("/api/v1/subscriptions/{ann_id}/deliveries"), &ann_token).await;
+        assert_eq!((ann_boxes[0]["status"].as_str(), &ann_boxes[0]["lines"]), (Some("dispatched"), &ann), "paid, on its way: {ann_boxes:?}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn grower_orders_go_out_on_the_shops_own_day_east_of_utc(backend) {
         let app = TestApp::spawn_with(backend, |s| {
             s.clock = pooled::config::ClockMode::Manual;
