@@ -690,10 +690,10 @@ impl Store {
         .await
     }
 
-    /// Saves provisional boxes (`(delivery id, lines)`) of deliveries still scheduled, in one
-    /// statement; returns how many changed. A box planned as before is not written again: the
-    /// weekly plan re-plans two weeks of deliveries, most of them unchanged since last week,
-    /// and rewriting one costs a row (on PostgreSQL a new row version) for nothing.
+    /// Saves the boxes (`(delivery id, lines)`) of deliveries still scheduled and not yet
+    /// planned, in one statement; returns how many were written. A box once planned is never
+    /// replaced: its lines may be on their way to the growers (of a signup's planning and the
+    /// weekly plan at once, the first to write wins).
     pub async fn set_provisional_boxes(&self, boxes: &[(String, String)]) -> StoreResult<u64> {
         if boxes.is_empty() {
             return Ok(0);
@@ -704,7 +704,7 @@ impl Store {
                 "UPDATE deliveries SET lines = v.lines
                  FROM (SELECT value->>0 AS id, value->>1 AS lines FROM {}) AS v
                  WHERE deliveries.id = v.id AND deliveries.status || '' = 'scheduled'
-                   AND deliveries.lines IS DISTINCT FROM v.lines",
+                   AND deliveries.lines IS NULL",
                 super::json_rows(&tx, 1)
             );
             let changed = sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -285,44 +285,32 @@ pub fn feasible(plan: &PlanRow, catalog: &[CatalogRow], exclusions: &[String]) -
     ripening::feasible_in_some_month(&box_request(plan, &items, exclusions, 1, 60))
 }
 
-/// The box for a delivery: solved once per (plan, exclusions, weekday, date) profile.
-///
-/// A delivery planned for the first time (`first`: it has no lines yet) takes the profile's
-/// box only while every line can still be ordered from its grower; past a line's order-by
-/// date (a signup close to the cutoff) it gets a box of its own from what can still come in
-/// time, or none. A delivery that already has its box keeps the profile's: its lines were
-/// ordered. `memo` keeps the profiles a run has already seen, so a run over many
-/// subscriptions reads each profile's box once.
+/// The box for a delivery planned for the first time (it has no lines yet): its (plan,
+/// exclusions, weekday, date) profile's box, solved once and stored, while every line can
+/// still be ordered from its grower. Past a line's order-by date (a signup close to the
+/// cutoff) the delivery gets a box of its own from what can still come in time, or none
+/// (`Conflict`); the profile's box stays what its earlier deliveries were ordered with.
+/// `memo` keeps the profiles a run has already seen (within a run `today` is one day), so a
+/// run over many subscriptions reads each profile's box once.
 pub async fn box_for(
     store: &Store,
     plan: &PlanRow,
     sub: &SubscriptionRow,
     date: NaiveDate,
     now: DateTime<Utc>,
-    first: bool,
     memo: &mut HashMap<String, Vec<StoredLine>>,
 ) -> Result<Vec<StoredLine>> {
     let profile = format!(
         "{}|{}|{}|{}",
         plan.id, sub.exclusions, sub.delivery_weekday, date
     );
-    // Within a run `today` is one day, so a box checked for new deliveries once holds.
-    let key = if first {
-        format!("{profile}|new")
-    } else {
-        profile.clone()
-    };
-    if let Some(lines) = memo.get(&key) {
+    if let Some(lines) = memo.get(&profile) {
         return Ok(lines.clone());
     }
     let stored: Option<Vec<StoredLine>> = store
         .box_plan(&profile)
         .await?
         .map(|lines| serde_json::from_str(&lines).unwrap_or_default());
-    if let (Some(lines), false) = (&stored, first) {
-        memo.insert(key, lines.clone());
-        return Ok(lines.clone());
-    }
     let catalog: Vec<CatalogRow> = store
         .catalog()
         .await?
@@ -336,7 +324,7 @@ pub async fn box_for(
     if let Some(lines) = stored.as_ref().filter(|lines| {
         ripening::still_orderable(&req, lines.iter().map(|l| (l.sku.as_str(), l.ripened_days)))
     }) {
-        memo.insert(key, lines.clone());
+        memo.insert(profile, lines.clone());
         return Ok(lines.clone());
     }
     let planned =
@@ -364,7 +352,7 @@ pub async fn box_for(
             .save_box_plan(&profile, &json, planned.cost_minor, micros(now))
             .await?;
     }
-    memo.insert(key, lines.clone());
+    memo.insert(profile, lines.clone());
     Ok(lines)
 }
 
@@ -531,7 +519,7 @@ async fn lock_and_bill(
     let planned = lines_of(&d);
     let lines = match planned.is_empty() {
         false => Ok(planned),
-        true => box_for(store, plan, sub, date, now, true, memo).await,
+        true => box_for(store, plan, sub, date, now, memo).await,
     };
     let lines = match lines {
         Ok(lines) => lines,
@@ -816,9 +804,9 @@ struct Planned {
 }
 
 /// Sums the boxes of every delivery in `[from, until)` into the planned grower orders, which
-/// then replace those ripening in the window. With `replan_at`, the boxes of deliveries still
-/// scheduled are planned anew first (provisionally, until each cutoff) and saved, so the
-/// orders count them without reading the deliveries twice. A chunk at a time: one read for
+/// then replace those ripening in the window. With `replan_at`, deliveries still scheduled
+/// and never planned get their box first (saved, so the orders count them without reading
+/// the deliveries twice); a box once planned stays as it is. A chunk at a time: one read for
 /// its subscriptions, one write for its boxes, none kept past it.
 async fn plan_window(
     store: &Store,
@@ -852,9 +840,9 @@ async fn plan_window(
             let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
             let date = date_of(&d.delivery_date)?;
             let lines = match replan_at {
-                Some(now) if d.status == "scheduled" => {
-                    let first = d.lines.is_none();
-                    let lines = match box_for(store, plan, sub, date, now, first, &mut memo).await {
+                // A box once planned stays: its lines may be on their way to the growers.
+                Some(now) if d.status == "scheduled" && d.lines.is_none() => {
+                    let lines = match box_for(store, plan, sub, date, now, &mut memo).await {
                         Ok(lines) => lines,
                         // Too late to plan: skipped at its cutoff (see `lock_and_bill`).
                         Err(SubscriptionError::Conflict(_)) => continue,
@@ -914,10 +902,9 @@ pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<U
     let mut boxes = Vec::new();
     for d in store.deliveries_of(&sub.id).await? {
         let date = date_of(&d.delivery_date)?;
-        if d.status == "scheduled" && date < until {
+        if d.status == "scheduled" && d.lines.is_none() && date < until {
             // A delivery too close to plan is skipped at its cutoff (see `lock_and_bill`).
-            let first = d.lines.is_none();
-            let lines = match box_for(store, &plan, sub, date, now, first, &mut memo).await {
+            let lines = match box_for(store, &plan, sub, date, now, &mut memo).await {
                 Ok(lines) => lines,
                 Err(SubscriptionError::Conflict(_)) => continue,
                 Err(e) => return Err(e),
