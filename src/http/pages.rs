@@ -187,6 +187,10 @@ async fn login(
         };
         return Ok((axum::http::StatusCode::UNAUTHORIZED, page).into_response());
     };
+    // A session this browser had ends: the new cookie replaces it.
+    if let Some(Credential::Session(old)) = credential(&headers) {
+        state.store.end_page_session(&hash_token(&old)).await?;
+    }
     // The cookie holds a session id, so the token itself is never stored in the browser and
     // signing out ends the session for good, wherever the cookie was copied to.
     let id = crate::ids::new_token("ses");

@@ -109,6 +109,11 @@ on_both_backends! {
         let form = client.get(url("/login?signed_out=true")).send().await.unwrap().text().await.unwrap();
         assert!(form.contains("You are signed out."));
         assert!(ops(b.clone()).await.is_ok(), "another session goes on");
+        // Signing in again from a browser with a session ends that session.
+        let res = client.post(url("/login")).header(COOKIE, &b).form(&[("token", ADMIN_TOKEN)]).send().await.unwrap();
+        let c = res.headers()[SET_COOKIE].to_str().unwrap().split(';').next().unwrap().to_owned();
+        assert_eq!(ops(b.clone()).await, signed_out);
+        let b = c;
 
         // Twelve hours on the clock end it.
         app.advance("2027-03-26T23:59:00Z").await;
