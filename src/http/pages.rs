@@ -44,17 +44,22 @@ enum Credential {
 }
 
 fn credential(headers: &HeaderMap) -> Option<Credential> {
-    if let Some(token) = bearer_token(headers) {
-        return Some(Credential::Bearer(token.to_owned()));
+    match bearer_token(headers) {
+        Some(token) => Some(Credential::Bearer(token.to_owned())),
+        None => session_cookie(headers).map(Credential::Session),
     }
+}
+
+/// The session id in the request's cookie (the first non-empty one).
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))
-        .filter(|id| !id.is_empty())
-        .map(|id| Credential::Session(id.to_owned()))
+        .filter_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))
+        .find(|id| !id.is_empty())
+        .map(str::to_owned)
 }
 
 /// Who a page request is from, with the CSRF token its forms carry.
@@ -188,7 +193,7 @@ async fn login(
         return Ok((axum::http::StatusCode::UNAUTHORIZED, page).into_response());
     };
     // A session this browser had ends: the new cookie replaces it.
-    if let Some(Credential::Session(old)) = credential(&headers) {
+    if let Some(old) = session_cookie(&headers) {
         state.store.end_page_session(&hash_token(&old)).await?;
     }
     // The cookie holds a session id, so the token itself is never stored in the browser and
@@ -219,7 +224,8 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<Res
     if !same_origin(&headers) {
         return Err(ApiError::forbidden());
     }
-    if let Some(Credential::Session(id)) = credential(&headers) {
+    // The cookie's session, even when a bearer header came with it.
+    if let Some(id) = session_cookie(&headers) {
         state.store.end_page_session(&hash_token(&id)).await?;
     }
     let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
@@ -413,7 +419,8 @@ async fn ops_action(
     let Some(caller) = admin(&headers, &state).await? else {
         return Err(ApiError::unauthorized());
     };
-    if form.csrf != caller.csrf {
+    // Compared as hashes, so the time taken says nothing about the expected token's prefix.
+    if hash_token(&form.csrf) != hash_token(&caller.csrf) {
         return Err(ApiError::forbidden());
     }
     if state.scheduler.job(&name).is_none() {

@@ -613,7 +613,9 @@ impl Store {
                           ELSE 'locked' END AS status,
                      CASE WHEN i.status = 'void' THEN 'cancelled' ELSE d.skip_reason END
                          AS skip_reason,
-                     d.amount_minor, d.lines
+                     CASE WHEN i.status = 'void' THEN NULL ELSE d.amount_minor END
+                         AS amount_minor,
+                     d.lines
                  FROM deliveries d
                  LEFT JOIN invoices i
                    ON i.subscription_id = d.subscription_id AND i.delivery_date = d.delivery_date
@@ -924,9 +926,12 @@ impl Store {
     /// when the retry is not due or another run took it; `Some(false)` when the charge was not
     /// left declined or failed (nothing to send again).
     ///
-    /// Why one transaction, the invoice first: the invoice's row lock is what a void waits on
+    /// Why one transaction: the invoice's row lock is what a void waits on
     /// ([`Store::void_invoice`]), so a void never sees the charge resting and the invoice
-    /// past due between the two steps, and a charge is never reopened on a void invoice.
+    /// past due between the two steps, and a charge is never reopened on a void invoice (a
+    /// void committed first makes the invoice step match nothing, which undoes the reopen).
+    /// The charge comes first, then the invoice: the order in which a charge's result is
+    /// recorded, so the two never wait on each other in a cycle.
     pub async fn begin_dunning_retry(
         &self,
         invoice_id: &str,
@@ -934,6 +939,12 @@ impl Store {
         now: i64,
     ) -> StoreResult<Option<bool>> {
         in_tx!(self, |tx| {
+            let reopened = sqlx::query(super::payments::REOPEN_UNPAID_CHARGE)
+                .bind(intent_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             let taken = sqlx::query(
                 "UPDATE invoices SET next_attempt_at = NULL
                  WHERE id = $1 AND status = 'past_due' AND next_attempt_at <= $2",
@@ -944,14 +955,9 @@ impl Store {
             .await?
             .rows_affected();
             if taken == 0 {
+                // Rolls back the reopen.
                 return Ok(None);
             }
-            let reopened = sqlx::query(super::payments::REOPEN_UNPAID_CHARGE)
-                .bind(intent_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
             tx.commit().await?;
             Ok(Some(reopened == 1))
         })
@@ -1003,7 +1009,9 @@ impl Store {
     }
 
     /// The last dunning step failed: the invoice is uncollectible, the subscription suspended,
-    /// its open deliveries skipped; the shopper is told.
+    /// its open deliveries skipped; the shopper is told. `false` when the subscription was
+    /// cancelled meanwhile (the next dunning run voids the invoice instead) or the invoice is
+    /// no longer past due.
     pub async fn suspend_for_nonpayment(
         &self,
         invoice: &InvoiceRow,
@@ -1011,6 +1019,23 @@ impl Store {
         now: i64,
     ) -> StoreResult<bool> {
         in_tx!(self, |tx| {
+            // The subscription first: its row lock orders this against a cancel, which moves
+            // the same row, so a subscription cancelled meanwhile is never suspended, told so,
+            // or left with an uncollectible invoice instead of a void one.
+            // (Already suspended by another of its invoices, it stays so, since then.)
+            let suspended = sqlx::query(
+                "UPDATE subscriptions SET status = 'suspended',
+                     ended_at = CASE WHEN status = 'suspended' THEN ended_at ELSE $2 END
+                 WHERE id = $1 AND status <> 'cancelled'",
+            )
+            .bind(&invoice.subscription_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if suspended == 0 {
+                return Ok(false);
+            }
             let moved = sqlx::query(
                 "UPDATE invoices SET status = 'uncollectible', next_attempt_at = NULL
                  WHERE id = $1 AND status = 'past_due'",
@@ -1022,14 +1047,6 @@ impl Store {
             if moved == 0 {
                 return Ok(false);
             }
-            sqlx::query(
-                "UPDATE subscriptions SET status = 'suspended', ended_at = $2
-                 WHERE id = $1 AND status IN ('active', 'past_due', 'paused')",
-            )
-            .bind(&invoice.subscription_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
             sqlx::query(
                 "UPDATE deliveries SET status = 'skipped', skip_reason = 'suspended',
                      amount_minor = NULL

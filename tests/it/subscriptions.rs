@@ -291,7 +291,7 @@ on_both_backends! {
         let inv = &app.items_of(&invoices, &token).await[0];
         assert_eq!((inv["status"].as_str(), inv["next_attempt_at"].as_str()), (Some("void"), None), "{inv}");
         let boxes = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
-        assert_eq!(boxes[0]["status"], "skipped", "the held box is not sent: {boxes:?}");
+        assert_eq!((boxes[0]["status"].as_str(), boxes[0]["amount"].as_str()), (Some("skipped"), None), "the held box is not sent, nor owed: {boxes:?}");
         assert!(boxes.iter().all(|d| d["status"] == "skipped"), "{boxes:?}");
 
         // Every dunning step passes with nothing retried, no suspension, nothing charged.
@@ -335,6 +335,97 @@ on_both_backends! {
         let templates = templates_to(&app, "wim@example.com").await;
         assert_eq!(templates.iter().filter(|t| *t == "invoice_voided").count(), 1, "{templates:?}");
         assert!(!templates.iter().any(|t| t == "subscription_suspended"), "{templates:?}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_held_box_whose_charge_is_out_at_cancel_and_then_pays_is_sent(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let (id, token) = declined_subscriber(&app, "Xia").await;
+        app.advance("2026-10-05T22:00:00Z").await;
+        // A new card, and the charge out at the gateway again when the shopper cancels.
+        let (status, _) = app.call(Method::PUT, &format!("/api/v1/subscriptions/{id}/payment-method"),
+            Some(&token), Some(json!({"payment_token": "pm_ok"}))).await;
+        assert_eq!(status, StatusCode::OK);
+        crate::helpers::raw_tx(&app.state.settings.database, &[
+            "UPDATE payment_intents SET status = 'pending', next_attempt_at = 0 WHERE purpose = 'renewal'",
+        ]).await.unwrap();
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/cancel"), Some(&token), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        // It pays: the box was bought, so it goes out, and nothing is voided.
+        app.advance("2026-10-08T00:00:00Z").await;
+        let inv = &app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await[0];
+        assert_eq!(inv["status"], "paid", "{inv}");
+        let boxes = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        assert_eq!((boxes[0]["status"].as_str(), boxes[0]["amount"].as_str()), (Some("dispatched"), Some("19.00")), "{boxes:?}");
+        assert!(!templates_to(&app, "xia@example.com").await.iter().any(|t| t == "invoice_voided"));
+        assert_eq!(app.gateway_totals().await["charge"], (1, 1900));
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_subscription_cancelled_as_dunning_gives_up_is_voided_not_suspended(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let (id, token) = declined_subscriber(&app, "Yusuf").await;
+        app.advance("2026-10-05T22:00:00Z").await;
+        let store = &app.state.store;
+        let inv = store.invoices_of(&id).await.unwrap().remove(0);
+        let sub = store.subscription(&id).await.unwrap().unwrap();
+        let plan = store.plan(&sub.plan_id).await.unwrap().unwrap();
+        let email = pooled::subscriptions::emails::suspended(&plan, &inv, "yusuf@example.com", "Yusuf");
+        // The cancel commits between the last dunning step's decision and its write.
+        crate::helpers::raw_tx(&app.state.settings.database, &[
+            &format!("UPDATE subscriptions SET status = 'cancelled' WHERE id = '{id}'"),
+        ]).await.unwrap();
+        let now = app.state.clock.now().timestamp_micros();
+        assert!(!store.suspend_for_nonpayment(&inv, &email, now).await.unwrap(), "a cancelled subscription is not suspended");
+        assert_eq!(store.invoices_of(&id).await.unwrap()[0].status, "past_due");
+        assert_eq!(store.subscription(&id).await.unwrap().unwrap().status, "cancelled");
+        // The dunning run its planned retry wakes voids it instead of charging.
+        app.advance("2026-10-06T22:30:00Z").await;
+        let inv = &app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await[0];
+        assert_eq!((inv["status"].as_str(), inv["attempts"].as_i64()), (Some("void"), Some(1)), "{inv}");
+        let templates = templates_to(&app, "yusuf@example.com").await;
+        assert!(templates.contains(&"invoice_voided".to_owned()) && !templates.contains(&"subscription_suspended".to_owned()), "{templates:?}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_void_and_a_dunning_retry_at_once_never_both_win(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let mut subs = Vec::new();
+        for n in 0..12 {
+            subs.push(declined_subscriber(&app, &format!("Racer{n}")).await.0);
+        }
+        app.advance("2026-10-05T22:00:00Z").await;
+        // Every invoice past due with its retry due now, every subscription cancelled (as if
+        // the cancel's own void had not run yet).
+        crate::helpers::raw_tx(&app.state.settings.database, &[
+            "UPDATE subscriptions SET status = 'cancelled'",
+            "UPDATE invoices SET next_attempt_at = 0",
+        ]).await.unwrap();
+        let store = &app.state.store;
+        let now = app.state.clock.now().timestamp_micros();
+        for id in &subs {
+            let inv = store.invoices_of(id).await.unwrap().remove(0);
+            assert_eq!(inv.status, "past_due");
+            let sub = store.subscription(id).await.unwrap().unwrap();
+            let plan = store.plan(&sub.plan_id).await.unwrap().unwrap();
+            let email = pooled::subscriptions::emails::invoice_voided(&plan, &inv, "racer@example.com", "Racer");
+            let intent = format!("pi_renewal_{}", inv.id);
+            let (voided, begun) = tokio::join!(
+                store.void_invoice(&inv.id, &email, now),
+                store.begin_dunning_retry(&inv.id, &intent, now),
+            );
+            let (voided, begun) = (voided.unwrap(), begun.unwrap());
+            assert_ne!(voided, begun == Some(true), "exactly one wins: void {voided}, retry {begun:?}");
+            let status = &store.invoices_of(id).await.unwrap()[0].status;
+            let pending = store.intent(&intent).await.unwrap().unwrap().status == "pending";
+            assert_eq!((status.as_str(), pending), if voided { ("void", false) } else { ("past_due", true) });
+        }
         app.stop().await;
     }
 }
