@@ -267,17 +267,20 @@ pub fn coverage(lines: &[BoxLine], period_days: i64) -> Vec<i64> {
 /// Whether a box already planned, with lines `(sku, ripened_days)`, can still be ordered for
 /// the delivery `req` describes: every line's item is in `req.items` and its grower order-by
 /// date ([`backward_schedule`]) is not before today, the rule [`plan_box`] plans by. A box
-/// planned weeks ahead stops being orderable as its order-by dates pass.
+/// planned weeks ahead stops being orderable as its order-by dates pass. An empty box is no
+/// box: it is never orderable.
 pub fn still_orderable<'a>(
     req: &BoxRequest<'_>,
-    mut lines: impl Iterator<Item = (&'a str, i64)>,
+    lines: impl Iterator<Item = (&'a str, i64)>,
 ) -> bool {
-    lines.all(|(sku, ripened_days)| {
-        req.items.iter().any(|item| {
-            item.sku == sku
-                && ripened_days + req.transit_days + item.lead_time_days <= req.days_ahead
+    let mut lines = lines.peekable();
+    lines.peek().is_some()
+        && lines.all(|(sku, ripened_days)| {
+            req.items.iter().any(|item| {
+                item.sku == sku
+                    && ripened_days + req.transit_days + item.lead_time_days <= req.days_ahead
+            })
         })
-    })
 }
 
 /// Working backwards from a delivery on day 0: (dispatch, ripening start, grower order-by),
@@ -539,6 +542,7 @@ mod tests {
                 let gone = BoxRequest { items: &items[..0], ..req.clone() };
                 prop_assert!(!still_orderable(&gone, lines()), "an item no longer sold cannot be ordered");
             }
+            prop_assert!(!still_orderable(&req, std::iter::empty()), "an empty box is no box");
         }
     }
 }

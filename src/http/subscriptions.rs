@@ -644,8 +644,9 @@ async fn subscribe(
             micros(now),
         )
         .await?;
-    // Best effort: the grower-orders refresh recomputes every order from the boxes wanted,
-    // and the renewal plans a box at its cutoff, so a failure here loses nothing.
+    // Best effort: the subscription has landed, and the next morning's grower-orders run
+    // boxes what this misses (from what can still be ordered by then) and recomputes every
+    // order from the boxes.
     if let Err(e) = subscriptions::plan_upcoming(&state.store, &row, now).await {
         tracing::warn!(subscription = %row.id, error = %e, "planning the first boxes failed");
     }
@@ -826,7 +827,12 @@ async fn resume(
     Path(id): Path<String>,
 ) -> Result<Json<SubscriptionOut>, ApiError> {
     let sub = visible(&state, &caller, &id).await?;
-    subscriptions::resume(&state.store, &sub, state.clock.now()).await?;
+    let now = state.clock.now();
+    subscriptions::resume(&state.store, &sub, now).await?;
+    // Best effort, as at signup: the deliveries back are boxed now, or the next morning.
+    if let Err(e) = subscriptions::plan_upcoming(&state.store, &sub, now).await {
+        tracing::warn!(subscription = %id, error = %e, "boxing the resumed deliveries failed");
+    }
     let sub = visible(&state, &caller, &id).await?;
     Ok(Json(subscription_out(&state, sub).await?))
 }

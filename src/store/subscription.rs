@@ -64,6 +64,10 @@ pub struct DeliveryRow {
     pub status: String,
     pub skip_reason: Option<String>,
     pub amount_minor: Option<i64>,
+    /// The box (JSON lines), once planned: NULL until then, and again once the delivery
+    /// leaves `scheduled` for `skipped` (a box not sent is not kept for a later return).
+    /// Written once while scheduled (never replaced: its lines may be on their way to the
+    /// growers), final when locked.
     pub lines: Option<String>,
 }
 
@@ -239,6 +243,9 @@ pub struct DeliveryLock {
     pub invoice: InvoiceRow,
     pub charge: NewIntent,
     pub email: NewEmail,
+    /// The box was planned by the lock itself (the delivery had none): it locks only if
+    /// no plan wrote one meanwhile, which would be the box the growers were ordered for.
+    pub boxed_at_lock: bool,
 }
 
 impl Store {
@@ -538,7 +545,8 @@ impl Store {
     /// Moves a subscription between statuses, and its open deliveries with it: deliveries whose
     /// cutoff has not passed and that are in one of `deliveries_from` (with `reason_from`, if
     /// given) become `deliveries_to` with `reason_to`, from `from_date` (inclusive) to
-    /// `until_date` (exclusive). `false` when the subscription was not in `from`.
+    /// `until_date` (exclusive), and drop their boxes (see [`DeliveryRow::lines`]). `false`
+    /// when the subscription was not in `from`.
     #[allow(clippy::too_many_arguments)]
     pub async fn move_subscription(
         &self,
@@ -575,7 +583,7 @@ impl Store {
                 return Ok(false);
             }
             sqlx::query(
-                "UPDATE deliveries SET status = $3, skip_reason = $5
+                "UPDATE deliveries SET status = $3, skip_reason = $5, lines = NULL
                  WHERE subscription_id = $1 AND status IN ($2, $9)
                    AND ($4 IS NULL OR skip_reason = $4)
                    AND cutoff_at > $6 AND delivery_date >= $7 AND delivery_date < $8",
@@ -638,7 +646,7 @@ impl Store {
     ) -> StoreResult<bool> {
         let done = on_writer!(self, |pool| {
             sqlx::query(
-                "UPDATE deliveries SET status = 'skipped', skip_reason = 'skipped'
+                "UPDATE deliveries SET status = 'skipped', skip_reason = 'skipped', lines = NULL
                  WHERE subscription_id = $1 AND delivery_date = $2 AND cutoff_at > $3
                    AND (status = 'scheduled' OR (status = 'skipped' AND skip_reason = 'paused'))",
             )
@@ -693,31 +701,31 @@ impl Store {
     }
 
     /// Saves the boxes (`(delivery id, lines)`) of deliveries still scheduled and not yet
-    /// planned, in one statement; returns how many were written. A box once planned is never
-    /// replaced: its lines may be on their way to the growers (of a signup's planning and the
-    /// weekly plan at once, the first to write wins).
-    pub async fn set_provisional_boxes(&self, boxes: &[(String, String)]) -> StoreResult<u64> {
+    /// planned, in one statement; returns the ids of the deliveries it boxed. A box once
+    /// planned is never replaced: its lines may be on their way to the growers (of a signup's
+    /// planning and the weekly plan at once, the first to write wins).
+    pub async fn save_first_boxes(&self, boxes: &[(String, String)]) -> StoreResult<Vec<String>> {
         if boxes.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        let changed = in_tx!(self, |tx| {
+        let boxed = in_tx!(self, |tx| {
             // `status || ''`: see `lock_deliveries`.
             let sql = format!(
                 "UPDATE deliveries SET lines = v.lines
                  FROM (SELECT value->>0 AS id, value->>1 AS lines FROM {}) AS v
                  WHERE deliveries.id = v.id AND deliveries.status || '' = 'scheduled'
-                   AND deliveries.lines IS NULL",
+                   AND deliveries.lines IS NULL
+                 RETURNING deliveries.id",
                 super::json_rows(&tx, 1)
             );
-            let changed = sqlx::query(sqlx::AssertSqlSafe(sql))
+            let boxed: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
                 .bind(super::json_array(boxes.iter()))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                .fetch_all(&mut *tx)
+                .await?;
             tx.commit().await?;
-            changed
+            boxed
         });
-        Ok(changed)
+        Ok(boxed)
     }
 
     /// Skips a due delivery that will not be billed (its subscription is suspended or
@@ -725,7 +733,8 @@ impl Store {
     pub async fn skip_due_delivery(&self, delivery_id: &str, reason: &str) -> StoreResult<()> {
         on_writer!(self, |pool| {
             sqlx::query(
-                "UPDATE deliveries SET status = 'skipped', skip_reason = $2, amount_minor = NULL
+                "UPDATE deliveries SET status = 'skipped', skip_reason = $2, amount_minor = NULL,
+                     lines = NULL
                  WHERE id = $1 AND status = 'scheduled'",
             )
             .bind(delivery_id)
@@ -757,17 +766,18 @@ impl Store {
             let sql = format!(
                 "UPDATE deliveries SET status = 'locked', lines = v.lines, amount_minor = v.amount
                  FROM (SELECT value->>0 AS id, value->>1 AS lines,
-                           CAST(value->>2 AS BIGINT) AS amount
+                           CAST(value->>2 AS BIGINT) AS amount,
+                           CAST(value->>3 AS BIGINT) AS boxed_at_lock
                        FROM {}) AS v
                  WHERE deliveries.id = v.id AND deliveries.status || '' = 'scheduled'
+                   AND (v.boxed_at_lock = 0 OR deliveries.lines IS NULL)
                  RETURNING deliveries.id",
                 super::json_rows(&tx, 1)
             );
-            let json = super::json_array(
-                locks
-                    .iter()
-                    .map(|l| (&l.delivery.id, &l.delivery.lines, l.delivery.amount_minor)),
-            );
+            let json = super::json_array(locks.iter().map(|l| {
+                let d = &l.delivery;
+                (&d.id, &d.lines, d.amount_minor, i64::from(l.boxed_at_lock))
+            }));
             let taken: std::collections::HashSet<String> =
                 sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
                     .bind(json)
@@ -1049,7 +1059,7 @@ impl Store {
             }
             sqlx::query(
                 "UPDATE deliveries SET status = 'skipped', skip_reason = 'suspended',
-                     amount_minor = NULL
+                     amount_minor = NULL, lines = NULL
                  WHERE subscription_id = $1 AND status = 'scheduled'",
             )
             .bind(&invoice.subscription_id)

@@ -307,10 +307,11 @@ pub async fn box_for(
     if let Some(lines) = memo.get(&profile) {
         return Ok(lines.clone());
     }
+    // An unreadable stored box is planned afresh (and an empty one is never orderable).
     let stored: Option<Vec<StoredLine>> = store
         .box_plan(&profile)
         .await?
-        .map(|lines| serde_json::from_str(&lines).unwrap_or_default());
+        .and_then(|lines| serde_json::from_str(&lines).ok());
     let catalog: Vec<CatalogRow> = store
         .catalog()
         .await?
@@ -377,7 +378,8 @@ fn writes_in_flight(store: &Store) -> usize {
 }
 
 /// `subscription-renew`: keeps deliveries ahead, resumes pauses that ended, and at each
-/// cutoff locks the delivery, plans its final box, invoices it once and charges it.
+/// cutoff locks the delivery with its box (planned then if it has none), invoices it once
+/// and charges it.
 pub async fn run_renew(
     store: &Store,
     payments: &Payments,
@@ -516,6 +518,9 @@ async fn lock_and_bill(
 ) -> Result<Option<DeliveryLock>> {
     let date = date_of(&d.delivery_date)?;
     // A box planned ahead is final as planned: its growers were ordered for it.
+    // (Lines that cannot be read are no box either, but only a delivery without any can be
+    // boxed by a plan meanwhile: see `DeliveryLock::boxed_at_lock`.)
+    let boxed_at_lock = d.lines.is_none();
     let planned = lines_of(&d);
     let lines = match planned.is_empty() {
         false => Ok(planned),
@@ -572,6 +577,7 @@ async fn lock_and_bill(
         invoice,
         charge,
         email,
+        boxed_at_lock,
     }))
 }
 
@@ -795,29 +801,28 @@ async fn deliveries_in_order(
     })
 }
 
-/// What [`plan_window`] did: boxes planned, how many of them differed from the box saved
-/// before (only those are written), and grower order lines written.
+/// What [`plan_window`] did: deliveries it boxed for the first time, and grower order lines
+/// written.
 struct Planned {
     boxes: usize,
-    boxes_changed: u64,
     grower_order_lines: usize,
 }
 
 /// Sums the boxes of every delivery in `[from, until)` into the planned grower orders, which
-/// then replace those ripening in the window. With `replan_at`, deliveries still scheduled
-/// and never planned get their box first (saved, so the orders count them without reading
-/// the deliveries twice); a box once planned stays as it is. A chunk at a time: one read for
+/// then replace those ripening in the window. Deliveries still scheduled and never boxed get
+/// their box first (saved, so the orders count them without reading the deliveries twice);
+/// a box once planned stays as it is. A chunk at a time: one read for
 /// its subscriptions, one write for its boxes, none kept past it.
 async fn plan_window(
     store: &Store,
     (from, until): (NaiveDate, NaiveDate),
-    replan_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
 ) -> Result<Planned> {
     let catalog = catalog_by_sku(store).await?;
     let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
     let mut memo = HashMap::new();
     let mut orders = GrowerOrders::new(&catalog);
-    let (mut planned, mut changed) = (0, 0);
+    let mut boxed = 0;
     let ids = store
         .delivery_ids_between(&from.to_string(), &until.to_string())
         .await?;
@@ -839,36 +844,34 @@ async fn plan_window(
             };
             let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
             let date = date_of(&d.delivery_date)?;
-            let lines = match replan_at {
-                // A box once planned stays: its lines may be on their way to the growers.
-                Some(now) if d.status == "scheduled" && d.lines.is_none() => {
-                    let lines = match box_for(store, plan, sub, date, now, &mut memo).await {
-                        Ok(lines) => lines,
-                        // Too late to plan: skipped at its cutoff (see `lock_and_bill`).
-                        Err(SubscriptionError::Conflict(_)) => continue,
-                        Err(e) => return Err(e),
-                    };
-                    boxes.push((
-                        d.id.clone(),
-                        serde_json::to_string(&lines).unwrap_or_default(),
-                    ));
-                    lines
-                }
-                _ => lines_of(d),
+            // A box once planned stays: its lines may be on their way to the growers.
+            let lines = if d.status == "scheduled" && d.lines.is_none() {
+                let lines = match box_for(store, plan, sub, date, now, &mut memo).await {
+                    Ok(lines) => lines,
+                    // Too late to plan: skipped at its cutoff (see `lock_and_bill`).
+                    Err(SubscriptionError::Conflict(_)) => continue,
+                    Err(e) => return Err(e),
+                };
+                boxes.push((
+                    d.id.clone(),
+                    serde_json::to_string(&lines).unwrap_or_default(),
+                ));
+                lines
+            } else {
+                lines_of(d)
             };
             orders.add(plan, date, &lines);
         }
         if !boxes.is_empty() {
-            planned += boxes.len();
             let store = store.clone();
-            let write = async move { store.set_provisional_boxes(&boxes).await };
+            let write = async move { store.save_first_boxes(&boxes).await };
             if let Some(done) = writing.start(write).await {
-                changed += done?;
+                boxed += done?.len();
             }
         }
     }
     while let Some(done) = writing.next().await {
-        changed += done?;
+        boxed += done?.len();
     }
     let rows = orders.rows();
     // A box ripens before its delivery, so no delivery before the window has an order that
@@ -881,17 +884,17 @@ async fn plan_window(
     };
     store.put_grower_orders(&rows, window).await?;
     Ok(Planned {
-        boxes: planned,
-        boxes_changed: changed,
+        boxes: boxed,
         grower_order_lines: rows.len(),
     })
 }
 
-/// Plans the boxes of a new subscription's deliveries in the coming two weeks now (it can't
-/// wait for the weekly plan: growers need their lead time) and adds their lines to the
-/// grower orders. Only this subscription's boxes are read and added, so a signup costs the
-/// same with ten subscribers or a hundred thousand; the next full refresh (`subscription-plan`,
-/// `grower-orders`) recomputes every total from the boxes.
+/// Boxes a subscription's unboxed deliveries of the coming two weeks now (a new one's, or a
+/// resumed one's: they can't wait for the next morning's plan, growers need their lead time)
+/// and adds the boxes it wrote to the grower orders. Only this subscription's boxes are read
+/// and added, so a signup costs the same with ten subscribers or a hundred thousand; the
+/// next full refresh (`subscription-plan`, `grower-orders`) recomputes every total from the
+/// boxes.
 pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<Utc>) -> Result<()> {
     let plan = plan_of(store, &sub.plan_id).await?;
     let today = today(&plan, now);
@@ -899,7 +902,7 @@ pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<U
     let catalog = catalog_by_sku(store).await?;
     let mut orders = GrowerOrders::new(&catalog);
     let mut memo = HashMap::new();
-    let mut boxes = Vec::new();
+    let mut planned = HashMap::new();
     for d in store.deliveries_of(&sub.id).await? {
         let date = date_of(&d.delivery_date)?;
         if d.status == "scheduled" && d.lines.is_none() && date < until {
@@ -909,26 +912,35 @@ pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<U
                 Err(SubscriptionError::Conflict(_)) => continue,
                 Err(e) => return Err(e),
             };
-            orders.add(&plan, date, &lines);
-            boxes.push((d.id, serde_json::to_string(&lines).unwrap_or_default()));
+            planned.insert(d.id, (date, lines));
         }
     }
-    store.set_provisional_boxes(&boxes).await?;
+    let boxes: Vec<(String, String)> = planned
+        .iter()
+        .map(|(id, (_, lines))| (id.clone(), serde_json::to_string(lines).unwrap_or_default()))
+        .collect();
+    // Only the boxes written count: a delivery boxed meanwhile by a plan was counted there.
+    for id in store.save_first_boxes(&boxes).await? {
+        if let Some((date, lines)) = planned.get(&id) {
+            orders.add(&plan, *date, lines);
+        }
+    }
     store
         .put_grower_orders(&orders.rows(), GrowerOrderMerge::Add)
         .await?;
     Ok(())
 }
 
-/// `subscription-plan`: plans the boxes of the coming two weeks (provisionally, until each
-/// cutoff) and aggregates them into grower orders with their order-by dates.
+/// `subscription-plan`: boxes the deliveries of the coming two weeks that have no box yet
+/// (each box is final once planned: its growers are ordered for it) and aggregates every box
+/// into grower orders with their order-by dates. `boxes` in its result counts the boxes it
+/// planned.
 pub async fn run_plan(store: &Store, now: DateTime<Utc>, shop: Tz) -> Result<serde_json::Value> {
     let today = now.with_timezone(&shop).date_naive();
     let window = (today, today + Duration::days(15));
-    let p = plan_window(store, window, Some(now)).await?;
+    let p = plan_window(store, window, now).await?;
     Ok(json!({
         "boxes": p.boxes,
-        "boxes_changed": p.boxes_changed,
         "grower_order_lines": p.grower_order_lines,
     }))
 }
@@ -943,7 +955,9 @@ pub async fn run_grower_orders(
     shop: Tz,
 ) -> Result<serde_json::Value> {
     let today = now.with_timezone(&shop).date_naive();
-    plan_window(store, (today, today + Duration::days(15)), None).await?;
+    // Boxes first: a delivery that came into the window since the weekly plan, or came back
+    // with a resume, is boxed by the next morning at the latest.
+    plan_window(store, (today, today + Duration::days(15)), now).await?;
     let mut by_supplier: BTreeMap<String, Vec<GrowerOrderRow>> = BTreeMap::new();
     for g in store.grower_orders(None).await? {
         if g.status == "planned" && g.order_by.as_str() <= today.to_string().as_str() {
@@ -962,7 +976,9 @@ pub async fn run_grower_orders(
     Ok(json!({"sent": sent}))
 }
 
-/// Resumes a paused subscription: its paused deliveries before their cutoff come back.
+/// Resumes a paused subscription: its paused deliveries before their cutoff come back,
+/// without boxes (a shopper's resume boxes them at once with [`plan_upcoming`]; a pause
+/// whose end the renewal reaches brings back none, those after it were never paused).
 pub async fn resume(store: &Store, sub: &SubscriptionRow, now: DateTime<Utc>) -> Result<()> {
     if !store
         .move_subscription(

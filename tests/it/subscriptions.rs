@@ -546,7 +546,7 @@ on_both_backends! {
 }
 
 on_both_backends! {
-    async fn the_weekly_plan_writes_only_boxes_never_planned(backend) {
+    async fn a_box_is_planned_once_by_whichever_plan_comes_first(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(fruit_plan("24.90", 1)).await;
         let (_, token) = app.shopper("Uma", "pm_ok").await;
@@ -558,20 +558,30 @@ on_both_backends! {
             assert_eq!((status, run["state"].as_str()), (StatusCode::ACCEPTED, Some("succeeded")), "{run}");
             run["result"].clone()
         };
-        // The signup planned its first box, which stays as planned: nothing to write.
+        let id = str_of(&body["id"]);
+        let boxes = || async {
+            let deliveries = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+            deliveries.iter().map(|d| (str_of(&d["date"]), d["lines"].as_array().unwrap().len())).collect::<Vec<_>>()
+        };
+        // The signup planned its first box (of the two weeks ahead), which stays as planned.
         let first = plan_now().await;
-        assert_eq!((first["boxes"].as_i64(), first["boxes_changed"].as_i64()), (Some(0), Some(0)), "{first}");
-        // A week on, the window takes in a delivery never planned: that box is written.
+        assert_eq!(first["boxes"].as_i64(), Some(0), "{first}");
+        let at_signup = boxes().await;
+        assert!(at_signup[0].1 > 0 && at_signup[1].1 == 0, "{at_signup:?}");
+        // On 1 Oct the window takes in the delivery of 15 Oct: that morning's grower-orders run
+        // boxes it, before the weekly plan (whose runs then find nothing to box).
+        app.advance("2026-10-01T02:00:00Z").await;
+        assert_eq!(boxes().await, at_signup, "not in the window yet");
+        app.advance("2026-10-01T05:00:00Z").await;
+        let boxed = boxes().await;
+        assert!(boxed[1].1 > 0 && boxed[0] == at_signup[0], "{boxed:?}");
         app.advance("2026-10-07T12:00:00Z").await;
         let weekly = app.runs_of("subscription-plan").await;
         let scheduled = weekly.iter().rev().find(|r| r["trigger"] == "schedule").expect("the weekly run");
         assert_eq!(scheduled["scheduled_for"], "2026-10-07T04:00:00Z", "{weekly:?}");
-        let result = &scheduled["result"];
-        assert!(result["boxes"].as_i64() >= Some(1), "{result}");
-        assert_eq!(result["boxes_changed"], result["boxes"], "every box in the new window was new: {result}");
-        // Planned again at once, nothing has changed and nothing is written.
+        assert_eq!(scheduled["result"]["boxes"].as_i64(), Some(0), "{scheduled}");
         let again = plan_now().await;
-        assert_eq!((again["boxes"].as_i64(), again["boxes_changed"].as_i64()), (Some(0), Some(0)), "{again}");
+        assert_eq!(again["boxes"].as_i64(), Some(0), "{again}");
         let deliveries = app.items_of(&format!("/api/v1/subscriptions/{}/deliveries", str_of(&body["id"])), &token).await;
         // Every box in the window (two weeks from 7 Oct) is planned.
         let in_window: Vec<_> = deliveries.iter().filter(|d| str_of(&d["date"]).as_str() < "2026-10-22").collect();
@@ -955,6 +965,81 @@ on_both_backends! {
         assert!(app.items_of(&format!("/api/v1/subscriptions/{cleo_id}/invoices"), &cleo_token).await.is_empty());
         let ann_boxes = app.items_of(&format!("/api/v1/subscriptions/{ann_id}/deliveries"), &ann_token).await;
         assert_eq!((ann_boxes[0]["status"].as_str(), &ann_boxes[0]["lines"]), (Some("dispatched"), &ann), "paid, on its way: {ann_boxes:?}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn late_boxes_are_made_of_what_can_still_come_in_time_and_stay_as_planned(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        // A dear local apple the farm delivers the same day: never the cheapest box, but the
+        // only one that can still come two days before a delivery.
+        let local = json!({"name": "Farm apple", "kind": "fruit", "ripening_days_min": 0, "ripening_days_max": 0,
+            "ready_window_days": 7, "unit_cost": "9.00", "currency": "EUR", "available_months": (1..=12).collect::<Vec<_>>(),
+            "lead_time_days": 0, "grower": "Hof Linde", "grower_email": "hof@linde.example"});
+        let (status, body) = app.call(Method::PUT, "/api/v1/catalog/farm-apple", Some(ADMIN_TOKEN), Some(local)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let mut body = fruit_plan("24.90", 1);
+        body["cutoff_hours"] = json!(12);
+        let plan = app.plan(body).await;
+        let subscribe = |name: &'static str| {
+            let (app, plan) = (&app, plan.clone());
+            async move {
+                let (_, token) = app.shopper(name, "pm_ok").await;
+                let (status, body) = app.post("/api/v1/subscriptions", Some(&token), json!({
+                    "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+                assert_eq!(status, StatusCode::CREATED, "{body}");
+                (str_of(&body["id"]), token)
+            }
+        };
+        let first_box = |id: String, token: String| {
+            let app = &app;
+            async move {
+                let d = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await.remove(0);
+                assert_eq!(d["date"], "2026-10-08", "{d}");
+                (str_of(&d["status"]), d["lines"].clone())
+            }
+        };
+        let (ann, ann_token) = subscribe("Ann").await;
+        let (dana, dana_token) = subscribe("Dana").await;
+        let (_, ann_box) = first_box(ann.clone(), ann_token.clone()).await;
+        assert!(ann_box.as_array().unwrap().iter().all(|l| l["sku"] != "farm-apple"), "{ann_box}");
+        assert_eq!(first_box(dana.clone(), dana_token.clone()).await.1, ann_box, "one profile, one box");
+        // A pause drops Dana's box: it is not the box of any delivery any more.
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{dana}/pause"), Some(&dana_token), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(first_box(dana.clone(), dana_token.clone()).await, ("skipped".into(), json!([])));
+
+        // Tuesday, two days before the delivery: the first box's lines can no longer be ordered.
+        app.advance("2026-10-06T02:00:00Z").await;
+        let (cleo, cleo_token) = subscribe("Cleo").await;
+        let (status, late) = first_box(cleo.clone(), cleo_token.clone()).await;
+        assert_eq!(status, "scheduled");
+        let late_lines = late.as_array().unwrap();
+        assert!(!late_lines.is_empty() && late_lines.iter().all(|l| l["sku"] == "farm-apple"), "{late}");
+        // Resumed now, Dana's delivery comes back with a box that can come in time too, not the
+        // one her pause dropped.
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{dana}/resume"), Some(&dana_token), json!({})).await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("active")), "{body}");
+        assert_eq!(first_box(dana.clone(), dana_token.clone()).await, ("scheduled".into(), late.clone()));
+        // Nothing not yet sent is ordered after its order-by date; the late boxes are ordered.
+        let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+        let orders = orders["items"].as_array().unwrap().clone();
+        for o in &orders {
+            assert!(o["status"] == "sent" || str_of(&o["order_by"]).as_str() >= "2026-10-06", "ordered late: {o}");
+        }
+        let farm: i64 = orders.iter().filter(|o| o["sku"] == "farm-apple").map(|o| o["qty"].as_i64().unwrap()).sum();
+        let per_box: i64 = late_lines.iter().map(|l| l["qty"].as_i64().unwrap()).sum();
+        assert_eq!(farm, 2 * per_box, "Cleo's and Dana's boxes: {orders:?}");
+
+        // Through the morning's run, the weekly plan and the lock at the cutoff (10:00 UTC on
+        // Wednesday), every box is locked as planned and paid for.
+        app.advance("2026-10-07T12:00:00Z").await;
+        for (id, token, planned) in [(ann, ann_token, &ann_box), (cleo, cleo_token, &late), (dana, dana_token, &late)] {
+            assert_eq!(first_box(id.clone(), token.clone()).await, ("dispatched".into(), planned.clone()), "{id}");
+            let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
+            assert_eq!((invoices.len(), invoices[0]["status"].as_str()), (1, Some("paid")), "{invoices:?}");
+        }
         app.stop().await;
     }
 }
