@@ -561,7 +561,7 @@ async fn signup(
             micros(now),
         )
         .await?;
-    subscriptions::plan_upcoming(store, &sub, now).await?;
+    subscriptions::plan_upcoming(store, &sub, now, chrono_tz::UTC).await?;
     Ok(started.elapsed().as_secs_f64() * 1000.0)
 }
 

@@ -647,7 +647,9 @@ async fn subscribe(
     // Best effort: the subscription has landed, and the next morning's grower-orders run
     // boxes what this misses (from what can still be ordered by then) and recomputes every
     // order from the boxes.
-    if let Err(e) = subscriptions::plan_upcoming(&state.store, &row, now).await {
+    if let Err(e) =
+        subscriptions::plan_upcoming(&state.store, &row, now, state.settings.time_zone).await
+    {
         tracing::warn!(subscription = %row.id, error = %e, "planning the first boxes failed");
     }
     let out = subscription_out(&state, row).await?;
@@ -830,7 +832,9 @@ async fn resume(
     let now = state.clock.now();
     subscriptions::resume(&state.store, &sub, now).await?;
     // Best effort, as at signup: the deliveries back are boxed now, or the next morning.
-    if let Err(e) = subscriptions::plan_upcoming(&state.store, &sub, now).await {
+    if let Err(e) =
+        subscriptions::plan_upcoming(&state.store, &sub, now, state.settings.time_zone).await
+    {
         tracing::warn!(subscription = %id, error = %e, "boxing the resumed deliveries failed");
     }
     let sub = visible(&state, &caller, &id).await?;

@@ -236,6 +236,73 @@ macro_rules! insert_deliveries {
     }};
 }
 
+/// Merges grower order rows into the planned orders, inside the transaction `$tx` (see
+/// [`Store::put_grower_orders`]).
+macro_rules! merge_grower_orders {
+    ($tx:ident, $rows:expr, $merge:expr) => {{
+        let rows: &[GrowerOrderRow] = $rows;
+        let json = super::json_array(rows.iter().map(|g| {
+            (
+                &g.id,
+                &g.week,
+                &g.supplier,
+                &g.supplier_email,
+                &g.sku,
+                g.qty,
+                &g.ripening_start,
+                &g.order_by,
+            )
+        }));
+        let (qty, on_conflict) = match $merge {
+            GrowerOrderMerge::Replace { from, until } => {
+                let sql = format!(
+                    "DELETE FROM grower_orders
+                     WHERE status = 'planned' AND ripening_start >= $2 AND ripening_start < $3
+                       AND NOT EXISTS (SELECT 1 FROM {} WHERE value->>2 = grower_orders.supplier
+                           AND value->>4 = grower_orders.sku
+                           AND value->>6 = grower_orders.ripening_start)",
+                    super::json_rows(&$tx, 1)
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(&json)
+                    .bind(from)
+                    .bind(until)
+                    .execute(&mut *$tx)
+                    .await?;
+                // What is wanted less what the sent lines already ordered; a line left
+                // with nothing to order is deleted below.
+                (
+                    "CAST(value->>5 AS BIGINT) - COALESCE((SELECT SUM(s.qty) FROM grower_orders s
+                         WHERE s.status = 'sent' AND s.supplier = value->>2
+                           AND s.sku = value->>4 AND s.ripening_start = value->>6), 0)",
+                    "excluded.qty",
+                )
+            }
+            GrowerOrderMerge::Add => (
+                "CAST(value->>5 AS BIGINT)",
+                "grower_orders.qty + excluded.qty",
+            ),
+        };
+        let sql = format!(
+            "INSERT INTO grower_orders (id, week, supplier, supplier_email, sku, qty,
+                 ripening_start, order_by, status, sent_at)
+             SELECT value->>0, value->>1, value->>2, value->>3, value->>4, {qty},
+                 value->>6, value->>7, 'planned', NULL
+             FROM {} WHERE true
+             ON CONFLICT (supplier, sku, ripening_start) WHERE status = 'planned'
+             DO UPDATE SET qty = {on_conflict}",
+            super::json_rows(&$tx, 1)
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&json)
+            .execute(&mut *$tx)
+            .await?;
+        sqlx::query("DELETE FROM grower_orders WHERE status = 'planned' AND qty <= 0")
+            .execute(&mut *$tx)
+            .await?;
+    }};
+}
+
 /// A due delivery locked with what it causes (see [`Store::lock_deliveries`]).
 #[derive(Debug, Clone)]
 pub struct DeliveryLock {
@@ -701,10 +768,18 @@ impl Store {
     }
 
     /// Saves the boxes (`(delivery id, lines)`) of deliveries still scheduled and not yet
-    /// planned, in one statement; returns the ids of the deliveries it boxed. A box once
-    /// planned is never replaced: its lines may be on their way to the growers (of a signup's
-    /// planning and the weekly plan at once, the first to write wins).
-    pub async fn save_first_boxes(&self, boxes: &[(String, String)]) -> StoreResult<Vec<String>> {
+    /// planned, in one statement, and adds `orders_of` the ids it boxed to the grower orders
+    /// in the same commit; returns those ids. A box once planned is never replaced: its lines
+    /// may be on their way to the growers (of two plans at once, the first to write wins).
+    /// One commit, so a full recomputation of the orders (which reads every box, then
+    /// replaces the window's orders) counts a box either from its read or from this add, never
+    /// from both: had this committed after its read, the recomputation planned the box itself,
+    /// and its own write of it wins or loses to this one before it replaces the orders.
+    pub async fn save_first_boxes(
+        &self,
+        boxes: &[(String, String)],
+        orders_of: impl FnOnce(&[String]) -> Vec<GrowerOrderRow>,
+    ) -> StoreResult<Vec<String>> {
         if boxes.is_empty() {
             return Ok(Vec::new());
         }
@@ -722,6 +797,10 @@ impl Store {
                 .bind(super::json_array(boxes.iter()))
                 .fetch_all(&mut *tx)
                 .await?;
+            let orders = orders_of(&boxed);
+            if !orders.is_empty() {
+                merge_grower_orders!(tx, &orders, GrowerOrderMerge::Add);
+            }
             tx.commit().await?;
             boxed
         });
@@ -730,15 +809,23 @@ impl Store {
 
     /// Skips a due delivery that will not be billed (its subscription is suspended or
     /// cancelled, or its box cannot be made in time), and forgets any price stamped on it.
-    pub async fn skip_due_delivery(&self, delivery_id: &str, reason: &str) -> StoreResult<()> {
+    /// `unboxed`: only if it still has no box (one a plan wrote meanwhile is locked instead,
+    /// on the next run: its growers may have been ordered for it).
+    pub async fn skip_due_delivery(
+        &self,
+        delivery_id: &str,
+        reason: &str,
+        unboxed: bool,
+    ) -> StoreResult<()> {
         on_writer!(self, |pool| {
             sqlx::query(
                 "UPDATE deliveries SET status = 'skipped', skip_reason = $2, amount_minor = NULL,
                      lines = NULL
-                 WHERE id = $1 AND status = 'scheduled'",
+                 WHERE id = $1 AND status = 'scheduled' AND ($3 = 0 OR lines IS NULL)",
             )
             .bind(delivery_id)
             .bind(reason)
+            .bind(i64::from(unboxed))
             .execute(pool)
             .await
             .map(|_| ())?
@@ -1080,66 +1167,8 @@ impl Store {
         rows: &[GrowerOrderRow],
         merge: GrowerOrderMerge<'_>,
     ) -> StoreResult<()> {
-        let json = super::json_array(rows.iter().map(|g| {
-            (
-                &g.id,
-                &g.week,
-                &g.supplier,
-                &g.supplier_email,
-                &g.sku,
-                g.qty,
-                &g.ripening_start,
-                &g.order_by,
-            )
-        }));
         in_tx!(self, |tx| {
-            let (qty, on_conflict) = match merge {
-                GrowerOrderMerge::Replace { from, until } => {
-                    let sql = format!(
-                        "DELETE FROM grower_orders
-                         WHERE status = 'planned' AND ripening_start >= $2 AND ripening_start < $3
-                           AND NOT EXISTS (SELECT 1 FROM {} WHERE value->>2 = grower_orders.supplier
-                               AND value->>4 = grower_orders.sku
-                               AND value->>6 = grower_orders.ripening_start)",
-                        super::json_rows(&tx, 1)
-                    );
-                    sqlx::query(sqlx::AssertSqlSafe(sql))
-                        .bind(&json)
-                        .bind(from)
-                        .bind(until)
-                        .execute(&mut *tx)
-                        .await?;
-                    // What is wanted less what the sent lines already ordered; a line left
-                    // with nothing to order is deleted below.
-                    (
-                        "CAST(value->>5 AS BIGINT) - COALESCE((SELECT SUM(s.qty) FROM grower_orders s
-                             WHERE s.status = 'sent' AND s.supplier = value->>2
-                               AND s.sku = value->>4 AND s.ripening_start = value->>6), 0)",
-                        "excluded.qty",
-                    )
-                }
-                GrowerOrderMerge::Add => (
-                    "CAST(value->>5 AS BIGINT)",
-                    "grower_orders.qty + excluded.qty",
-                ),
-            };
-            let sql = format!(
-                "INSERT INTO grower_orders (id, week, supplier, supplier_email, sku, qty,
-                     ripening_start, order_by, status, sent_at)
-                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, {qty},
-                     value->>6, value->>7, 'planned', NULL
-                 FROM {} WHERE true
-                 ON CONFLICT (supplier, sku, ripening_start) WHERE status = 'planned'
-                 DO UPDATE SET qty = {on_conflict}",
-                super::json_rows(&tx, 1)
-            );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(&json)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM grower_orders WHERE status = 'planned' AND qty <= 0")
-                .execute(&mut *tx)
-                .await?;
+            merge_grower_orders!(tx, rows, merge);
             tx.commit().await?;
         });
         Ok(())

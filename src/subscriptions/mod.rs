@@ -475,7 +475,7 @@ pub async fn run_renew(
             }
             if !matches!(sub.status.as_str(), "active" | "past_due") {
                 // Paused deliveries are already skipped; suspended and cancelled ones never bill.
-                store.skip_due_delivery(&d.id, &sub.status).await?;
+                store.skip_due_delivery(&d.id, &sub.status, false).await?;
                 continue;
             }
             let shopper = shoppers.get(&sub.shopper_id).ok_or_else(|| {
@@ -532,7 +532,9 @@ async fn lock_and_bill(
         // the delivery is skipped, and never billed.
         Err(SubscriptionError::Conflict(why)) => {
             tracing::warn!(delivery = %d.id, %why, "delivery cannot be planned in time; skipped");
-            store.skip_due_delivery(&d.id, "unplannable").await?;
+            store
+                .skip_due_delivery(&d.id, "unplannable", boxed_at_lock)
+                .await?;
             return Ok(None);
         }
         Err(e) => return Err(e),
@@ -864,7 +866,8 @@ async fn plan_window(
         }
         if !boxes.is_empty() {
             let store = store.clone();
-            let write = async move { store.save_first_boxes(&boxes).await };
+            // No add: the window's orders are replaced below from every box counted here.
+            let write = async move { store.save_first_boxes(&boxes, |_| Vec::new()).await };
             if let Some(done) = writing.start(write).await {
                 boxed += done?.len();
             }
@@ -894,8 +897,15 @@ async fn plan_window(
 /// and adds the boxes it wrote to the grower orders. Only this subscription's boxes are read
 /// and added, so a signup costs the same with ten subscribers or a hundred thousand; the
 /// next full refresh (`subscription-plan`, `grower-orders`) recomputes every total from the
-/// boxes.
-pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<Utc>) -> Result<()> {
+/// boxes. Lines of these boxes already due (a late box ordered on its order-by day, after
+/// that morning's `grower-orders` run) go to their growers at once: the next run would be a
+/// day late. `shop` is the zone `grower-orders` runs in.
+pub async fn plan_upcoming(
+    store: &Store,
+    sub: &SubscriptionRow,
+    now: DateTime<Utc>,
+    shop: Tz,
+) -> Result<()> {
     let plan = plan_of(store, &sub.plan_id).await?;
     let today = today(&plan, now);
     let until = today + Duration::days(15);
@@ -920,14 +930,25 @@ pub async fn plan_upcoming(store: &Store, sub: &SubscriptionRow, now: DateTime<U
         .map(|(id, (_, lines))| (id.clone(), serde_json::to_string(lines).unwrap_or_default()))
         .collect();
     // Only the boxes written count: a delivery boxed meanwhile by a plan was counted there.
-    for id in store.save_first_boxes(&boxes).await? {
-        if let Some((date, lines)) = planned.get(&id) {
-            orders.add(&plan, *date, lines);
+    let mut added = Vec::new();
+    let orders_of = |written: &[String]| {
+        for id in written {
+            if let Some((date, lines)) = planned.get(id) {
+                orders.add(&plan, *date, lines);
+            }
         }
+        added = orders.rows();
+        added.clone()
+    };
+    store.save_first_boxes(&boxes, orders_of).await?;
+    let ours = |g: &GrowerOrderRow| {
+        added.iter().any(|a| {
+            (&a.supplier, &a.sku, &a.ripening_start) == (&g.supplier, &g.sku, &g.ripening_start)
+        })
+    };
+    if !added.is_empty() {
+        send_due_grower_orders(store, now, shop, ours).await?;
     }
-    store
-        .put_grower_orders(&orders.rows(), GrowerOrderMerge::Add)
-        .await?;
     Ok(())
 }
 
@@ -958,9 +979,22 @@ pub async fn run_grower_orders(
     // Boxes first: a delivery that came into the window since the weekly plan, or came back
     // with a resume, is boxed by the next morning at the latest.
     plan_window(store, (today, today + Duration::days(15)), now).await?;
+    let sent = send_due_grower_orders(store, now, shop, |_| true).await?;
+    Ok(json!({"sent": sent}))
+}
+
+/// Sends each grower the planned lines (of those `which` picks) whose order-by date has come,
+/// in one email per grower; returns how many lines went out.
+async fn send_due_grower_orders(
+    store: &Store,
+    now: DateTime<Utc>,
+    shop: Tz,
+    which: impl Fn(&GrowerOrderRow) -> bool,
+) -> Result<usize> {
+    let today = now.with_timezone(&shop).date_naive();
     let mut by_supplier: BTreeMap<String, Vec<GrowerOrderRow>> = BTreeMap::new();
     for g in store.grower_orders(None).await? {
-        if g.status == "planned" && g.order_by.as_str() <= today.to_string().as_str() {
+        if g.status == "planned" && g.order_by.as_str() <= today.to_string().as_str() && which(&g) {
             by_supplier.entry(g.supplier.clone()).or_default().push(g);
         }
     }
@@ -973,7 +1007,7 @@ pub async fn run_grower_orders(
             .await?
             .len();
     }
-    Ok(json!({"sent": sent}))
+    Ok(sent)
 }
 
 /// Resumes a paused subscription: its paused deliveries before their cutoff come back,
