@@ -65,9 +65,11 @@ pub struct DeliveryRow {
     pub skip_reason: Option<String>,
     pub amount_minor: Option<i64>,
     /// The box (JSON lines), once planned: NULL until then, and again once the delivery
-    /// leaves `scheduled` for `skipped` (a box not sent is not kept for a later return).
-    /// Written once while scheduled (never replaced: its lines may be on their way to the
-    /// growers), final when locked.
+    /// leaves `scheduled` for `skipped` (a box not sent is not kept for a later return; what
+    /// its growers were already sent is spare that the next recomputation of the orders
+    /// counts against other boxes of its day). Written once while scheduled (never replaced:
+    /// its lines may be on their way to the growers), final when locked, kept when a locked
+    /// box's invoice is void (it reads `skipped` then, but was packed).
     pub lines: Option<String>,
 }
 

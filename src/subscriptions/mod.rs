@@ -357,7 +357,8 @@ pub async fn box_for(
     Ok(lines)
 }
 
-/// Rows written per transaction by the renewal run and the weekly plan. A commit writes each
+/// Rows written per transaction by the renewal run and the plans (weekly and each morning's
+/// `grower-orders`). A commit writes each
 /// page it dirtied once, and a subscription's rows land on pages of their own in the indexes
 /// keyed by shopper or email address, so more subscriptions per commit share them. At 100,000
 /// on SQLite: 2,000 renewed 7,850-9,435 subscriptions/s against 7,060-8,287 at 1,000, and
@@ -366,7 +367,7 @@ pub async fn box_for(
 /// one since [`writes_in_flight`]; the target is 300). PostgreSQL ran the
 /// same at all three (1,000 had been 13-15 % faster than 500 there).
 const CHUNK: usize = 5000;
-/// Chunks the renewal and the weekly plan write at once (see [`InFlight`]). On PostgreSQL a
+/// Chunks the renewal and the plans write at once (see [`InFlight`]). On PostgreSQL a
 /// third keeps both cores busy while this process plans the next chunk. SQLite commits one
 /// transaction at a time, so a chunk queued behind its writer only holds memory: at 100,000
 /// subscriptions one chunk in flight (written while the next is planned) renewed as fast as
