@@ -1050,6 +1050,64 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_lock_that_planned_a_box_gives_way_to_a_box_planned_meanwhile(backend) {
+        use pooled::domain::{ledger::Account, money::{Currency, Money}};
+        use pooled::store::{DeliveryLock, InvoiceRow, NewEmail, NewIntent};
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 1)).await;
+        let (_, token) = app.shopper("Lena", "pm_ok").await;
+        // A first delivery beyond the two weeks a signup boxes: it has no box yet.
+        let (status, body) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-22"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let id = str_of(&body["id"]);
+        let store = &app.state.store;
+        let first = || async { store.deliveries_of(&id).await.unwrap().remove(0) };
+        let read = first().await;
+        assert_eq!((read.delivery_date.as_str(), read.lines.as_deref()), ("2026-10-22", None));
+        let a_box = |sku: &str| json!([{"sku": sku, "name": sku, "qty": 7, "ripened_days": 0,
+            "ready_from": 0, "ready_until": 6}]).to_string();
+        // The lock read it without a box and planned one; a plan boxed it meanwhile.
+        assert_eq!(store.save_first_boxes(&[(read.id.clone(), a_box("apple"))], |_| Vec::new()).await.unwrap(), [read.id.clone()]);
+        assert!(store.save_first_boxes(&[(read.id.clone(), a_box("pear"))], |_| Vec::new()).await.unwrap().is_empty(), "never replaced");
+        let now = 1_790_000_000_000_000;
+        let lock = |d: DeliveryRow, boxed_at_lock: bool| {
+            let invoice = InvoiceRow {
+                id: format!("inv_{boxed_at_lock}"), subscription_id: id.clone(), delivery_id: d.id.clone(),
+                delivery_date: d.delivery_date.clone(), amount_minor: 2490, currency: "EUR".into(),
+                status: "pending".into(), attempts: 0, first_failed_at: None, next_attempt_at: None,
+                created_at: now, paid_at: None,
+            };
+            let charge = NewIntent {
+                id: format!("pi_{}", invoice.id), idempotency_key: format!("renewal:{id}:{boxed_at_lock}"),
+                kind: "charge", purpose: "renewal", subject_id: invoice.id.clone(), shopper_id: str_of(&body["shopper_id"]),
+                amount: Money::from_minor(2490, Currency::parse("EUR").unwrap()), account: Account::SubscriptionRevenue,
+                refund_of: None, memo: "test".into(), first_sweep_at: now,
+            };
+            let email = NewEmail {
+                template: "box_planned".into(), entity: d.id.clone(), event: format!("locked:{boxed_at_lock}"),
+                to: "lena@example.com".into(), subject: "box".into(), text: "box".into(), html: "box".into(),
+                attachments: Vec::new(),
+            };
+            DeliveryLock { delivery: DeliveryRow { amount_minor: Some(2490), ..d }, invoice, charge, email, boxed_at_lock }
+        };
+        let planned_at_lock = DeliveryRow { lines: Some(a_box("pear")), ..read.clone() };
+        let (locked, charges) = store.lock_deliveries(&[lock(planned_at_lock, true)], now).await.unwrap();
+        assert_eq!((locked, charges.len()), (0, 0), "the box planned meanwhile wins");
+        let kept = first().await;
+        assert_eq!((kept.status.as_str(), kept.lines), ("scheduled", Some(a_box("apple"))));
+        assert!(store.invoices_of(&id).await.unwrap().is_empty(), "nothing billed");
+        // The next run reads the box and locks with it.
+        let (locked, charges) = store.lock_deliveries(&[lock(first().await, false)], now).await.unwrap();
+        assert_eq!((locked, charges.len()), (1, 1));
+        let done = first().await;
+        assert_eq!((done.status.as_str(), done.lines), ("locked", Some(a_box("apple"))));
+        assert_eq!(store.invoices_of(&id).await.unwrap().len(), 1);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn grower_orders_go_out_on_the_shops_own_day_east_of_utc(backend) {
         let app = TestApp::spawn_with(backend, |s| {
             s.clock = pooled::config::ClockMode::Manual;
