@@ -1068,7 +1068,7 @@ on_both_backends! {
         let a_box = |sku: &str| json!([{"sku": sku, "name": sku, "qty": 7, "ripened_days": 0,
             "ready_from": 0, "ready_until": 6}]).to_string();
         // The lock read it without a box and planned one; a plan boxed it meanwhile.
-        assert_eq!(store.save_first_boxes(&[(read.id.clone(), a_box("apple"))], |_| Vec::new()).await.unwrap(), [read.id.clone()]);
+        assert_eq!(store.save_first_boxes(&[(read.id.clone(), a_box("apple"))], |_| Vec::new()).await.unwrap(), vec![read.id.clone()]);
         assert!(store.save_first_boxes(&[(read.id.clone(), a_box("pear"))], |_| Vec::new()).await.unwrap().is_empty(), "never replaced");
         let now = 1_790_000_000_000_000;
         let lock = |d: DeliveryRow, boxed_at_lock: bool| {
