@@ -1191,6 +1191,22 @@ impl Store {
         }))
     }
 
+    /// The planned grower order lines whose order-by date (ISO) is `today` or earlier: the
+    /// ones to send (the table keeps every line ever sent; these are a few).
+    pub async fn due_grower_orders(&self, today: &str) -> StoreResult<Vec<GrowerOrderRow>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT id, week, supplier, supplier_email, sku, qty, ripening_start, order_by,
+                        status, sent_at
+                 FROM grower_orders WHERE status = 'planned' AND order_by <= $1
+                 ORDER BY order_by, supplier, sku",
+            )
+            .bind(today)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
     /// Marks the planned lines among `ids` sent and writes one email of exactly those
     /// lines (`email_of`, given them as they were sent), in one transaction. A line sent
     /// meanwhile is left out, so each line is mailed once and the email never claims

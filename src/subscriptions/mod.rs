@@ -994,8 +994,8 @@ async fn send_due_grower_orders(
 ) -> Result<usize> {
     let today = now.with_timezone(&shop).date_naive();
     let mut by_supplier: BTreeMap<String, Vec<GrowerOrderRow>> = BTreeMap::new();
-    for g in store.grower_orders(None).await? {
-        if g.status == "planned" && g.order_by.as_str() <= today.to_string().as_str() && which(&g) {
+    for g in store.due_grower_orders(&today.to_string()).await? {
+        if which(&g) {
             by_supplier.entry(g.supplier.clone()).or_default().push(g);
         }
     }
