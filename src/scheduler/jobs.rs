@@ -150,7 +150,7 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             billing!(subscriptions::run_dunning),
         ),
         JobSpec::new(
-            "grower-orders",
+            subscriptions::GROWER_ORDERS_JOB,
             "0 5 * * *",
             shop,
             CatchUp::All,

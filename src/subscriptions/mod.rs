@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub const RENEW_JOB: &str = "subscription-renew";
 pub const DUNNING_JOB: &str = "billing-dunning";
+pub const GROWER_ORDERS_JOB: &str = "grower-orders";
 
 /// Deliveries are kept this far ahead (so skips and pauses have rows to act on).
 const HORIZON_DAYS: i64 = 28;
@@ -900,7 +901,8 @@ async fn plan_window(
 /// next full refresh (`subscription-plan`, `grower-orders`) recomputes every total from the
 /// boxes. Lines of these boxes already due (a late box ordered on its order-by day, after
 /// that morning's `grower-orders` run) go to their growers at once: the next run would be a
-/// day late. `shop` is the zone `grower-orders` runs in.
+/// day late. (Not while ops have paused `grower-orders`: that holds every grower email.)
+/// `shop` is the zone `grower-orders` runs in.
 pub async fn plan_upcoming(
     store: &Store,
     sub: &SubscriptionRow,
@@ -947,7 +949,13 @@ pub async fn plan_upcoming(
             (&a.supplier, &a.sku, &a.ripening_start) == (&g.supplier, &g.sku, &g.ripening_start)
         })
     };
-    if !added.is_empty() {
+    // Ops who paused `grower-orders` hold every grower email, these too.
+    let held = store
+        .job_defs()
+        .await?
+        .iter()
+        .any(|j| j.name == GROWER_ORDERS_JOB && j.paused_at.is_some());
+    if !added.is_empty() && !held {
         send_due_grower_orders(store, now, shop, ours).await?;
     }
     Ok(())

@@ -912,6 +912,19 @@ on_both_backends! {
         let run = run_job().await;
         assert_eq!(run["result"]["sent"].as_u64(), Some(0), "{run}");
         assert_eq!(grower_emails().await.len(), after.len());
+        // While ops hold the grower emails (the job paused), a signup's due lines wait too,
+        // for a run ops ask for.
+        let (status, body) = app.post("/api/v1/ops/jobs/grower-orders/pause", Some(ADMIN_TOKEN), json!({"note": "supplier audit"})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        subscribe("Cy").await;
+        assert_eq!(grower_emails().await.len(), after.len(), "held");
+        let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+        for (sku, start, order_by, qty, _) in &sent {
+            let line = (sku.clone(), start.clone(), order_by.clone(), *qty, "planned".to_owned());
+            assert!(lines(&orders).contains(&line), "{line:?} waits: {orders}");
+        }
+        let run = run_job().await;
+        assert_eq!(run["result"]["sent"].as_u64(), Some(sent.len() as u64), "{run}");
         app.stop().await;
     }
 }
