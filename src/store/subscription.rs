@@ -315,6 +315,9 @@ pub struct DeliveryLock {
     /// The box was planned by the lock itself (the delivery had none): it locks only if
     /// no plan wrote one meanwhile, which would be the box the growers were ordered for.
     pub boxed_at_lock: bool,
+    /// The grower orders of a box planned by the lock itself, added in the lock's commit if
+    /// it locks (a box planned ahead was counted when it was planned).
+    pub orders: Vec<GrowerOrderRow>,
 }
 
 impl Store {
@@ -878,6 +881,24 @@ impl Store {
                 .iter()
                 .filter(|l| taken.contains(&l.delivery.id))
                 .collect();
+            // One row per order: a statement may not update one row twice.
+            let mut orders: std::collections::BTreeMap<(&str, &str, &str), GrowerOrderRow> =
+                Default::default();
+            for o in locked.iter().flat_map(|l| &l.orders) {
+                let key = (
+                    o.supplier.as_str(),
+                    o.sku.as_str(),
+                    o.ripening_start.as_str(),
+                );
+                orders
+                    .entry(key)
+                    .and_modify(|sum| sum.qty += o.qty)
+                    .or_insert_with(|| o.clone());
+            }
+            if !orders.is_empty() {
+                let orders: Vec<GrowerOrderRow> = orders.into_values().collect();
+                merge_grower_orders!(tx, &orders, GrowerOrderMerge::Add);
+            }
             let mut begun = Vec::new();
             if !locked.is_empty() {
                 let sql = format!(

@@ -438,6 +438,7 @@ pub async fn run_renew(
     // the gateway as soon as its lock commits (taken in that commit, so no second one).
     let mut writing = InFlight::new(writes_in_flight(store));
     let mut resumed = HashSet::new();
+    let mut ordered_at_lock = HashSet::new();
     let mut due = ReadAhead::new(store.due_delivery_ids(now_us).await?, CHUNK, {
         let store = store.clone();
         move |ids| deliveries_in_order(store.clone(), ids, true)
@@ -485,6 +486,10 @@ pub async fn run_renew(
             })?;
             let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
             let lock = lock_and_bill(store, plan, &sub, shopper, d, now, &mut memo).await?;
+            if let Some(lock) = &lock {
+                let zone = zone_of(plan);
+                ordered_at_lock.extend(lock.orders.iter().map(|o| (zone, order_key(o))));
+            }
             locks.extend(lock);
         }
         let (store, payments) = (store.clone(), payments.clone());
@@ -501,6 +506,14 @@ pub async fn run_renew(
     }
     while let Some(done) = writing.next().await {
         locked += done?;
+    }
+    // Lines of boxes planned at the lock may be due today: they go out now, not a day late.
+    let zones: HashSet<Tz> = ordered_at_lock.iter().map(|(zone, _)| *zone).collect();
+    if !zones.is_empty() && !grower_emails_held(store).await? {
+        for zone in zones {
+            let ours = |g: &GrowerOrderRow| ordered_at_lock.contains(&(zone, order_key(g)));
+            send_due_grower_orders(store, now, zone, ours).await?;
+        }
     }
     payments.sweep(now, false).await?;
     let dunned = dunning_decisions(store, dunning_days, now).await?;
@@ -524,7 +537,8 @@ async fn lock_and_bill(
     // boxed by a plan meanwhile: see `DeliveryLock::boxed_at_lock`.)
     let boxed_at_lock = d.lines.is_none();
     let planned = lines_of(&d);
-    let lines = match planned.is_empty() {
+    let boxed_now = planned.is_empty();
+    let lines = match boxed_now {
         false => Ok(planned),
         true => box_for(store, plan, sub, date, now, memo).await,
     };
@@ -576,12 +590,22 @@ async fn lock_and_bill(
         first_sweep_at: micros(now + crate::payments::hold()),
     };
     let email = emails::box_planned(plan, &d, date, &lines, &shopper.email, &shopper.name);
+    // A box planned now was never ordered: its lines go into the grower orders with the lock
+    // (rare: every plan boxes two weeks ahead; this is a signup whose plan failed, say).
+    let mut orders = Vec::new();
+    if boxed_now {
+        let catalog = catalog_by_sku(store).await?;
+        let mut planned = GrowerOrders::new(&catalog);
+        planned.add(plan, date, &lines);
+        orders = planned.rows();
+    }
     Ok(Some(DeliveryLock {
         delivery: d,
         invoice,
         charge,
         email,
         boxed_at_lock,
+        orders,
     }))
 }
 
@@ -944,18 +968,8 @@ pub async fn plan_upcoming(
         added.clone()
     };
     store.save_first_boxes(&boxes, orders_of).await?;
-    let ours = |g: &GrowerOrderRow| {
-        added.iter().any(|a| {
-            (&a.supplier, &a.sku, &a.ripening_start) == (&g.supplier, &g.sku, &g.ripening_start)
-        })
-    };
-    // Ops who paused `grower-orders` hold every grower email, these too.
-    let held = store
-        .job_defs()
-        .await?
-        .iter()
-        .any(|j| j.name == GROWER_ORDERS_JOB && j.paused_at.is_some());
-    if !added.is_empty() && !held {
+    let ours = |g: &GrowerOrderRow| added.iter().any(|a| order_key(a) == order_key(g));
+    if !added.is_empty() && !grower_emails_held(store).await? {
         send_due_grower_orders(store, now, shop, ours).await?;
     }
     Ok(())
@@ -990,6 +1004,21 @@ pub async fn run_grower_orders(
     plan_window(store, (today, today + Duration::days(15)), now).await?;
     let sent = send_due_grower_orders(store, now, shop, |_| true).await?;
     Ok(json!({"sent": sent}))
+}
+
+/// A planned grower order's identity: grower, item and ripening start.
+fn order_key(g: &GrowerOrderRow) -> (String, String, String) {
+    (g.supplier.clone(), g.sku.clone(), g.ripening_start.clone())
+}
+
+/// Whether ops have paused `grower-orders`, which holds every grower email: lines due at a
+/// signup or a lock then wait for a run too.
+async fn grower_emails_held(store: &Store) -> Result<bool> {
+    Ok(store
+        .job_defs()
+        .await?
+        .iter()
+        .any(|j| j.name == GROWER_ORDERS_JOB && j.paused_at.is_some()))
 }
 
 /// Sends each grower the planned lines (of those `which` picks) whose order-by date has come,

@@ -987,16 +987,70 @@ on_both_backends! {
     }
 }
 
-on_both_backends! {
-    async fn late_boxes_are_made_of_what_can_still_come_in_time_and_stay_as_planned(backend) {
-        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
-        // A dear local apple the farm delivers the same day: never the cheapest box, but the
-        // only one that can still come two days before a delivery.
+impl TestApp {
+    /// Adds a dear local apple the farm delivers the same day: never the cheapest box, but
+    /// the only one that can still come a day or two before a delivery.
+    async fn farm_apple(&self) {
         let local = json!({"name": "Farm apple", "kind": "fruit", "ripening_days_min": 0, "ripening_days_max": 0,
             "ready_window_days": 7, "unit_cost": "9.00", "currency": "EUR", "available_months": (1..=12).collect::<Vec<_>>(),
             "lead_time_days": 0, "grower": "Hof Linde", "grower_email": "hof@linde.example"});
-        let (status, body) = app.call(Method::PUT, "/api/v1/catalog/farm-apple", Some(ADMIN_TOKEN), Some(local)).await;
+        let (status, body) = self
+            .call(
+                Method::PUT,
+                "/api/v1/catalog/farm-apple",
+                Some(ADMIN_TOKEN),
+                Some(local),
+            )
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
+    }
+}
+
+on_both_backends! {
+    async fn a_box_planned_at_the_lock_is_ordered_with_it_and_its_due_lines_go_out_at_once(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        app.farm_apple().await;
+        let mut body = fruit_plan("24.90", 1);
+        body["cutoff_hours"] = json!(12);
+        let plan = app.plan(body).await;
+        let (_, token) = app.shopper("Eve", "pm_ok").await;
+        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        let id = str_of(&sub["id"]);
+        // The morning of the cutoff, after that day's runs: the delivery has no box (as when
+        // its signup's planning failed and no run came after).
+        app.advance("2026-10-07T04:30:00Z").await;
+        crate::helpers::raw_tx(&app.state.settings.database, &[
+            &format!("UPDATE deliveries SET lines = NULL WHERE subscription_id = '{id}' AND delivery_date = '2026-10-08'"),
+        ]).await.unwrap();
+        let farm = || async {
+            let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+            orders["items"].as_array().unwrap().iter().filter(|o| o["sku"] == "farm-apple")
+                .map(|o| (o["qty"].as_i64().unwrap(), str_of(&o["order_by"]), str_of(&o["status"]))).collect::<Vec<_>>()
+        };
+        assert!(farm().await.is_empty());
+        // At the cutoff (10:00 UTC) the lock boxes it with what can still come: the farm's apple,
+        // to be ordered today. It is ordered with the lock and goes out at once, not tomorrow.
+        app.advance("2026-10-07T12:00:00Z").await;
+        let d = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await.remove(0);
+        let lines = d["lines"].as_array().unwrap().clone();
+        assert!(!lines.is_empty() && lines.iter().all(|l| l["sku"] == "farm-apple"), "{d}");
+        let qty: i64 = lines.iter().map(|l| l["qty"].as_i64().unwrap()).sum();
+        assert_eq!(farm().await, [(qty, "2026-10-07".to_owned(), "sent".to_owned())]);
+        let emails = app.state.store.outbox(None, 500, None).await.unwrap();
+        assert_eq!(emails.iter().filter(|e| e.template == "grower_order" && e.to_addr == "hof@linde.example").count(), 1);
+        // The next morning's recomputation counts it once.
+        app.advance("2026-10-08T04:00:00Z").await;
+        assert_eq!(farm().await, [(qty, "2026-10-07".to_owned(), "sent".to_owned())]);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn late_boxes_are_made_of_what_can_still_come_in_time_and_stay_as_planned(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        app.farm_apple().await;
         let mut body = fruit_plan("24.90", 1);
         body["cutoff_hours"] = json!(12);
         let plan = app.plan(body).await;
@@ -1102,7 +1156,7 @@ on_both_backends! {
                 to: "lena@example.com".into(), subject: "box".into(), text: "box".into(), html: "box".into(),
                 attachments: Vec::new(),
             };
-            DeliveryLock { delivery: DeliveryRow { amount_minor: Some(2490), ..d }, invoice, charge, email, boxed_at_lock }
+            DeliveryLock { delivery: DeliveryRow { amount_minor: Some(2490), ..d }, invoice, charge, email, boxed_at_lock, orders: Vec::new() }
         };
         let planned_at_lock = DeliveryRow { lines: Some(a_box("pear")), ..read.clone() };
         let (locked, charges) = store.lock_deliveries(&[lock(planned_at_lock, true)], now).await.unwrap();
