@@ -508,11 +508,21 @@ pub async fn run_renew(
         locked += done?;
     }
     // Lines of boxes planned at the lock may be due today: they go out now, not a day late.
+    // Best effort: the locks have committed, and the next `grower-orders` run sends what
+    // this misses; a failure here must not skip the payments and dunning below.
     let zones: HashSet<Tz> = ordered_at_lock.iter().map(|(zone, _)| *zone).collect();
-    if !zones.is_empty() && !grower_emails_held(store).await? {
-        for zone in zones {
-            let ours = |g: &GrowerOrderRow| ordered_at_lock.contains(&(zone, order_key(g)));
-            send_due_grower_orders(store, now, zone, ours).await?;
+    if !zones.is_empty() {
+        let send = async {
+            if !grower_emails_held(store).await? {
+                for zone in zones {
+                    let ours = |g: &GrowerOrderRow| ordered_at_lock.contains(&(zone, order_key(g)));
+                    send_due_grower_orders(store, now, zone, ours).await?;
+                }
+            }
+            Ok::<(), SubscriptionError>(())
+        };
+        if let Err(e) = send.await {
+            tracing::warn!(error = %e, "sending the lines of boxes planned at the lock failed");
         }
     }
     payments.sweep(now, false).await?;
