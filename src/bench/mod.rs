@@ -493,7 +493,8 @@ async fn renewal(f: &Fresh, args: &BenchArgs) -> anyhow::Result<Figure> {
     subscriptions::run_plan(store, now, chrono_tz::UTC).await?;
     let planned = started.elapsed().as_secs_f64();
     let at_cutoff = crate::store::instant(cutoff);
-    subscriptions::run_renew(store, &f.app_state.payments, &[1, 3, 5], at_cutoff).await?;
+    let utc = chrono_tz::UTC;
+    subscriptions::run_renew(store, &f.app_state.payments, &[1, 3, 5], utc, at_cutoff).await?;
     let wall = started.elapsed().as_secs_f64();
     let rss = peak_rss_mb();
     let paid = store.count_invoices("paid").await?;

@@ -48,15 +48,16 @@ where
 }
 
 /// The body of a subscription billing step (renewal, dunning): each runs over the store, the
-/// gateway and the configured dunning schedule.
+/// gateway and the configured dunning schedule, with any further arguments (the shop zone).
 macro_rules! billing {
-    ($step:path) => {
-        body(|ctx| async move {
+    ($step:path $(, $arg:expr)*) => {
+        body(move |ctx| async move {
             let env = &ctx.env;
             $step(
                 &env.store,
                 &env.payments,
                 &env.settings.dunning_days,
+                $($arg,)*
                 ctx.now,
             )
             .await
@@ -140,7 +141,7 @@ pub fn defaults(shop: Tz) -> Vec<JobSpec> {
             "every 15m",
             utc,
             CatchUp::Latest,
-            billing!(subscriptions::run_renew),
+            billing!(subscriptions::run_renew, shop),
         ),
         JobSpec::new(
             subscriptions::DUNNING_JOB,

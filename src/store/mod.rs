@@ -573,8 +573,8 @@ pub use scheduler::{
     Claimed, JobDefRow, JobRunRow, NewRun, Pruned, RunFilter, SchedulerInstanceRow,
 };
 pub use subscription::{
-    CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderMerge, GrowerOrderRow, InvoiceRow, PlanRow,
-    SubscriptionRow,
+    CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderMerge, GrowerOrderRow, InvoiceRow, Locked,
+    PlanRow, SubscriptionRow,
 };
 
 /// Errors of the storage layer.

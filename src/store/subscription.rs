@@ -320,6 +320,16 @@ pub struct DeliveryLock {
     pub orders: Vec<GrowerOrderRow>,
 }
 
+/// What [`Store::lock_deliveries`] took: how many locks, the charges they began, and the
+/// grower orders added for boxes planned at those locks (summed per grower, item and
+/// ripening start).
+#[derive(Debug, Default)]
+pub struct Locked {
+    pub locked: usize,
+    pub charges: Vec<IntentRow>,
+    pub orders: Vec<GrowerOrderRow>,
+}
+
 impl Store {
     /// Adds catalog items that are not there yet (a fresh database gets the shipped catalog;
     /// ops' edits are kept).
@@ -843,14 +853,10 @@ impl Store {
     /// set-based: a delivery no longer scheduled is left out (one guarded update per chunk
     /// decides which), and the rest is written with multi-row inserts. The charges are
     /// committed with their first attempt taken, for the caller to send right after. Returns
-    /// how many were locked, and those charges.
-    pub async fn lock_deliveries(
-        &self,
-        locks: &[DeliveryLock],
-        now: i64,
-    ) -> StoreResult<(usize, Vec<IntentRow>)> {
+    /// what was taken ([`Locked`]).
+    pub async fn lock_deliveries(&self, locks: &[DeliveryLock], now: i64) -> StoreResult<Locked> {
         if locks.is_empty() {
-            return Ok((0, Vec::new()));
+            return Ok(Locked::default());
         }
         in_tx!(self, |tx| {
             // `status || ''` keeps SQLite from reading every scheduled delivery through the
@@ -895,8 +901,8 @@ impl Store {
                     .and_modify(|sum| sum.qty += o.qty)
                     .or_insert_with(|| o.clone());
             }
+            let orders: Vec<GrowerOrderRow> = orders.into_values().collect();
             if !orders.is_empty() {
-                let orders: Vec<GrowerOrderRow> = orders.into_values().collect();
                 merge_grower_orders!(tx, &orders, GrowerOrderMerge::Add);
             }
             let mut begun = Vec::new();
@@ -941,7 +947,11 @@ impl Store {
             let emails: Vec<&NewEmail> = locked.iter().map(|l| &l.email).collect();
             enqueue_emails!(tx, &emails, now);
             tx.commit().await?;
-            Ok((locked.len(), begun))
+            Ok(Locked {
+                locked: locked.len(),
+                charges: begun,
+                orders,
+            })
         })
     }
 

@@ -16,8 +16,8 @@ use crate::domain::subscription::{
 };
 use crate::payments::{Payments, PaymentsError};
 use crate::store::{
-    CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderMerge, GrowerOrderRow, InvoiceRow, NewIntent,
-    PlanRow, Store, StoreError, SubscriptionRow, micros,
+    CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderMerge, GrowerOrderRow, InvoiceRow, Locked,
+    NewIntent, PlanRow, Store, StoreError, SubscriptionRow, micros,
 };
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use chrono_tz::Tz;
@@ -286,76 +286,118 @@ pub fn feasible(plan: &PlanRow, catalog: &[CatalogRow], exclusions: &[String]) -
     ripening::feasible_in_some_month(&box_request(plan, &items, exclusions, 1, 60))
 }
 
-/// The box for a delivery planned for the first time (it has no lines yet): its (plan,
-/// exclusions, weekday, date) profile's box, solved once and stored, while every line can
-/// still be ordered from its grower. Past a line's order-by date (a signup close to the
-/// cutoff) the delivery gets a box of its own from what can still come in time, or none
-/// (`Conflict`); the profile's box stays what its earlier deliveries were ordered with.
-/// `memo` keeps the profiles a run has already seen (within a run `today` is one day), so a
-/// run over many subscriptions reads each profile's box once.
-pub async fn box_for(
-    store: &Store,
-    plan: &PlanRow,
-    sub: &SubscriptionRow,
-    date: NaiveDate,
+/// Plans first boxes during one run, with what the run reads once: the catalog, and the
+/// profiles' boxes it has already seen (within a run `today` is one day), so a run over many
+/// subscriptions reads each profile's box once.
+struct Boxer<'a> {
+    store: &'a Store,
+    catalog: &'a BTreeMap<String, CatalogRow>,
     now: DateTime<Utc>,
-    memo: &mut HashMap<String, Vec<StoredLine>>,
-) -> Result<Vec<StoredLine>> {
-    let profile = format!(
-        "{}|{}|{}|{}",
-        plan.id, sub.exclusions, sub.delivery_weekday, date
-    );
-    if let Some(lines) = memo.get(&profile) {
-        return Ok(lines.clone());
+    memo: HashMap<String, Vec<StoredLine>>,
+}
+
+impl<'a> Boxer<'a> {
+    fn new(
+        store: &'a Store,
+        catalog: &'a BTreeMap<String, CatalogRow>,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Boxer {
+            store,
+            catalog,
+            now,
+            memo: HashMap::new(),
+        }
     }
-    // An unreadable stored box is planned afresh (and an empty one is never orderable).
-    let stored: Option<Vec<StoredLine>> = store
-        .box_plan(&profile)
-        .await?
-        .and_then(|lines| serde_json::from_str(&lines).ok());
-    let catalog: Vec<CatalogRow> = store
-        .catalog()
-        .await?
-        .into_iter()
-        .filter(|c| c.kind == plan.kind)
-        .collect();
-    let items: Vec<Item> = catalog.iter().map(item_of).collect();
-    let exclusions = exclusions_of(sub);
-    let days_ahead = (date - today(plan, now)).num_days();
-    let req = box_request(plan, &items, &exclusions, date.month(), days_ahead);
-    if let Some(lines) = stored.as_ref().filter(|lines| {
-        ripening::still_orderable(&req, lines.iter().map(|l| (l.sku.as_str(), l.ripened_days)))
-    }) {
-        memo.insert(profile, lines.clone());
-        return Ok(lines.clone());
+
+    /// The box for a delivery planned for the first time (it has no lines yet): its (plan,
+    /// exclusions, weekday, date) profile's box, solved once and stored, while every line can
+    /// still be ordered from its grower. Past a line's order-by date (a signup close to the
+    /// cutoff) the delivery gets a box of its own from what can still come in time, or none
+    /// (`Conflict`); the profile's box stays what its earlier deliveries were ordered with.
+    async fn box_for(
+        &mut self,
+        plan: &PlanRow,
+        sub: &SubscriptionRow,
+        date: NaiveDate,
+    ) -> Result<Vec<StoredLine>> {
+        let profile = format!(
+            "{}|{}|{}|{}",
+            plan.id, sub.exclusions, sub.delivery_weekday, date
+        );
+        if let Some(lines) = self.memo.get(&profile) {
+            return Ok(lines.clone());
+        }
+        // An unreadable stored box is planned afresh (and an empty one is never orderable).
+        let stored: Option<Vec<StoredLine>> = self
+            .store
+            .box_plan(&profile)
+            .await?
+            .and_then(|lines| serde_json::from_str(&lines).ok());
+        let items: Vec<Item> = self
+            .catalog
+            .values()
+            .filter(|c| c.kind == plan.kind)
+            .map(item_of)
+            .collect();
+        let exclusions = exclusions_of(sub);
+        let days_ahead = (date - today(plan, self.now)).num_days();
+        let req = box_request(plan, &items, &exclusions, date.month(), days_ahead);
+        if let Some(lines) = stored.as_ref().filter(|lines| {
+            ripening::still_orderable(&req, lines.iter().map(|l| (l.sku.as_str(), l.ripened_days)))
+        }) {
+            self.memo.insert(profile, lines.clone());
+            return Ok(lines.clone());
+        }
+        let planned =
+            ripening::plan_box(&req).map_err(|e| SubscriptionError::Conflict(e.to_string()))?;
+        let lines: Vec<StoredLine> = planned
+            .lines
+            .iter()
+            .map(|l| StoredLine {
+                name: self
+                    .catalog
+                    .get(&l.sku)
+                    .map_or_else(|| l.sku.clone(), |c| c.name.clone()),
+                sku: l.sku.clone(),
+                qty: l.qty,
+                ripened_days: l.ripened_days,
+                ready_from: l.ready_from,
+                ready_until: l.ready_until,
+            })
+            .collect();
+        // A late box is this delivery's (and this day's other late ones'); the profile's box
+        // stays what its earlier deliveries were ordered with.
+        if stored.is_none() {
+            let (cost, at) = (planned.cost_minor, micros(self.now));
+            self.store
+                .save_box_plan(&profile, &box_json(&lines), cost, at)
+                .await?;
+        }
+        self.memo.insert(profile, lines.clone());
+        Ok(lines)
     }
-    let planned =
-        ripening::plan_box(&req).map_err(|e| SubscriptionError::Conflict(e.to_string()))?;
-    let lines: Vec<StoredLine> = planned
-        .lines
-        .iter()
-        .map(|l| StoredLine {
-            name: catalog
-                .iter()
-                .find(|c| c.sku == l.sku)
-                .map_or_else(|| l.sku.clone(), |c| c.name.clone()),
-            sku: l.sku.clone(),
-            qty: l.qty,
-            ripened_days: l.ripened_days,
-            ready_from: l.ready_from,
-            ready_until: l.ready_until,
-        })
-        .collect();
-    // A late box is this delivery's (and this day's other late ones'); the profile's box
-    // stays what its earlier deliveries were ordered with.
-    if stored.is_none() {
-        let json = serde_json::to_string(&lines).unwrap_or_else(|_| "[]".into());
-        store
-            .save_box_plan(&profile, &json, planned.cost_minor, micros(now))
-            .await?;
+
+    /// [`Boxer::box_for`] for a plan boxing ahead: `None` when nothing can reach the
+    /// warehouse in time any more (the delivery is skipped at its cutoff, see `lock_and_bill`).
+    async fn first_box(
+        &mut self,
+        plan: &PlanRow,
+        sub: &SubscriptionRow,
+        date: NaiveDate,
+    ) -> Result<Option<Vec<StoredLine>>> {
+        match self.box_for(plan, sub, date).await {
+            Ok(lines) => Ok(Some(lines)),
+            Err(SubscriptionError::Conflict(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
-    memo.insert(profile, lines.clone());
-    Ok(lines)
+}
+
+/// A box's lines as stored on its delivery and profile. (Serialising plain strings and
+/// numbers cannot fail.)
+fn box_json(lines: &[StoredLine]) -> String {
+    serde_json::to_string(lines).unwrap_or_else(|_| "[]".into())
 }
 
 /// Rows written per transaction by the renewal run and the plans (weekly and each morning's
@@ -382,10 +424,13 @@ fn writes_in_flight(store: &Store) -> usize {
 /// `subscription-renew`: keeps deliveries ahead, resumes pauses that ended, and at each
 /// cutoff locks the delivery with its box (planned then if it has none), invoices it once
 /// and charges it.
+/// `shop` is the zone `grower-orders` runs in (for lines of boxes planned at the lock that
+/// are due today).
 pub async fn run_renew(
     store: &Store,
     payments: &Payments,
     dunning_days: &[i64],
+    shop: Tz,
     now: DateTime<Utc>,
 ) -> Result<serde_json::Value> {
     let now_us = micros(now);
@@ -430,7 +475,6 @@ pub async fn run_renew(
         done?;
     }
     let mut locked = 0;
-    let mut memo = HashMap::new();
     // Chunks are planned here one after another (they share the plans and the box memo) and
     // written up to [`writes_in_flight`] at a time: each lock is a guarded update of its own
     // deliveries, so concurrent writes never overlap, and on PostgreSQL the next chunk's
@@ -439,6 +483,12 @@ pub async fn run_renew(
     let mut writing = InFlight::new(writes_in_flight(store));
     let mut resumed = HashSet::new();
     let mut ordered_at_lock = HashSet::new();
+    let catalog = catalog_by_sku(store).await?;
+    let mut boxer = Boxer::new(store, &catalog, now);
+    let mut count = |taken: Locked| {
+        locked += taken.locked;
+        ordered_at_lock.extend(taken.orders.iter().map(order_key));
+    };
     let mut due = ReadAhead::new(store.due_delivery_ids(now_us).await?, CHUNK, {
         let store = store.clone();
         move |ids| deliveries_in_order(store.clone(), ids, true)
@@ -485,45 +535,28 @@ pub async fn run_renew(
                 StoreError::Inconsistent(format!("subscription {} has no shopper", sub.id))
             })?;
             let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
-            let lock = lock_and_bill(store, plan, &sub, shopper, d, now, &mut memo).await?;
-            if let Some(lock) = &lock {
-                let zone = zone_of(plan);
-                ordered_at_lock.extend(lock.orders.iter().map(|o| (zone, order_key(o))));
-            }
-            locks.extend(lock);
+            locks.extend(lock_and_bill(&mut boxer, plan, &sub, shopper, d).await?);
         }
         let (store, payments) = (store.clone(), payments.clone());
         let lock_and_charge = async move {
-            let (locked, charges) = store.lock_deliveries(&locks, now_us).await?;
+            let taken = store.lock_deliveries(&locks, now_us).await?;
             payments
-                .attempt_begun(&charges, &HashMap::new(), now)
+                .attempt_begun(&taken.charges, &HashMap::new(), now)
                 .await?;
-            Ok::<usize, SubscriptionError>(locked)
+            Ok::<Locked, SubscriptionError>(taken)
         };
         if let Some(done) = writing.start(lock_and_charge).await {
-            locked += done?;
+            count(done?);
         }
     }
     while let Some(done) = writing.next().await {
-        locked += done?;
+        count(done?);
     }
-    // Lines of boxes planned at the lock may be due today: they go out now, not a day late.
-    // Best effort: the locks have committed, and the next `grower-orders` run sends what
-    // this misses; a failure here must not skip the payments and dunning below.
-    let zones: HashSet<Tz> = ordered_at_lock.iter().map(|(zone, _)| *zone).collect();
-    if !zones.is_empty() {
-        let send = async {
-            if !grower_emails_held(store).await? {
-                for zone in zones {
-                    let ours = |g: &GrowerOrderRow| ordered_at_lock.contains(&(zone, order_key(g)));
-                    send_due_grower_orders(store, now, zone, ours).await?;
-                }
-            }
-            Ok::<(), SubscriptionError>(())
-        };
-        if let Err(e) = send.await {
-            tracing::warn!(error = %e, "sending the lines of boxes planned at the lock failed");
-        }
+    // Lines of boxes planned at the locks taken may be due today: they go out now, not a
+    // day late. Best effort: the locks have committed, and the next `grower-orders` run
+    // sends what this misses; a failure here must not skip the payments and dunning below.
+    if let Err(e) = send_due_now(store, now, shop, &ordered_at_lock).await {
+        tracing::warn!(error = %e, "sending the lines of boxes planned at the lock failed");
     }
     payments.sweep(now, false).await?;
     let dunned = dunning_decisions(store, dunning_days, now).await?;
@@ -533,14 +566,13 @@ pub async fn run_renew(
 /// What locking a due delivery writes (its final box, invoice, charge and email), or `None`
 /// when it cannot be planned in time and was skipped.
 async fn lock_and_bill(
-    store: &Store,
+    boxer: &mut Boxer<'_>,
     plan: &PlanRow,
     sub: &SubscriptionRow,
     shopper: &Shopper,
     mut d: DeliveryRow,
-    now: DateTime<Utc>,
-    memo: &mut HashMap<String, Vec<StoredLine>>,
 ) -> Result<Option<DeliveryLock>> {
+    let (store, now) = (boxer.store, boxer.now);
     let date = date_of(&d.delivery_date)?;
     // A box planned ahead is final as planned: its growers were ordered for it.
     // (Lines that cannot be read are no box either, but only a delivery without any can be
@@ -550,7 +582,7 @@ async fn lock_and_bill(
     let boxed_now = planned.is_empty();
     let lines = match boxed_now {
         false => Ok(planned),
-        true => box_for(store, plan, sub, date, now, memo).await,
+        true => boxer.box_for(plan, sub, date).await,
     };
     let lines = match lines {
         Ok(lines) => lines,
@@ -567,7 +599,7 @@ async fn lock_and_bill(
     };
     let currency =
         Currency::parse(&plan.currency).map_err(|e| StoreError::Inconsistent(e.to_string()))?;
-    d.lines = Some(serde_json::to_string(&lines).unwrap_or_else(|_| "[]".into()));
+    d.lines = Some(box_json(&lines));
     // The price in force at the delivery's cutoff: the plan's, unless it changed since the
     // cutoff (then the delivery was stamped with the price before the change).
     let price = *d.amount_minor.get_or_insert(plan.price_minor);
@@ -604,8 +636,7 @@ async fn lock_and_bill(
     // (rare: every plan boxes two weeks ahead; this is a signup whose plan failed, say).
     let mut orders = Vec::new();
     if boxed_now {
-        let catalog = catalog_by_sku(store).await?;
-        let mut planned = GrowerOrders::new(&catalog);
+        let mut planned = GrowerOrders::new(boxer.catalog);
         planned.add(plan, date, &lines);
         orders = planned.rows();
     }
@@ -858,7 +889,7 @@ async fn plan_window(
 ) -> Result<Planned> {
     let catalog = catalog_by_sku(store).await?;
     let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
-    let mut memo = HashMap::new();
+    let mut boxer = Boxer::new(store, &catalog, now);
     let mut orders = GrowerOrders::new(&catalog);
     let mut boxed = 0;
     let ids = store
@@ -884,16 +915,10 @@ async fn plan_window(
             let date = date_of(&d.delivery_date)?;
             // A box once planned stays: its lines may be on their way to the growers.
             let lines = if d.status == "scheduled" && d.lines.is_none() {
-                let lines = match box_for(store, plan, sub, date, now, &mut memo).await {
-                    Ok(lines) => lines,
-                    // Too late to plan: skipped at its cutoff (see `lock_and_bill`).
-                    Err(SubscriptionError::Conflict(_)) => continue,
-                    Err(e) => return Err(e),
+                let Some(lines) = boxer.first_box(plan, sub, date).await? else {
+                    continue;
                 };
-                boxes.push((
-                    d.id.clone(),
-                    serde_json::to_string(&lines).unwrap_or_default(),
-                ));
+                boxes.push((d.id.clone(), box_json(&lines)));
                 lines
             } else {
                 lines_of(d)
@@ -948,23 +973,21 @@ pub async fn plan_upcoming(
     let until = today + Duration::days(15);
     let catalog = catalog_by_sku(store).await?;
     let mut orders = GrowerOrders::new(&catalog);
-    let mut memo = HashMap::new();
+    let mut boxer = Boxer::new(store, &catalog, now);
     let mut planned = HashMap::new();
     for d in store.deliveries_of(&sub.id).await? {
         let date = date_of(&d.delivery_date)?;
-        if d.status == "scheduled" && d.lines.is_none() && date < until {
-            // A delivery too close to plan is skipped at its cutoff (see `lock_and_bill`).
-            let lines = match box_for(store, &plan, sub, date, now, &mut memo).await {
-                Ok(lines) => lines,
-                Err(SubscriptionError::Conflict(_)) => continue,
-                Err(e) => return Err(e),
-            };
+        if d.status != "scheduled" || d.lines.is_some() || date >= until {
+            continue;
+        }
+        // A delivery too close to plan is skipped at its cutoff (see `lock_and_bill`).
+        if let Some(lines) = boxer.first_box(&plan, sub, date).await? {
             planned.insert(d.id, (date, lines));
         }
     }
     let boxes: Vec<(String, String)> = planned
         .iter()
-        .map(|(id, (_, lines))| (id.clone(), serde_json::to_string(lines).unwrap_or_default()))
+        .map(|(id, (_, lines))| (id.clone(), box_json(lines)))
         .collect();
     // Only the boxes written count: a delivery boxed meanwhile by a plan was counted there.
     let mut added = Vec::new();
@@ -978,10 +1001,7 @@ pub async fn plan_upcoming(
         added.clone()
     };
     store.save_first_boxes(&boxes, orders_of).await?;
-    let ours = |g: &GrowerOrderRow| added.iter().any(|a| order_key(a) == order_key(g));
-    if !added.is_empty() && !grower_emails_held(store).await? {
-        send_due_grower_orders(store, now, shop, ours).await?;
-    }
+    send_due_now(store, now, shop, &added.iter().map(order_key).collect()).await?;
     Ok(())
 }
 
@@ -1017,18 +1037,34 @@ pub async fn run_grower_orders(
 }
 
 /// A planned grower order's identity: grower, item and ripening start.
-fn order_key(g: &GrowerOrderRow) -> (String, String, String) {
+type OrderKey = (String, String, String);
+
+fn order_key(g: &GrowerOrderRow) -> OrderKey {
     (g.supplier.clone(), g.sku.clone(), g.ripening_start.clone())
 }
 
-/// Whether ops have paused `grower-orders`, which holds every grower email: lines due at a
-/// signup or a lock then wait for a run too.
-async fn grower_emails_held(store: &Store) -> Result<bool> {
-    Ok(store
+/// Sends at once the due lines of `keys`, orders a signup, resume or lock has just added:
+/// that morning's `grower-orders` run may be over, and the next would be a day late. Not
+/// while ops have paused `grower-orders`, which holds every grower email: these lines then
+/// wait for a run too.
+async fn send_due_now(
+    store: &Store,
+    now: DateTime<Utc>,
+    shop: Tz,
+    keys: &HashSet<OrderKey>,
+) -> Result<usize> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let held = store
         .job_defs()
         .await?
         .iter()
-        .any(|j| j.name == GROWER_ORDERS_JOB && j.paused_at.is_some()))
+        .any(|j| j.name == GROWER_ORDERS_JOB && j.paused_at.is_some());
+    if held {
+        return Ok(0);
+    }
+    send_due_grower_orders(store, now, shop, |g| keys.contains(&order_key(g))).await
 }
 
 /// Sends each grower the planned lines (of those `which` picks) whose order-by date has come,

@@ -1004,45 +1004,165 @@ impl TestApp {
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
+
+    /// A plan in `zone` with a 12-hour cutoff and the farm's apple in the catalog, and a
+    /// shopper subscribed from Thursday 8 October: (subscription, token).
+    async fn late_box_subscription(&self, zone: &str, name: &str) -> (String, String) {
+        self.farm_apple().await;
+        let mut body = fruit_plan("24.90", 1);
+        body["cutoff_hours"] = json!(12);
+        body["time_zone"] = json!(zone);
+        let plan = self.plan(body).await;
+        let (_, token) = self.shopper(name, "pm_ok").await;
+        let (status, sub) = self
+            .post(
+                "/api/v1/subscriptions",
+                Some(&token),
+                json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        (str_of(&sub["id"]), token)
+    }
+
+    /// Takes the first delivery's box away, as when its signup's planning failed and no run
+    /// came after: the lock will have to plan it.
+    async fn unbox_first_delivery(&self, id: &str) {
+        crate::helpers::raw_tx(&self.state.settings.database, &[
+            &format!("UPDATE deliveries SET lines = NULL WHERE subscription_id = '{id}' AND delivery_date = '2026-10-08'"),
+        ]).await.unwrap();
+    }
+
+    /// The first delivery's box, all of it the farm's apple (as the lock plans it): its units.
+    async fn farm_box_units(&self, id: &str, token: &str) -> i64 {
+        let d = self
+            .items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), token)
+            .await
+            .remove(0);
+        let lines = d["lines"].as_array().unwrap().clone();
+        assert!(
+            !lines.is_empty() && lines.iter().all(|l| l["sku"] == "farm-apple"),
+            "{d}"
+        );
+        lines.iter().map(|l| l["qty"].as_i64().unwrap()).sum()
+    }
+
+    /// The farm apple's grower order lines: (units, order-by date, status).
+    async fn farm_orders(&self) -> Vec<(i64, String, String)> {
+        let (_, orders) = self.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
+        orders["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["sku"] == "farm-apple")
+            .map(|o| {
+                (
+                    o["qty"].as_i64().unwrap(),
+                    str_of(&o["order_by"]),
+                    str_of(&o["status"]),
+                )
+            })
+            .collect()
+    }
+
+    /// How many grower-order emails the farm has been sent.
+    async fn farm_emails(&self) -> usize {
+        let emails = self.state.store.outbox(None, 500, None).await.unwrap();
+        emails
+            .iter()
+            .filter(|e| e.template == "grower_order" && e.to_addr == "hof@linde.example")
+            .count()
+    }
 }
 
 on_both_backends! {
     async fn a_box_planned_at_the_lock_is_ordered_with_it_and_its_due_lines_go_out_at_once(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
-        app.farm_apple().await;
-        let mut body = fruit_plan("24.90", 1);
-        body["cutoff_hours"] = json!(12);
-        let plan = app.plan(body).await;
-        let (_, token) = app.shopper("Eve", "pm_ok").await;
-        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
-            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
-        assert_eq!(status, StatusCode::CREATED, "{sub}");
-        let id = str_of(&sub["id"]);
-        // The morning of the cutoff, after that day's runs: the delivery has no box (as when
-        // its signup's planning failed and no run came after).
+        let (id, token) = app.late_box_subscription("Europe/Berlin", "Eve").await;
+        // The morning of the cutoff, after that day's runs, the delivery has no box.
         app.advance("2026-10-07T04:30:00Z").await;
-        crate::helpers::raw_tx(&app.state.settings.database, &[
-            &format!("UPDATE deliveries SET lines = NULL WHERE subscription_id = '{id}' AND delivery_date = '2026-10-08'"),
-        ]).await.unwrap();
-        let farm = || async {
-            let (_, orders) = app.get("/api/v1/grower-orders", Some(ADMIN_TOKEN)).await;
-            orders["items"].as_array().unwrap().iter().filter(|o| o["sku"] == "farm-apple")
-                .map(|o| (o["qty"].as_i64().unwrap(), str_of(&o["order_by"]), str_of(&o["status"]))).collect::<Vec<_>>()
-        };
-        assert!(farm().await.is_empty());
+        app.unbox_first_delivery(&id).await;
+        assert!(app.farm_orders().await.is_empty());
         // At the cutoff (10:00 UTC) the lock boxes it with what can still come: the farm's apple,
         // to be ordered today. It is ordered with the lock and goes out at once, not tomorrow.
         app.advance("2026-10-07T12:00:00Z").await;
-        let d = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await.remove(0);
-        let lines = d["lines"].as_array().unwrap().clone();
-        assert!(!lines.is_empty() && lines.iter().all(|l| l["sku"] == "farm-apple"), "{d}");
-        let qty: i64 = lines.iter().map(|l| l["qty"].as_i64().unwrap()).sum();
-        assert_eq!(farm().await, [(qty, "2026-10-07".to_owned(), "sent".to_owned())]);
-        let emails = app.state.store.outbox(None, 500, None).await.unwrap();
-        assert_eq!(emails.iter().filter(|e| e.template == "grower_order" && e.to_addr == "hof@linde.example").count(), 1);
+        let qty = app.farm_box_units(&id, &token).await;
+        let sent = [(qty, "2026-10-07".to_owned(), "sent".to_owned())];
+        assert_eq!(app.farm_orders().await, sent);
+        assert_eq!(app.farm_emails().await, 1);
         // The next morning's recomputation counts it once.
         app.advance("2026-10-08T04:00:00Z").await;
-        assert_eq!(farm().await, [(qty, "2026-10-07".to_owned(), "sent".to_owned())]);
+        assert_eq!(app.farm_orders().await, sent);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn lines_a_lock_orders_go_out_on_the_shops_day_not_the_plans(backend) {
+        // The shop keeps New York time; the plan delivers in Auckland, most of a day ahead.
+        let app = TestApp::spawn_with(backend, |s| {
+            s.clock = pooled::config::ClockMode::Manual;
+            s.clock_start = Some("2026-09-28T00:00:00Z".parse().unwrap());
+            s.time_zone = "America/New_York".parse().unwrap();
+        }).await;
+        let (id, token) = app.late_box_subscription("Pacific/Auckland", "Aroha").await;
+        // After the shop's morning run of 6 October (05:00 in New York, 09:00 UTC).
+        app.advance("2026-10-06T12:00:00Z").await;
+        app.unbox_first_delivery(&id).await;
+        // The cutoff is noon of the 7th in Auckland, 23:00 UTC on the 6th: still the 6th in
+        // New York. The lock orders the farm's apple for the 7th, and the line waits for the
+        // shop's 7th like every other line of that day.
+        app.advance("2026-10-06T23:30:00Z").await;
+        let qty = app.farm_box_units(&id, &token).await;
+        assert_eq!(app.farm_orders().await, [(qty, "2026-10-07".to_owned(), "planned".to_owned())]);
+        assert_eq!(app.farm_emails().await, 0);
+        app.advance("2026-10-07T09:30:00Z").await;
+        assert_eq!(app.farm_orders().await, [(qty, "2026-10-07".to_owned(), "sent".to_owned())]);
+        assert_eq!(app.farm_emails().await, 1);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_lock_whose_grower_email_fails_still_bills_and_the_morning_run_sends_it(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let (id, token) = app.late_box_subscription("Europe/Berlin", "Ines").await;
+        app.advance("2026-10-07T04:30:00Z").await;
+        app.unbox_first_delivery(&id).await;
+        // Grower order lines can't be marked sent: the send after the lock fails.
+        let url = &app.state.settings.database;
+        let refuse: &[&str] = match url {
+            DatabaseUrl::Sqlite(_) => &["CREATE TRIGGER refuse_sends BEFORE UPDATE ON grower_orders \
+                 WHEN NEW.status = 'sent' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
+            DatabaseUrl::Postgres(_) => &[
+                "CREATE FUNCTION refuse_sends() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+                "CREATE TRIGGER refuse_sends BEFORE UPDATE ON grower_orders FOR EACH ROW \
+                 WHEN (NEW.status = 'sent') EXECUTE FUNCTION refuse_sends()",
+            ],
+        };
+        crate::helpers::raw_tx(url, refuse).await.unwrap();
+        app.advance("2026-10-07T12:00:00Z").await;
+        // The lock stands and its run succeeded at once: the box is ordered, the invoice paid.
+        let qty = app.farm_box_units(&id, &token).await;
+        assert_eq!(app.farm_orders().await, [(qty, "2026-10-07".to_owned(), "planned".to_owned())]);
+        let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
+        assert_eq!(invoices.iter().map(|i| str_of(&i["status"])).collect::<Vec<_>>(), ["paid"]);
+        let renewals = app.runs_of(RENEW_JOB).await;
+        let locking: Vec<&Value> = renewals.iter().filter(|r| r["result"]["locked"] == 1).collect();
+        assert_eq!(locking.len(), 1, "{renewals:?}");
+        assert_eq!((&locking[0]["state"], &locking[0]["attempt"], &locking[0]["last_error"]),
+            (&json!("succeeded"), &json!(1), &Value::Null), "{renewals:?}");
+        // Once lines can be sent again, the next morning's run sends it (05:00 in Berlin).
+        let drop_it: &[&str] = match url {
+            DatabaseUrl::Sqlite(_) => &["DROP TRIGGER refuse_sends"],
+            DatabaseUrl::Postgres(_) => &["DROP TRIGGER refuse_sends ON grower_orders"],
+        };
+        crate::helpers::raw_tx(url, drop_it).await.unwrap();
+        app.advance("2026-10-08T03:30:00Z").await;
+        assert_eq!(app.farm_orders().await, [(qty, "2026-10-07".to_owned(), "sent".to_owned())]);
+        assert_eq!(app.farm_emails().await, 1);
         app.stop().await;
     }
 }
@@ -1159,14 +1279,14 @@ on_both_backends! {
             DeliveryLock { delivery: DeliveryRow { amount_minor: Some(2490), ..d }, invoice, charge, email, boxed_at_lock, orders: Vec::new() }
         };
         let planned_at_lock = DeliveryRow { lines: Some(a_box("pear")), ..read.clone() };
-        let (locked, charges) = store.lock_deliveries(&[lock(planned_at_lock, true)], now).await.unwrap();
-        assert_eq!((locked, charges.len()), (0, 0), "the box planned meanwhile wins");
+        let taken = store.lock_deliveries(&[lock(planned_at_lock, true)], now).await.unwrap();
+        assert_eq!((taken.locked, taken.charges.len()), (0, 0), "the box planned meanwhile wins");
         let kept = first().await;
         assert_eq!((kept.status.as_str(), kept.lines), ("scheduled", Some(a_box("apple"))));
         assert!(store.invoices_of(&id).await.unwrap().is_empty(), "nothing billed");
         // The next run reads the box and locks with it.
-        let (locked, charges) = store.lock_deliveries(&[lock(first().await, false)], now).await.unwrap();
-        assert_eq!((locked, charges.len()), (1, 1));
+        let taken = store.lock_deliveries(&[lock(first().await, false)], now).await.unwrap();
+        assert_eq!((taken.locked, taken.charges.len()), (1, 1));
         let done = first().await;
         assert_eq!((done.status.as_str(), done.lines), ("locked", Some(a_box("apple"))));
         assert_eq!(store.invoices_of(&id).await.unwrap().len(), 1);
@@ -1375,7 +1495,7 @@ on_both_backends! {
         // since, and the pause ends on the 15th, after today.
         let now = "2026-10-12T00:00:00Z".parse().unwrap();
         let state = &app.state;
-        pooled::subscriptions::run_renew(&state.store, &state.payments, &[1, 3, 5], now)
+        pooled::subscriptions::run_renew(&state.store, &state.payments, &[1, 3, 5], chrono_tz::UTC, now)
             .await
             .expect("one run renews both");
         let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
