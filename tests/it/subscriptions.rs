@@ -1005,25 +1005,28 @@ impl TestApp {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
 
-    /// A plan in `zone` with a 12-hour cutoff and the farm's apple in the catalog, and a
-    /// shopper subscribed from Thursday 8 October: (subscription, token).
-    async fn late_box_subscription(&self, zone: &str, name: &str) -> (String, String) {
+    /// A plan in `zone` with a 12-hour cutoff, with the farm's apple in the catalog.
+    async fn late_box_plan(&self, zone: &str) -> String {
         self.farm_apple().await;
         let mut body = fruit_plan("24.90", 1);
         body["cutoff_hours"] = json!(12);
         body["time_zone"] = json!(zone);
-        let plan = self.plan(body).await;
+        self.plan(body).await
+    }
+
+    /// A new shopper subscribed to `plan` from Thursday 8 October: (subscription, token).
+    async fn subscribe_from_8_october(&self, plan: &str, name: &str) -> (String, String) {
         let (_, token) = self.shopper(name, "pm_ok").await;
-        let (status, sub) = self
-            .post(
-                "/api/v1/subscriptions",
-                Some(&token),
-                json!({
-            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"}),
-            )
-            .await;
+        let body = json!({"plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"});
+        let (status, sub) = self.post("/api/v1/subscriptions", Some(&token), body).await;
         assert_eq!(status, StatusCode::CREATED, "{sub}");
         (str_of(&sub["id"]), token)
+    }
+
+    /// [`TestApp::late_box_plan`] with one subscriber: (subscription, token).
+    async fn late_box_subscription(&self, zone: &str, name: &str) -> (String, String) {
+        let plan = self.late_box_plan(zone).await;
+        self.subscribe_from_8_october(&plan, name).await
     }
 
     /// Takes the first delivery's box away, as when its signup's planning failed and no run
@@ -1168,22 +1171,48 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_lock_racing_the_morning_recomputation_orders_each_box_once(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.late_box_plan("Europe/Berlin").await;
+        let mut subs = Vec::new();
+        for name in ["Ada", "Bea", "Cem", "Dov", "Eli", "Fay", "Gil", "Hal"] {
+            subs.push(app.subscribe_from_8_october(&plan, name).await);
+        }
+        app.advance("2026-10-07T04:30:00Z").await;
+        for (id, _) in &subs {
+            app.unbox_first_delivery(id).await;
+        }
+        // At the cutoff the renewal and a late `grower-orders` run (ops' "run now", say) both
+        // find the deliveries without boxes, and both box them, in whatever interleaving.
+        let (state, berlin) = (&app.state, "Europe/Berlin".parse().unwrap());
+        let at = |t: &str| t.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+        let renew = |now| pooled::subscriptions::run_renew(&state.store, &state.payments, &[1, 3, 5], berlin, now);
+        let (renewed, recomputed) = tokio::join!(
+            renew(at("2026-10-07T10:00:00Z")),
+            pooled::subscriptions::run_grower_orders(&state.store, at("2026-10-07T10:00:00Z"), berlin),
+        );
+        renewed.unwrap();
+        recomputed.unwrap();
+        // A lock that gave way to a plan's box locks with that box on the next run.
+        renew(at("2026-10-07T10:15:00Z")).await.unwrap();
+        let mut units = 0;
+        for (id, token) in &subs {
+            units += app.farm_box_units(id, token).await;
+            let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), token).await;
+            assert_eq!(invoices.iter().map(|i| str_of(&i["status"])).collect::<Vec<_>>(), ["paid"], "{id}");
+        }
+        // Every box is ordered exactly once, whichever writer boxed it.
+        let ordered: i64 = app.farm_orders().await.iter().map(|o| o.0).sum();
+        assert_eq!(ordered, units);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn late_boxes_are_made_of_what_can_still_come_in_time_and_stay_as_planned(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
-        app.farm_apple().await;
-        let mut body = fruit_plan("24.90", 1);
-        body["cutoff_hours"] = json!(12);
-        let plan = app.plan(body).await;
-        let subscribe = |name: &'static str| {
-            let (app, plan) = (&app, plan.clone());
-            async move {
-                let (_, token) = app.shopper(name, "pm_ok").await;
-                let (status, body) = app.post("/api/v1/subscriptions", Some(&token), json!({
-                    "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
-                assert_eq!(status, StatusCode::CREATED, "{body}");
-                (str_of(&body["id"]), token)
-            }
-        };
+        let plan = app.late_box_plan("Europe/Berlin").await;
+        let subscribe = |name: &'static str| app.subscribe_from_8_october(&plan, name);
         let first_box = |id: String, token: String| {
             let app = &app;
             async move {
