@@ -4,7 +4,7 @@
 //! and a subscription's delivery calendar `/subscriptions/{id}/calendar`.
 //!
 //! Pages accept a bearer token, read as the API reads it, or a session cookie (HttpOnly,
-//! SameSite=Strict) holding a random session id that answers as the token it signed in with,
+//! SameSite=Strict, and Secure when signed in over HTTPS) holding a random session id that answers as the token it signed in with,
 //! until sign-out or 12 hours; `/ops` wants the admin's, and its state-changing buttons also
 //! carry a CSRF token derived from the session. A calendar also opens with its private link.
 
@@ -153,6 +153,31 @@ fn same_origin(headers: &HeaderMap) -> bool {
     }
 }
 
+/// Whether the browser reached us over HTTPS. This service speaks plain HTTP, so only a TLS
+/// proxy in front of it can say so (`X-Forwarded-Proto: https`, or `proto=https` in
+/// `Forwarded`), or the browser's own `Origin`. A client that claims it falsely only marks its
+/// own cookie `Secure`.
+fn over_https(headers: &HeaderMap) -> bool {
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let forwarded_proto = value("x-forwarded-proto")
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
+    let forwarded = value("forwarded").is_some_and(|v| {
+        v.split([';', ','])
+            .any(|pair| pair.trim().eq_ignore_ascii_case("proto=https"))
+    });
+    let origin = value(header::ORIGIN.as_str()).is_some_and(|o| o.starts_with("https://"));
+    forwarded_proto || forwarded || origin
+}
+
+/// The session cookie's header: HttpOnly (no script reads it), SameSite=Strict (no other site
+/// sends it), and `Secure` when the sign-in came over HTTPS, so the browser never sends it
+/// over plain HTTP. `max_age` 0 makes the browser forget it.
+fn session_cookie_header(value: &str, max_age: u32, headers: &HeaderMap) -> String {
+    let secure = if over_https(headers) { "; Secure" } else { "" };
+    format!("{COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{secure}")
+}
+
 /// A path on this site (`/…`, not `//host…`): the only place a sign-in sends the browser on
 /// to, so the form can't be used to redirect elsewhere.
 fn local_path(next: &str) -> bool {
@@ -205,8 +230,7 @@ async fn login(
         .store
         .start_page_session(&hash_token(&id), &hash_token(token), now, expires_at)
         .await?;
-    let cookie =
-        format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={SESSION_SECS}");
+    let cookie = session_cookie_header(&id, SESSION_SECS, &headers);
     let to = if local_path(&form.next) {
         form.next
     } else if who == Principal::Admin {
@@ -228,7 +252,7 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<Res
     if let Some(id) = session_cookie(&headers) {
         state.store.end_page_session(&hash_token(&id)).await?;
     }
-    let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    let cookie = session_cookie_header("", 0, &headers);
     Ok((
         [(header::SET_COOKIE, cookie)],
         Redirect::to("/login?signed_out=true"),
@@ -799,4 +823,29 @@ async fn calendar_page(
         deliveries,
     }
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn https_is_read_from_the_proxy_or_the_origin() {
+        let with = |name: &'static str, value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, value.parse().unwrap());
+            headers
+        };
+        assert!(over_https(&with("x-forwarded-proto", "https")));
+        assert!(over_https(&with("x-forwarded-proto", "HTTPS, http")));
+        assert!(over_https(&with(
+            "forwarded",
+            "for=192.0.2.1;proto=https;by=203.0.113.5"
+        )));
+        assert!(over_https(&with("origin", "https://shop.example")));
+        assert!(!over_https(&with("x-forwarded-proto", "http")));
+        assert!(!over_https(&with("forwarded", "for=192.0.2.1;proto=http")));
+        assert!(!over_https(&with("origin", "http://shop.example")));
+        assert!(!over_https(&HeaderMap::new()));
+    }
 }

@@ -26,7 +26,10 @@ on_both_backends! {
         let res = client.post(url("/login")).form(&[("token", ADMIN_TOKEN)]).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::SEE_OTHER);
         let cookie = res.headers()[SET_COOKIE].to_str().unwrap().to_owned();
-        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && !cookie.contains("Secure"), "{cookie}");
+        // Behind a TLS proxy the cookie is never sent over plain HTTP.
+        let res = client.post(url("/login")).header("X-Forwarded-Proto", "https").form(&[("token", ADMIN_TOKEN)]).send().await.unwrap();
+        assert!(res.headers()[SET_COOKIE].to_str().unwrap().ends_with("; Secure"), "{:?}", res.headers());
         let session = cookie.split(';').next().unwrap().to_owned();
 
         // Within the session's 12 hours.
