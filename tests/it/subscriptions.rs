@@ -1069,13 +1069,16 @@ impl TestApp {
             .collect()
     }
 
-    /// How many grower-order emails the farm has been sent.
-    async fn farm_emails(&self) -> usize {
-        let emails = self.state.store.outbox(None, 500, None).await.unwrap();
-        emails
-            .iter()
-            .filter(|e| e.template == "grower_order" && e.to_addr == "hof@linde.example")
-            .count()
+    /// The farm apple has one order line, of `qty` units to order by 7 October, in `status`,
+    /// and the farm has had `emails` order emails.
+    async fn assert_farm_line(&self, qty: i64, status: &str, emails: usize) {
+        let line = (qty, "2026-10-07".to_owned(), status.to_owned());
+        assert_eq!(self.farm_orders().await, [line]);
+        let outbox = self.state.store.outbox(None, 500, None).await.unwrap();
+        let farm = |e: &&pooled::store::OutboxRow| {
+            e.template == "grower_order" && e.to_addr == "hof@linde.example"
+        };
+        assert_eq!(outbox.iter().filter(farm).count(), emails);
     }
 }
 
@@ -1091,12 +1094,10 @@ on_both_backends! {
         // to be ordered today. It is ordered with the lock and goes out at once, not tomorrow.
         app.advance("2026-10-07T12:00:00Z").await;
         let qty = app.farm_box_units(&id, &token).await;
-        let sent = [(qty, "2026-10-07".to_owned(), "sent".to_owned())];
-        assert_eq!(app.farm_orders().await, sent);
-        assert_eq!(app.farm_emails().await, 1);
+        app.assert_farm_line(qty, "sent", 1).await;
         // The next morning's recomputation counts it once.
         app.advance("2026-10-08T04:00:00Z").await;
-        assert_eq!(app.farm_orders().await, sent);
+        app.assert_farm_line(qty, "sent", 1).await;
         app.stop().await;
     }
 }
@@ -1118,11 +1119,9 @@ on_both_backends! {
         // shop's 7th like every other line of that day.
         app.advance("2026-10-06T23:30:00Z").await;
         let qty = app.farm_box_units(&id, &token).await;
-        assert_eq!(app.farm_orders().await, [(qty, "2026-10-07".to_owned(), "planned".to_owned())]);
-        assert_eq!(app.farm_emails().await, 0);
+        app.assert_farm_line(qty, "planned", 0).await;
         app.advance("2026-10-07T09:30:00Z").await;
-        assert_eq!(app.farm_orders().await, [(qty, "2026-10-07".to_owned(), "sent".to_owned())]);
-        assert_eq!(app.farm_emails().await, 1);
+        app.assert_farm_line(qty, "sent", 1).await;
         app.stop().await;
     }
 }
@@ -1149,7 +1148,7 @@ on_both_backends! {
         app.advance("2026-10-07T12:00:00Z").await;
         // The lock stands and its run succeeded at once: the box is ordered, the invoice paid.
         let qty = app.farm_box_units(&id, &token).await;
-        assert_eq!(app.farm_orders().await, [(qty, "2026-10-07".to_owned(), "planned".to_owned())]);
+        app.assert_farm_line(qty, "planned", 0).await;
         let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
         assert_eq!(invoices.iter().map(|i| str_of(&i["status"])).collect::<Vec<_>>(), ["paid"]);
         let renewals = app.runs_of(RENEW_JOB).await;
@@ -1164,8 +1163,7 @@ on_both_backends! {
         };
         crate::helpers::raw_tx(url, drop_it).await.unwrap();
         app.advance("2026-10-08T03:30:00Z").await;
-        assert_eq!(app.farm_orders().await, [(qty, "2026-10-07".to_owned(), "sent".to_owned())]);
-        assert_eq!(app.farm_emails().await, 1);
+        app.assert_farm_line(qty, "sent", 1).await;
         app.stop().await;
     }
 }
