@@ -7,7 +7,7 @@ use crate::clock::Clock;
 use crate::scheduler::jobs::{JobSpec, RUN_RETENTION_DAYS};
 use crate::scheduler::schedule::UpcomingSlot;
 use crate::scheduler::{AdvanceError, RunReport};
-use crate::store::{JobRunRow, RunFilter, instant};
+use crate::store::{JobRunRow, RunFilter, SchedulerInstanceRow, instant};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -182,18 +182,18 @@ pub struct Page<T> {
     next: Option<String>,
 }
 
-/// Every job with its schedule, next slots (local and UTC, DST changes marked) and last run.
-#[utoipa::path(get, path = "/api/v1/ops/jobs", tag = "ops",
+/// Every job with its schedule, next slots (local and UTC, DST changes marked) and last run,
+/// in the order of DESIGN.md's table.
+#[utoipa::path(get, path = "/api/v1/ops/jobs", tag = "ops", params(PageQuery),
     responses((status = 200, body = Page<JobOut>)))]
 async fn list_jobs(
     State(state): State<AppState>,
     caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<JobOut>>, ApiError> {
     caller.require_admin()?;
-    Ok(Json(Page {
-        items: job_views(&state).await?,
-        next: None,
-    }))
+    let jobs = job_views(&state).await?;
+    Ok(Json(page_in_memory(jobs, &q, |j| &j.name, |j| j)?))
 }
 
 pub(super) async fn job_views(state: &AppState) -> Result<Vec<JobOut>, ApiError> {
@@ -479,6 +479,33 @@ pub(super) fn bad_cursor() -> ApiError {
     ApiError::field("after", "is not a cursor from a previous page")
 }
 
+/// A page of a short list read whole (jobs, instances), in its order: the rows after the one
+/// whose key is `?after=`. The key is the cursor, so a page never repeats or skips a row
+/// that is still there.
+fn page_in_memory<R, T>(
+    rows: Vec<R>,
+    q: &PageQuery,
+    key: impl Fn(&R) -> &str,
+    view: impl Fn(R) -> T,
+) -> Result<Page<T>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    let start = match q.after.as_deref() {
+        None => 0,
+        Some(after) => {
+            rows.iter()
+                .position(|r| key(r) == after)
+                .ok_or_else(bad_cursor)?
+                + 1
+        }
+    };
+    let rows: Vec<R> = rows
+        .into_iter()
+        .skip(start)
+        .take(limit as usize + 1)
+        .collect();
+    Ok(paginate(rows, limit, |r| key(r).to_owned(), view))
+}
+
 /// Cuts `rows` (fetched with one extra) into a page and the cursor of the next.
 pub(super) fn paginate<R, T, K: ToString>(
     mut rows: Vec<R>,
@@ -508,28 +535,25 @@ pub struct InstanceOut {
     clock_skew_ms: i64,
 }
 
-/// Scheduler instances with their heartbeat and clock skew against the database.
-#[utoipa::path(get, path = "/api/v1/ops/instances", tag = "ops",
+/// Scheduler instances with their heartbeat and clock skew against the database, the most
+/// recently started first.
+#[utoipa::path(get, path = "/api/v1/ops/instances", tag = "ops", params(PageQuery),
     responses((status = 200, body = Page<InstanceOut>)))]
 async fn list_instances(
     State(state): State<AppState>,
     caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<InstanceOut>>, ApiError> {
     caller.require_admin()?;
-    let items = state
-        .store
-        .instances()
-        .await?
-        .into_iter()
-        .map(|i| InstanceOut {
-            id: i.id,
-            version: i.version,
-            started_at: instant(i.started_at),
-            heartbeat_at: instant(i.heartbeat_at),
-            clock_skew_ms: i.clock_skew_ms,
-        })
-        .collect();
-    Ok(Json(Page { items, next: None }))
+    let instances = state.store.instances().await?;
+    let view = |i: SchedulerInstanceRow| InstanceOut {
+        id: i.id,
+        version: i.version,
+        started_at: instant(i.started_at),
+        heartbeat_at: instant(i.heartbeat_at),
+        clock_skew_ms: i.clock_skew_ms,
+    };
+    Ok(Json(page_in_memory(instances, &q, |i| &i.id, view)?))
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -646,11 +646,13 @@ impl Store {
         Ok(())
     }
 
+    /// Every scheduler instance, the most recently started first (an order heartbeats don't
+    /// move, so the API's pages hold still).
     pub async fn instances(&self) -> StoreResult<Vec<SchedulerInstanceRow>> {
         Ok(on_pool!(self, |pool| {
             sqlx::query_as(
                 "SELECT id, version, started_at, heartbeat_at, clock_skew_ms FROM scheduler_instances
-                 ORDER BY heartbeat_at DESC",
+                 ORDER BY started_at DESC, id",
             )
             .fetch_all(pool)
             .await?

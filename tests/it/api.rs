@@ -216,6 +216,10 @@ on_both_backends! {
         let instances = system.admin_get("/api/v1/ops/instances").await["items"].clone();
         assert_eq!((instances[0]["id"].as_str(), instances[0]["version"].as_str()), (Some("test"), Some(env!("CARGO_PKG_VERSION"))), "{instances}");
         assert!(instances[0]["clock_skew_ms"].as_i64().unwrap().abs() < 5_000, "{instances}");
+        let page = system.admin_get("/api/v1/ops/instances?limit=1").await;
+        assert_eq!((page["items"].as_array().unwrap().len(), &page["next"]), (1, &serde_json::Value::Null), "{page}");
+        let (status, problem) = system.get("/api/v1/ops/instances?after=nobody", Some(ADMIN_TOKEN)).await;
+        assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("after")), "{problem}");
         system.stop().await;
 
         let start = Utc.with_ymd_and_hms(2026, 6, 1, 9, 0, 0).unwrap();

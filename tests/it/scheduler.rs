@@ -249,6 +249,22 @@ on_both_backends! {
         let (_, jobs) = app.get("/api/v1/ops/jobs", Some(ADMIN_TOKEN)).await;
         let names: Vec<String> = jobs["items"].as_array().unwrap().iter().map(|j| str_of(&j["name"])).collect();
         assert_eq!(names.len(), 10, "{names:?}");
+        // Paged, the same jobs in the same order.
+        let (mut paged, mut after) = (Vec::new(), String::new());
+        loop {
+            let (status, page) = app.get(&format!("/api/v1/ops/jobs?limit=3{after}"), Some(ADMIN_TOKEN)).await;
+            assert!(status == StatusCode::OK && page["items"].as_array().unwrap().len() <= 3, "{page}");
+            paged.extend(page["items"].as_array().unwrap().iter().map(|j| str_of(&j["name"])));
+            match page["next"].as_str() {
+                Some(next) => after = format!("&after={next}"),
+                None => break,
+            }
+        }
+        assert_eq!(paged, names);
+        for bad in ["limit=0", "limit=501", "after=no-such-job"] {
+            let (status, problem) = app.get(&format!("/api/v1/ops/jobs?{bad}"), Some(ADMIN_TOKEN)).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {problem}");
+        }
         for j in jobs["items"].as_array().unwrap() {
             assert_eq!(j["upcoming"].as_array().unwrap().len(), 5, "{j}");
         }
