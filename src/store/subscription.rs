@@ -964,22 +964,30 @@ impl Store {
         }))
     }
 
+    /// Stores a profile's box once: a box already stored stays (its deliveries were ordered
+    /// with it), unless it is still the unusable text `replacing` (unreadable or empty), which
+    /// the new box heals. A compare-and-set, so of two runs healing at once one writes.
     pub async fn save_box_plan(
         &self,
         profile: &str,
         lines: &str,
         cost: i64,
         now: i64,
+        replacing: Option<&str>,
     ) -> StoreResult<()> {
         on_writer!(self, |pool| {
             sqlx::query(
                 "INSERT INTO box_plans (profile, lines, cost_minor, created_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (profile) DO NOTHING",
+                 ON CONFLICT (profile) DO UPDATE
+                 SET lines = excluded.lines, cost_minor = excluded.cost_minor,
+                     created_at = excluded.created_at
+                 WHERE box_plans.lines = $5",
             )
             .bind(profile)
             .bind(lines)
             .bind(cost)
             .bind(now)
+            .bind(replacing)
             .execute(pool)
             .await
             .map(|_| ())?

@@ -328,12 +328,12 @@ impl<'a> Boxer<'a> {
         if let Some(lines) = self.memo.get(&profile) {
             return Ok(lines.clone());
         }
-        // An unreadable stored box is planned afresh (and an empty one is never orderable).
-        let stored: Option<Vec<StoredLine>> = self
-            .store
-            .box_plan(&profile)
-            .await?
-            .and_then(|lines| serde_json::from_str(&lines).ok());
+        // An unreadable or empty stored box is no box: planned afresh, and healed below.
+        let row = self.store.box_plan(&profile).await?;
+        let stored: Option<Vec<StoredLine>> = row
+            .as_deref()
+            .and_then(|lines| serde_json::from_str::<Vec<StoredLine>>(lines).ok())
+            .filter(|lines| !lines.is_empty());
         let items: Vec<Item> = self
             .catalog
             .values()
@@ -371,7 +371,7 @@ impl<'a> Boxer<'a> {
         if stored.is_none() {
             let (cost, at) = (planned.cost_minor, micros(self.now));
             self.store
-                .save_box_plan(&profile, &box_json(&lines), cost, at)
+                .save_box_plan(&profile, &box_json(&lines), cost, at, row.as_deref())
                 .await?;
         }
         self.memo.insert(profile, lines.clone());
@@ -424,6 +424,7 @@ fn writes_in_flight(store: &Store) -> usize {
 /// `subscription-renew`: keeps deliveries ahead, resumes pauses that ended, and at each
 /// cutoff locks the delivery with its box (planned then if it has none), invoices it once
 /// and charges it.
+///
 /// `shop` is the zone `grower-orders` runs in (for lines of boxes planned at the lock that
 /// are due today).
 pub async fn run_renew(

@@ -1207,6 +1207,31 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_damaged_stored_box_is_planned_afresh_and_healed(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 1)).await;
+        app.subscribe_from_8_october(&plan, "Uma").await;
+        let store = &app.state.store;
+        let profile = format!("{plan}|[]|thu|2026-10-08");
+        let good = store.box_plan(&profile).await.unwrap().expect("the signup stored its profile's box");
+        // The stored box is damaged (an edit by hand, say): unreadable, then empty.
+        for (bad, name) in [("not a box", "Vic"), ("[]", "Wes")] {
+            crate::helpers::raw_tx(&app.state.settings.database, &[
+                &format!("UPDATE box_plans SET lines = '{bad}' WHERE profile = '{profile}'"),
+            ]).await.unwrap();
+            let (id, token) = app.subscribe_from_8_october(&plan, name).await;
+            let d = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await.remove(0);
+            assert!(!d["lines"].as_array().unwrap().is_empty(), "{bad}: boxed all the same: {d}");
+            let healed = store.box_plan(&profile).await.unwrap().unwrap();
+            let lines: Vec<Value> = serde_json::from_str(&healed).unwrap_or_default();
+            assert!(!lines.is_empty(), "{bad}: healed, not planned afresh on every run: {healed}");
+            assert_eq!(healed, good, "the same profile, the same box");
+        }
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn late_boxes_are_made_of_what_can_still_come_in_time_and_stay_as_planned(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.late_box_plan("Europe/Berlin").await;
