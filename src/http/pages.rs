@@ -4,9 +4,10 @@
 //! and a subscription's delivery calendar `/subscriptions/{id}/calendar`.
 //!
 //! Pages accept a bearer token, read as the API reads it, or a session cookie (HttpOnly,
-//! SameSite=Strict, and Secure when signed in over HTTPS) holding a random session id that answers as the token it signed in with,
-//! until sign-out or 12 hours; `/ops` wants the admin's, and its state-changing buttons also
-//! carry a CSRF token derived from the session. A calendar also opens with its private link.
+//! SameSite=Strict, Secure over HTTPS) holding a random session id that answers as the token
+//! it signed in with, until sign-out or 12 hours; `/ops` wants the admin's, and its
+//! state-changing buttons also carry a CSRF token derived from the session. A calendar also
+//! opens with its private link.
 
 use super::error::ApiError;
 use super::extract::{bearer_token, principal_of, principal_of_hash};
@@ -162,9 +163,16 @@ fn over_https(headers: &HeaderMap) -> bool {
     let forwarded_proto = value("x-forwarded-proto")
         .and_then(|v| v.split(',').next())
         .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
+    // The first hop's `proto` (the proxy nearest the browser), quoted or not.
     let forwarded = value("forwarded").is_some_and(|v| {
-        v.split([';', ','])
-            .any(|pair| pair.trim().eq_ignore_ascii_case("proto=https"))
+        v.split(',')
+            .next()
+            .unwrap_or_default()
+            .split(';')
+            .any(|pair| {
+                let pair = pair.trim().replace('"', "");
+                pair.eq_ignore_ascii_case("proto=https")
+            })
     });
     let origin = value(header::ORIGIN.as_str()).is_some_and(|o| o.starts_with("https://"));
     forwarded_proto || forwarded || origin
@@ -842,6 +850,10 @@ mod tests {
             "forwarded",
             "for=192.0.2.1;proto=https;by=203.0.113.5"
         )));
+        let quoted = r#"for="[2001:db8::1]";proto="https", for=10.0.0.1;proto=http"#;
+        assert!(over_https(&with("forwarded", quoted)));
+        let second_hop = "for=10.0.0.1;proto=http, for=192.0.2.1;proto=https";
+        assert!(!over_https(&with("forwarded", second_hop)));
         assert!(over_https(&with("origin", "https://shop.example")));
         assert!(!over_https(&with("x-forwarded-proto", "http")));
         assert!(!over_https(&with("forwarded", "for=192.0.2.1;proto=http")));

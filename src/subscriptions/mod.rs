@@ -334,6 +334,8 @@ impl<'a> Boxer<'a> {
             .as_deref()
             .and_then(|lines| serde_json::from_str::<Vec<StoredLine>>(lines).ok())
             .filter(|lines| !lines.is_empty());
+        // In SKU byte order on both backends (PostgreSQL's `ORDER BY sku` would follow its
+        // locale): the solver breaks ties between equal-cost items by their order.
         let items: Vec<Item> = self
             .catalog
             .values()
@@ -378,8 +380,9 @@ impl<'a> Boxer<'a> {
         Ok(lines)
     }
 
-    /// [`Boxer::box_for`] for a plan boxing ahead: `None` when nothing can reach the
-    /// warehouse in time any more (the delivery is skipped at its cutoff, see `lock_and_bill`).
+    /// [`Boxer::box_for`] for the plans ahead of the cutoff (weekly, morning, signup, resume):
+    /// `None` when no box can be planned for the delivery (nothing in season, allowed and
+    /// reachable in time); its cutoff then skips it, see `lock_and_bill`.
     async fn first_box(
         &mut self,
         plan: &PlanRow,
@@ -395,7 +398,7 @@ impl<'a> Boxer<'a> {
 }
 
 /// A box's lines as stored on its delivery and profile. (Serialising plain strings and
-/// numbers cannot fail.)
+/// numbers cannot fail; the fallback, no lines, is never taken.)
 fn box_json(lines: &[StoredLine]) -> String {
     serde_json::to_string(lines).unwrap_or_else(|_| "[]".into())
 }
@@ -486,7 +489,7 @@ pub async fn run_renew(
     let mut ordered_at_lock = HashSet::new();
     let catalog = catalog_by_sku(store).await?;
     let mut boxer = Boxer::new(store, &catalog, now);
-    let mut count = |taken: Locked| {
+    let mut record_taken = |taken: Locked| {
         locked += taken.locked;
         ordered_at_lock.extend(taken.orders.iter().map(order_key));
     };
@@ -547,21 +550,19 @@ pub async fn run_renew(
             Ok::<Locked, SubscriptionError>(taken)
         };
         if let Some(done) = writing.start(lock_and_charge).await {
-            count(done?);
+            record_taken(done?);
         }
     }
     while let Some(done) = writing.next().await {
-        count(done?);
+        record_taken(done?);
     }
     // Lines of boxes planned at the locks taken may be due today: they go out now, not a
     // day late. Best effort: the locks have committed, and the next `grower-orders` run
     // sends what this misses; a failure here must not skip the payments and dunning below.
-    if let Err(e) = send_due_now(store, now, shop, &ordered_at_lock).await {
-        tracing::warn!(error = %e, "sending the lines of boxes planned at the lock failed");
-    }
+    let sent = send_due_or_warn(store, now, shop, &ordered_at_lock).await;
     payments.sweep(now, false).await?;
     let dunned = dunning_decisions(store, dunning_days, now).await?;
-    Ok(json!({"locked": locked, "dunning_planned": dunned}))
+    Ok(json!({"locked": locked, "dunning_planned": dunned, "grower_lines_sent": sent}))
 }
 
 /// What locking a due delivery writes (its final box, invoice, charge and email), or `None`
@@ -1002,7 +1003,7 @@ pub async fn plan_upcoming(
         added.clone()
     };
     store.save_first_boxes(&boxes, orders_of).await?;
-    send_due_now(store, now, shop, &added.iter().map(order_key).collect()).await?;
+    send_due_or_warn(store, now, shop, &added.iter().map(order_key).collect()).await;
     Ok(())
 }
 
@@ -1066,6 +1067,23 @@ async fn send_due_now(
         return Ok(0);
     }
     send_due_grower_orders(store, now, shop, |g| keys.contains(&order_key(g))).await
+}
+
+/// [`send_due_now`] after the boxes and orders have committed: best effort, since the next
+/// `grower-orders` run sends whatever this misses, and a failure must not fail the signup,
+/// resume or renewal that already stands. Returns how many lines went out.
+async fn send_due_or_warn(
+    store: &Store,
+    now: DateTime<Utc>,
+    shop: Tz,
+    keys: &HashSet<OrderKey>,
+) -> usize {
+    send_due_now(store, now, shop, keys)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "sending grower lines due today failed; the next grower-orders run sends them");
+            0
+        })
 }
 
 /// Sends each grower the planned lines (of those `which` picks) whose order-by date has come,

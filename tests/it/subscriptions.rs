@@ -1095,6 +1095,9 @@ on_both_backends! {
         app.advance("2026-10-07T12:00:00Z").await;
         let qty = app.farm_box_units(&id, &token).await;
         app.assert_farm_line(qty, "sent", 1).await;
+        let renewals = app.runs_of(RENEW_JOB).await;
+        let locking = renewals.iter().find(|r| r["result"]["locked"] == 1).expect("a renewal locked it");
+        assert_eq!(locking["result"]["grower_lines_sent"], 1, "{locking}");
         // The next morning's recomputation counts it once.
         app.advance("2026-10-08T04:00:00Z").await;
         app.assert_farm_line(qty, "sent", 1).await;
@@ -1154,6 +1157,7 @@ on_both_backends! {
         let renewals = app.runs_of(RENEW_JOB).await;
         let locking: Vec<&Value> = renewals.iter().filter(|r| r["result"]["locked"] == 1).collect();
         assert_eq!(locking.len(), 1, "{renewals:?}");
+        assert_eq!(locking[0]["result"]["grower_lines_sent"], 0, "{renewals:?}");
         assert_eq!((&locking[0]["state"], &locking[0]["attempt"], &locking[0]["last_error"]),
             (&json!("succeeded"), &json!(1), &Value::Null), "{renewals:?}");
         // Once lines can be sent again, the next morning's run sends it (05:00 in Berlin).
