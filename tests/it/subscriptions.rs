@@ -14,10 +14,15 @@ use std::collections::BTreeMap;
 
 /// A manual clock in the shop zone Europe/Berlin.
 async fn app_at(backend: Backend, start: &str) -> TestApp {
+    app_in(backend, start, "Europe/Berlin").await
+}
+
+/// [`app_at`] for a shop in `zone`.
+async fn app_in(backend: Backend, start: &str, zone: &str) -> TestApp {
     TestApp::spawn_with(backend, |s| {
         s.clock = pooled::config::ClockMode::Manual;
         s.clock_start = Some(start.parse().unwrap());
-        s.time_zone = "Europe/Berlin".parse().unwrap();
+        s.time_zone = zone.parse().unwrap();
     })
     .await
 }
@@ -1108,11 +1113,7 @@ on_both_backends! {
 on_both_backends! {
     async fn lines_a_lock_orders_go_out_on_the_shops_day_not_the_plans(backend) {
         // The shop keeps New York time; the plan delivers in Auckland, most of a day ahead.
-        let app = TestApp::spawn_with(backend, |s| {
-            s.clock = pooled::config::ClockMode::Manual;
-            s.clock_start = Some("2026-09-28T00:00:00Z".parse().unwrap());
-            s.time_zone = "America/New_York".parse().unwrap();
-        }).await;
+        let app = app_in(backend, "2026-09-28T00:00:00Z", "America/New_York").await;
         let (id, token) = app.late_box_subscription("Pacific/Auckland", "Aroha").await;
         // After the shop's morning run of 6 October (05:00 in New York, 09:00 UTC).
         app.advance("2026-10-06T12:00:00Z").await;
@@ -1352,11 +1353,7 @@ on_both_backends! {
 
 on_both_backends! {
     async fn grower_orders_go_out_on_the_shops_own_day_east_of_utc(backend) {
-        let app = TestApp::spawn_with(backend, |s| {
-            s.clock = pooled::config::ClockMode::Manual;
-            s.clock_start = Some("2026-09-28T00:00:00Z".parse().unwrap());
-            s.time_zone = "Asia/Tokyo".parse().unwrap();
-        }).await;
+        let app = app_in(backend, "2026-09-28T00:00:00Z", "Asia/Tokyo").await;
         let mut body = fruit_plan("24.90", 2);
         body["time_zone"] = json!("Asia/Tokyo");
         let plan = app.plan(body).await;
