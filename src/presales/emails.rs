@@ -146,10 +146,14 @@ pub fn balance_paid(l: &Loaded, p: &PledgeContact, price: Money) -> NewEmail {
         &p.name,
         format!("{}: you are all paid", c.title),
     );
+    let (units, are) = match p.qty {
+        1 => ("1 unit".to_owned(), "is"),
+        qty => (format!("{qty} units"), "are"),
+    };
     n.paragraphs.push(format!(
-        "Thank you: your {} unit(s) at {price} {} each are paid in full. The order goes to \
-         the manufacturer when the balance window ends.",
-        p.qty, l.currency
+        "Thank you: your {units} at {price} {} each {are} paid in full. The order goes to the \
+         manufacturer when the balance window ends.",
+        l.currency
     ));
     n.render()
 }

@@ -87,9 +87,16 @@ pub fn subscription_confirmed(
         name,
         format!("Welcome to {}", plan.name),
     );
+    let every = match plan.cadence_weeks {
+        1 => "week".to_owned(),
+        n => format!("{n} weeks"),
+    };
+    let ready = super::ready_word(plan);
     n.paragraphs.push(format!(
-        "Your first box arrives on {first}, then every {} week(s). Each box is planned so that          something is ready every day until the next one, and billed {} hours before its          delivery day starts; until then you can skip or pause it.",
-        plan.cadence_weeks, plan.cutoff_hours
+        "Your first box arrives on {first}, then one every {every}. Each box is planned so \
+         that something is {ready} every day until the next one, and billed {} hours before \
+         its delivery day starts; until then you can skip or pause it.",
+        plan.cutoff_hours
     ));
     n.facts = vec![(
         "Price per delivery".into(),
@@ -243,4 +250,47 @@ pub fn grower_order(supplier: &str, lines: &[GrowerOrderRow], today: NaiveDate) 
         content: csv.into_bytes(),
     });
     n.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(kind: &str, cadence_weeks: i64) -> PlanRow {
+        PlanRow {
+            id: "pln_1".into(),
+            name: "Weekly".into(),
+            kind: kind.into(),
+            currency: "EUR".into(),
+            price_minor: 2490,
+            cadence_weeks,
+            portions_per_day: 2,
+            cutoff_hours: 48,
+            delivery_weekdays: "thu".into(),
+            time_zone: "Europe/Berlin".into(),
+            variety_cap: 6,
+            transit_days: 1,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn the_welcome_says_how_often_and_what_every_day_brings() {
+        let first = NaiveDate::from_ymd_opt(2026, 12, 10).unwrap();
+        let text = |kind, weeks| {
+            subscription_confirmed(&plan(kind, weeks), "sub_1", first, "a@example.com", "Ann").text
+        };
+        let weekly = text("fruit", 1);
+        assert!(weekly.contains("arrives on 2026-12-10, then one every week. Each box is planned so that something is ready to eat every day"), "{weekly}");
+        assert!(weekly.contains("Price per delivery: 24.90 EUR"), "{weekly}");
+        let fortnightly = text("flower", 2);
+        assert!(
+            fortnightly.contains("then one every 2 weeks."),
+            "{fortnightly}"
+        );
+        assert!(
+            fortnightly.contains("something is in bloom every day"),
+            "{fortnightly}"
+        );
+    }
 }

@@ -225,9 +225,36 @@ impl TestApp {
         }
     }
 
-    /// Stops the server gracefully and waits for it.
+    /// Stops the server gracefully and waits for it, once every email it wrote is checked
+    /// ([`TestApp::assert_emails_read_well`]).
     pub async fn stop(mut self) {
+        self.assert_emails_read_well().await;
         self.shutdown_and_wait().await;
+    }
+
+    /// Every email's subject and text read as prose: no run of spaces after a word (a string
+    /// literal broken over lines without its `\`) and no "(s)" plurals. Checked at every
+    /// test's end, so each scenario's emails are read.
+    async fn assert_emails_read_well(&self) {
+        let emails = self
+            .state
+            .store
+            .outbox(None, 1_000_000, None)
+            .await
+            .expect("outbox");
+        for e in emails {
+            for text in [&e.subject, &e.text_body] {
+                let gap = text
+                    .as_bytes()
+                    .windows(3)
+                    .any(|w| w[0].is_ascii_alphanumeric() && w[1..] == *b"  ");
+                assert!(
+                    !gap && !text.contains("(s)"),
+                    "{} email reads badly: {text}",
+                    e.template
+                );
+            }
+        }
     }
 
     async fn shutdown_and_wait(&mut self) {
