@@ -1,15 +1,18 @@
-//! The HTTP layer's one error type and its RFC 7807 problem+json rendering.
+//! The HTTP layer's one error type and its renderings: RFC 7807 problem+json, and the same
+//! problem as an HTML page for the pages.
 //!
 //! Every failure a client can see goes through [`ApiError`]: handlers, extractors, the
 //! idempotency layer and the fallbacks. Each carries a stable `code` from API.md; server errors
-//! are logged with their cause and shown without it.
+//! are logged with their cause and shown without it. A page handler answers its errors as
+//! [`PageError`], the same `ApiError` shown as a page.
 
 use crate::payments::PaymentsError;
 use crate::presales::PresaleError;
 use crate::store::{StoreError, StoredResponse};
 use crate::subscriptions::SubscriptionError;
+use askama::Template;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use serde::Serialize;
 
 /// One invalid field of a request.
@@ -212,5 +215,48 @@ impl IntoResponse for ApiError {
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         response
+    }
+}
+
+/// An [`ApiError`] met by a page: whoever opened a page reads its answer in a browser, so the
+/// problem is shown as a page (status, title, detail, the invalid fields) instead of JSON.
+pub struct PageError(pub ApiError);
+
+// Why a blanket conversion: page handlers meet the same errors as the API's (`?` on a store
+// or domain error, or an `ApiError` from a shared helper).
+impl<E: Into<ApiError>> From<E> for PageError {
+    fn from(e: E) -> Self {
+        PageError(e.into())
+    }
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage {
+    status: u16,
+    title: &'static str,
+    detail: String,
+    code: &'static str,
+    errors: Vec<FieldError>,
+    /// Not signed in: the page links to the sign-in form.
+    sign_in: bool,
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let (status, p) = self.0.problem();
+        let page = ErrorPage {
+            status: p.status,
+            title: p.title,
+            detail: p.detail,
+            code: p.code,
+            errors: p.errors,
+            sign_in: status == StatusCode::UNAUTHORIZED,
+        };
+        // The template is checked at compile time; rendering only fails on a formatter error.
+        let html = page
+            .render()
+            .unwrap_or_else(|e| format!("{status} (page error: {e})"));
+        (status, Html(html)).into_response()
     }
 }

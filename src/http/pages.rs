@@ -9,7 +9,7 @@
 //! state-changing buttons also carry a CSRF token derived from the session. A calendar also
 //! opens with its private link.
 
-use super::error::ApiError;
+use super::error::{ApiError, PageError};
 use super::extract::{bearer_token, principal_of, principal_of_hash};
 use crate::app::AppState;
 use crate::domain::identity::Principal;
@@ -204,16 +204,27 @@ struct LoginForm {
     next: String,
 }
 
+const CROSS_SITE: &str = "this form was sent from another site";
+
+/// A form the page refuses (403): `why`, and what to do about it.
+fn form_refused(why: &str) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("{why}; nothing was changed. Reload the page and try again."),
+    )
+}
+
 /// Any party's token signs in: ops land on `/ops`, shoppers where they were going (their
 /// calendar), else back here, signed in.
 async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, PageError> {
     // A form posted from another site would sign this browser in as someone else.
     if !same_origin(&headers) {
-        return Err(ApiError::forbidden());
+        return Err(form_refused(CROSS_SITE).into());
     }
     let token = form.token.trim();
     let Some(who) = principal_of(&state, token).await? else {
@@ -251,10 +262,10 @@ async fn login(
 
 /// Signs out: the session ends (its cookie no longer signs anyone in, even if replayed) and
 /// the browser forgets it.
-async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, PageError> {
     // Another site could otherwise sign this browser out.
     if !same_origin(&headers) {
-        return Err(ApiError::forbidden());
+        return Err(form_refused(CROSS_SITE).into());
     }
     // The cookie's session, even when a bearer header came with it.
     if let Some(id) = session_cookie(&headers) {
@@ -317,7 +328,10 @@ struct OpsPage {
     signed_in: bool,
 }
 
-async fn ops_page(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn ops_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
     let Some(caller) = admin(&headers, &state).await? else {
         return Ok(Redirect::to("/login").into_response());
     };
@@ -447,16 +461,16 @@ async fn ops_action(
     headers: HeaderMap,
     Path((name, action)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, PageError> {
     let Some(caller) = admin(&headers, &state).await? else {
-        return Err(ApiError::unauthorized());
+        return Err(ApiError::unauthorized().into());
     };
     // Compared as hashes, so the time taken says nothing about the expected token's prefix.
     if hash_token(&form.csrf) != hash_token(&caller.csrf) {
-        return Err(ApiError::forbidden());
+        return Err(form_refused("this form is not from your current session of /ops").into());
     }
     if state.scheduler.job(&name).is_none() {
-        return Err(ApiError::not_found(format!("no job named {name}")));
+        return Err(ApiError::not_found(format!("no job named {name}")).into());
     }
     let now = state.clock.now().timestamp_micros();
     match action.as_str() {
@@ -472,7 +486,7 @@ async fn ops_action(
         "resume" => {
             state.store.resume_job(&name, now).await?;
         }
-        other => return Err(ApiError::not_found(format!("no action {other}"))),
+        other => return Err(ApiError::not_found(format!("no action {other}")).into()),
     }
     Ok(Redirect::to("/ops").into_response())
 }
@@ -518,7 +532,7 @@ fn time_left(d: chrono::Duration) -> String {
 async fn campaign_page(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<CampaignPage, ApiError> {
+) -> Result<CampaignPage, PageError> {
     use crate::domain::money::Money;
     use crate::domain::presale;
     let l = crate::presales::load(&state.store, &id).await?;
@@ -696,9 +710,9 @@ async fn calendar_page(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<CalendarQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, PageError> {
     use crate::subscriptions::{date_of, lines_of, plan_of, today};
-    let not_found = || ApiError::not_found(format!("no subscription {id}"));
+    let not_found = || PageError(ApiError::not_found(format!("no subscription {id}")));
     // With the private link, nobody signs in; without it, the session says who may look.
     let who = match &q.key {
         // Compared as hashes, so the time taken says nothing about the key's prefix.
@@ -723,7 +737,7 @@ async fn calendar_page(
             Some(PageCaller {
                 who: Principal::Manufacturer(_),
                 ..
-            }) => return Err(ApiError::forbidden()),
+            }) => return Err(ApiError::forbidden().into()),
             Some(caller) => Some(caller),
         },
     };

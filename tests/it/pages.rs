@@ -41,7 +41,7 @@ on_both_backends! {
         let csrf = html.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
 
         let res = client.post(url("/ops/jobs/grower-orders/run")).header(COOKIE, &session).form(&[("csrf", "forged")]).send().await.unwrap();
-        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert_error_page(res, StatusCode::FORBIDDEN, "this form is not from your current session of /ops; nothing was changed").await;
         assert!(app.runs_of("grower-orders").await.iter().all(|r| r["trigger"] != "manual"), "a forged form changes nothing");
         let res = client.post(url("/ops/jobs/grower-orders/run")).header(COOKIE, &session).form(&[("csrf", csrf.as_str())]).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::SEE_OTHER);
@@ -148,8 +148,27 @@ on_both_backends! {
         let html = app.client.get(&page).send().await.unwrap().text().await.unwrap();
         assert!(html.contains("Closed Tuesday 2 June 2026, 02:00 CEST (Europe/Berlin): the price locks once"), "{html}");
         assert!(!html.contains("left."), "{html}");
+        // A page that is not there says so as a page, not as JSON.
+        let res = app.client.get(format!("{}/campaigns/cmp_nope", app.base)).send().await.unwrap();
+        assert_error_page(res, StatusCode::NOT_FOUND, "no campaign cmp_nope").await;
         app.stop().await;
     }
+}
+
+/// A page's error answer: `status`, as an HTML page that shows `detail`.
+async fn assert_error_page(res: reqwest::Response, status: StatusCode, detail: &str) {
+    assert_eq!(res.status(), status);
+    let kind = res.headers()[reqwest::header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let html = res.text().await.unwrap();
+    assert!(kind.starts_with("text/html"), "{kind}: {html}");
+    let title = status.canonical_reason().unwrap();
+    assert!(
+        html.contains(&format!("<h1>{title}</h1>")) && html.contains(detail),
+        "{html}"
+    );
 }
 
 /// A Berlin fruit box for one shopper, subscribed on 28 September for 8 October: the app, its
@@ -222,7 +241,7 @@ on_both_backends! {
             assert_eq!(res.headers()[LOCATION], "/login?signed_in=true", "{evil:?}");
         }
         let res = client.post(url("/login")).header("origin", "https://evil.example").form(&[("token", token.as_str())]).send().await.unwrap();
-        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert_error_page(res, StatusCode::FORBIDDEN, "this form was sent from another site; nothing was changed").await;
         // Browsers that say where a post comes from are believed over Origin and Host, which a
         // proxy in front may rewrite.
         for (site, origin, status) in [
@@ -254,7 +273,7 @@ on_both_backends! {
             assert_eq!(res.status(), status);
         }
         let res = client.get(url("/subscriptions/sub_nope/calendar")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
-        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+        assert_error_page(res, StatusCode::NOT_FOUND, "no subscription sub_nope").await;
         app.stop().await;
     }
 }
