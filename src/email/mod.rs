@@ -5,6 +5,8 @@ pub mod mailer;
 
 use crate::store::NewEmail;
 use askama::Template;
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 
 #[derive(Template)]
 #[template(path = "email/job_failed.txt")]
@@ -116,8 +118,35 @@ impl Notice {
     }
 }
 
+/// An instant as its reader's clock shows it, with UTC beside it (deadline bugs start when a
+/// reader and the server read one instant differently): `2026-08-01 00:00 CEST (2026-07-31
+/// 22:00 UTC)`, or `2026-07-31 22:00 UTC` for a reader on UTC.
+pub fn local_time(t: DateTime<Utc>, zone: Tz) -> String {
+    let utc = t.format("%Y-%m-%d %H:%M UTC");
+    if zone == chrono_tz::UTC {
+        return utc.to_string();
+    }
+    format!(
+        "{} ({utc})",
+        t.with_timezone(&zone).format("%Y-%m-%d %H:%M %Z")
+    )
+}
+
 fn render(t: &impl Template) -> String {
     // Templates are checked at compile time; rendering only fails on a formatter error.
     t.render()
         .unwrap_or_else(|e| format!("(template error: {e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_time;
+
+    #[test]
+    fn an_instant_reads_on_its_readers_clock_with_utc_beside_it_once() {
+        let t = "2026-07-31T22:00:00Z".parse().unwrap();
+        let berlin = local_time(t, chrono_tz::Europe::Berlin);
+        assert_eq!(berlin, "2026-08-01 00:00 CEST (2026-07-31 22:00 UTC)");
+        assert_eq!(local_time(t, chrono_tz::UTC), "2026-07-31 22:00 UTC");
+    }
 }

@@ -9,14 +9,9 @@ use crate::email::Notice;
 use crate::store::{NewAttachment, NewEmail, PledgeContact, PledgeRow, PurchaseOrderRow, instant};
 use chrono::{DateTime, Utc};
 
-/// `2026-08-01 00:00 CEST (2026-07-31 22:00 UTC)`.
-pub fn local_time(l: &Loaded, t: DateTime<Utc>) -> String {
-    let zone = zone_of(&l.campaign);
-    format!(
-        "{} ({} UTC)",
-        t.with_timezone(&zone).format("%Y-%m-%d %H:%M %Z"),
-        t.format("%Y-%m-%d %H:%M")
-    )
+/// `t` in the campaign's zone: `2026-08-01 00:00 CEST (2026-07-31 22:00 UTC)`.
+fn local_time(l: &Loaded, t: DateTime<Utc>) -> String {
+    crate::email::local_time(t, zone_of(&l.campaign))
 }
 
 fn money(l: &Loaded, minor: i64) -> String {

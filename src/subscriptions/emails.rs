@@ -1,8 +1,9 @@
 //! The subscription emails, keyed so each is sent once per delivery, invoice attempt or order.
 
 use super::StoredLine;
+use crate::domain::identity::Shopper;
 use crate::domain::money::{Currency, Money};
-use crate::email::Notice;
+use crate::email::{Notice, local_time};
 use crate::store::{DeliveryRow, GrowerOrderRow, InvoiceRow, NewAttachment, NewEmail, PlanRow};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 
@@ -105,19 +106,20 @@ pub fn subscription_confirmed(
     n.render()
 }
 
+/// "Payment failed": the box is held, and when the card is tried again, in the shopper's own
+/// zone (with UTC beside it).
 pub fn payment_failed(
     plan: &PlanRow,
     inv: &InvoiceRow,
-    retry_at: Option<DateTime<Utc>>,
-    to: &str,
-    name: &str,
+    retry_at: DateTime<Utc>,
+    shopper: &Shopper,
 ) -> NewEmail {
     let mut n = notice(
         "payment_failed",
         &inv.id,
         &format!("attempt-{}", inv.attempts),
-        to,
-        name,
+        &shopper.email,
+        &shopper.name,
         format!(
             "Payment for your {} box of {} failed",
             plan.name, inv.delivery_date
@@ -125,13 +127,10 @@ pub fn payment_failed(
     );
     n.paragraphs.push(format!(
         "We could not charge {} for the delivery of {}. The box is held until it is paid. \
-         Please update your payment method; we will try again{}.",
+         Please update your payment method; we will try again on {}.",
         money(inv.amount_minor, &inv.currency),
         inv.delivery_date,
-        retry_at.map_or(String::new(), |t| format!(
-            " on {}",
-            t.format("%Y-%m-%d %H:%M UTC")
-        ))
+        local_time(retry_at, shopper.time_zone)
     ));
     n.facts = vec![("Attempt".into(), inv.attempts.to_string())];
     n.render()

@@ -675,8 +675,7 @@ async fn dunning_decisions(
         let first = crate::store::instant(inv.first_failed_at.unwrap_or(now_us));
         match dunning_step(first, inv.attempts as usize, dunning_days) {
             Dunning::RetryAt(at) => {
-                let email =
-                    emails::payment_failed(&plan, &inv, Some(at), &shopper.email, &shopper.name);
+                let email = emails::payment_failed(&plan, &inv, at, &shopper);
                 if store
                     .plan_dunning_retry(&inv.id, micros(at), &email, DUNNING_JOB, now_us)
                     .await?

@@ -205,10 +205,14 @@ on_both_backends! {
     }
 }
 
-/// Subscribes a shopper whose card is declined from the first renewal on.
+/// Subscribes a shopper in New York whose card is declined from the first renewal on.
 async fn declined_subscriber(app: &TestApp, name: &str) -> (String, String) {
     let plan = app.plan(fruit_plan("19.00", 1)).await;
-    let (_, token) = app.shopper(name, "pm_ok").await;
+    let email = format!("{}@example.com", name.to_lowercase());
+    let body = json!({"name": name, "email": email, "payment_token": "pm_ok", "time_zone": "America/New_York"});
+    let (status, shopper) = app.post("/api/v1/shoppers", None, body).await;
+    assert_eq!(status, StatusCode::CREATED, "{shopper}");
+    let token = str_of(&shopper["token"]);
     let (status, sub) = app
         .post(
             "/api/v1/subscriptions",
@@ -244,6 +248,10 @@ on_both_backends! {
         assert_eq!(sub["status"], "past_due");
         let held = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
         assert_eq!(held[0]["status"], "payment_failed", "the box is held");
+        // The email says when the card is tried again on Dora's own clock.
+        let emails = app.state.store.outbox(Some("dora@example.com"), 10, None).await.unwrap();
+        let failed = emails.iter().find(|e| e.template == "payment_failed").expect("a payment_failed email");
+        assert!(failed.text_body.contains("we will try again on 2026-10-06 18:00 EDT (2026-10-06 22:00 UTC)."), "{}", failed.text_body);
         // Retries at +1 d and +3 d fail; the last step is +5 d after the first failure.
         app.advance("2026-10-09T00:00:00Z").await;
         let inv = &app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await[0];
