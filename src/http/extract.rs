@@ -106,12 +106,26 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| shape_error(e, "body"))
 }
 
+/// The messages of `chrono::format::ParseError`, the error a date or instant field reports.
+const CHRONO_PARSE_ERRORS: &[&str] = &[
+    "input is out of range",
+    "no possible date and time matching input",
+    "input is not enough for unique date and time",
+    "input contains invalid characters",
+    "premature end of input",
+    "trailing input",
+];
+
 /// A 422 naming the field a query or body got wrong. serde reports a missing field at the
 /// object that lacks it, so that field's name is read from the message and added to the path;
 /// an error of the whole (`root`) names `root`.
 fn shape_error<E: Display>(e: serde_path_to_error::Error<E>, root: &str) -> ApiError {
     let path = e.path().to_string();
-    let message = e.into_inner().to_string();
+    let mut message = e.into_inner().to_string();
+    // chrono's parse errors say what went wrong but not what it wanted.
+    if CHRONO_PARSE_ERRORS.contains(&message.as_str()) {
+        message.push_str(": write a date as 2026-12-10 and an instant as 2026-12-01T09:00:00Z");
+    }
     let missing = message
         .strip_prefix("missing field `")
         .and_then(|rest| rest.split('`').next());

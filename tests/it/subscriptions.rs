@@ -1425,6 +1425,12 @@ on_both_backends! {
             let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({"until": until})).await;
             assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{until}: {body}");
         }
+        // A date that is not one says how to write one.
+        for until in ["next week", "2026-10", "2026-10-15T00:00:00Z"] {
+            let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({"until": until})).await;
+            assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("until")), "{until}: {body}");
+            assert!(str_of(&body["errors"][0]["message"]).ends_with(": write a date as 2026-12-10 and an instant as 2026-12-01T09:00:00Z"), "{until}: {body}");
+        }
         let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
         assert_eq!(sub["status"], "active", "a refused pause changes nothing");
         // A plan the catalog can't keep ready every day is refused, not silently unbillable:
