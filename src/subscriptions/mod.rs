@@ -17,7 +17,7 @@ use crate::domain::subscription::{
 use crate::payments::{Payments, PaymentsError};
 use crate::store::{
     CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderMerge, GrowerOrderRow, InvoiceRow, Locked,
-    NewIntent, PlanRow, Store, StoreError, SubscriptionRow, micros,
+    NewIntent, PlanRow, RunFilter, Store, StoreError, SubscriptionRow, instant, micros,
 };
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use chrono_tz::Tz;
@@ -557,9 +557,19 @@ pub async fn run_renew(
         record_taken(done?);
     }
     // Lines of boxes planned at the locks taken may be due today: they go out now, not a
-    // day late. Best effort: the locks have committed, and the next `grower-orders` run
-    // sends what this misses; a failure here must not skip the payments and dunning below.
-    let sent = send_due_or_warn(store, now, shop, &ordered_at_lock).await;
+    // day late. Once this morning's `grower-orders` run is over, so does every line due
+    // and still planned, which missed it: one whose send after a lock, signup or resume
+    // failed is tried again 15 minutes later, not the next morning. Best effort: the locks
+    // have committed, and a failure here must not skip the payments and dunning below.
+    let late = match morning_orders_sent(store, now, shop).await {
+        Ok(true) => None,
+        Ok(false) => Some(&ordered_at_lock),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading today's grower-orders run failed");
+            Some(&ordered_at_lock)
+        }
+    };
+    let sent = send_due_or_warn(store, now, shop, late).await;
     payments.sweep(now, false).await?;
     let dunned = dunning_decisions(store, dunning_days, now).await?;
     Ok(json!({"locked": locked, "dunning_planned": dunned, "grower_lines_sent": sent}))
@@ -1002,7 +1012,13 @@ pub async fn plan_upcoming(
         added.clone()
     };
     store.save_first_boxes(&boxes, orders_of).await?;
-    send_due_or_warn(store, now, shop, &added.iter().map(order_key).collect()).await;
+    send_due_or_warn(
+        store,
+        now,
+        shop,
+        Some(&added.iter().map(order_key).collect()),
+    )
+    .await;
     Ok(())
 }
 
@@ -1044,17 +1060,35 @@ fn order_key(g: &GrowerOrderRow) -> OrderKey {
     (g.supplier.clone(), g.sku.clone(), g.ripening_start.clone())
 }
 
-/// Sends at once the due lines of `keys`, orders a signup, resume or lock has just added:
-/// that morning's `grower-orders` run may be over, and the next would be a day late. Not
-/// while ops have paused `grower-orders`, which holds every grower email: these lines then
-/// wait for a run too.
+/// Whether a `grower-orders` run has succeeded since the shop's day began: from then on, a
+/// planned line due today or earlier has missed its batch.
+async fn morning_orders_sent(store: &Store, now: DateTime<Utc>, shop: Tz) -> Result<bool> {
+    let last = store
+        .runs(&RunFilter {
+            job: Some(GROWER_ORDERS_JOB.to_owned()),
+            state: Some("succeeded".to_owned()),
+            before_id: None,
+            limit: 1,
+        })
+        .await?;
+    let day = |t: DateTime<Utc>| t.with_timezone(&shop).date_naive();
+    Ok(last
+        .first()
+        .and_then(|run| run.started_at)
+        .is_some_and(|started| day(instant(started)) == day(now)))
+}
+
+/// Sends at once the due lines of `keys` (orders a signup, resume or lock has just added:
+/// that morning's `grower-orders` run may be over, and the next would be a day late), or
+/// with `None` every due line still planned. Not while ops have paused `grower-orders`,
+/// which holds every grower email: these lines then wait for a run too.
 async fn send_due_now(
     store: &Store,
     now: DateTime<Utc>,
     shop: Tz,
-    keys: &HashSet<OrderKey>,
+    keys: Option<&HashSet<OrderKey>>,
 ) -> Result<usize> {
-    if keys.is_empty() {
+    if keys.is_some_and(HashSet::is_empty) {
         return Ok(0);
     }
     let held = store
@@ -1065,22 +1099,26 @@ async fn send_due_now(
     if held {
         return Ok(0);
     }
-    send_due_grower_orders(store, now, shop, |g| keys.contains(&order_key(g))).await
+    send_due_grower_orders(store, now, shop, |g| {
+        keys.is_none_or(|keys| keys.contains(&order_key(g)))
+    })
+    .await
 }
 
 /// [`send_due_now`] after the boxes and orders have committed: best effort, since the next
-/// `grower-orders` run sends whatever this misses, and a failure must not fail the signup,
-/// resume or renewal that already stands. Returns how many lines went out.
+/// renewal run (once that morning's `grower-orders` run is over) or `grower-orders` run
+/// sends whatever this misses, and a failure must not fail the signup, resume or renewal
+/// that already stands. Returns how many lines went out.
 async fn send_due_or_warn(
     store: &Store,
     now: DateTime<Utc>,
     shop: Tz,
-    keys: &HashSet<OrderKey>,
+    keys: Option<&HashSet<OrderKey>>,
 ) -> usize {
     send_due_now(store, now, shop, keys)
         .await
         .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "sending grower lines due today failed; the next grower-orders run sends them");
+            tracing::warn!(error = %e, "sending grower lines due today failed; a later run sends them");
             0
         })
 }

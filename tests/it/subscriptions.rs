@@ -1139,7 +1139,7 @@ on_both_backends! {
 }
 
 on_both_backends! {
-    async fn a_lock_whose_grower_email_fails_still_bills_and_the_morning_run_sends_it(backend) {
+    async fn a_lock_whose_grower_email_fails_still_bills_and_the_next_renewal_sends_it(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let (id, token) = app.late_box_subscription("Europe/Berlin", "Ines").await;
         app.advance("2026-10-07T04:30:00Z").await;
@@ -1169,14 +1169,21 @@ on_both_backends! {
         assert_eq!(locking[0]["result"]["grower_lines_sent"], 0, "{renewals:?}");
         assert_eq!((&locking[0]["state"], &locking[0]["attempt"], &locking[0]["last_error"]),
             (&json!("succeeded"), &json!(1), &Value::Null), "{renewals:?}");
-        // Once lines can be sent again, the next morning's run sends it (05:00 in Berlin).
+        // The line missed this morning's grower-orders run (05:00 in Berlin), so every
+        // renewal run tries it again; once lines can be sent, the next one sends it, today.
+        app.advance("2026-10-07T12:20:00Z").await;
+        app.assert_farm_line(qty, "planned", 0).await;
         let drop_it: &[&str] = match url {
             DatabaseUrl::Sqlite(_) => &["DROP TRIGGER refuse_sends"],
             DatabaseUrl::Postgres(_) => &["DROP TRIGGER refuse_sends ON grower_orders"],
         };
         crate::helpers::raw_tx(url, drop_it).await.unwrap();
-        app.advance("2026-10-08T03:30:00Z").await;
+        app.advance("2026-10-07T12:35:00Z").await;
         app.assert_farm_line(qty, "sent", 1).await;
+        let renewals = app.runs_of(RENEW_JOB).await;
+        let sending: Vec<&Value> = renewals.iter().filter(|r| r["result"]["grower_lines_sent"] == 1).collect();
+        assert_eq!(sending.len(), 1, "{renewals:?}");
+        assert_eq!(sending[0]["scheduled_for"], "2026-10-07T12:30:00Z", "{renewals:?}");
         app.stop().await;
     }
 }
