@@ -1,7 +1,8 @@
-//! Extractors: JSON bodies and query strings with problem+json rejections, field validation,
-//! and the caller's identity from the bearer token (the one place roles are checked).
+//! Extractors: JSON bodies and query strings with problem+json rejections (and the pages'
+//! forms and query strings, whose rejections are shown as pages), field validation, and the
+//! caller's identity from the bearer token (the one place roles are checked).
 
-use super::error::{ApiError, FieldError};
+use super::error::{ApiError, FieldError, PageError};
 use crate::app::AppState;
 use crate::domain::identity::Principal;
 use crate::ids::hash_token;
@@ -79,11 +80,39 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
         let query = parts.uri.query().unwrap_or_default();
-        let pairs = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
-        serde_path_to_error::deserialize(pairs)
-            .map(ApiQuery)
-            .map_err(|e| shape_error(e, "query"))
+        parse_urlencoded(query.as_bytes(), "query").map(ApiQuery)
     }
+}
+
+/// A page's query string, read as [`ApiQuery`] reads one; its errors are shown as a page.
+pub struct PageQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for PageQuery<T> {
+    type Rejection = PageError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, PageError> {
+        let ApiQuery(query) = ApiQuery::from_request_parts(parts, state).await?;
+        Ok(PageQuery(query))
+    }
+}
+
+/// A page's posted form (`application/x-www-form-urlencoded`): a field missing or of the
+/// wrong shape is a 422 naming it, shown as a page.
+pub struct PageForm<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for PageForm<T> {
+    type Rejection = PageError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, PageError> {
+        let body = body_of(req, state).await?;
+        Ok(PageForm(parse_urlencoded(&body, "form")?))
+    }
+}
+
+/// Parses `name=value&…` pairs into `T`, or a 422 naming the field (`root` for the whole).
+fn parse_urlencoded<T: DeserializeOwned>(bytes: &[u8], root: &str) -> Result<T, ApiError> {
+    let pairs = serde_urlencoded::Deserializer::new(form_urlencoded::parse(bytes));
+    serde_path_to_error::deserialize(pairs).map_err(|e| shape_error(e, root))
 }
 
 pub fn too_large() -> ApiError {

@@ -10,7 +10,7 @@
 //! opens with its private link.
 
 use super::error::{ApiError, PageError};
-use super::extract::{bearer_token, principal_of, principal_of_hash};
+use super::extract::{PageForm, PageQuery, bearer_token, principal_of, principal_of_hash};
 use crate::app::AppState;
 use crate::domain::identity::Principal;
 use crate::ids::hash_token;
@@ -19,7 +19,7 @@ use crate::store::{RunFilter, instant};
 use askama::Template;
 use askama_web::WebTemplate;
 use axum::Router;
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -123,7 +123,7 @@ struct LoginQuery {
     signed_out: Option<bool>,
 }
 
-async fn login_form(Query(q): Query<LoginQuery>) -> LoginPage {
+async fn login_form(PageQuery(q): PageQuery<LoginQuery>) -> LoginPage {
     LoginPage {
         failed: false,
         signed_in: q.signed_in.unwrap_or(false),
@@ -220,7 +220,7 @@ fn form_refused(why: &str) -> ApiError {
 async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Form(form): Form<LoginForm>,
+    PageForm(form): PageForm<LoginForm>,
 ) -> Result<Response, PageError> {
     // A form posted from another site would sign this browser in as someone else.
     if !same_origin(&headers) {
@@ -460,7 +460,7 @@ async fn ops_action(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path((name, action)): Path<(String, String)>,
-    Form(form): Form<ActionForm>,
+    PageForm(form): PageForm<ActionForm>,
 ) -> Result<Response, PageError> {
     let Some(caller) = admin(&headers, &state).await? else {
         return Err(ApiError::unauthorized().into());
@@ -709,7 +709,7 @@ async fn calendar_page(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<CalendarQuery>,
+    PageQuery(q): PageQuery<CalendarQuery>,
 ) -> Result<Response, PageError> {
     use crate::subscriptions::{date_of, lines_of, plan_of, today};
     let not_found = || PageError(ApiError::not_found(format!("no subscription {id}")));
