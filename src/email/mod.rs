@@ -122,14 +122,25 @@ impl Notice {
 /// reader and the server read one instant differently): `2026-08-01 00:00 CEST (2026-07-31
 /// 22:00 UTC)`, or `2026-07-31 22:00 UTC` for a reader on UTC.
 pub fn local_time(t: DateTime<Utc>, zone: Tz) -> String {
-    let utc = t.format("%Y-%m-%d %H:%M UTC");
-    if zone == chrono_tz::UTC {
-        return utc.to_string();
+    let utc = t.format("%Y-%m-%d %H:%M UTC").to_string();
+    let local = t
+        .with_timezone(&zone)
+        .format("%Y-%m-%d %H:%M %Z")
+        .to_string();
+    // UTC under another name (`Etc/UTC`, `Zulu`) reads the same: said once.
+    if local == utc {
+        return utc;
     }
-    format!(
-        "{} ({utc})",
-        t.with_timezone(&zone).format("%Y-%m-%d %H:%M %Z")
-    )
+    format!("{local} ({utc})")
+}
+
+/// `n` of a thing, in English: `1 unit`, `3 units`, `0 hours`.
+pub fn count(n: i64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 fn render(t: &impl Template) -> String {
@@ -148,5 +159,14 @@ mod tests {
         let berlin = local_time(t, chrono_tz::Europe::Berlin);
         assert_eq!(berlin, "2026-08-01 00:00 CEST (2026-07-31 22:00 UTC)");
         assert_eq!(local_time(t, chrono_tz::UTC), "2026-07-31 22:00 UTC");
+        assert_eq!(local_time(t, chrono_tz::Etc::UTC), "2026-07-31 22:00 UTC");
+    }
+
+    #[test]
+    fn counts_read_in_the_singular_only_for_one() {
+        assert_eq!(
+            [0, 1, 2].map(|n| super::count(n, "unit")),
+            ["0 units", "1 unit", "2 units"]
+        );
     }
 }

@@ -5,7 +5,7 @@
 use super::{Loaded, zone_of};
 use crate::domain::money::{Currency, Money, UnitPrice};
 use crate::domain::presale::Progress;
-use crate::email::Notice;
+use crate::email::{Notice, count};
 use crate::store::{NewAttachment, NewEmail, PledgeContact, PledgeRow, PurchaseOrderRow, instant};
 use chrono::{DateTime, Utc};
 
@@ -141,14 +141,12 @@ pub fn balance_paid(l: &Loaded, p: &PledgeContact, price: Money) -> NewEmail {
         &p.name,
         format!("{}: you are all paid", c.title),
     );
-    let (units, are) = match p.qty {
-        1 => ("1 unit".to_owned(), "is"),
-        qty => (format!("{qty} units"), "are"),
-    };
     n.paragraphs.push(format!(
-        "Thank you: your {units} at {price} {} each {are} paid in full. The order goes to the \
+        "Thank you: your {} at {price} {} each {} paid in full. The order goes to the \
          manufacturer when the balance window ends.",
-        l.currency
+        count(p.qty, "unit"),
+        l.currency,
+        if p.qty == 1 { "is" } else { "are" }
     ));
     n.render()
 }
@@ -221,9 +219,11 @@ pub fn deadline_reminder(l: &Loaded, p: &PledgeContact, progress: &Progress) -> 
     n.paragraphs
         .push(match (progress.next, progress.units_to_next) {
             (Some(next), Some(missing)) => format!(
-                "{missing} more units unlock {} {} per unit for everyone. Tell a friend before \
-             the deadline.",
-                next.unit_price, l.currency
+                "{} more unlock {} {} per unit for everyone. Tell a friend before the \
+                 deadline.",
+                count(missing, "unit"),
+                next.unit_price,
+                l.currency
             ),
             _ => "The pool has reached its best price.".into(),
         });
@@ -299,9 +299,12 @@ pub fn purchase_order(l: &Loaded, po: &PurchaseOrderRow, email: &str, name: &str
         subject: format!("Purchase order {} for {} × {}", po.id, po.qty, c.sku),
         greeting: format!("Hello {name},"),
         paragraphs: vec![format!(
-            "The {} campaign has settled. Please make {} units at {price} {} each, shipped by \
-             {}. The per-variant breakdown is attached as CSV.",
-            c.title, po.qty, po.currency, po.ship_by
+            "The {} campaign has settled. Please make {} at {price} {} each, shipped by {}. \
+             The per-variant breakdown is attached as CSV.",
+            c.title,
+            count(po.qty, "unit"),
+            po.currency,
+            po.ship_by
         )],
         facts: vec![
             ("Quantity".into(), po.qty.to_string()),

@@ -567,6 +567,21 @@ impl Store {
         }))
     }
 
+    /// Whether a run of `job` that started at or after `since` has succeeded (read through
+    /// the job's runs by start).
+    pub async fn succeeded_since(&self, job: &str, since: i64) -> StoreResult<bool> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM job_runs
+                                WHERE job_name = $1 AND started_at >= $2 AND state = 'succeeded')",
+            )
+            .bind(job)
+            .bind(since)
+            .fetch_one(pool)
+            .await?
+        }))
+    }
+
     /// The earliest due instant of a pending or retrying run strictly after `after`.
     pub async fn next_due_after(&self, after: i64) -> StoreResult<Option<i64>> {
         Ok(on_pool!(self, |pool| {

@@ -3,7 +3,7 @@
 use super::StoredLine;
 use crate::domain::identity::Shopper;
 use crate::domain::money::{Currency, Money};
-use crate::email::{Notice, local_time};
+use crate::email::{Notice, count, local_time};
 use crate::store::{DeliveryRow, GrowerOrderRow, InvoiceRow, NewAttachment, NewEmail, PlanRow};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 
@@ -95,9 +95,9 @@ pub fn subscription_confirmed(
     let ready = super::ready_word(plan);
     n.paragraphs.push(format!(
         "Your first box arrives on {first}, then one every {every}. Each box is planned so \
-         that something is {ready} every day until the next one, and billed {} hours before \
-         its delivery day starts; until then you can skip or pause it.",
-        plan.cutoff_hours
+         that something is {ready} every day until the next one, and billed {} before its \
+         delivery day starts; until then you can skip or pause it.",
+        count(plan.cutoff_hours, "hour")
     ));
     n.facts = vec![(
         "Price per delivery".into(),

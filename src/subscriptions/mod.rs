@@ -13,11 +13,12 @@ use crate::domain::money::{Currency, Money};
 use crate::domain::ripening::{self, BoxRequest, Ethylene, Item};
 use crate::domain::subscription::{
     Dunning, cutoff_at, deliveries_between, dunning_step, first_delivery, parse_weekday,
+    start_of_day,
 };
 use crate::payments::{Payments, PaymentsError};
 use crate::store::{
     CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderMerge, GrowerOrderRow, InvoiceRow, Locked,
-    NewIntent, PlanRow, RunFilter, Store, StoreError, SubscriptionRow, instant, micros,
+    NewIntent, PlanRow, Store, StoreError, SubscriptionRow, micros,
 };
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use chrono_tz::Tz;
@@ -428,8 +429,10 @@ fn writes_in_flight(store: &Store) -> usize {
 /// cutoff locks the delivery with its box (planned then if it has none), invoices it once
 /// and charges it.
 ///
-/// `shop` is the zone `grower-orders` runs in (for lines of boxes planned at the lock that
-/// are due today).
+/// `shop` is the zone `grower-orders` runs in: lines of boxes planned at the lock that are
+/// due today go out at once, and once that day's `grower-orders` run has succeeded, so does
+/// every other line due and still planned (one whose send after a lock, signup or resume
+/// failed).
 pub async fn run_renew(
     store: &Store,
     payments: &Payments,
@@ -1063,19 +1066,10 @@ fn order_key(g: &GrowerOrderRow) -> OrderKey {
 /// Whether a `grower-orders` run has succeeded since the shop's day began: from then on, a
 /// planned line due today or earlier has missed its batch.
 async fn morning_orders_sent(store: &Store, now: DateTime<Utc>, shop: Tz) -> Result<bool> {
-    let last = store
-        .runs(&RunFilter {
-            job: Some(GROWER_ORDERS_JOB.to_owned()),
-            state: Some("succeeded".to_owned()),
-            before_id: None,
-            limit: 1,
-        })
-        .await?;
-    let day = |t: DateTime<Utc>| t.with_timezone(&shop).date_naive();
-    Ok(last
-        .first()
-        .and_then(|run| run.started_at)
-        .is_some_and(|started| day(instant(started)) == day(now)))
+    let day_began = start_of_day(now.with_timezone(&shop).date_naive(), shop);
+    Ok(store
+        .succeeded_since(GROWER_ORDERS_JOB, micros(day_began))
+        .await?)
 }
 
 /// Sends at once the due lines of `keys` (orders a signup, resume or lock has just added:

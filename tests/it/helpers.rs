@@ -233,8 +233,8 @@ impl TestApp {
     }
 
     /// Every email's subject and text read as prose: no run of spaces after a word (a string
-    /// literal broken over lines without its `\`) and no "(s)" plurals. Checked at every
-    /// test's end, so each scenario's emails are read.
+    /// literal broken over lines without its `\`) and no "(s)" plurals. Checked at the end
+    /// of every test that stops its app, so each such scenario's emails are read.
     async fn assert_emails_read_well(&self) {
         let emails = self
             .state

@@ -25,6 +25,8 @@ on_both_backends! {
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
         let res = client.post(url("/login")).form(&[("tokn", ADMIN_TOKEN)]).send().await.unwrap();
         assert_error_page(res, StatusCode::UNPROCESSABLE_ENTITY, "<code>token</code>: missing field `token`").await;
+        let res = client.post(url("/login")).json(&json!({"token": ADMIN_TOKEN})).send().await.unwrap();
+        assert_error_page(res, StatusCode::UNSUPPORTED_MEDIA_TYPE, "as application/x-www-form-urlencoded").await;
         let res = client.post(url("/login")).form(&[("token", ADMIN_TOKEN)]).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::SEE_OTHER);
         let cookie = res.headers()[SET_COOKIE].to_str().unwrap().to_owned();

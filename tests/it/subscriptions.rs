@@ -7,7 +7,7 @@ use crate::on_both_backends;
 use chrono::{Duration, NaiveDate};
 use pooled::config::DatabaseUrl;
 use pooled::store::{DeliveryRow, RunFilter};
-use pooled::subscriptions::RENEW_JOB;
+use pooled::subscriptions::{GROWER_ORDERS_JOB, RENEW_JOB};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -1027,6 +1027,27 @@ impl TestApp {
         self.plan(body).await
     }
 
+    /// While `refuse`, grower order lines can't be marked sent (a trigger refuses it), so
+    /// every send of them fails.
+    async fn refuse_grower_sends(&self, refuse: bool) {
+        let url = &self.state.settings.database;
+        let statements: &[&str] = match (url, refuse) {
+            (DatabaseUrl::Sqlite(_), true) => &[
+                "CREATE TRIGGER refuse_sends BEFORE UPDATE ON grower_orders \
+                 WHEN NEW.status = 'sent' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+            ],
+            (DatabaseUrl::Postgres(_), true) => &[
+                "CREATE OR REPLACE FUNCTION refuse_sends() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+                "CREATE TRIGGER refuse_sends BEFORE UPDATE ON grower_orders FOR EACH ROW \
+                 WHEN (NEW.status = 'sent') EXECUTE FUNCTION refuse_sends()",
+            ],
+            (DatabaseUrl::Sqlite(_), false) => &["DROP TRIGGER refuse_sends"],
+            (DatabaseUrl::Postgres(_), false) => &["DROP TRIGGER refuse_sends ON grower_orders"],
+        };
+        crate::helpers::raw_tx(url, statements).await.unwrap();
+    }
+
     /// A new shopper subscribed to `plan` from Thursday 8 October: (subscription, token).
     async fn subscribe_from_8_october(&self, plan: &str, name: &str) -> (String, String) {
         let (_, token) = self.shopper(name, "pm_ok").await;
@@ -1145,18 +1166,7 @@ on_both_backends! {
         app.advance("2026-10-07T04:30:00Z").await;
         app.unbox_first_delivery(&id).await;
         // Grower order lines can't be marked sent: the send after the lock fails.
-        let url = &app.state.settings.database;
-        let refuse: &[&str] = match url {
-            DatabaseUrl::Sqlite(_) => &["CREATE TRIGGER refuse_sends BEFORE UPDATE ON grower_orders \
-                 WHEN NEW.status = 'sent' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
-            DatabaseUrl::Postgres(_) => &[
-                "CREATE FUNCTION refuse_sends() RETURNS trigger LANGUAGE plpgsql AS \
-                 $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
-                "CREATE TRIGGER refuse_sends BEFORE UPDATE ON grower_orders FOR EACH ROW \
-                 WHEN (NEW.status = 'sent') EXECUTE FUNCTION refuse_sends()",
-            ],
-        };
-        crate::helpers::raw_tx(url, refuse).await.unwrap();
+        app.refuse_grower_sends(true).await;
         app.advance("2026-10-07T12:00:00Z").await;
         // The lock stands and its run succeeded at once: the box is ordered, the invoice paid.
         let qty = app.farm_box_units(&id, &token).await;
@@ -1173,17 +1183,44 @@ on_both_backends! {
         // renewal run tries it again; once lines can be sent, the next one sends it, today.
         app.advance("2026-10-07T12:20:00Z").await;
         app.assert_farm_line(qty, "planned", 0).await;
-        let drop_it: &[&str] = match url {
-            DatabaseUrl::Sqlite(_) => &["DROP TRIGGER refuse_sends"],
-            DatabaseUrl::Postgres(_) => &["DROP TRIGGER refuse_sends ON grower_orders"],
-        };
-        crate::helpers::raw_tx(url, drop_it).await.unwrap();
+        app.refuse_grower_sends(false).await;
         app.advance("2026-10-07T12:35:00Z").await;
         app.assert_farm_line(qty, "sent", 1).await;
         let renewals = app.runs_of(RENEW_JOB).await;
         let sending: Vec<&Value> = renewals.iter().filter(|r| r["result"]["grower_lines_sent"] == 1).collect();
         assert_eq!(sending.len(), 1, "{renewals:?}");
         assert_eq!(sending[0]["scheduled_for"], "2026-10-07T12:30:00Z", "{renewals:?}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_line_a_lock_failed_to_send_before_the_morning_run_goes_out_with_that_run(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        app.farm_apple().await;
+        // Cutoff at 04:00 on the 7th in Berlin (02:00 UTC), before the 05:00 grower-orders run.
+        let mut body = fruit_plan("24.90", 1);
+        body["cutoff_hours"] = json!(20);
+        let plan = app.plan(body).await;
+        let (id, token) = app.subscribe_from_8_october(&plan, "Olga").await;
+        app.advance("2026-10-07T01:30:00Z").await;
+        app.unbox_first_delivery(&id).await;
+        app.refuse_grower_sends(true).await;
+        app.advance("2026-10-07T02:05:00Z").await;
+        let qty = app.farm_box_units(&id, &token).await;
+        app.assert_farm_line(qty, "planned", 0).await;
+        // Sends work again, but before the morning run the renewals leave the line to it: one
+        // email per grower and morning.
+        app.refuse_grower_sends(false).await;
+        app.advance("2026-10-07T02:50:00Z").await;
+        app.assert_farm_line(qty, "planned", 0).await;
+        app.advance("2026-10-07T03:10:00Z").await;
+        app.assert_farm_line(qty, "sent", 1).await;
+        let renewals = app.runs_of(RENEW_JOB).await;
+        let ran = renewals.iter().filter(|r| r["state"] == "succeeded");
+        assert!(ran.clone().count() > 20 && ran.clone().all(|r| r["result"]["grower_lines_sent"] == 0), "{renewals:?}");
+        let orders = app.runs_of(GROWER_ORDERS_JOB).await;
+        assert!(orders.iter().any(|r| r["scheduled_for"] == "2026-10-07T03:00:00Z" && r["result"]["sent"] == 1), "{orders:?}");
         app.stop().await;
     }
 }
