@@ -44,6 +44,8 @@ on_both_backends! {
         }
         let csrf = html.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
 
+        let res = client.post(url("/ops/jobs/grower-orders/run")).form(&[("csrf", "forged")]).send().await.unwrap();
+        assert_error_page(res, StatusCode::UNAUTHORIZED, "<a href=\"/login\">Sign in</a> with your token to see this page.").await;
         let res = client.post(url("/ops/jobs/grower-orders/run")).header(COOKIE, &session).form(&[("csrf", "forged")]).send().await.unwrap();
         assert_error_page(res, StatusCode::FORBIDDEN, "this form is not from your current session of /ops; nothing was changed").await;
         assert!(app.runs_of("grower-orders").await.iter().all(|r| r["trigger"] != "manual"), "a forged form changes nothing");
