@@ -564,15 +564,14 @@ pub async fn run_renew(
     // and still planned, which missed it: one whose send after a lock, signup or resume
     // failed is tried again 15 minutes later, not the next morning. Best effort: the locks
     // have committed, and a failure here must not skip the payments and dunning below.
-    let late = match morning_orders_sent(store, now, shop).await {
-        Ok(true) => None,
-        Ok(false) => Some(&ordered_at_lock),
-        Err(e) => {
+    let morning_run_over = morning_orders_sent(store, now, shop)
+        .await
+        .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "reading today's grower-orders run failed");
-            Some(&ordered_at_lock)
-        }
-    };
-    let sent = send_due_or_warn(store, now, shop, late).await;
+            false
+        });
+    let keys = (!morning_run_over).then_some(&ordered_at_lock);
+    let sent = send_due_or_warn(store, now, shop, keys).await;
     payments.sweep(now, false).await?;
     let dunned = dunning_decisions(store, dunning_days, now).await?;
     Ok(json!({"locked": locked, "dunning_planned": dunned, "grower_lines_sent": sent}))

@@ -1020,11 +1020,33 @@ impl TestApp {
 
     /// A plan in `zone` with a 12-hour cutoff, with the farm's apple in the catalog.
     async fn late_box_plan(&self, zone: &str) -> String {
+        self.farm_apple_plan(zone, 12).await
+    }
+
+    /// A plan in `zone` with a cutoff of `cutoff_hours`, with the farm's apple in the catalog.
+    async fn farm_apple_plan(&self, zone: &str, cutoff_hours: i64) -> String {
         self.farm_apple().await;
         let mut body = fruit_plan("24.90", 1);
-        body["cutoff_hours"] = json!(12);
+        body["cutoff_hours"] = json!(cutoff_hours);
         body["time_zone"] = json!(zone);
         self.plan(body).await
+    }
+
+    /// At `unbox_at`, takes the first delivery's box away and makes every grower send fail;
+    /// at `lock_at`, after its lock, the farm's line is ordered but unsent. Its units.
+    async fn lock_unboxed_with_sends_refused(
+        &self,
+        id: &str,
+        token: &str,
+        (unbox_at, lock_at): (&str, &str),
+    ) -> i64 {
+        self.advance(unbox_at).await;
+        self.unbox_first_delivery(id).await;
+        self.refuse_grower_sends(true).await;
+        self.advance(lock_at).await;
+        let qty = self.farm_box_units(id, token).await;
+        self.assert_farm_line(qty, "planned", 0).await;
+        qty
     }
 
     /// While `refuse`, grower order lines can't be marked sent (a trigger refuses it), so
@@ -1163,14 +1185,9 @@ on_both_backends! {
     async fn a_lock_whose_grower_email_fails_still_bills_and_the_next_renewal_sends_it(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let (id, token) = app.late_box_subscription("Europe/Berlin", "Ines").await;
-        app.advance("2026-10-07T04:30:00Z").await;
-        app.unbox_first_delivery(&id).await;
-        // Grower order lines can't be marked sent: the send after the lock fails.
-        app.refuse_grower_sends(true).await;
-        app.advance("2026-10-07T12:00:00Z").await;
-        // The lock stands and its run succeeded at once: the box is ordered, the invoice paid.
-        let qty = app.farm_box_units(&id, &token).await;
-        app.assert_farm_line(qty, "planned", 0).await;
+        // The send after the lock fails, yet the lock stands and its run succeeded at once:
+        // the box is ordered, the invoice paid.
+        let qty = app.lock_unboxed_with_sends_refused(&id, &token, ("2026-10-07T04:30:00Z", "2026-10-07T12:00:00Z")).await;
         let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
         assert_eq!(invoices.iter().map(|i| str_of(&i["status"])).collect::<Vec<_>>(), ["paid"]);
         let renewals = app.runs_of(RENEW_JOB).await;
@@ -1197,18 +1214,10 @@ on_both_backends! {
 on_both_backends! {
     async fn a_line_a_lock_failed_to_send_before_the_morning_run_goes_out_with_that_run(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
-        app.farm_apple().await;
         // Cutoff at 04:00 on the 7th in Berlin (02:00 UTC), before the 05:00 grower-orders run.
-        let mut body = fruit_plan("24.90", 1);
-        body["cutoff_hours"] = json!(20);
-        let plan = app.plan(body).await;
+        let plan = app.farm_apple_plan("Europe/Berlin", 20).await;
         let (id, token) = app.subscribe_from_8_october(&plan, "Olga").await;
-        app.advance("2026-10-07T01:30:00Z").await;
-        app.unbox_first_delivery(&id).await;
-        app.refuse_grower_sends(true).await;
-        app.advance("2026-10-07T02:05:00Z").await;
-        let qty = app.farm_box_units(&id, &token).await;
-        app.assert_farm_line(qty, "planned", 0).await;
+        let qty = app.lock_unboxed_with_sends_refused(&id, &token, ("2026-10-07T01:30:00Z", "2026-10-07T02:05:00Z")).await;
         // Sends work again, but before the morning run the renewals leave the line to it: one
         // email per grower and morning.
         app.refuse_grower_sends(false).await;
