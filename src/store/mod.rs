@@ -973,6 +973,12 @@ pub(crate) trait Dialect: sqlx::Database {
     /// A table with one row per element of the JSON array bound at `$n`, the element as
     /// `value` (read with `value->>i` on both backends).
     fn json_rows(n: usize) -> String;
+
+    /// Whether write transactions run side by side, so one that writes from what it read
+    /// must first lock those rows (`FOR UPDATE`). PostgreSQL's do; SQLite's one writer runs
+    /// them one at a time (`BEGIN IMMEDIATE`), so a row read there can't change before the
+    /// commit.
+    const INTERLEAVES_WRITES: bool;
 }
 
 impl Dialect for sqlx::Sqlite {
@@ -982,6 +988,8 @@ impl Dialect for sqlx::Sqlite {
     fn json_rows(n: usize) -> String {
         format!("jsonb_each(${n})")
     }
+
+    const INTERLEAVES_WRITES: bool = false;
 }
 
 impl Dialect for sqlx::Postgres {
@@ -991,6 +999,8 @@ impl Dialect for sqlx::Postgres {
     fn json_rows(n: usize) -> String {
         format!("jsonb_array_elements(${n}::jsonb)")
     }
+
+    const INTERLEAVES_WRITES: bool = true;
 }
 
 /// Anything bound to one backend (a pool, a transaction), to pick its [`Dialect`].
@@ -1015,6 +1025,11 @@ impl<DB: Dialect> OnBackend for sqlx::Transaction<'_, DB> {
 /// text, and its cost per row, the same for any batch.
 pub(crate) fn json_rows<B: OnBackend>(_on: &B, n: usize) -> String {
     B::Db::json_rows(n)
+}
+
+/// [`Dialect::INTERLEAVES_WRITES`] for the backend `_on` talks to.
+pub(crate) fn interleaves_writes<B: OnBackend>(_on: &B) -> bool {
+    B::Db::INTERLEAVES_WRITES
 }
 
 /// The JSON array of `rows` (each a tuple, which serializes as an array) for [`json_rows`].

@@ -257,6 +257,29 @@ macro_rules! merge_grower_orders {
         }));
         let (qty, on_conflict) = match $merge {
             GrowerOrderMerge::Replace { from, until } => {
+                // Why lock first: the insert below subtracts what the sent lines ordered, read
+                // at its start. A line marked sent meanwhile (a renewal or signup sending due
+                // lines) would count as unsent, and its units be planned a second time.
+                // Locked, a send either committed before (and is counted) or waits for this
+                // commit (and sends the recomputed line).
+                if super::interleaves_writes(&$tx) {
+                    let sql = format!(
+                        "SELECT id FROM grower_orders
+                         WHERE status = 'planned'
+                           AND (ripening_start >= $2 AND ripening_start < $3
+                                OR EXISTS (SELECT 1 FROM {} WHERE value->>2 = grower_orders.supplier
+                                    AND value->>4 = grower_orders.sku
+                                    AND value->>6 = grower_orders.ripening_start))
+                         FOR UPDATE",
+                        super::json_rows(&$tx, 1)
+                    );
+                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .bind(&json)
+                        .bind(from)
+                        .bind(until)
+                        .execute(&mut *$tx)
+                        .await?;
+                }
                 let sql = format!(
                     "DELETE FROM grower_orders
                      WHERE status = 'planned' AND ripening_start >= $2 AND ripening_start < $3
@@ -1202,7 +1225,8 @@ impl Store {
     /// Writes planned grower orders in one transaction, as `merge` says (a full
     /// recomputation, or a new subscription's boxes; concurrent adds both count). Lines
     /// already sent never change: a recomputation plans only what they do not cover, and
-    /// boxes added after a line was sent go out as a supplementary line.
+    /// boxes added after a line was sent go out as a supplementary line, also when the line
+    /// is sent while the recomputation runs.
     pub async fn put_grower_orders(
         &self,
         rows: &[GrowerOrderRow],

@@ -8,8 +8,8 @@ use chrono::{TimeZone, Utc};
 use pooled::domain::identity::{Principal, Shopper};
 use pooled::ids::hash_token;
 use pooled::store::{
-    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, JobDefRow, NewRun, PlanRow, Pruned,
-    RunFilter, Store, StoreError, StoredResponse,
+    GrowerOrderMerge, GrowerOrderRow, IdempotencyBegin, IdempotencyClaim, IdempotencyDone,
+    JobDefRow, NewEmail, NewRun, PlanRow, Pruned, RunFilter, Store, StoreError, StoredResponse,
 };
 use pooled::subscriptions::emails::price_changed;
 use std::collections::BTreeSet;
@@ -545,6 +545,91 @@ on_both_backends! {
         }
         assert_eq!(announced.len(), told.len());
         assert_eq!(announced, told);
+        store.close().await;
+    }
+}
+
+/// A planned order line of `qty` apples from the orchard, ripening from 2026-10-05.
+fn apples(id: &str, qty: i64) -> GrowerOrderRow {
+    GrowerOrderRow {
+        id: id.into(),
+        week: "2026-W41".into(),
+        supplier: "Orchard".into(),
+        supplier_email: "orchard@example.com".into(),
+        sku: "apple".into(),
+        qty,
+        ripening_start: "2026-10-05".into(),
+        order_by: "2026-10-01".into(),
+        status: "planned".into(),
+        sent_at: None,
+    }
+}
+
+fn grower_email(lines: &[GrowerOrderRow]) -> NewEmail {
+    NewEmail {
+        template: "grower_order".into(),
+        entity: lines[0].id.clone(),
+        event: "sent".into(),
+        to: lines[0].supplier_email.clone(),
+        subject: "order".into(),
+        text: "order".into(),
+        html: "order".into(),
+        attachments: Vec::new(),
+    }
+}
+
+/// What the orchard has been sent and what is planned for it, in apples.
+async fn apples_ordered(store: &Store) -> (i64, i64) {
+    let rows = store.grower_orders(None).await.unwrap();
+    let sum = |status: &str| {
+        rows.iter()
+            .filter(|g| g.status == status)
+            .map(|g| g.qty)
+            .sum()
+    };
+    (sum("sent"), sum("planned"))
+}
+
+on_both_backends! {
+    /// A recomputation of the orders plans only what the lines already sent do not cover, also
+    /// when a line is sent while it runs (a renewal or signup sending due lines during the
+    /// weekly plan): the units are never ordered twice.
+    async fn a_grower_line_sent_during_a_recomputation_is_not_ordered_again(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        let window = GrowerOrderMerge::Replace { from: "2026-10-01", until: "2026-10-15" };
+        store.put_grower_orders(&[apples("gro_1", 10)], window).await.unwrap();
+        let sent = store.send_grower_orders(&["gro_1".into()], grower_email, 1).await.unwrap();
+        assert_eq!(sent.len(), 1);
+        store.put_grower_orders(&[apples("gro_2", 10)], window).await.unwrap();
+        assert_eq!(apples_ordered(&store).await, (10, 0), "the sent line covers the boxes");
+        store.put_grower_orders(&[apples("gro_3", 12)], window).await.unwrap();
+        assert_eq!(apples_ordered(&store).await, (10, 2), "two more go in a supplementary line");
+
+        // PostgreSQL, made deterministic: the supplementary line is marked sent by another
+        // transaction that commits only once the recomputation waits on it.
+        if let pooled::config::DatabaseUrl::Postgres(url) = &db.url {
+            let pg = sqlx::PgPool::connect(url).await.unwrap();
+            let mut sender = pg.begin().await.unwrap();
+            sqlx::query("UPDATE grower_orders SET status = 'sent', sent_at = 2 WHERE id = 'gro_3'")
+                .execute(&mut *sender).await.unwrap();
+            let recompute = tokio::spawn({
+                let store = store.clone();
+                async move { store.put_grower_orders(&[apples("gro_4", 12)], window).await }
+            });
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                )
+                .fetch_one(&pg).await.unwrap();
+                if waiting > 0 { break; }
+                tokio::task::yield_now().await;
+            }
+            sender.commit().await.unwrap();
+            recompute.await.unwrap().unwrap();
+            assert_eq!(apples_ordered(&store).await, (12, 0), "the 12 apples are ordered once");
+            pg.close().await;
+        }
         store.close().await;
     }
 }
