@@ -94,8 +94,14 @@ pub struct InvoiceRow {
 pub enum GrowerOrderMerge<'a> {
     /// The rows are every order whose ripening starts in `[from, until)` (ISO dates): each
     /// order's quantity becomes its row's, and a planned order there with no row is deleted
-    /// (its boxes were skipped or cancelled).
-    Replace { from: &'a str, until: &'a str },
+    /// (its boxes were skipped or cancelled). Only if no addition has been made since
+    /// [`Store::grower_order_adds`] read `adds_seen`, before the rows' boxes were read: one made
+    /// since came from boxes the rows do not count.
+    Replace {
+        from: &'a str,
+        until: &'a str,
+        adds_seen: i64,
+    },
     /// Each row's quantity is added to the order of the same grower, item and ripening start.
     Add,
 }
@@ -239,8 +245,40 @@ macro_rules! insert_deliveries {
 }
 
 /// Merges grower order rows into the planned orders, inside the transaction `$tx` (see
-/// [`Store::put_grower_orders`]).
+/// [`Store::put_grower_orders`]); `false` when a replacement was refused because an addition
+/// was made since its boxes were read (nothing is written then).
 macro_rules! merge_grower_orders {
+    ($tx:ident, $rows:expr, $merge:expr) => {{
+        let merge: GrowerOrderMerge = $merge;
+        // Both merges take the count's row before any order row (an addition bumps it, a
+        // replacement reads it, on PostgreSQL locked until its commit), so an addition waits
+        // for a replacement and adds on top of it, and neither waits on the other's order rows.
+        let unmoved = match merge {
+            GrowerOrderMerge::Replace { adds_seen, .. } => {
+                let sql = if super::interleaves_writes(&$tx) {
+                    "SELECT adds FROM grower_order_adds WHERE id = 1 FOR UPDATE"
+                } else {
+                    "SELECT adds FROM grower_order_adds WHERE id = 1"
+                };
+                let adds: i64 = sqlx::query_scalar(sql).fetch_one(&mut *$tx).await?;
+                adds == adds_seen
+            }
+            GrowerOrderMerge::Add => {
+                sqlx::query("UPDATE grower_order_adds SET adds = adds + 1 WHERE id = 1")
+                    .execute(&mut *$tx)
+                    .await?;
+                true
+            }
+        };
+        if unmoved {
+            merge_grower_rows!($tx, $rows, merge);
+        }
+        unmoved
+    }};
+}
+
+/// The writes of [`merge_grower_orders`] once it has checked the count of additions.
+macro_rules! merge_grower_rows {
     ($tx:ident, $rows:expr, $merge:expr) => {{
         let rows: &[GrowerOrderRow] = $rows;
         let json = super::json_array(rows.iter().map(|g| {
@@ -256,7 +294,7 @@ macro_rules! merge_grower_orders {
             )
         }));
         let (qty, on_conflict) = match $merge {
-            GrowerOrderMerge::Replace { from, until } => {
+            GrowerOrderMerge::Replace { from, until, .. } => {
                 // Why lock first: the insert below subtracts what the sent lines ordered, read
                 // at its start. A line marked sent meanwhile (a renewal or signup sending due
                 // lines) would count as unsent, and its units be planned a second time.
@@ -1227,16 +1265,28 @@ impl Store {
     /// already sent never change: a recomputation plans only what they do not cover, and
     /// boxes added after a line was sent go out as a supplementary line, also when the line
     /// is sent while the recomputation runs.
+    /// `false` when a replacement was refused (see [`GrowerOrderMerge::Replace`]): nothing was
+    /// written, and the caller reads the boxes again.
     pub async fn put_grower_orders(
         &self,
         rows: &[GrowerOrderRow],
         merge: GrowerOrderMerge<'_>,
-    ) -> StoreResult<()> {
-        in_tx!(self, |tx| {
-            merge_grower_orders!(tx, rows, merge);
+    ) -> StoreResult<bool> {
+        Ok(in_tx!(self, |tx| {
+            let written = merge_grower_orders!(tx, rows, merge);
             tx.commit().await?;
-        });
-        Ok(())
+            written
+        }))
+    }
+
+    /// How many additions to the planned grower orders have been made, ever (see
+    /// [`GrowerOrderMerge::Replace`]).
+    pub async fn grower_order_adds(&self) -> StoreResult<i64> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT adds FROM grower_order_adds WHERE id = 1")
+                .fetch_one(pool)
+                .await?
+        }))
     }
 
     /// Grower orders of a week (all weeks when `None`).

@@ -890,16 +890,57 @@ struct Planned {
     grower_order_lines: usize,
 }
 
+/// How often [`plan_window`] reads the boxes before it gives up: each time, an addition to the
+/// orders (a signup, resume or lock boxing deliveries) committed while it read them.
+const PLAN_READS: usize = 3;
+
 /// Sums the boxes of every delivery in `[from, until)` into the planned grower orders, which
 /// then replace those ripening in the window. Deliveries still scheduled and never boxed get
 /// their box first (saved, so the orders count them without reading the deliveries twice);
 /// a box once planned stays as it is. A chunk at a time: one read for
 /// its subscriptions, one write for its boxes, none kept past it.
+///
+/// A signup's boxes are added to the orders as it commits. One committed while the boxes are
+/// read may not be among them, and replacing the orders would drop its units, so then the
+/// boxes are read again; after [`PLAN_READS`] reads the run fails and the orders stay as
+/// they were (every addition counted), for its retry.
 async fn plan_window(
+    store: &Store,
+    window: (NaiveDate, NaiveDate),
+    now: DateTime<Utc>,
+) -> Result<Planned> {
+    let (from, until) = (window.0.to_string(), window.1.to_string());
+    for _ in 0..PLAN_READS {
+        let adds_seen = store.grower_order_adds().await?;
+        let (boxes, rows) = count_window(store, window, now).await?;
+        let replace = GrowerOrderMerge::Replace {
+            from: &from,
+            until: &until,
+            adds_seen,
+        };
+        if store.put_grower_orders(&rows, replace).await? {
+            return Ok(Planned {
+                boxes,
+                grower_order_lines: rows.len(),
+            });
+        }
+        tracing::info!(
+            "boxes were added to the grower orders while they were recomputed: reading them again"
+        );
+    }
+    Err(SubscriptionError::Conflict(format!(
+        "boxes were added to the grower orders during each of {PLAN_READS} recomputations; \
+         the orders keep every addition until the next one"
+    )))
+}
+
+/// The boxes of every delivery in `[from, until)` (boxing those never boxed, see
+/// [`plan_window`]) summed into grower order rows; also how many it boxed.
+async fn count_window(
     store: &Store,
     (from, until): (NaiveDate, NaiveDate),
     now: DateTime<Utc>,
-) -> Result<Planned> {
+) -> Result<(usize, Vec<GrowerOrderRow>)> {
     let catalog = catalog_by_sku(store).await?;
     let mut plans: BTreeMap<String, PlanRow> = BTreeMap::new();
     let mut boxer = Boxer::new(store, &catalog, now);
@@ -950,20 +991,10 @@ async fn plan_window(
     while let Some(done) = writing.next().await {
         boxed += done?.len();
     }
-    let rows = orders.rows();
     // A box ripens before its delivery, so no delivery before the window has an order that
     // ripens from `from` on, and none after it is planned yet (plans and signups look as far
     // ahead): the planned orders ripening in the window are the window's to replace.
-    let (from, until) = (from.to_string(), until.to_string());
-    let window = GrowerOrderMerge::Replace {
-        from: &from,
-        until: &until,
-    };
-    store.put_grower_orders(&rows, window).await?;
-    Ok(Planned {
-        boxes: boxed,
-        grower_order_lines: rows.len(),
-    })
+    Ok((boxed, orders.rows()))
 }
 
 /// Boxes a subscription's unboxed deliveries of the coming two weeks now (a new one's, or a

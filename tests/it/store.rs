@@ -597,13 +597,13 @@ on_both_backends! {
     async fn a_grower_line_sent_during_a_recomputation_is_not_ordered_again(backend) {
         let db = TestDb::new(backend);
         let store = open(&db).await;
-        let window = GrowerOrderMerge::Replace { from: "2026-10-01", until: "2026-10-15" };
-        store.put_grower_orders(&[apples("gro_1", 10)], window).await.unwrap();
+        let window = GrowerOrderMerge::Replace { from: "2026-10-01", until: "2026-10-15", adds_seen: 0 };
+        assert!(store.put_grower_orders(&[apples("gro_1", 10)], window).await.unwrap());
         let sent = store.send_grower_orders(&["gro_1".into()], grower_email, 1).await.unwrap();
         assert_eq!(sent.len(), 1);
-        store.put_grower_orders(&[apples("gro_2", 10)], window).await.unwrap();
+        assert!(store.put_grower_orders(&[apples("gro_2", 10)], window).await.unwrap());
         assert_eq!(apples_ordered(&store).await, (10, 0), "the sent line covers the boxes");
-        store.put_grower_orders(&[apples("gro_3", 12)], window).await.unwrap();
+        assert!(store.put_grower_orders(&[apples("gro_3", 12)], window).await.unwrap());
         assert_eq!(apples_ordered(&store).await, (10, 2), "two more go in a supplementary line");
 
         // PostgreSQL, made deterministic: the supplementary line is marked sent by another
@@ -626,10 +626,40 @@ on_both_backends! {
                 tokio::task::yield_now().await;
             }
             sender.commit().await.unwrap();
-            recompute.await.unwrap().unwrap();
+            assert!(recompute.await.unwrap().unwrap());
             assert_eq!(apples_ordered(&store).await, (12, 0), "the 12 apples are ordered once");
             pg.close().await;
         }
+        store.close().await;
+    }
+}
+
+on_both_backends! {
+    /// A recomputation replaces the orders with totals from the boxes it read; an addition
+    /// (a signup's boxes) committed since it began reading is not in them, so the replacement
+    /// is refused and the addition stays until the boxes are read again.
+    async fn a_recomputation_never_drops_units_added_while_it_read_the_boxes(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        let (from, until) = ("2026-10-01", "2026-10-15");
+        let seen = store.grower_order_adds().await.unwrap();
+        let replace = |adds_seen| GrowerOrderMerge::Replace { from, until, adds_seen };
+        assert!(store.put_grower_orders(&[apples("gro_1", 10)], replace(seen)).await.unwrap());
+        assert_eq!(apples_ordered(&store).await, (0, 10));
+
+        // The next recomputation reads the count, then the boxes (10 apples); a signup adds 3.
+        let seen = store.grower_order_adds().await.unwrap();
+        assert!(store.put_grower_orders(&[apples("gro_2", 3)], GrowerOrderMerge::Add).await.unwrap());
+        assert_eq!(store.grower_order_adds().await.unwrap(), seen + 1);
+        assert!(
+            !store.put_grower_orders(&[apples("gro_3", 10)], replace(seen)).await.unwrap(),
+            "refused: its boxes miss the signup's"
+        );
+        assert_eq!(apples_ordered(&store).await, (0, 13), "nothing was replaced");
+        // Read again, the boxes count the signup's.
+        let seen = store.grower_order_adds().await.unwrap();
+        assert!(store.put_grower_orders(&[apples("gro_4", 13)], replace(seen)).await.unwrap());
+        assert_eq!(apples_ordered(&store).await, (0, 13));
         store.close().await;
     }
 }
