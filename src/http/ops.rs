@@ -7,7 +7,7 @@ use crate::clock::Clock;
 use crate::scheduler::jobs::{JobSpec, RUN_RETENTION_DAYS};
 use crate::scheduler::schedule::UpcomingSlot;
 use crate::scheduler::{AdvanceError, RunReport};
-use crate::store::{JobRunRow, RunFilter, SchedulerInstanceRow, instant};
+use crate::store::{JobRunRow, OutboxRow, RunFilter, SchedulerInstanceRow, instant};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -28,6 +28,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_runs))
         .routes(routes!(list_instances))
         .routes(routes!(list_outbox))
+        .routes(routes!(retry_email))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -318,17 +319,27 @@ async fn pause_job(
     OptionalJson(body): OptionalJson<PauseIn>,
 ) -> Result<Json<JobOut>, ApiError> {
     caller.require_admin()?;
-    known_job(&state, &name)?;
     // The body is optional: none means no note.
     let note = body.and_then(|b| b.note);
-    if note.as_ref().is_some_and(|n| n.chars().count() > 500) {
+    pause(&state, &name, note.as_deref()).await?;
+    one_job(&state, &name).await
+}
+
+/// Pauses job `name` with an optional `note` of at most 500 characters (the API and `/ops`).
+pub(super) async fn pause(
+    state: &AppState,
+    name: &str,
+    note: Option<&str>,
+) -> Result<(), ApiError> {
+    known_job(state, name)?;
+    if note.is_some_and(|n| n.chars().count() > 500) {
         return Err(ApiError::field("note", "must be at most 500 characters"));
     }
     state
         .store
-        .pause_job(&name, note.as_deref(), state.clock.now().timestamp_micros())
+        .pause_job(name, note, state.clock.now().timestamp_micros())
         .await?;
-    one_job(&state, &name).await
+    Ok(())
 }
 
 /// Resume a paused job from now: slots that fell in the pause are not run. Resuming a job that
@@ -381,27 +392,38 @@ async fn backfill_job(
     ApiJson(input): ApiJson<BackfillIn>,
 ) -> Result<Json<BackfillOut>, ApiError> {
     caller.require_admin()?;
-    let job = known_job(&state, &name)?.clone();
-    if input.to < input.from {
+    let scheduled = backfill(&state, &name, input.from, input.to).await?;
+    Ok(Json(BackfillOut { scheduled }))
+}
+
+/// Runs the slots of job `name` in `[from, to]` that have not run (the API and `/ops`);
+/// returns how many.
+pub(super) async fn backfill(
+    state: &AppState,
+    name: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<u64, ApiError> {
+    let job = known_job(state, name)?.clone();
+    if to < from {
         return Err(ApiError::field("to", "must not be before from"));
     }
     let now = state.clock.now();
-    if input.to > now {
+    if to > now {
         return Err(ApiError::field("to", "must not be in the future"));
     }
     // Older runs are pruned: their slots would look as if they never ran, and run again.
-    if input.from < now - chrono::Duration::days(RUN_RETENTION_DAYS) {
+    if from < now - chrono::Duration::days(RUN_RETENTION_DAYS) {
         return Err(ApiError::field(
             "from",
             format!("must be within the last {RUN_RETENTION_DAYS} days (older runs are pruned)"),
         ));
     }
-    let scheduled = state
+    state
         .scheduler
-        .backfill(&job, input.from, input.to)
+        .backfill(&job, from, to)
         .await
-        .map_err(advance_error)?;
-    Ok(Json(BackfillOut { scheduled }))
+        .map_err(advance_error)
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -592,22 +614,55 @@ async fn list_outbox(
         .store
         .outbox(q.to.as_deref(), limit + 1, cursor(q.after.as_deref())?)
         .await?;
-    Ok(Json(paginate(
-        rows,
-        limit,
-        |r| r.id,
-        |r| EmailOut {
-            id: r.id.to_string(),
-            to: r.to_addr,
-            subject: r.subject,
-            template: r.template,
-            entity: r.entity,
-            event: r.event,
-            status: r.status,
-            attempts: r.attempts,
-            last_error: r.last_error,
-            created_at: instant(r.created_at),
-            sent_at: r.sent_at.map(instant),
-        },
-    )))
+    Ok(Json(paginate(rows, limit, |r| r.id, email_out)))
+}
+
+fn email_out(r: OutboxRow) -> EmailOut {
+    EmailOut {
+        id: r.id.to_string(),
+        to: r.to_addr,
+        subject: r.subject,
+        template: r.template,
+        entity: r.entity,
+        event: r.event,
+        status: r.status,
+        attempts: r.attempts,
+        last_error: r.last_error,
+        created_at: instant(r.created_at),
+        sent_at: r.sent_at.map(instant),
+    }
+}
+
+/// Send an email that gave up after its retries once more, from now (say, once the mail
+/// server is mended). 409 `conflict` unless the email is `failed`.
+#[utoipa::path(post, path = "/api/v1/ops/outbox/{id}/retry", tag = "ops",
+    responses((status = 200, body = EmailOut), (status = 404, body = super::error::Problem),
+        (status = 409, body = super::error::Problem)))]
+async fn retry_email(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<EmailOut>, ApiError> {
+    caller.require_admin()?;
+    let row = retry_failed_email(&state, &id).await?;
+    Ok(Json(email_out(row)))
+}
+
+/// Sends failed email `id` once more (the API and `/ops`); the email as it now stands.
+pub(super) async fn retry_failed_email(state: &AppState, id: &str) -> Result<OutboxRow, ApiError> {
+    let not_found = || ApiError::not_found(format!("no email {id}"));
+    let id: i64 = id.parse().map_err(|_| not_found())?;
+    let now = state.clock.now().timestamp_micros();
+    let retried = state.store.retry_failed_email(id, now).await?;
+    let row = state.store.email(id).await?.ok_or_else(not_found)?;
+    if !retried {
+        return Err(ApiError::conflict(
+            "conflict",
+            format!(
+                "email {id} is {}: only a failed email is sent again",
+                row.status
+            ),
+        ));
+    }
+    Ok(row)
 }

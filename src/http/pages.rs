@@ -1,5 +1,6 @@
-//! Server-rendered pages: `/ops` (jobs, next slots, last runs, durations, failures, instances,
-//! run/pause/resume), the `/login` form that sets its session cookie, the public
+//! Server-rendered pages: `/ops` (jobs, next slots, last runs, durations, failures, recent
+//! runs, the email outbox, instances; run, pause with a note, resume, backfill, send a failed
+//! email again), the `/login` form that sets its session cookie, the public
 //! `/campaigns/{id}` (tiers, progress to the next tier, time left, a chart of pooled demand)
 //! and a subscription's delivery calendar `/subscriptions/{id}/calendar`.
 //!
@@ -33,6 +34,7 @@ pub fn router() -> Router<AppState> {
         .route("/logout", post(logout))
         .route("/ops", get(ops_page))
         .route("/ops/jobs/{name}/{action}", post(ops_action))
+        .route("/ops/outbox/{id}/retry", post(ops_retry_email))
         .route("/campaigns/{id}", get(campaign_page))
         .route("/subscriptions/{id}/calendar", get(calendar_page))
 }
@@ -308,6 +310,29 @@ struct Failure {
     error: String,
 }
 
+struct RunRow {
+    id: i64,
+    job: String,
+    scheduled_for: String,
+    trigger: String,
+    state: String,
+    attempt: i64,
+    started_at: String,
+    duration: String,
+    instance: String,
+    /// The error of a failed run, the reason of a skipped one.
+    note: String,
+}
+
+struct FailedEmail {
+    id: i64,
+    to: String,
+    subject: String,
+    attempts: i64,
+    created_at: String,
+    error: String,
+}
+
 struct InstanceRow {
     id: String,
     version: String,
@@ -321,19 +346,56 @@ struct InstanceRow {
 struct OpsPage {
     clock_mode: &'static str,
     now: String,
+    /// What the last button did, when it has something to say.
+    notice: Option<String>,
     jobs: Vec<JobRow>,
     failures: Vec<Failure>,
+    /// The job whose runs `runs` lists, or every job's.
+    runs_of: Option<String>,
+    runs: Vec<RunRow>,
+    emails_pending: i64,
+    oldest_pending: Option<String>,
+    emails_failed: i64,
+    failed_emails: Vec<FailedEmail>,
     instances: Vec<InstanceRow>,
     csrf: String,
     signed_in: bool,
 }
 
+/// Runs and failed emails `/ops` lists.
+const OPS_ROWS: i64 = 25;
+
+#[derive(Deserialize)]
+struct OpsQuery {
+    /// Lists this job's runs only.
+    job: Option<String>,
+    /// A backfill of `job` just scheduled this many slots.
+    backfilled: Option<u64>,
+    /// This email was just sent again.
+    retried: Option<i64>,
+}
+
 async fn ops_page(
     State(state): State<AppState>,
     headers: HeaderMap,
+    PageQuery(q): PageQuery<OpsQuery>,
 ) -> Result<Response, PageError> {
     let Some(caller) = admin(&headers, &state).await? else {
         return Ok(Redirect::to("/login").into_response());
+    };
+    if let Some(job) = &q.job
+        && state.scheduler.job(job).is_none()
+    {
+        return Err(ApiError::not_found(format!("no job named {job}")).into());
+    }
+    // Only what the query can say is shown, never its text: a link can't put words here.
+    let notice = match (&q.job, q.backfilled, q.retried) {
+        (Some(job), Some(n), _) => Some(format!(
+            "Backfill of {job}: {} that had not run will run.",
+            crate::email::count(n as i64, "slot")
+        )),
+        (_, _, Some(id)) => Some(format!("Email {id} will be sent again.")),
+        _ => None,
     };
     let now = state.clock.now();
     let mut jobs = Vec::new();
@@ -395,6 +457,41 @@ async fn ops_page(
             error: r.last_error.unwrap_or_default(),
         }));
     }
+    let runs = state
+        .store
+        .runs(&RunFilter {
+            job: q.job.clone(),
+            limit: OPS_ROWS,
+            ..RunFilter::default()
+        })
+        .await?
+        .into_iter()
+        .map(|r| RunRow {
+            id: r.id,
+            scheduled_for: instant(r.scheduled_for).to_rfc3339(),
+            started_at: r.started_at.map_or("–".into(), |t| instant(t).to_rfc3339()),
+            duration: r.duration_ms.map_or("–".into(), |d| format!("{d} ms")),
+            instance: r.lease_owner.unwrap_or_default(),
+            note: r.last_error.or(r.skip_reason).unwrap_or_default(),
+            job: r.job_name,
+            trigger: r.trigger,
+            state: r.state,
+            attempt: r.attempt,
+        })
+        .collect();
+    let outbox = state.store.outbox_health(OPS_ROWS).await?;
+    let failed_emails = outbox
+        .latest_failed
+        .into_iter()
+        .map(|e| FailedEmail {
+            id: e.id,
+            to: e.to_addr,
+            subject: e.subject,
+            attempts: e.attempts,
+            created_at: instant(e.created_at).to_rfc3339(),
+            error: e.last_error.unwrap_or_default(),
+        })
+        .collect();
     let instances = state
         .store
         .instances()
@@ -415,8 +512,15 @@ async fn ops_page(
             "system"
         },
         now: now.to_rfc3339(),
+        notice,
         jobs,
         failures,
+        runs_of: q.job,
+        runs,
+        emails_pending: outbox.pending,
+        oldest_pending: outbox.oldest_pending_at.map(|t| instant(t).to_rfc3339()),
+        emails_failed: outbox.failed,
+        failed_emails,
         instances,
         csrf: caller.csrf,
         signed_in: caller.signed_in,
@@ -451,9 +555,28 @@ fn duration_chart(durations_ms: &[i64]) -> String {
     )
 }
 
+/// A button of `/ops`: its CSRF token, and the fields of the forms that have them (a
+/// pause's note, a backfill's range).
 #[derive(Deserialize)]
 struct ActionForm {
     csrf: String,
+    note: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// The admin a `/ops` form came from, if its CSRF token is their session's.
+async fn ops_form(headers: &HeaderMap, state: &AppState, csrf: &str) -> Result<(), ApiError> {
+    let Some(caller) = admin(headers, state).await? else {
+        return Err(ApiError::unauthorized());
+    };
+    // Compared as hashes, so the time taken says nothing about the expected token's prefix.
+    if hash_token(csrf) != hash_token(&caller.csrf) {
+        return Err(form_refused(
+            "this form is not from your current session of /ops",
+        ));
+    }
+    Ok(())
 }
 
 async fn ops_action(
@@ -462,33 +585,75 @@ async fn ops_action(
     Path((name, action)): Path<(String, String)>,
     PageForm(form): PageForm<ActionForm>,
 ) -> Result<Response, PageError> {
-    let Some(caller) = admin(&headers, &state).await? else {
-        return Err(ApiError::unauthorized().into());
-    };
-    // Compared as hashes, so the time taken says nothing about the expected token's prefix.
-    if hash_token(&form.csrf) != hash_token(&caller.csrf) {
-        return Err(form_refused("this form is not from your current session of /ops").into());
-    }
+    ops_form(&headers, &state, &form.csrf).await?;
     if state.scheduler.job(&name).is_none() {
         return Err(ApiError::not_found(format!("no job named {name}")).into());
     }
     let now = state.clock.now().timestamp_micros();
-    match action.as_str() {
+    let back = match action.as_str() {
         "run" => {
             state.scheduler.run_now(&name).await?;
+            format!("/ops?job={name}#runs")
         }
         "pause" => {
-            state
-                .store
-                .pause_job(&name, Some("paused from /ops"), now)
-                .await?;
+            let note = form
+                .note
+                .as_deref()
+                .map(str::trim)
+                .filter(|n| !n.is_empty());
+            super::ops::pause(&state, &name, Some(note.unwrap_or("paused from /ops"))).await?;
+            "/ops".into()
         }
         "resume" => {
             state.store.resume_job(&name, now).await?;
+            "/ops".into()
+        }
+        "backfill" => {
+            let from = form_instant("from", form.from.as_deref())?;
+            let to = form_instant("to", form.to.as_deref())?;
+            let n = super::ops::backfill(&state, &name, from, to).await?;
+            format!("/ops?job={name}&backfilled={n}#runs")
         }
         other => return Err(ApiError::not_found(format!("no action {other}")).into()),
+    };
+    Ok(Redirect::to(&back).into_response())
+}
+
+/// An instant typed into a `/ops` form: RFC 3339, or a browser's `datetime-local` value
+/// (`2026-12-01T09:00`, seconds optional), which the form labels UTC.
+fn form_instant(
+    field: &str,
+    value: Option<&str>,
+) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    let value = value.map(str::trim).unwrap_or_default();
+    if value.is_empty() {
+        return Err(ApiError::field(field, "is required"));
     }
-    Ok(Redirect::to("/ops").into_response())
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(value) {
+        return Ok(t.to_utc());
+    }
+    ["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"]
+        .iter()
+        .find_map(|f| chrono::NaiveDateTime::parse_from_str(value, f).ok())
+        .map(|t| t.and_utc())
+        .ok_or_else(|| {
+            ApiError::field(
+                field,
+                format!("'{value}' is not an instant: write 2026-12-01T09:00 (UTC) or 2026-12-01T09:00:00Z"),
+            )
+        })
+}
+
+/// Sends a failed email once more (see [`super::ops::retry_failed_email`]).
+async fn ops_retry_email(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    PageForm(form): PageForm<ActionForm>,
+) -> Result<Response, PageError> {
+    ops_form(&headers, &state, &form.csrf).await?;
+    let email = super::ops::retry_failed_email(&state, &id).await?;
+    Ok(Redirect::to(&format!("/ops?retried={}#outbox", email.id)).into_response())
 }
 
 struct TierRow {

@@ -559,7 +559,7 @@ pub use idempotency::{
     IdempotencyBegin, IdempotencyClaim, IdempotencyDone, StoredResponse, abandon_claims_after,
 };
 pub use identity::TokenSubject;
-pub use outbox::{NewAttachment, NewEmail, OUTBOX_JOB, OutboxRow};
+pub use outbox::{NewAttachment, NewEmail, OUTBOX_JOB, OutboxHealth, OutboxRow};
 pub use payments::{
     AccountBalance, FollowUp, IntentFilter, IntentResult, IntentRow, KeyAnswer, LedgerCheck,
     NewIntent,
@@ -1141,7 +1141,7 @@ mod tests {
             unreachable!("a SQLite store")
         };
         // (query, how many parameters it takes, its plan)
-        let polls: [(&str, usize, &[&str]); 5] = [
+        let polls: [(&str, usize, &[&str]); 8] = [
             (
                 subscription::DUE_DELIVERY_IDS,
                 1,
@@ -1169,6 +1169,22 @@ mod tests {
                 outbox::DUE_EMAILS,
                 2,
                 &["SEARCH outbox USING INDEX outbox_pending (next_attempt_at<?)"],
+            ),
+            // Every entry of the index is a pending email: the backlog, not the history.
+            (
+                outbox::PENDING_EMAILS,
+                0,
+                &["SCAN outbox USING INDEX outbox_pending"],
+            ),
+            (
+                outbox::FAILED_EMAILS,
+                0,
+                &["SCAN outbox USING COVERING INDEX outbox_failed"],
+            ),
+            (
+                outbox::LATEST_FAILED_EMAILS,
+                1,
+                &["SCAN outbox USING INDEX outbox_failed"],
             ),
             (
                 presale::BALANCE_PENDING,

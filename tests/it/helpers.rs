@@ -286,6 +286,37 @@ impl TestApp {
         body["runs"].as_array().cloned().unwrap_or_default()
     }
 
+    /// A client that shows redirects instead of following them, signed in to `/ops` as the
+    /// admin: the client, its session cookie and the page's CSRF token.
+    pub async fn ops_session(&self) -> (reqwest::Client, String, String) {
+        use reqwest::header::{COOKIE, SET_COOKIE};
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let res = client
+            .post(format!("{}/login", self.base))
+            .form(&[("token", ADMIN_TOKEN)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::SEE_OTHER);
+        let cookie = res.headers()[SET_COOKIE].to_str().unwrap();
+        let session = cookie.split(';').next().unwrap().to_owned();
+        let html = client
+            .get(format!("{}/ops", self.base))
+            .header(COOKIE, &session)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let csrf = html.split("name=\"csrf\" value=\"").nth(1).unwrap();
+        let csrf = csrf.split('"').next().unwrap().to_owned();
+        (client, session, csrf)
+    }
+
     /// Every run of `job` in the ledger, oldest slot first.
     pub async fn runs_of(&self, job: &str) -> Vec<Value> {
         let (status, body) = self

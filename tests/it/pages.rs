@@ -161,6 +161,71 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    /// Ops pause a job with a note, resume it, and run the slots it missed from the page, as
+    /// the API does; a bad range is a page naming the field, and nothing runs.
+    async fn ops_pause_with_a_note_and_backfill_the_missed_slots_from_the_page(backend) {
+        let app = TestApp::spawn_manual(backend, "2026-06-01T00:30:00Z".parse().unwrap()).await;
+        let (client, session, csrf) = app.ops_session().await;
+        let post = |path: &str, fields: Vec<(&str, String)>| {
+            let mut fields = fields;
+            fields.push(("csrf", csrf.clone()));
+            client.post(format!("{}{path}", app.base)).header(COOKIE, &session).form(&fields).send()
+        };
+        let page = |path: &str| {
+            let req = client.get(format!("{}{path}", app.base)).header(COOKIE, &session);
+            async move { req.send().await.unwrap().text().await.unwrap() }
+        };
+
+        let long = "x".repeat(501);
+        let res = post("/ops/jobs/billing-dunning/pause", vec![("note", long)]).await.unwrap();
+        assert_error_page(res, StatusCode::UNPROCESSABLE_ENTITY, "<code>note</code>: must be at most 500 characters").await;
+        let res = post("/ops/jobs/billing-dunning/pause", vec![("note", "gateway maintenance".into())]).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SEE_OTHER);
+        let html = page("/ops").await;
+        assert!(html.contains("<em>paused</em>: gateway maintenance"), "{html}");
+        assert!(html.contains("action=\"/ops/jobs/billing-dunning/resume\""), "a paused job offers resume");
+        app.advance("2026-06-01T05:10:00Z").await;
+        assert!(app.runs_of("billing-dunning").await.is_empty(), "a paused job runs nothing");
+        let res = post("/ops/jobs/billing-dunning/resume", vec![]).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SEE_OTHER);
+        app.advance("2026-06-01T06:00:00Z").await;
+
+        let backfill = "/ops/jobs/billing-dunning/backfill";
+        for (fields, detail) in [
+            (vec![("to", "2026-06-01T03:00")], "<code>from</code>: is required"),
+            (vec![("from", "yesterday"), ("to", "2026-06-01T03:00")], "<code>from</code>: &#39;yesterday&#39; is not an instant: write 2026-12-01T09:00 (UTC)"),
+            (vec![("from", "2026-06-01T03:00"), ("to", "2026-06-01T02:00")], "<code>to</code>: must not be before from"),
+            (vec![("from", "2026-06-01T03:00"), ("to", "2030-01-01T00:00")], "<code>to</code>: must not be in the future"),
+        ] {
+            let fields = fields.into_iter().map(|(k, v)| (k, v.to_owned())).collect();
+            assert_error_page(post(backfill, fields).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, detail).await;
+        }
+        assert_eq!(app.runs_of("billing-dunning").await.len(), 1, "a refused backfill runs nothing");
+        // As a browser's datetime-local sends them, with and without seconds, read as UTC.
+        let res = post(backfill, vec![("from", "2026-06-01T02:00".into()), ("to", "2026-06-01T03:00:00".into())]).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SEE_OTHER);
+        assert_eq!(res.headers()[LOCATION], "/ops?job=billing-dunning&backfilled=2#runs");
+        let runs = app.runs_of("billing-dunning").await;
+        let slots: Vec<&str> = runs.iter().map(|r| r["scheduled_for"].as_str().unwrap()).collect();
+        assert_eq!(slots, ["2026-06-01T02:00:00Z", "2026-06-01T03:00:00Z", "2026-06-01T06:00:00Z"]);
+        assert!(runs[..2].iter().all(|r| r["trigger"] == "backfill" && r["state"] == "succeeded"), "{runs:?}");
+
+        let html = page("/ops?job=billing-dunning&backfilled=2").await;
+        for expected in [
+            "Backfill of billing-dunning: 2 slots that had not run will run.",
+            "Recent runs of billing-dunning",
+            "<td>2026-06-01T02:00:00+00:00</td><td>backfill</td><td class=\"succeeded\">succeeded</td>",
+        ] {
+            assert!(html.contains(expected), "the page lacks {expected}: {html}");
+        }
+        assert!(!html.contains("<td>maintenance-prune</td>"), "only that job's runs");
+        let res = client.get(format!("{}/ops?job=nope", app.base)).header(COOKIE, &session).send().await.unwrap();
+        assert_error_page(res, StatusCode::NOT_FOUND, "no job named nope").await;
+        app.stop().await;
+    }
+}
+
 /// A page's error answer: `status`, as an HTML page that shows `detail`.
 async fn assert_error_page(res: reqwest::Response, status: StatusCode, detail: &str) {
     assert_eq!(res.status(), status);
