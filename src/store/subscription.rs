@@ -295,22 +295,32 @@ macro_rules! merge_grower_rows {
         }));
         let (qty, on_conflict) = match $merge {
             GrowerOrderMerge::Replace { from, until, .. } => {
+                // A planned line of the window is kept if a row is for its grower, item and
+                // ripening start.
+                let in_rows = format!(
+                    "EXISTS (SELECT 1 FROM {} WHERE value->>2 = grower_orders.supplier
+                         AND value->>4 = grower_orders.sku
+                         AND value->>6 = grower_orders.ripening_start)",
+                    super::json_rows(&$tx, 1)
+                );
+                let in_window =
+                    "status = 'planned' AND ripening_start >= $2 AND ripening_start < $3";
+                let mut statements = Vec::new();
                 // Why lock first: the insert below subtracts what the sent lines ordered, read
                 // at its start. A line marked sent meanwhile (a renewal or signup sending due
                 // lines) would count as unsent, and its units be planned a second time.
                 // Locked, a send either committed before (and is counted) or waits for this
                 // commit (and sends the recomputed line).
                 if super::interleaves_writes(&$tx) {
-                    let sql = format!(
+                    statements.push(format!(
                         "SELECT id FROM grower_orders
-                         WHERE status = 'planned'
-                           AND (ripening_start >= $2 AND ripening_start < $3
-                                OR EXISTS (SELECT 1 FROM {} WHERE value->>2 = grower_orders.supplier
-                                    AND value->>4 = grower_orders.sku
-                                    AND value->>6 = grower_orders.ripening_start))
-                         FOR UPDATE",
-                        super::json_rows(&$tx, 1)
-                    );
+                         WHERE status = 'planned' AND ({in_window} OR {in_rows}) FOR UPDATE"
+                    ));
+                }
+                statements.push(format!(
+                    "DELETE FROM grower_orders WHERE {in_window} AND NOT {in_rows}"
+                ));
+                for sql in statements {
                     sqlx::query(sqlx::AssertSqlSafe(sql))
                         .bind(&json)
                         .bind(from)
@@ -318,20 +328,6 @@ macro_rules! merge_grower_rows {
                         .execute(&mut *$tx)
                         .await?;
                 }
-                let sql = format!(
-                    "DELETE FROM grower_orders
-                     WHERE status = 'planned' AND ripening_start >= $2 AND ripening_start < $3
-                       AND NOT EXISTS (SELECT 1 FROM {} WHERE value->>2 = grower_orders.supplier
-                           AND value->>4 = grower_orders.sku
-                           AND value->>6 = grower_orders.ripening_start)",
-                    super::json_rows(&$tx, 1)
-                );
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(&json)
-                    .bind(from)
-                    .bind(until)
-                    .execute(&mut *$tx)
-                    .await?;
                 // What is wanted less what the sent lines already ordered; a line left
                 // with nothing to order is deleted below.
                 (

@@ -65,17 +65,23 @@ fn smtp_sink_refusing(failures: usize, refusal: Response) -> (String, Arc<Mutex<
     (format!("smtp://127.0.0.1:{port}"), received)
 }
 
-async fn failing_job_alerts_ops(backend: crate::helpers::Backend, failures: usize) {
-    let (url, received) = smtp_sink(failures);
-    let app = TestApp::spawn_with(backend, |s| {
+/// An app on the manual clock at 2026-06-01 that mails ops through `smtp_url` and whose
+/// `maintenance-prune` fails for good at its first attempt (so each run writes an alert).
+async fn alerting_app(backend: crate::helpers::Backend, smtp_url: String) -> TestApp {
+    TestApp::spawn_with(backend, |s| {
         s.clock = pooled::config::ClockMode::Manual;
         s.clock_start = Some("2026-06-01T00:00:00Z".parse().unwrap());
-        s.smtp_url = Some(url);
+        s.smtp_url = Some(smtp_url);
         s.ops_email = Some("ops@pooled.example".into());
         s.job_overrides =
             Some("maintenance-prune.debug_fail=true;maintenance-prune.max_attempts=1".into());
     })
-    .await;
+    .await
+}
+
+async fn failing_job_alerts_ops(backend: crate::helpers::Backend, failures: usize) {
+    let (url, received) = smtp_sink(failures);
+    let app = alerting_app(backend, url).await;
     let (status, run) = app
         .post(
             "/api/v1/ops/jobs/maintenance-prune/run",
@@ -132,15 +138,7 @@ on_both_backends! {
     async fn an_email_refused_for_good_is_sent_again_by_ops(backend) {
         use reqwest::header::{COOKIE, LOCATION};
         let (url, received) = smtp_sink_refusing(1, mailin_embedded::response::NO_MAILBOX);
-        let app = TestApp::spawn_with(backend, |s| {
-            s.clock = pooled::config::ClockMode::Manual;
-            s.clock_start = Some("2026-06-01T00:00:00Z".parse().unwrap());
-            s.smtp_url = Some(url);
-            s.ops_email = Some("ops@pooled.example".into());
-            s.job_overrides =
-                Some("maintenance-prune.debug_fail=true;maintenance-prune.max_attempts=1".into());
-        })
-        .await;
+        let app = alerting_app(backend, url).await;
         let (status, _) = app
             .post("/api/v1/ops/jobs/maintenance-prune/run", Some(ADMIN_TOKEN), json!({}))
             .await;

@@ -501,3 +501,21 @@ pub async fn join_settled(
     }
     answers
 }
+
+/// Returns once a session of `pg`'s database waits on a lock (a statement blocked by a
+/// transaction the test holds open), so a test can order two writers without sleeping.
+pub async fn until_a_lock_is_waited_on(pg: &sqlx::PgPool) {
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(pg)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}

@@ -863,14 +863,7 @@ on_both_backends! {
             let batch_id = id.clone();
             let batch = tokio::spawn(async move { store.join_campaign(&batch_id, &joins, at, abandon_claims_after()).await.unwrap() });
             // Wait until the batch's update is blocked on the rival's row lock.
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                )
-                .fetch_one(&pg).await.unwrap();
-                if waiting > 0 { break; }
-                tokio::task::yield_now().await;
-            }
+            crate::helpers::until_a_lock_is_waited_on(&pg).await;
             rival.commit().await.unwrap();
             let (answers, _) = batch.await.unwrap();
             assert_eq!(answers.iter().filter(|a| **a == JoinDecision::Admitted).count(), 2, "{answers:?}");

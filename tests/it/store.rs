@@ -617,14 +617,7 @@ on_both_backends! {
                 let store = store.clone();
                 async move { store.put_grower_orders(&[apples("gro_4", 12)], window).await }
             });
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                )
-                .fetch_one(&pg).await.unwrap();
-                if waiting > 0 { break; }
-                tokio::task::yield_now().await;
-            }
+            crate::helpers::until_a_lock_is_waited_on(&pg).await;
             sender.commit().await.unwrap();
             assert!(recompute.await.unwrap().unwrap());
             assert_eq!(apples_ordered(&store).await, (12, 0), "the 12 apples are ordered once");
