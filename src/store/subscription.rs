@@ -244,6 +244,13 @@ macro_rules! insert_deliveries {
     }};
 }
 
+/// The read of the count of additions to the grower orders (see [`GrowerOrderMerge::Replace`]).
+macro_rules! grower_order_adds {
+    () => {
+        "SELECT adds FROM grower_order_adds WHERE id = 1"
+    };
+}
+
 /// Merges grower order rows into the planned orders, inside the transaction `$tx` (see
 /// [`Store::put_grower_orders`]); `false` when a replacement was refused because an addition
 /// was made since its boxes were read (nothing is written then).
@@ -256,9 +263,9 @@ macro_rules! merge_grower_orders {
         let unmoved = match merge {
             GrowerOrderMerge::Replace { adds_seen, .. } => {
                 let sql = if super::interleaves_writes(&$tx) {
-                    "SELECT adds FROM grower_order_adds WHERE id = 1 FOR UPDATE"
+                    concat!(grower_order_adds!(), " FOR UPDATE")
                 } else {
-                    "SELECT adds FROM grower_order_adds WHERE id = 1"
+                    grower_order_adds!()
                 };
                 let adds: i64 = sqlx::query_scalar(sql).fetch_one(&mut *$tx).await?;
                 adds == adds_seen
@@ -1279,7 +1286,7 @@ impl Store {
     /// [`GrowerOrderMerge::Replace`]).
     pub async fn grower_order_adds(&self) -> StoreResult<i64> {
         Ok(on_pool!(self, |pool| {
-            sqlx::query_scalar("SELECT adds FROM grower_order_adds WHERE id = 1")
+            sqlx::query_scalar(grower_order_adds!())
                 .fetch_one(pool)
                 .await?
         }))

@@ -910,9 +910,12 @@ async fn plan_window(
     now: DateTime<Utc>,
 ) -> Result<Planned> {
     let (from, until) = (window.0.to_string(), window.1.to_string());
+    // Boxes are saved as they are planned, so a read again finds those of the reads before.
+    let mut boxes = 0;
     for _ in 0..PLAN_READS {
         let adds_seen = store.grower_order_adds().await?;
-        let (boxes, rows) = count_window(store, window, now).await?;
+        let (boxed, rows) = count_window(store, window, now).await?;
+        boxes += boxed;
         let replace = GrowerOrderMerge::Replace {
             from: &from,
             until: &until,
