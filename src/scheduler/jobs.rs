@@ -215,17 +215,21 @@ pub fn apply_overrides(jobs: &mut [JobSpec], spec: &str) -> Result<(), String> {
                 spec.catchup =
                     CatchUp::parse(value).ok_or_else(|| bad("expected all, latest or skip"))?
             }
+            // A zero window would make every slot too late to run the moment it is due, and
+            // a zero lease would let another instance take every run as it starts.
             "window" => {
-                spec.catchup_window =
-                    parse_duration(value).ok_or_else(|| bad("expected a duration such as 3d"))?
+                spec.catchup_window = parse_duration(value)
+                    .filter(|d| *d > Duration::zero())
+                    .ok_or_else(|| bad("expected a duration above zero such as 3d"))?
             }
             "grace" => {
                 spec.start_grace =
                     parse_duration(value).ok_or_else(|| bad("expected a duration such as 5m"))?
             }
             "lease" => {
-                spec.lease =
-                    parse_duration(value).ok_or_else(|| bad("expected a duration such as 60s"))?
+                spec.lease = parse_duration(value)
+                    .filter(|d| *d > Duration::zero())
+                    .ok_or_else(|| bad("expected a duration above zero such as 60s"))?
             }
             "max_attempts" => {
                 spec.max_attempts = value
@@ -345,5 +349,40 @@ async fn prune(ctx: RunCtx) -> Result<serde_json::Value, JobError> {
 impl From<StoreError> for JobError {
     fn from(e: StoreError) -> Self {
         JobError(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_are_applied_and_bad_ones_refused_by_entry() {
+        let mut jobs = defaults(chrono_tz::UTC);
+        apply_overrides(
+            &mut jobs,
+            "grower-orders.window=2h; grower-orders.lease=90s",
+        )
+        .unwrap();
+        let grower = jobs.iter().find(|j| j.name == "grower-orders").unwrap();
+        assert_eq!(grower.catchup_window, Duration::hours(2));
+        assert_eq!(grower.lease, Duration::seconds(90));
+        for (spec, why) in [
+            ("grower-orders.window=0s", "above zero"),
+            ("grower-orders.lease=0m", "above zero"),
+            ("grower-orders.window=-1h", "expected a duration"),
+            ("grower-orders.grace=5y", "expected a duration"),
+            ("grower-orders.max_attempts=0", "≥ 1"),
+            ("grower-orders.colour=red", "unknown key"),
+            ("nope.window=1h", "no such job"),
+            (
+                "grower-orders.schedule=61 * * * *",
+                "grower-orders.schedule",
+            ),
+            ("grower-orders", "expected job.key=value"),
+        ] {
+            let err = apply_overrides(&mut jobs, spec).unwrap_err();
+            assert!(err.contains(spec) && err.contains(why), "{spec}: {err}");
+        }
     }
 }
