@@ -629,6 +629,7 @@ async fn subscribe(
     let first = first_delivery(input.start_date, weekday);
     let rows = upcoming_rows(&row, &plan, first, now)?;
     let who = state.store.shopper(&row.shopper_id).await?;
+    let first = subscriptions::first_open_date(&row, &plan, first, now)?;
     let welcome =
         subscriptions::emails::subscription_confirmed(&plan, &row.id, first, &who.email, &who.name);
     // The subscription, its deliveries and its welcome are one commit: once it lands the
@@ -772,7 +773,8 @@ pub struct PauseIn {
     until: Option<NaiveDate>,
 }
 
-/// Pauses deliveries whose cutoff has not passed (until a date, or until resumed).
+/// Pauses deliveries whose cutoff has not passed (until a date, or until resumed); one past
+/// it still comes and is billed.
 #[utoipa::path(post, path = "/api/v1/subscriptions/{id}/pause", tag = "subscriptions", request_body = PauseIn,
     responses((status = 200, body = SubscriptionOut), (status = 409, body = super::error::Problem)))]
 async fn pause(
@@ -820,7 +822,8 @@ async fn pause(
     Ok(Json(subscription_out(&state, sub).await?))
 }
 
-/// Resumes a paused subscription.
+/// Resumes a paused subscription, or starts a suspended one again (its next delivery is
+/// charged to the card on file: update it first).
 #[utoipa::path(post, path = "/api/v1/subscriptions/{id}/resume", tag = "subscriptions",
     responses((status = 200, body = SubscriptionOut), (status = 409, body = super::error::Problem)))]
 async fn resume(
@@ -830,7 +833,10 @@ async fn resume(
 ) -> Result<Json<SubscriptionOut>, ApiError> {
     let sub = visible(&state, &caller, &id).await?;
     let now = state.clock.now();
-    subscriptions::resume(&state.store, &sub, now).await?;
+    match sub.status.as_str() {
+        "suspended" => subscriptions::reactivate(&state.store, &sub, now).await?,
+        _ => subscriptions::resume(&state.store, &sub, now).await?,
+    }
     // Best effort, as at signup: the deliveries back are boxed now, or the next morning.
     if let Err(e) =
         subscriptions::plan_upcoming(&state.store, &sub, now, state.settings.time_zone).await
@@ -841,8 +847,9 @@ async fn resume(
     Ok(Json(subscription_out(&state, sub).await?))
 }
 
-/// Cancels: deliveries whose cutoff has not passed are dropped; locked ones still come once
-/// paid, but a box held because its payment failed is not sent: its invoice is void.
+/// Cancels (also a suspended subscription): deliveries whose cutoff has not passed are
+/// dropped; those past it (locked, or locked by the next renewal run) still come once paid,
+/// but a box held because its payment failed is not sent: its invoice is void.
 #[utoipa::path(post, path = "/api/v1/subscriptions/{id}/cancel", tag = "subscriptions",
     responses((status = 200, body = SubscriptionOut), (status = 409, body = super::error::Problem)))]
 async fn cancel(
@@ -853,10 +860,12 @@ async fn cancel(
     visible(&state, &caller, &id).await?;
     let now = micros(state.clock.now());
     let mut moved = false;
-    // A paused subscription also has deliveries still scheduled, after its pause ends.
-    let deliveries: [(&[&str], [&str; 2]); 2] = [
+    // A paused subscription also has deliveries still scheduled, after its pause ends; a
+    // suspended one has only skipped ones (they become skipped for the cancel).
+    let deliveries: [(&[&str], [&str; 2]); 3] = [
         (&["active", "past_due"], ["scheduled"; 2]),
         (&["paused"], ["scheduled", "skipped"]),
+        (&["suspended"], ["skipped"; 2]),
     ];
     for (from_status, from) in deliveries {
         moved |= state
@@ -875,7 +884,7 @@ async fn cancel(
     if !moved {
         return Err(ApiError::conflict(
             "conflict",
-            "the subscription is already cancelled or suspended",
+            "the subscription is already cancelled",
         ));
     }
     let sub = visible(&state, &caller, &id).await?;

@@ -201,8 +201,25 @@ macro_rules! upsert_catalog {
     }};
 }
 
+/// Whether the subscription `s` holds the delivery row `value` (of [`insert_deliveries`]) in
+/// a pause: paused without an end, or ending after its date.
+macro_rules! held_by_pause {
+    () => {
+        "s.status = 'paused' AND (s.paused_until IS NULL OR value->>2 < s.paused_until)"
+    };
+}
+
 /// Inserts deliveries (`$rows`: `&[DeliveryRow]`; an existing date is kept) with one
 /// statement, and a timer at each new cutoff (one per distinct instant).
+///
+/// A row is `scheduled`, or `skipped` (reason `paused`) inside a pause, as its subscription
+/// is when the row goes in, not as it was when the row was made: the renewal makes rows from
+/// subscriptions read before, and a resume, pause or cancel committed in between would
+/// otherwise leave a resumed delivery skipped (never billed) or a paused or cancelled one
+/// scheduled (boxed and ordered from growers). Rows of a subscription that is no longer live
+/// are not inserted. A row made `skipped` (a shopper's skip) stays so. On PostgreSQL the
+/// subscriptions are read `FOR SHARE`: a move in flight is waited for and its result read,
+/// and a move after the read waits for this commit, so its deliveries update sees these rows.
 macro_rules! insert_deliveries {
     ($tx:ident, $rows:expr, $job:expr, $now:expr) => {{
         let rows: &[DeliveryRow] = $rows;
@@ -210,13 +227,27 @@ macro_rules! insert_deliveries {
             concat!(
                 "INSERT INTO deliveries (",
                 delivery_columns!(),
-                ") SELECT value->>0, value->>1, value->>2, CAST(value->>3 AS BIGINT), value->>4,
-                     value->>5, CAST(value->>6 AS BIGINT), value->>7
-                 FROM {} WHERE true
+                ") SELECT value->>0, value->>1, value->>2, CAST(value->>3 AS BIGINT),
+                     CASE WHEN value->>4 = 'skipped' THEN 'skipped'
+                          WHEN ",
+                held_by_pause!(),
+                " THEN 'skipped' ELSE 'scheduled' END,
+                     CASE WHEN value->>4 = 'skipped' THEN value->>5
+                          WHEN ",
+                held_by_pause!(),
+                " THEN 'paused' END,
+                     CAST(value->>6 AS BIGINT), value->>7
+                 FROM {} JOIN subscriptions s ON s.id = value->>1
+                 WHERE s.status IN ('active', 'past_due', 'paused') {}
                  ON CONFLICT (subscription_id, delivery_date) DO NOTHING
                  RETURNING cutoff_at"
             ),
-            super::json_rows(&$tx, 1)
+            super::json_rows(&$tx, 1),
+            if super::interleaves_writes(&$tx) {
+                "FOR SHARE OF s"
+            } else {
+                ""
+            }
         );
         let json = super::json_array(rows.iter().map(|d| {
             (
@@ -593,7 +624,9 @@ impl Store {
         Ok(())
     }
 
-    /// Adds deliveries that don't exist yet (a date already there is kept as it is).
+    /// Adds deliveries that don't exist yet (a date already there is kept as it is), as their
+    /// subscriptions are when they go in: skipped inside a pause, none once the subscription
+    /// is suspended or cancelled (see [`insert_deliveries`]).
     pub async fn add_deliveries(
         &self,
         rows: &[DeliveryRow],
@@ -713,7 +746,7 @@ impl Store {
         in_tx!(self, |tx| {
             let moved = sqlx::query(
                 "UPDATE subscriptions SET status = $4, paused_until = $5,
-                     ended_at = CASE WHEN $4 IN ('cancelled', 'suspended') THEN $6 ELSE ended_at END
+                     ended_at = CASE WHEN $4 IN ('cancelled', 'suspended') THEN $6 END
                  WHERE id = $1 AND status IN ($2, $3)",
             )
             .bind(id)
@@ -1211,9 +1244,12 @@ impl Store {
     }
 
     /// The last dunning step failed: the invoice is uncollectible, the subscription suspended,
-    /// its open deliveries skipped; the shopper is told. `false` when the subscription was
-    /// cancelled meanwhile (the next dunning run voids the invoice instead) or the invoice is
-    /// no longer past due.
+    /// its open deliveries skipped; the shopper is told. Its other past-due invoices are
+    /// given up with it (dunning stops with the subscription), save one whose charge is out
+    /// at the gateway: its answer decides, and if declined it comes back here. Called for an
+    /// invoice of a subscription already suspended, this gives that invoice up and tells
+    /// nobody again. `false` when the subscription was cancelled meanwhile (the next dunning
+    /// run voids the invoice instead) or the invoice is no longer past due.
     pub async fn suspend_for_nonpayment(
         &self,
         invoice: &InvoiceRow,
@@ -1224,18 +1260,25 @@ impl Store {
             // The subscription first: its row lock orders this against a cancel, which moves
             // the same row, so a subscription cancelled meanwhile is never suspended, told so,
             // or left with an uncollectible invoice instead of a void one.
-            // (Already suspended by another of its invoices, it stays so, since then.)
-            let suspended = sqlx::query(
-                "UPDATE subscriptions SET status = 'suspended',
-                     ended_at = CASE WHEN status = 'suspended' THEN ended_at ELSE $2 END
-                 WHERE id = $1 AND status <> 'cancelled'",
+            let newly = sqlx::query(
+                "UPDATE subscriptions SET status = 'suspended', ended_at = $2
+                 WHERE id = $1 AND status NOT IN ('cancelled', 'suspended')",
             )
             .bind(&invoice.subscription_id)
             .bind(now)
             .execute(&mut *tx)
             .await?
-            .rows_affected();
-            if suspended == 0 {
+            .rows_affected()
+                == 1;
+            // A new statement, so on PostgreSQL a suspension committed while the update
+            // waited is read here.
+            let (suspended,): (bool,) = sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM subscriptions WHERE id = $1 AND status = 'suspended')",
+            )
+            .bind(&invoice.subscription_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if !suspended {
                 return Ok(false);
             }
             let moved = sqlx::query(
@@ -1250,6 +1293,15 @@ impl Store {
                 return Ok(false);
             }
             sqlx::query(
+                "UPDATE invoices SET status = 'uncollectible', next_attempt_at = NULL
+                 WHERE subscription_id = $1 AND status = 'past_due'
+                   AND NOT EXISTS (SELECT 1 FROM payment_intents p
+                                   WHERE p.subject_id = invoices.id AND p.status = 'pending')",
+            )
+            .bind(&invoice.subscription_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
                 "UPDATE deliveries SET status = 'skipped', skip_reason = 'suspended',
                      amount_minor = NULL, lines = NULL
                  WHERE subscription_id = $1 AND status = 'scheduled'",
@@ -1257,7 +1309,9 @@ impl Store {
             .bind(&invoice.subscription_id)
             .execute(&mut *tx)
             .await?;
-            let _new = enqueue_email!(tx, email, now);
+            if newly {
+                let _new = enqueue_email!(tx, email, now);
+            }
             tx.commit().await?;
             Ok(true)
         })

@@ -147,7 +147,8 @@ pub fn suspended(plan: &PlanRow, inv: &InvoiceRow, to: &str, name: &str) -> NewE
     );
     n.paragraphs.push(format!(
         "After {} attempts we could not collect {} for the delivery of {}, so the \
-         subscription is suspended and no further boxes will be sent or charged.",
+         subscription is suspended and no further boxes will be sent or charged. To start \
+         again, update your card and resume the subscription.",
         inv.attempts,
         money(inv.amount_minor, &inv.currency),
         inv.delivery_date

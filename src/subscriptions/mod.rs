@@ -175,20 +175,16 @@ pub fn today(plan: &PlanRow, now: DateTime<Utc>) -> NaiveDate {
     now.with_timezone(&zone_of(plan)).date_naive()
 }
 
-/// A new delivery row for `date`.
+/// A new delivery row for `date`: `scheduled`, made `skipped` as it goes in if its
+/// subscription is paused then (see [`Store::add_deliveries`]).
 fn delivery_row(sub: &SubscriptionRow, plan: &PlanRow, date: NaiveDate) -> DeliveryRow {
-    let paused = sub.status == "paused"
-        && sub
-            .paused_until
-            .as_deref()
-            .is_none_or(|until| date.to_string().as_str() < until);
     DeliveryRow {
         id: crate::ids::new_id("dlv"),
         subscription_id: sub.id.clone(),
         delivery_date: date.to_string(),
         cutoff_at: micros(cutoff_at(date, zone_of(plan), plan.cutoff_hours)),
-        status: if paused { "skipped" } else { "scheduled" }.into(),
-        skip_reason: paused.then(|| "paused".into()),
+        status: "scheduled".into(),
+        skip_reason: None,
         amount_minor: None,
         lines: None,
     }
@@ -204,6 +200,24 @@ pub fn upcoming_rows(
     now: DateTime<Utc>,
 ) -> Result<Vec<DeliveryRow>> {
     rows_between(sub, plan, (from, from + Duration::days(HORIZON_DAYS)), now)
+}
+
+/// The date of `sub`'s first delivery on or after `from` whose cutoff is after `now`: the
+/// first one made, which a welcome names (a first date already past its cutoff is not).
+pub fn first_open_date(
+    sub: &SubscriptionRow,
+    plan: &PlanRow,
+    from: NaiveDate,
+    now: DateTime<Utc>,
+) -> Result<NaiveDate> {
+    // A cutoff is at most 14 days before its delivery and deliveries are at most 14 days
+    // apart, so this span holds one.
+    let span = (from, from + Duration::days(2 * HORIZON_DAYS));
+    let first = rows_between(sub, plan, span, now)?.into_iter().next();
+    let first = first.ok_or_else(|| {
+        StoreError::Inconsistent(format!("no delivery of {} ahead of {from}", sub.id))
+    })?;
+    date_of(&first.delivery_date)
 }
 
 /// The row of `date` if it is one of `sub`'s delivery dates with its cutoff still ahead:
@@ -456,13 +470,14 @@ pub async fn run_renew(
         for sub in subs? {
             let plan = plan_in(store, &mut plans, &sub.plan_id).await?;
             let today = today(plan, now);
+            // A pause that has ended ends now (its rows go in as the subscription is then).
             if sub.status == "paused"
                 && sub
                     .paused_until
                     .as_deref()
                     .is_some_and(|until| until <= today.to_string().as_str())
             {
-                resume(store, &sub, now).await?;
+                resume_ended_pause(store, &sub, now).await?;
             }
             if sub.status != "suspended" {
                 upcoming.extend(upcoming_rows(&sub, plan, today, now)?);
@@ -488,7 +503,7 @@ pub async fn run_renew(
     // statements run on the second core while this one's commit. Each chunk's charges go to
     // the gateway as soon as its lock commits (taken in that commit, so no second one).
     let mut writing = InFlight::new(writes_in_flight(store));
-    let mut resumed = HashSet::new();
+    let mut resumed = HashMap::new();
     let mut ordered_at_lock = HashSet::new();
     let catalog = catalog_by_sku(store).await?;
     let mut boxer = Boxer::new(store, &catalog, now);
@@ -515,13 +530,14 @@ pub async fn run_renew(
             if d.status != "scheduled" {
                 continue;
             }
-            let Some(mut sub) = subs.get(&d.subscription_id).cloned() else {
+            // As this run left it, if it resumed it for an earlier delivery due.
+            let Some(mut sub) = resumed
+                .get(&d.subscription_id)
+                .or_else(|| subs.get(&d.subscription_id))
+                .cloned()
+            else {
                 continue;
             };
-            // Read before this run resumed it, for a second delivery due.
-            if sub.status == "paused" && resumed.contains(&sub.id) {
-                sub.status = "active".into();
-            }
             // A pause that ends by this delivery's date ends now.
             if sub.status == "paused"
                 && sub
@@ -529,12 +545,16 @@ pub async fn run_renew(
                     .as_deref()
                     .is_some_and(|until| until <= d.delivery_date.as_str())
             {
-                resume(store, &sub, now).await?;
-                resumed.insert(sub.id.clone());
-                sub.status = "active".into();
+                sub = resume_ended_pause(store, &sub, now).await?;
+                resumed.insert(sub.id.clone(), sub.clone());
             }
-            if !matches!(sub.status.as_str(), "active" | "past_due") {
-                // Paused deliveries are already skipped; suspended and cancelled ones never bill.
+            // Suspension skips every open delivery and adds none; one still scheduled was
+            // added as the subscription was suspended, and is not billed. A paused or
+            // cancelled subscription's delivery still scheduled was past its cutoff when the
+            // pause or cancel came (both move only those before it, and rows added during a
+            // pause go in skipped), so it is locked as it would have been at its cutoff:
+            // pause, skip and cancel apply until the cutoff, whenever the renewal runs.
+            if sub.status == "suspended" {
                 store.skip_due_delivery(&d.id, &sub.status, false).await?;
                 continue;
             }
@@ -685,7 +705,13 @@ async fn dunning_decisions(
         let plan = plan_of(store, &sub.plan_id).await?;
         let shopper = store.shopper(&sub.shopper_id).await?;
         let first = crate::store::instant(inv.first_failed_at.unwrap_or(now_us));
-        match dunning_step(first, inv.attempts as usize, dunning_days) {
+        // Once suspended, a subscription's invoices are not chased: one declined since (its
+        // charge was out when another suspended it) is given up without a retry or an email.
+        let step = match sub.status.as_str() {
+            "suspended" => Dunning::Suspend,
+            _ => dunning_step(first, inv.attempts as usize, dunning_days),
+        };
+        match step {
             Dunning::RetryAt(at) => {
                 let email = emails::payment_failed(&plan, &inv, at, &shopper);
                 if store
@@ -1175,6 +1201,57 @@ async fn send_due_grower_orders(
             .len();
     }
     Ok(sent)
+}
+
+/// Resumes `sub`, read paused with a pause that has ended; the subscription as it is then: a
+/// resume or cancel by the shopper meanwhile (the move is refused) leaves it as they made it.
+async fn resume_ended_pause(
+    store: &Store,
+    sub: &SubscriptionRow,
+    now: DateTime<Utc>,
+) -> Result<SubscriptionRow> {
+    match resume(store, sub, now).await {
+        Ok(()) => Ok(SubscriptionRow {
+            status: "active".into(),
+            paused_until: None,
+            ..sub.clone()
+        }),
+        Err(SubscriptionError::Conflict(_)) => Ok(store
+            .subscription(&sub.id)
+            .await?
+            .ok_or_else(|| StoreError::Inconsistent(format!("no subscription {}", sub.id)))?),
+        Err(e) => Err(e),
+    }
+}
+
+/// Starts a suspended subscription again (its shopper's resume, typically after a card
+/// update): the deliveries its suspension skipped whose cutoff is ahead come back, with the
+/// rest up to the horizon (none were added while it was suspended), unboxed (the caller
+/// boxes them with [`plan_upcoming`]). Its uncollectible invoices stay as they are: their
+/// boxes were never sent. The next cutoff charges the card on file, and dunning starts over
+/// if it is declined.
+pub async fn reactivate(store: &Store, sub: &SubscriptionRow, now: DateTime<Utc>) -> Result<()> {
+    if !store
+        .move_subscription(
+            &sub.id,
+            &["suspended"],
+            "active",
+            None,
+            (["skipped"; 2], Some("suspended"), "scheduled", None),
+            ("0000-00-00", "9999-99-99"),
+            micros(now),
+        )
+        .await?
+    {
+        return Err(SubscriptionError::Conflict(format!(
+            "subscription {} is {}, not suspended",
+            sub.id, sub.status
+        )));
+    }
+    let plan = plan_of(store, &sub.plan_id).await?;
+    let rows = upcoming_rows(sub, &plan, today(&plan, now), now)?;
+    store.add_deliveries(&rows, RENEW_JOB, micros(now)).await?;
+    Ok(())
 }
 
 /// Resumes a paused subscription: its paused deliveries before their cutoff come back,

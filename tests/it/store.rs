@@ -8,8 +8,9 @@ use chrono::{TimeZone, Utc};
 use pooled::domain::identity::{Principal, Shopper};
 use pooled::ids::hash_token;
 use pooled::store::{
-    GrowerOrderMerge, GrowerOrderRow, IdempotencyBegin, IdempotencyClaim, IdempotencyDone,
-    JobDefRow, NewEmail, NewRun, PlanRow, Pruned, RunFilter, Store, StoreError, StoredResponse,
+    DeliveryRow, GrowerOrderMerge, GrowerOrderRow, IdempotencyBegin, IdempotencyClaim,
+    IdempotencyDone, JobDefRow, NewEmail, NewRun, PlanRow, Pruned, RunFilter, Store, StoreError,
+    StoredResponse,
 };
 use pooled::subscriptions::emails::price_changed;
 use std::collections::BTreeSet;
@@ -653,6 +654,96 @@ on_both_backends! {
         let seen = store.grower_order_adds().await.unwrap();
         assert!(store.put_grower_orders(&[apples("gro_4", 13)], replace(seen)).await.unwrap());
         assert_eq!(apples_ordered(&store).await, (0, 13));
+        store.close().await;
+    }
+}
+
+/// A delivery row of `sub` on `date` as the renewal makes it from the subscription it read:
+/// `scheduled`.
+fn delivery(sub: &str, date: &str) -> DeliveryRow {
+    DeliveryRow {
+        id: format!("dlv_{sub}_{date}"),
+        subscription_id: sub.into(),
+        delivery_date: date.into(),
+        cutoff_at: 1_000,
+        status: "scheduled".into(),
+        skip_reason: None,
+        amount_minor: None,
+        lines: None,
+    }
+}
+
+/// The status and skip reason of `sub`'s delivery on `date`, if there is one.
+async fn delivery_status(store: &Store, sub: &str, date: &str) -> Option<(String, Option<String>)> {
+    let rows = store.deliveries_of(sub).await.unwrap();
+    rows.into_iter()
+        .find(|d| d.delivery_date == date)
+        .map(|d| (d.status, d.skip_reason))
+}
+
+on_both_backends! {
+    /// The renewal makes a subscription's new deliveries from a read made before: a pause,
+    /// resume or cancel committed since must decide how they go in, or a resumed delivery is
+    /// never billed and a paused or cancelled one is boxed and ordered from growers.
+    async fn new_deliveries_go_in_as_their_subscription_is_when_written(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        raw_tx(&db.url, &[
+            "INSERT INTO plans (id, name, kind, currency, price_minor, cadence_weeks, portions_per_day,
+                 cutoff_hours, delivery_weekdays, time_zone, variety_cap, transit_days, created_at)
+             VALUES ('p1', 'Fruit', 'fruit', 'EUR', 2000, 1, 2, 48, 'mon', 'UTC', 5, 1, 0)",
+            "INSERT INTO shoppers (id, name, email, time_zone, payment_token, created_at)
+             VALUES ('shp_1', 'Ann', 'ann@example.com', 'UTC', 'pm_ok', 0)",
+            "INSERT INTO subscriptions (id, shopper_id, plan_id, delivery_weekday, start_date,
+                 exclusions, status, paused_until, created_at, ended_at)
+             VALUES ('sub_paused', 'shp_1', 'p1', 'mon', '2026-06-01', '[]', 'paused', '2026-06-15', 0, NULL),
+                    ('sub_cancelled', 'shp_1', 'p1', 'mon', '2026-06-01', '[]', 'cancelled', NULL, 0, 1),
+                    ('sub_resumed', 'shp_1', 'p1', 'mon', '2026-06-01', '[]', 'paused', NULL, 0, NULL)",
+        ]).await.expect("seed");
+        // All three were read active; the rows go in as they are now.
+        let rows = [
+            delivery("sub_paused", "2026-06-08"),
+            delivery("sub_paused", "2026-06-15"),
+            delivery("sub_cancelled", "2026-06-08"),
+            // A shopper's skip far ahead stays a skip.
+            DeliveryRow { status: "skipped".into(), skip_reason: Some("skipped".into()), ..delivery("sub_resumed", "2026-07-06") },
+        ];
+        store.add_deliveries(&rows, "subscription-renew", 0).await.unwrap();
+        let paused = Some(("skipped".to_owned(), Some("paused".to_owned())));
+        assert_eq!(delivery_status(&store, "sub_paused", "2026-06-08").await, paused, "inside the pause");
+        assert_eq!(delivery_status(&store, "sub_paused", "2026-06-15").await, Some(("scheduled".into(), None)), "the pause ends that day");
+        assert_eq!(delivery_status(&store, "sub_cancelled", "2026-06-08").await, None, "a cancelled subscription gets none");
+        assert_eq!(delivery_status(&store, "sub_resumed", "2026-07-06").await, Some(("skipped".into(), Some("skipped".into()))));
+
+        // PostgreSQL, made deterministic: a resume has moved the subscription and its paused
+        // deliveries but not committed when the renewal's insert runs. The insert waits for
+        // it and reads it active; without that wait it would go in skipped, after the
+        // resume's own update, and stay so.
+        if let pooled::config::DatabaseUrl::Postgres(url) = &db.url {
+            let pg = sqlx::PgPool::connect(url).await.unwrap();
+            let mut resumer = pg.begin().await.unwrap();
+            sqlx::query("UPDATE subscriptions SET status = 'active' WHERE id = 'sub_resumed'")
+                .execute(&mut *resumer).await.unwrap();
+            sqlx::query("UPDATE deliveries SET status = 'scheduled', skip_reason = NULL
+                         WHERE subscription_id = 'sub_resumed' AND skip_reason = 'paused'")
+                .execute(&mut *resumer).await.unwrap();
+            let mut add = tokio::spawn({
+                let store = store.clone();
+                async move { store.add_deliveries(&[delivery("sub_resumed", "2026-06-08")], "subscription-renew", 0).await }
+            });
+            let added_first = tokio::select! {
+                biased;
+                () = crate::helpers::until_a_lock_is_waited_on(&pg) => None,
+                added = &mut add => Some(added),
+            };
+            resumer.commit().await.unwrap();
+            match added_first {
+                Some(added) => added.unwrap().unwrap(),
+                None => add.await.unwrap().unwrap(),
+            }
+            assert_eq!(delivery_status(&store, "sub_resumed", "2026-06-08").await, Some(("scheduled".into(), None)), "billed after the resume");
+            pg.close().await;
+        }
         store.close().await;
     }
 }

@@ -113,6 +113,10 @@ on_both_backends! {
         app.advance("2026-09-30T00:00:00Z").await;
         let (_, bo) = app.shopper("Bo", "pm_ok").await;
         let (bo_sub, bo) = subscribe(bo, "2026-09-30").await;
+        // His welcome names the first box he gets, not the Thursday his start date falls before.
+        let emails = app.state.store.outbox(Some("bo@example.com"), 10, None).await.unwrap();
+        let welcome = emails.iter().find(|e| e.template == "subscription_confirmed").expect("a welcome");
+        assert!(welcome.text_body.contains("Your first box arrives on 2026-10-08,"), "{}", welcome.text_body);
         app.advance("2026-10-02T00:00:00Z").await;
         let dates = |items: Vec<Value>| items.iter().map(|d| str_of(&d["date"])).collect::<Vec<_>>();
         let bo_dates = dates(app.items_of(&format!("/api/v1/subscriptions/{bo_sub}/deliveries"), &bo).await);
@@ -273,6 +277,71 @@ on_both_backends! {
         assert_eq!(templates.iter().filter(|t| *t == "payment_failed").count(), 3, "{templates:?}");
         assert_eq!(templates.iter().filter(|t| *t == "subscription_suspended").count(), 1);
         assert!(!app.gateway_totals().await.contains_key("charge"), "nothing charged");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn suspension_stops_all_dunning_and_a_resume_after_a_card_update_starts_again(backend) {
+        // A last step ten days after the first failure: the next week's invoice is in its own
+        // dunning when the first one suspends the subscription.
+        let app = TestApp::spawn_with(backend, |s| {
+            s.clock = pooled::config::ClockMode::Manual;
+            s.clock_start = Some("2026-09-28T00:00:00Z".parse().unwrap());
+            s.time_zone = "Europe/Berlin".parse().unwrap();
+            s.dunning_days = vec![1, 3, 10];
+        })
+        .await;
+        let subscribers = [declined_subscriber(&app, "Uma").await, declined_subscriber(&app, "Udo").await];
+        app.advance("2026-10-16T00:00:00Z").await;
+        for ((id, token), who) in subscribers.iter().zip(["uma", "udo"]) {
+            let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), token).await;
+            let states: Vec<(String, String)> = invoices.iter().map(|i| (str_of(&i["delivery_date"]), str_of(&i["status"]))).collect();
+            assert_eq!(states, [("2026-10-08".to_owned(), "uncollectible".to_owned()), ("2026-10-15".to_owned(), "uncollectible".to_owned())], "both given up at once: {invoices:?}");
+            assert!(invoices.iter().all(|i| i["next_attempt_at"].is_null()), "{invoices:?}");
+            let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(token)).await;
+            assert_eq!(sub["status"], "suspended");
+            // The second invoice's last step passes: no retry, no second suspension email.
+            app.advance("2026-10-23T00:00:00Z").await;
+            let attempts: Vec<i64> = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), token).await
+                .iter().map(|i| i["attempts"].as_i64().unwrap()).collect();
+            assert_eq!(attempts.len(), 2);
+            assert!(attempts[1] < 4, "not retried after the suspension: {attempts:?}");
+            let templates = templates_to(&app, &format!("{who}@example.com")).await;
+            assert_eq!(templates.iter().filter(|t| *t == "subscription_suspended").count(), 1, "{templates:?}");
+        }
+
+        // Uma updates her card and resumes: the deliveries ahead come back and the next
+        // cutoff charges the new card; the given-up invoices stay given up.
+        let (uma, uma_token) = &subscribers[0];
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{uma}/cancel"), Some("not-a-token"), json!({})).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = app.call(Method::PUT, &format!("/api/v1/subscriptions/{uma}/payment-method"), Some(uma_token),
+            Some(json!({"payment_token": "pm_ok"}))).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, sub) = app.post(&format!("/api/v1/subscriptions/{uma}/resume"), Some(uma_token), json!({})).await;
+        assert_eq!((status, sub["status"].as_str(), sub["next_delivery_date"].as_str()), (StatusCode::OK, Some("active"), Some("2026-10-29")), "{sub}");
+        let (status, again) = app.post(&format!("/api/v1/subscriptions/{uma}/resume"), Some(uma_token), json!({})).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{again}");
+        app.advance("2026-10-27T00:00:00Z").await;
+        let invoices = app.items_of(&format!("/api/v1/subscriptions/{uma}/invoices"), uma_token).await;
+        let states: Vec<(String, String)> = invoices.iter().map(|i| (str_of(&i["delivery_date"]), str_of(&i["status"]))).collect();
+        assert_eq!(states[2..], [("2026-10-29".to_owned(), "paid".to_owned())], "{invoices:?}");
+        assert_eq!(states[..2].iter().filter(|(_, s)| s == "uncollectible").count(), 2, "{invoices:?}");
+        let weeks = app.items_of(&format!("/api/v1/subscriptions/{uma}/deliveries"), uma_token).await;
+        let oct29 = weeks.iter().find(|d| d["date"] == "2026-10-29").expect("29 October");
+        assert!(!oct29["lines"].as_array().unwrap().is_empty(), "boxed: {oct29}");
+
+        // Udo cancels while suspended: no longer refused; nothing more is billed or told.
+        let (udo, udo_token) = &subscribers[1];
+        let (status, sub) = app.post(&format!("/api/v1/subscriptions/{udo}/cancel"), Some(udo_token), json!({})).await;
+        assert_eq!((status, sub["status"].as_str()), (StatusCode::OK, Some("cancelled")), "{sub}");
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{udo}/resume"), Some(udo_token), json!({})).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        app.advance("2026-11-10T00:00:00Z").await;
+        assert_eq!(app.items_of(&format!("/api/v1/subscriptions/{udo}/invoices"), udo_token).await.len(), 2);
+        let weeks = app.items_of(&format!("/api/v1/subscriptions/{udo}/deliveries"), udo_token).await;
+        assert!(weeks.iter().filter(|d| d["date"].as_str() > Some("2026-10-15")).all(|d| d["status"] == "skipped"), "{weeks:?}");
         app.stop().await;
     }
 }
@@ -824,7 +893,9 @@ on_both_backends! {
             let (status, body) = app.call(Method::PUT, &format!("/api/v1/plans/{plan}"), Some(ADMIN_TOKEN), Some(json!({"price_per_delivery": price}))).await;
             assert_eq!(status, StatusCode::OK, "{body}");
         }
-        // Jon cancels after the stamp: his due week is skipped at the lock, and shows no price.
+        // Jon cancels after the cutoff: his due week is committed (as it would have been had
+        // the renewal locked it on time), so it is locked and billed at its cutoff's price;
+        // only the weeks after it are dropped.
         let (status, _) = app.post(&format!("/api/v1/subscriptions/{jon}/cancel"), Some(&jon_token), json!({})).await;
         assert_eq!(status, StatusCode::OK);
         let (status, _) = app.post(&format!("/api/v1/ops/jobs/{RENEW_JOB}/resume"), Some(ADMIN_TOKEN), json!({})).await;
@@ -832,7 +903,8 @@ on_both_backends! {
         let (status, run) = app.post(&format!("/api/v1/ops/jobs/{RENEW_JOB}/run"), Some(ADMIN_TOKEN), json!({})).await;
         assert_eq!((status, run["state"].as_str()), (StatusCode::ACCEPTED, Some("succeeded")), "{run}");
         let jons = app.items_of(&format!("/api/v1/subscriptions/{jon}/deliveries"), &jon_token).await;
-        assert_eq!((&jons[0]["date"], &jons[0]["status"], &jons[0]["amount"]), (&json!("2026-10-08"), &json!("skipped"), &Value::Null), "{jons:?}");
+        assert_eq!((&jons[0]["date"], &jons[0]["status"], &jons[0]["amount"]), (&json!("2026-10-08"), &json!("paid"), &json!("24.90")), "{jons:?}");
+        assert!(jons[1..].iter().all(|d| d["status"] == "skipped" && d["skip_reason"] == "cancelled"), "{jons:?}");
         // Paid, and dispatched from the warehouse on 7 October (one day of transit).
         let status_on = |at: &'static str| {
             let (app, id, token) = (&app, &id, &token);
@@ -849,6 +921,96 @@ on_both_backends! {
         let invoices = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await;
         let billed: Vec<(String, String)> = invoices.iter().map(|i| (str_of(&i["delivery_date"]), str_of(&i["amount"]))).collect();
         assert_eq!(billed, [("2026-10-08".to_owned(), "24.90".to_owned()), ("2026-10-15".to_owned(), "33.00".to_owned())], "{invoices:?}");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn a_pause_after_the_cutoff_leaves_that_week_to_be_locked_and_billed(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 2)).await;
+        let (_, token) = app.shopper("Pia", "pm_ok").await;
+        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        let id = str_of(&sub["id"]);
+        // The renewal is late (ops paused it); the cutoff of 8 October passes, then Pia pauses.
+        let (status, _) = app.post(&format!("/api/v1/ops/jobs/{RENEW_JOB}/pause"), Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        app.advance("2026-10-06T00:00:00Z").await;
+        let (status, paused) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({})).await;
+        assert_eq!((status, paused["status"].as_str()), (StatusCode::OK, Some("paused")), "{paused}");
+        let (status, _) = app.post(&format!("/api/v1/ops/jobs/{RENEW_JOB}/resume"), Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, run) = app.post(&format!("/api/v1/ops/jobs/{RENEW_JOB}/run"), Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!((status, run["state"].as_str()), (StatusCode::ACCEPTED, Some("succeeded")), "{run}");
+        // The week past its cutoff was committed: locked and billed as if locked on time.
+        app.advance("2026-10-06T00:10:00Z").await;
+        let weeks = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        assert_eq!((&weeks[0]["date"], &weeks[0]["status"], &weeks[0]["amount"]), (&json!("2026-10-08"), &json!("paid"), &json!("24.90")), "{weeks:?}");
+        assert!(weeks.len() > 1 && weeks[1..].iter().all(|d| d["status"] == "skipped" && d["skip_reason"] == "paused"), "{weeks:?}");
+        // The weeks after it are not billed while the pause lasts.
+        app.advance("2026-10-27T00:00:00Z").await;
+        let billed: Vec<String> = app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await
+            .iter().map(|i| str_of(&i["delivery_date"])).collect();
+        assert_eq!(billed, ["2026-10-08"]);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    /// The renewal ends a pause whose end has come; a shopper who cancels (or resumes) while
+    /// it runs moves the subscription first, and the run goes on with the subscription as
+    /// they left it instead of failing.
+    async fn a_cancel_racing_the_end_of_a_pause_does_not_fail_the_renewal(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        // Cutoffs at the start of the delivery day: the run that ends the pause (its first
+        // pass, as the pause's end day begins) is the one that would lock that day's box.
+        let mut plan = fruit_plan("24.90", 2);
+        plan["cutoff_hours"] = json!(0);
+        let plan = app.plan(plan).await;
+        let (_, token) = app.shopper("Ole", "pm_ok").await;
+        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
+            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        let id = str_of(&sub["id"]);
+        let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({"until": "2026-10-22"})).await;
+        assert_eq!(status, StatusCode::OK);
+        // The pause ends when 22 October begins in Berlin: the run of 21 Oct 22:00 UTC ends it.
+        app.advance("2026-10-21T21:50:00Z").await;
+        let runs = match &app.state.settings.database {
+            // Made deterministic: the cancel has moved the subscription but not committed
+            // when the run reads it paused; the run's resume waits for it, then is refused.
+            DatabaseUrl::Postgres(url) => {
+                let pg = sqlx::PgPool::connect(url).await.unwrap();
+                let mut cancel = pg.begin().await.unwrap();
+                sqlx::query("UPDATE subscriptions SET status = 'cancelled', paused_until = NULL WHERE id = $1")
+                    .bind(&id).execute(&mut *cancel).await.unwrap();
+                let now = chrono::DateTime::parse_from_rfc3339("2026-10-21T21:50:00Z").unwrap().timestamp_micros();
+                sqlx::query("UPDATE deliveries SET status = 'skipped', skip_reason = 'cancelled', lines = NULL
+                             WHERE subscription_id = $1 AND cutoff_at > $2 AND status IN ('scheduled', 'skipped')")
+                    .bind(&id).bind(now).execute(&mut *cancel).await.unwrap();
+                let (runs, ()) = tokio::join!(app.advance("2026-10-21T22:00:00Z"), async {
+                    crate::helpers::until_a_lock_is_waited_on(&pg).await;
+                    cancel.commit().await.unwrap();
+                });
+                pg.close().await;
+                runs
+            }
+            // One writer: the cancel lands before the run reads; nothing to resume.
+            DatabaseUrl::Sqlite(_) => {
+                let (status, _) = app.post(&format!("/api/v1/subscriptions/{id}/cancel"), Some(&token), json!({})).await;
+                assert_eq!(status, StatusCode::OK);
+                app.advance("2026-10-21T22:00:00Z").await
+            }
+        };
+        let renewal = runs.iter().find(|r| r["job"] == RENEW_JOB).expect("a renewal run");
+        assert_eq!(renewal["state"], "succeeded", "{runs:?}");
+        let (_, sub) = app.get(&format!("/api/v1/subscriptions/{id}"), Some(&token)).await;
+        assert_eq!(sub["status"], "cancelled", "{sub}");
+        let weeks = app.items_of(&format!("/api/v1/subscriptions/{id}/deliveries"), &token).await;
+        assert!(weeks.iter().all(|d| d["status"] == "skipped"), "{weeks:?}");
+        assert_eq!(app.items_of(&format!("/api/v1/subscriptions/{id}/invoices"), &token).await, Vec::<Value>::new());
         app.stop().await;
     }
 }
