@@ -97,6 +97,17 @@ impl Schedule {
                         from = next + Duration::seconds(1);
                         continue;
                     }
+                    // croner moves a time inside a DST gap to the gap's end only for patterns
+                    // of single values; with a list, range or step (`30 2,14 * * *`) it drops
+                    // it. So a gap before `next` whose skipped minutes the pattern matched is
+                    // the slot, whatever croner offered.
+                    if !self.is_frequent()
+                        && let Some(gap_end) = first_gap_end(*zone, t, next.with_timezone(&Utc))
+                        && gap_end < next
+                        && matched_in_gap(cron, gap_end.naive_local())
+                    {
+                        return Some(gap_end.with_timezone(&Utc));
+                    }
                     let spurious = !self.is_frequent()
                         && (
                             // A wall-clock time that occurs twice (DST fall-back) runs once, at
@@ -242,6 +253,36 @@ impl Schedule {
         }
         out
     }
+}
+
+/// The end of the first DST gap (the wall clock jumps forward) in `(after, before]`, as the
+/// zone's wall time just after the jump, to the second.
+fn first_gap_end(zone: Tz, after: DateTime<Utc>, before: DateTime<Utc>) -> Option<DateTime<Tz>> {
+    let offset = |t: DateTime<Utc>| {
+        zone.offset_from_utc_datetime(&t.naive_utc())
+            .fix()
+            .local_minus_utc()
+    };
+    // A day at a time (zones change their offset at most a few times a year), then halving
+    // the day that holds the jump.
+    let mut lo = after;
+    while lo < before {
+        let hi = (lo + Duration::days(1)).min(before);
+        if offset(hi) > offset(lo) {
+            let (mut below, mut above) = (lo, hi);
+            while above - below > Duration::seconds(1) {
+                let mid = below + (above - below) / 2;
+                if offset(mid) > offset(lo) {
+                    above = mid;
+                } else {
+                    below = mid;
+                }
+            }
+            return Some(above.trunc_subsecs(0).with_timezone(&zone));
+        }
+        lo = hi;
+    }
+    None
 }
 
 /// Whether the pattern matches a wall-clock minute in the hour before `gap_end` (the minutes a
@@ -437,18 +478,49 @@ mod tests {
     }
 
     #[test]
-    fn a_daily_0230_berlin_job_runs_once_on_both_change_days() {
-        let s = Schedule::parse("30 2 * * *", Berlin).unwrap();
-        for (day, expected) in [
-            ("2027-03-28", "2027-03-28T01:00:00Z"), // 02:30 doesn't exist: right after the gap
-            ("2026-10-25", "2026-10-25T00:30:00Z"), // 02:30 happens twice: the first one
+    fn a_0230_berlin_job_runs_once_on_both_change_days_however_its_hours_are_written() {
+        // 02:30 doesn't exist on 28 March 2027 (right after the gap, 03:00 CEST); it happens
+        // twice on 25 October 2026 (the first one, CEST). 14:30 is an ordinary slot.
+        let (spring, autumn) = ("2027-03-28T01:00:00Z", "2026-10-25T00:30:00Z");
+        for (expr, extra) in [
+            ("30 2 * * *", None),
+            (
+                "30 2,14 * * *",
+                Some(("2027-03-28T12:30:00Z", "2026-10-25T13:30:00Z")),
+            ),
+            ("30 1-2 * * *", None),
+            (
+                "30 2/12 * * *",
+                Some(("2027-03-28T12:30:00Z", "2026-10-25T13:30:00Z")),
+            ),
         ] {
-            let start = Berlin
-                .from_local_datetime(&format!("{day}T00:00:00").parse().unwrap())
-                .unwrap()
-                .with_timezone(&Utc);
-            let (slots, _) = s.slots_in(start, start + Duration::hours(24));
-            assert_eq!(slots, [utc(expected)], "{day}");
+            let s = Schedule::parse(expr, Berlin).unwrap();
+            for (day, expected, early, later) in [
+                (
+                    "2027-03-28",
+                    spring,
+                    "2027-03-28T00:30:00Z",
+                    extra.map(|e| e.0),
+                ),
+                (
+                    "2026-10-25",
+                    autumn,
+                    "2026-10-24T23:30:00Z",
+                    extra.map(|e| e.1),
+                ),
+            ] {
+                let start = Berlin
+                    .from_local_datetime(&format!("{day}T00:00:00").parse().unwrap())
+                    .unwrap()
+                    .with_timezone(&Utc);
+                let (slots, _) = s.slots_in(start, start + Duration::hours(24));
+                let mut want = vec![utc(expected)];
+                if expr.contains("1-2") {
+                    want.insert(0, utc(early)); // 01:30 exists on both days
+                }
+                want.extend(later.map(utc));
+                assert_eq!(slots, want, "{expr} on {day}");
+            }
         }
     }
 
