@@ -23,7 +23,7 @@ use crate::payments::Payments;
 use crate::store::{Claimed, JobDefRow, NewRun, Store, StoreResult};
 use chrono::{DateTime, Duration, Utc};
 use jobs::JobSpec;
-use schedule::{Schedule, plan_catch_up, retry_delay};
+use schedule::{CatchUp, Schedule, plan_catch_up, retry_delay};
 use serde::Serialize;
 use std::future::Future;
 use std::pin::Pin;
@@ -172,7 +172,21 @@ impl Scheduler {
             if window_start >= now {
                 continue;
             }
-            let (slots, uncounted) = schedule.slots_in(window_start, now);
+            // `all` runs every slot of the window: the oldest page now, and the rest at the
+            // next pass (the watermark stops at the page's last slot), none folded into a
+            // count. The other policies run at most the newest slot late, so one page of
+            // the newest is all they need.
+            let (slots, uncounted, watermark) = match spec.catchup {
+                CatchUp::All => {
+                    let (slots, more) = schedule.first_slots_in(window_start, now);
+                    let watermark = slots.last().filter(|_| more).copied().unwrap_or(now);
+                    (slots, 0, watermark)
+                }
+                _ => {
+                    let (slots, older) = schedule.slots_in(window_start, now);
+                    (slots, older, now)
+                }
+            };
             let decisions = plan_catch_up(
                 spec.catchup,
                 spec.start_grace,
@@ -202,7 +216,7 @@ impl Scheduler {
                     spec.exclusive,
                     &runs,
                     def.last_planned_slot,
-                    now.timestamp_micros(),
+                    watermark.timestamp_micros(),
                     now.timestamp_micros(),
                 )
                 .await?;

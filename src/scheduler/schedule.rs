@@ -169,6 +169,25 @@ impl Schedule {
         }
     }
 
+    /// Slots `s` with `after < s <= up_to`, ascending: at most the oldest [`MAX_SLOTS`], and
+    /// whether more follow (a catch-up that runs every slot plans them a page at a time).
+    pub fn first_slots_in(
+        &self,
+        after: DateTime<Utc>,
+        up_to: DateTime<Utc>,
+    ) -> (Vec<DateTime<Utc>>, bool) {
+        let mut slots = Vec::new();
+        let mut t = after;
+        while let Some(next) = self.next_after(t).filter(|n| *n <= up_to) {
+            if slots.len() == MAX_SLOTS {
+                return (slots, true);
+            }
+            slots.push(next);
+            t = next;
+        }
+        (slots, false)
+    }
+
     /// The usual gap between two slots (measured at a fixed reference instant).
     pub fn period(&self) -> Duration {
         match self {
@@ -537,6 +556,14 @@ mod tests {
         assert_eq!(older as usize + MAX_SLOTS, 25 * 360);
         assert_eq!(*slots.last().unwrap(), utc("2026-01-02T01:00:00Z"));
         assert!(ten.is_frequent() && s.is_frequent());
+        // The oldest page instead, for a catch-up that runs them all.
+        let (first, more) =
+            ten.first_slots_in(utc("2026-01-01T00:00:00Z"), utc("2026-01-02T01:00:00Z"));
+        assert_eq!((first.len(), more), (MAX_SLOTS, true));
+        assert_eq!(first[0], utc("2026-01-01T00:00:10Z"));
+        assert_eq!(first[MAX_SLOTS - 1], utc("2026-01-01T01:23:20Z"));
+        let (rest, more) = ten.first_slots_in(first[MAX_SLOTS - 1], utc("2026-01-01T01:30:00Z"));
+        assert_eq!((rest.len(), more), (40, false));
         assert!(!Schedule::parse("0 5 * * *", Berlin).unwrap().is_frequent());
         assert!(!Schedule::parse("0 * * * *", Berlin).unwrap().is_frequent());
         assert!(

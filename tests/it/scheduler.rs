@@ -328,3 +328,33 @@ on_both_backends! {
         app.stop().await;
     }
 }
+
+on_both_backends! {
+    /// `catchup=all` runs every missed slot in the window, also beyond the 500 the planner
+    /// takes at once: the rest are planned on its next pass, none folded into a count.
+    async fn catch_up_all_runs_every_missed_slot_a_page_at_a_time(backend) {
+        let app = TestApp::spawn_with(backend, |s| {
+            s.clock = pooled::config::ClockMode::Manual;
+            s.clock_start = Some(at("2026-06-01T00:00:30Z"));
+            s.job_overrides = Some(
+                "presale-reminders.schedule=every 1m;presale-reminders.catchup=all;\
+                 presale-reminders.window=1d"
+                    .into(),
+            );
+        })
+        .await;
+        // Nothing stops the manual clock at a minute's slot: the 660 slots up to 11:00 are
+        // all missed, and planned when it gets there.
+        app.advance("2026-06-01T11:00:00Z").await;
+        let (runs, pages) = app.walk_pages("/api/v1/ops/runs?job=presale-reminders", Some(ADMIN_TOKEN), 500).await;
+        assert_eq!(runs.len(), 660, "one run per minute from 00:01");
+        assert!(pages > 1);
+        assert!(runs.iter().all(|r| r["state"] == "succeeded" && r["coalesced"] == 0), "{:?}", runs.iter().find(|r| r["state"] != "succeeded"));
+        let mut minutes = slots(&runs);
+        minutes.sort();
+        minutes.dedup();
+        assert_eq!(minutes.len(), 660);
+        assert_eq!((minutes[0].as_str(), minutes[659].as_str()), ("2026-06-01T00:01:00Z", "2026-06-01T11:00:00Z"));
+        app.stop().await;
+    }
+}
