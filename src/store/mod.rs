@@ -1197,7 +1197,20 @@ mod tests {
                 ],
             ),
         ];
-        for (sql, params, expected) in polls {
+        // Not a poll, but run with every renewal: each row looks its subscription up by key.
+        // (The scan of invoices is the deferred foreign key from invoices: SQLite runs it
+        // only while a violation is outstanding, `OP_FkIfZero`.)
+        let insert = subscription::insert_deliveries_sql("jsonb_each($1)", "");
+        let writes: [(&str, usize, &[&str]); 1] = [(
+            &insert,
+            1,
+            &[
+                "SCAN jsonb_each VIRTUAL TABLE INDEX 1:",
+                "SEARCH s USING INDEX sqlite_autoindex_subscriptions_1 (id=?)",
+                "SCAN invoices",
+            ],
+        )];
+        for (sql, params, expected) in polls.into_iter().chain(writes) {
             let explain = format!("EXPLAIN QUERY PLAN {sql}");
             let mut query =
                 sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(explain));
