@@ -34,6 +34,14 @@ impl TestApp {
         str_of(&p["id"])
     }
 
+    /// Subscribes the shopper of `token` to `plan` on `weekday` from `start`; the new id.
+    pub async fn subscribe(&self, plan: &str, token: &str, weekday: &str, start: &str) -> String {
+        let body = json!({"plan_id": plan, "delivery_weekday": weekday, "start_date": start});
+        let (status, sub) = self.post("/api/v1/subscriptions", Some(token), body).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        str_of(&sub["id"])
+    }
+
     pub async fn items_of(&self, path: &str, token: &str) -> Vec<Value> {
         let (status, body) = self.get(path, Some(token)).await;
         assert_eq!(status, StatusCode::OK, "{path}: {body}");
@@ -680,10 +688,7 @@ on_both_backends! {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(fruit_plan("24.90", 2)).await;
         let (_, token) = app.shopper("Pia", "pm_ok").await;
-        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
-            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
-        assert_eq!(status, StatusCode::CREATED, "{sub}");
-        let id = str_of(&sub["id"]);
+        let id = app.subscribe(&plan, &token, "thu", "2026-10-08").await;
         let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/pause"), Some(&token), json!({"until": "2026-10-22"})).await;
         assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("paused")), "{body}");
         let (status, body) = app.post(&format!("/api/v1/subscriptions/{id}/cancel"), Some(&token), json!({})).await;
@@ -811,10 +816,7 @@ on_both_backends! {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(fruit_plan("24.90", 2)).await;
         let (_, token) = app.shopper("Vera", "pm_ok").await;
-        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
-            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
-        assert_eq!(status, StatusCode::CREATED, "{sub}");
-        let id = str_of(&sub["id"]);
+        let id = app.subscribe(&plan, &token, "thu", "2026-10-08").await;
         let skip = |date: &'static str| {
             let (app, id, token) = (&app, &id, &token);
             async move { app.post(&format!("/api/v1/subscriptions/{id}/skip"), Some(token), json!({"date": date})).await }
@@ -874,10 +876,7 @@ on_both_backends! {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(fruit_plan("24.90", 2)).await;
         let (_, token) = app.shopper("Ida", "pm_ok").await;
-        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
-            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
-        assert_eq!(status, StatusCode::CREATED, "{sub}");
-        let id = str_of(&sub["id"]);
+        let id = app.subscribe(&plan, &token, "thu", "2026-10-08").await;
         let (_, jon_token) = app.shopper("Jon", "pm_ok").await;
         let (status, jon) = app.post("/api/v1/subscriptions", Some(&jon_token), json!({
             "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
@@ -930,10 +929,7 @@ on_both_backends! {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(fruit_plan("24.90", 2)).await;
         let (_, token) = app.shopper("Pia", "pm_ok").await;
-        let (status, sub) = app.post("/api/v1/subscriptions", Some(&token), json!({
-            "plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"})).await;
-        assert_eq!(status, StatusCode::CREATED, "{sub}");
-        let id = str_of(&sub["id"]);
+        let id = app.subscribe(&plan, &token, "thu", "2026-10-08").await;
         // The renewal is late (ops paused it); the cutoff of 8 October passes, then Pia pauses.
         let (status, _) = app.post(&format!("/api/v1/ops/jobs/{RENEW_JOB}/pause"), Some(ADMIN_TOKEN), json!({})).await;
         assert_eq!(status, StatusCode::OK);
