@@ -89,6 +89,7 @@ impl Schedule {
                 // croner carries sub-seconds into its result; slots are whole seconds.
                 let t = t.trunc_subsecs(0);
                 let mut from = t.with_timezone(zone);
+                let frequent = self.is_frequent();
                 loop {
                     let next = cron.find_next_occurrence(&from, false).ok()?;
                     if next <= t {
@@ -101,14 +102,14 @@ impl Schedule {
                     // of single values; with a list, range or step (`30 2,14 * * *`) it drops
                     // it. So a gap before `next` whose skipped minutes the pattern matched is
                     // the slot, whatever croner offered.
-                    if !self.is_frequent()
+                    if !frequent
                         && let Some(gap_end) = first_gap_end(*zone, t, next.with_timezone(&Utc))
                         && gap_end < next
                         && matched_in_gap(cron, gap_end.naive_local())
                     {
                         return Some(gap_end.with_timezone(&Utc));
                     }
-                    let spurious = !self.is_frequent()
+                    let spurious = !frequent
                         && (
                             // A wall-clock time that occurs twice (DST fall-back) runs once, at
                             // its first occurrence; the second reads the same on the wall.

@@ -1281,14 +1281,18 @@ impl Store {
             .await?
             .rows_affected()
                 == 1;
-            // A new statement, so on PostgreSQL a suspension committed while the update
-            // waited is read here.
-            let (suspended,): (bool,) = sqlx::query_as(
-                "SELECT EXISTS (SELECT 1 FROM subscriptions WHERE id = $1 AND status = 'suspended')",
-            )
-            .bind(&invoice.subscription_id)
-            .fetch_one(&mut *tx)
-            .await?;
+            // Else already suspended, or cancelled: a new statement, so on PostgreSQL a
+            // suspension committed while the update waited is read here.
+            let suspended = newly || {
+                let (suspended,): (bool,) = sqlx::query_as(
+                    "SELECT EXISTS (SELECT 1 FROM subscriptions
+                                    WHERE id = $1 AND status = 'suspended')",
+                )
+                .bind(&invoice.subscription_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                suspended
+            };
             if !suspended {
                 return Ok(false);
             }

@@ -1231,23 +1231,7 @@ async fn resume_ended_pause(
 /// boxes were never sent. The next cutoff charges the card on file, and dunning starts over
 /// if it is declined.
 pub async fn reactivate(store: &Store, sub: &SubscriptionRow, now: DateTime<Utc>) -> Result<()> {
-    if !store
-        .move_subscription(
-            &sub.id,
-            &["suspended"],
-            "active",
-            None,
-            (["skipped"; 2], Some("suspended"), "scheduled", None),
-            ("0000-00-00", "9999-99-99"),
-            micros(now),
-        )
-        .await?
-    {
-        return Err(SubscriptionError::Conflict(format!(
-            "subscription {} is {}, not suspended",
-            sub.id, sub.status
-        )));
-    }
+    make_active(store, sub, "suspended", now).await?;
     let plan = plan_of(store, &sub.plan_id).await?;
     let rows = upcoming_rows(sub, &plan, today(&plan, now), now)?;
     store.add_deliveries(&rows, RENEW_JOB, micros(now)).await?;
@@ -1258,20 +1242,32 @@ pub async fn reactivate(store: &Store, sub: &SubscriptionRow, now: DateTime<Utc>
 /// without boxes (a shopper's resume boxes them at once with [`plan_upcoming`]; a pause
 /// whose end the renewal reaches brings back none, those after it were never paused).
 pub async fn resume(store: &Store, sub: &SubscriptionRow, now: DateTime<Utc>) -> Result<()> {
+    make_active(store, sub, "paused", now).await
+}
+
+/// Moves `sub` from `held` (`paused` or `suspended`, which is also the skip reason it gave
+/// its deliveries) back to active; those of its deliveries whose cutoff is ahead come back
+/// scheduled, unboxed. A conflict when it is not `held` any more.
+async fn make_active(
+    store: &Store,
+    sub: &SubscriptionRow,
+    held: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
     if !store
         .move_subscription(
             &sub.id,
-            &["paused"],
+            &[held],
             "active",
             None,
-            (["skipped"; 2], Some("paused"), "scheduled", None),
+            (["skipped"; 2], Some(held), "scheduled", None),
             ("0000-00-00", "9999-99-99"),
             micros(now),
         )
         .await?
     {
         return Err(SubscriptionError::Conflict(format!(
-            "subscription {} is {}, not paused",
+            "subscription {} is {}, not {held}",
             sub.id, sub.status
         )));
     }
