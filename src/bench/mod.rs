@@ -555,11 +555,15 @@ async fn signup(
     let deliveries = subscriptions::upcoming_rows(&sub, plan, first, now)?;
     store
         .create_subscription(
-            &sub,
-            &deliveries,
-            None,
+            crate::store::NewSubscription {
+                subscription: &sub,
+                calendar_key: None,
+                deliveries: &deliveries,
+                welcome: None,
+                key: None,
+            },
             subscriptions::RENEW_JOB,
-            micros(now),
+            now,
         )
         .await?;
     subscriptions::plan_upcoming(store, &sub, now, chrono_tz::UTC).await?;

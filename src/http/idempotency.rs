@@ -5,6 +5,8 @@
 //! running → 409 `conflict`. Responses that may change on retry (5xx, 409, 429) are not kept,
 //! so the client can retry them with the same key.
 //!
+//! Every write request runs to its end on a task of its own, even if its client hangs up.
+//!
 //! Claims and completions are group-committed ([`crate::batch`]): a stampede of keyed POSTs
 //! costs one commit per batch, not two per request. Joins go further and claim their key in
 //! their own transaction ([`ROUTES_CLAIMING_THEIR_KEY`]).
@@ -23,15 +25,19 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// Routes that claim their request's key themselves, in the transaction that commits what the
-/// request does, and remember their answers with it (a join: [`crate::presales::Joins`]). Why:
-/// the key's claim, the units taken and the answer then cost no commits of their own, and a
-/// crash between the commit and the answer can't leave the key to run the request again.
-const ROUTES_CLAIMING_THEIR_KEY: &[&str] = &["/api/v1/campaigns/{id}/pledges"];
+/// request does, and remember their answers with it (a join: [`crate::presales::Joins`]; a
+/// signup). Why: the key's claim and the answer then cost no commits of their own, and a crash
+/// between the commit and the answer can't leave the key to run the request again (a second
+/// pledge, a second subscription billed every week). As Stripe does, a request refused before
+/// it commits (a 422) leaves its key unused.
+const ROUTES_CLAIMING_THEIR_KEY: &[&str] =
+    &["/api/v1/campaigns/{id}/pledges", "/api/v1/subscriptions"];
 
 /// A request's key as this layer checked it, for a route that claims it itself
 /// ([`ROUTES_CLAIMING_THEIR_KEY`]); a request extension.
@@ -65,6 +71,15 @@ pub fn replayed(answer: StoredResponse) -> Response {
         .headers_mut()
         .insert(REPLAYED, HeaderValue::from_static("true"));
     response
+}
+
+/// A JSON answer as a route that claims its own key remembers it, replayed byte for byte.
+pub fn remembered_json(status: StatusCode, body: &impl serde::Serialize) -> StoredResponse {
+    StoredResponse {
+        status: status.as_u16(),
+        content_type: Some("application/json".into()),
+        body: serde_json::to_vec(body).expect("an answer serializes"),
+    }
 }
 
 /// The group-commit queues for claims and completions. Cheap to clone.
@@ -119,15 +134,29 @@ impl Keys {
 }
 
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if req.method() != Method::POST {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(req).await;
     }
-    let Some(key) = req.headers().get(&IDEMPOTENCY_KEY) else {
-        return next.run(req).await;
-    };
-    match run_once(&state, key.clone(), req, next).await {
-        Ok(response) | Err(response) => response,
-    }
+    // Why on a task of its own: a client that hangs up drops its request's future wherever it
+    // stands, which could cut a write between two of its commits, or between its commit and
+    // the remembering of its key's answer (then a retry runs it again). Spawned, it runs to the
+    // end whether or not anyone still listens.
+    let task = tokio::spawn(
+        async move {
+            let key = (req.method() == Method::POST)
+                .then(|| req.headers().get(&IDEMPOTENCY_KEY).cloned())
+                .flatten();
+            let Some(key) = key else {
+                return next.run(req).await;
+            };
+            match run_once(&state, key, req, next).await {
+                Ok(response) | Err(response) => response,
+            }
+        }
+        .in_current_span(),
+    );
+    task.await
+        .unwrap_or_else(|e| ApiError::internal(&e).into_response())
 }
 
 async fn run_once(

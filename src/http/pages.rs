@@ -826,7 +826,12 @@ pub async fn calendar_link(
                 .await?
         }
     };
-    Ok(key.map(|key| format!("/subscriptions/{subscription_id}/calendar?key={key}")))
+    Ok(key.map(|key| calendar_path(subscription_id, &key)))
+}
+
+/// The private link to a subscription's calendar page with key `key`.
+pub fn calendar_path(subscription_id: &str, key: &str) -> String {
+    format!("/subscriptions/{subscription_id}/calendar?key={key}")
 }
 
 struct CalendarDay {

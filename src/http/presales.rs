@@ -574,11 +574,7 @@ fn join_answer(p: PledgeRow, l: &Loaded) -> (StatusCode, Json<PledgeOut>) {
 /// [`join_answer`] as remembered for the join's `Idempotency-Key` with the pledge.
 fn remembered_join(p: &PledgeRow, l: &Loaded) -> StoredResponse {
     let (status, Json(body)) = join_answer(p.clone(), l);
-    StoredResponse {
-        status: status.as_u16(),
-        content_type: Some("application/json".into()),
-        body: serde_json::to_vec(&body).expect("a pledge serializes"),
-    }
+    idempotency::remembered_json(status, &body)
 }
 
 /// A declined deposit's answer as remembered for the join's `Idempotency-Key`.

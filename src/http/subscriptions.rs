@@ -4,6 +4,7 @@
 use super::amount_string;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery, Caller, OptionalJson, Validation};
+use super::idempotency::{self, UnclaimedKey, remembered_json};
 use super::ops::{Page, PageQuery, bad_cursor, cursor, page_limit, paginate};
 use crate::app::AppState;
 use crate::domain::identity::{parse_name, parse_payment_token, parse_time_zone};
@@ -12,15 +13,16 @@ use crate::domain::ripening::Ethylene;
 use crate::domain::subscription::{first_delivery, parse_weekday, shown_status, weekday_name};
 use crate::ids::new_id;
 use crate::store::{
-    CatalogRow, DeliveryRow, InvoiceRow, PlanRow, SubscriptionRow, instant, micros,
+    CatalogRow, DeliveryRow, IdempotencyBegin, InvoiceRow, NewSubscription, PlanRow,
+    SubscriptionRow, instant, micros,
 };
 use crate::subscriptions::{
     self, SubscriptionError, date_of, exclusions_of, lines_of, plan_of, upcoming_rows,
 };
-use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
+use axum::{Json, response::Response};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -545,8 +547,9 @@ async fn subscription_out(
 async fn subscribe(
     State(state): State<AppState>,
     caller: Caller,
+    key: Option<Extension<UnclaimedKey>>,
     ApiJson(input): ApiJson<SubscribeIn>,
-) -> Result<(StatusCode, Json<SubscriptionOut>), ApiError> {
+) -> Result<Response, ApiError> {
     let shopper = caller.require_shopper()?.to_owned();
     let now = state.clock.now();
     let mut v = Validation::default();
@@ -632,19 +635,46 @@ async fn subscribe(
     let first = subscriptions::first_open_date(&row, &plan, first, now)?;
     let welcome =
         subscriptions::emails::subscription_confirmed(&plan, &row.id, first, &who.email, &who.name);
-    // The subscription, its deliveries and its welcome are one commit: once it lands the
-    // answer is 201, so a client's retry under the same key replays it and never subscribes
-    // twice.
-    state
+    // The answer is made before the commit, to be remembered with it for the request's key.
+    let calendar_key = crate::ids::new_token("cal");
+    let out = SubscriptionOut {
+        calendar_page: super::pages::calendar_path(&row.id, &calendar_key),
+        exclusions: exclusions_of(&row),
+        id: row.id.clone(),
+        plan_id: row.plan_id.clone(),
+        shopper_id: row.shopper_id.clone(),
+        status: row.status.clone(),
+        delivery_weekday: row.delivery_weekday.clone(),
+        start_date: row.start_date.clone(),
+        paused_until: row.paused_until.clone(),
+        next_delivery_date: rows.first().map(|d| d.delivery_date.clone()),
+    };
+    let answer = key
+        .as_ref()
+        .map(|Extension(UnclaimedKey(claim))| (claim, remembered_json(StatusCode::CREATED, &out)));
+    // The subscription, its deliveries, its welcome and the key's answer are one commit: once
+    // it lands, a client's retry under the same key replays the answer and never subscribes
+    // twice, even if this process dies before answering.
+    let created = state
         .store
         .create_subscription(
-            &row,
-            &rows,
-            Some(&welcome),
+            NewSubscription {
+                subscription: &row,
+                calendar_key: Some(&calendar_key),
+                deliveries: &rows,
+                welcome: Some(&welcome),
+                key: answer.as_ref().map(|(claim, answer)| (*claim, answer)),
+            },
             subscriptions::RENEW_JOB,
-            micros(now),
+            now,
         )
         .await?;
+    match created {
+        IdempotencyBegin::Run => {}
+        IdempotencyBegin::Replay(answer) => return Ok(idempotency::replayed(answer)),
+        IdempotencyBegin::InFlight => return Err(ApiError::key_in_flight()),
+        IdempotencyBegin::Mismatch => return Err(ApiError::key_reused()),
+    }
     // Best effort: the subscription has landed, and the next morning's grower-orders run
     // boxes what this misses (from what can still be ordered by then) and recomputes every
     // order from the boxes.
@@ -653,8 +683,7 @@ async fn subscribe(
     {
         tracing::warn!(subscription = %row.id, error = %e, "planning the first boxes failed");
     }
-    let out = subscription_out(&state, row).await?;
-    Ok((StatusCode::CREATED, Json(out)))
+    Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
 /// A subscription the caller may see (its shopper or ops), else 404 (403 for a manufacturer).

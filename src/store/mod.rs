@@ -574,7 +574,7 @@ pub use scheduler::{
 };
 pub use subscription::{
     CatalogRow, DeliveryLock, DeliveryRow, GrowerOrderMerge, GrowerOrderRow, InvoiceRow, Locked,
-    PlanRow, SubscriptionRow,
+    NewSubscription, PlanRow, SubscriptionRow,
 };
 
 /// Errors of the storage layer.

@@ -2,7 +2,11 @@
 //! grower orders. Deliveries and invoices are unique per (subscription, date); every move is
 //! a guarded update on status, so a re-run bills nothing twice.
 
-use super::{IntentRow, NewEmail, NewIntent, Store, StoreResult};
+use super::{
+    IdempotencyBegin, IdempotencyClaim, IdempotencyDone, IntentRow, NewEmail, NewIntent, Store,
+    StoreResult, StoredResponse, abandon_claims_after, micros,
+};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
@@ -133,6 +137,17 @@ macro_rules! plan_columns {
         "id, name, kind, currency, price_minor, cadence_weeks, portions_per_day, cutoff_hours,
          delivery_weekdays, time_zone, variety_cap, transit_days, created_at"
     };
+}
+
+/// What a signup writes ([`Store::create_subscription`]).
+pub struct NewSubscription<'a> {
+    pub subscription: &'a SubscriptionRow,
+    /// The key of its private calendar link, minted with it so its first answer can show it.
+    pub calendar_key: Option<&'a str>,
+    pub deliveries: &'a [DeliveryRow],
+    pub welcome: Option<&'a NewEmail>,
+    /// The request's `Idempotency-Key` and the answer to remember for it.
+    pub key: Option<(&'a IdempotencyClaim, &'a StoredResponse)>,
 }
 
 macro_rules! subscription_columns {
@@ -599,20 +614,45 @@ impl Store {
         Ok(())
     }
 
-    /// Creates a subscription with its first deliveries (and their cutoff timers).
+    /// Creates a subscription with its first deliveries (and their cutoff timers), its calendar
+    /// key and its welcome email, in one commit. With a key to claim, the request's
+    /// `Idempotency-Key` is claimed in that transaction and its answer remembered there, so
+    /// nothing is written unless the claim runs (anything else is returned as it stands), and a
+    /// crash or a dropped connection after the commit can't leave the key to subscribe again.
     pub async fn create_subscription(
         &self,
-        s: &SubscriptionRow,
-        deliveries: &[DeliveryRow],
-        welcome: Option<&NewEmail>,
+        signup: NewSubscription<'_>,
         job: &str,
-        now: i64,
-    ) -> StoreResult<()> {
+        now: DateTime<Utc>,
+    ) -> StoreResult<IdempotencyBegin> {
+        let NewSubscription {
+            subscription: s,
+            calendar_key,
+            deliveries,
+            welcome,
+            key,
+        } = signup;
+        let now_us = micros(now);
         in_tx!(self, |tx| {
+            if let Some((claim, answer)) = key {
+                let claimed = claim_keys!(tx, &[claim], now, abandon_claims_after());
+                match claimed.into_iter().next() {
+                    Some(IdempotencyBegin::Run) => {}
+                    // Dropping the transaction rolls it back: nothing else was written.
+                    Some(other) => return Ok(other),
+                    None => unreachable!("one outcome per claim"),
+                }
+                let done = IdempotencyDone {
+                    scope: claim.scope.clone(),
+                    key: claim.key.clone(),
+                    response: answer.clone(),
+                };
+                remember_responses!(&mut *tx, std::slice::from_ref(&done));
+            }
             sqlx::query(concat!(
                 "INSERT INTO subscriptions (",
                 subscription_columns!(),
-                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                ", calendar_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
             ))
             .bind(&s.id)
             .bind(&s.shopper_id)
@@ -624,15 +664,16 @@ impl Store {
             .bind(&s.paused_until)
             .bind(s.created_at)
             .bind(s.ended_at)
+            .bind(calendar_key)
             .execute(&mut *tx)
             .await?;
-            insert_deliveries!(tx, deliveries, job, now);
+            insert_deliveries!(tx, deliveries, job, now_us);
             if let Some(email) = welcome {
-                let _new = enqueue_email!(tx, email, now);
+                let _new = enqueue_email!(tx, email, now_us);
             }
             tx.commit().await?;
-        });
-        Ok(())
+            Ok(IdempotencyBegin::Run)
+        })
     }
 
     /// Adds deliveries that don't exist yet (a date already there is kept as it is), as their

@@ -5,6 +5,7 @@ use crate::cli::{pooled, serve, sigterm};
 use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, TestDb, postgres_server, str_of};
 use crate::on_both_backends;
 use pooled::store::{RunFilter, Store};
+use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
 
@@ -84,27 +85,46 @@ on_both_backends! {
 }
 
 on_both_backends! {
-    async fn a_run_whose_caller_hangs_up_is_not_left_running(backend) {
+    /// A client that hangs up on a keyed write: the request still runs to its end, and the
+    /// client's retry under its key replays the answer. Before, the request stopped where it
+    /// stood: here a manual "run now" left its run `running` (until the reaper took it back)
+    /// and its key in flight, so every retry was 409 for five minutes and then ran it again.
+    async fn a_run_whose_caller_hangs_up_runs_to_its_end_and_replays_under_its_key(backend) {
         let app = TestApp::spawn_with(backend, |s| {
             s.clock = pooled::config::ClockMode::Manual;
             s.clock_start = Some("2026-06-01T00:00:00Z".parse().unwrap());
-            s.job_overrides = Some("maintenance-prune.debug_delay=120s;maintenance-prune.lease=1s".into());
+            s.job_overrides = Some("maintenance-prune.debug_delay=2s;maintenance-prune.lease=1s".into());
         })
         .await;
-        // On the manual clock "run now" runs inside the request; the client gives up after 1 s.
-        let hung_up = app.client.post(format!("{}/api/v1/ops/jobs/maintenance-prune/run", app.base))
-            .bearer_auth(ADMIN_TOKEN).timeout(Duration::from_secs(1)).send().await;
+        // On the manual clock "run now" runs inside the request; the client gives up first.
+        let run_now = |timeout: Duration| {
+            app.client.post(format!("{}/api/v1/ops/jobs/maintenance-prune/run", app.base))
+                .bearer_auth(ADMIN_TOKEN).header("Idempotency-Key", "run-1").timeout(timeout).send()
+        };
+        let hung_up = run_now(Duration::from_millis(500)).await;
         assert!(hung_up.is_err(), "the run outlasted the client: {hung_up:?}");
         let store = &app.state.store;
         let filter = RunFilter { job: Some("maintenance-prune".into()), state: None, before_id: None, limit: 1 };
         let run = store.runs(&filter).await.unwrap().remove(0);
-        // Its body and heartbeat stopped with the request, so the lease lapses and the reaper
-        // takes the run back; before, the heartbeat kept it `running` for ever.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // Its heartbeat keeps the lease while the body runs, and the reaper leaves it alone.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         app.state.scheduler.reap().await.unwrap();
-        let after = store.run(run.id).await.unwrap().unwrap();
-        assert_eq!(after.state, "retrying", "{after:?}");
-        assert!(after.last_error.unwrap_or_default().contains("lease expired"));
+        let mut after = store.run(run.id).await.unwrap().unwrap();
+        for _ in 0..100 {
+            if after.state != "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            after = store.run(run.id).await.unwrap().unwrap();
+        }
+        assert_eq!((after.state.as_str(), after.attempt), ("succeeded", 1), "{after:?}");
+        let again = run_now(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(again.status(), StatusCode::ACCEPTED);
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+        let again: serde_json::Value = again.json().await.unwrap();
+        assert_eq!((again["id"].as_str(), again["state"].as_str()), (Some(run.id.to_string().as_str()), Some("succeeded")), "{again}");
+        let runs = store.runs(&RunFilter { limit: 10, ..filter }).await.unwrap();
+        assert_eq!(runs.len(), 1, "run once: {runs:?}");
         app.stop().await;
     }
 }

@@ -748,6 +748,47 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// A signup claims its `Idempotency-Key` in the transaction that creates the subscription,
+    /// and remembers its answer there: a retry replays it byte for byte, concurrent duplicates
+    /// make one subscription, and a request refused before it commits leaves the key unused.
+    async fn a_keyed_signup_claims_its_key_with_the_subscription(backend) {
+        let app = app_at(backend, "2026-09-28T00:00:00Z").await;
+        let plan = app.plan(fruit_plan("24.90", 2)).await;
+        let (_, token) = app.shopper("Ivo", "pm_ok").await;
+        let subscribe = |key: &'static str, body: Value| {
+            let request = app.client.post(format!("{}/api/v1/subscriptions", app.base)).bearer_auth(&token)
+                .header("Idempotency-Key", key).json(&body);
+            async move {
+                let res = request.send().await.unwrap();
+                let replayed = res.headers().contains_key("idempotent-replayed");
+                (res.status(), replayed, res.json::<Value>().await.unwrap())
+            }
+        };
+        let body = json!({"plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-08"});
+        let (status, _, refused) = subscribe("s-1", json!({"plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-09-01"})).await;
+        assert_eq!((status, refused["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("validation_failed")), "{refused}");
+        let (status, replayed, first) = subscribe("s-1", body.clone()).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, false), "the refusal left the key unused: {first}");
+        // The answer made before the commit is the subscription as it reads afterwards.
+        let (_, read) = app.get(&format!("/api/v1/subscriptions/{}", str_of(&first["id"])), Some(&token)).await;
+        assert_eq!(read, first);
+        assert_eq!(first["next_delivery_date"], "2026-10-08");
+        let (status, replayed, again) = subscribe("s-1", body.clone()).await;
+        assert_eq!((status, replayed, &again), (StatusCode::CREATED, true, &first));
+        let (status, _, other) = subscribe("s-1", json!({"plan_id": plan, "delivery_weekday": "thu", "start_date": "2026-10-15"})).await;
+        assert_eq!((status, other["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused")), "{other}");
+        // Eight at once under a new key: one subscription, the others replay it or wait.
+        let racing = futures_util::future::join_all((0..8).map(|_| subscribe("s-2", body.clone()))).await;
+        let ids: std::collections::BTreeSet<String> = racing.iter().filter(|(status, _, _)| *status == StatusCode::CREATED)
+            .map(|(_, _, v)| str_of(&v["id"])).collect();
+        assert!(racing.iter().all(|(status, _, _)| [StatusCode::CREATED, StatusCode::CONFLICT].contains(status)), "{racing:?}");
+        assert_eq!(ids.len(), 1, "{racing:?}");
+        assert_eq!(app.state.store.live_subscription_ids().await.unwrap().len(), 2);
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
     async fn grower_orders_go_out_on_their_order_by_dates(backend) {
         let app = app_at(backend, "2026-09-28T00:00:00Z").await;
         let plan = app.plan(fruit_plan("24.90", 2)).await;
