@@ -1139,6 +1139,9 @@ pub struct WeekQuery {
 
 #[derive(Serialize, ToSchema)]
 pub struct GrowerOrderOut {
+    /// Tells apart the lines of one grower, item and ripening day (a sent order and its
+    /// supplement).
+    id: String,
     supplier: String,
     sku: String,
     qty: i64,
@@ -1175,6 +1178,7 @@ async fn grower_orders(
     page_by_key(
         rows.into_iter()
             .map(|g| GrowerOrderOut {
+                id: g.id,
                 supplier: g.supplier,
                 sku: g.sku,
                 qty: g.qty,
@@ -1188,10 +1192,12 @@ async fn grower_orders(
             limit: q.limit,
             after: q.after,
         },
+        // Unique: a grower, item and ripening day can have several lines (a sent one and its
+        // supplement), told apart by status and id, so a page never ends between twins.
         |g: &GrowerOrderOut| {
             format!(
-                "{}/{}/{}/{}/{}",
-                g.order_by, g.week, g.supplier, g.sku, g.ripening_start
+                "{}/{}/{}/{}/{}/{}/{}",
+                g.order_by, g.week, g.supplier, g.sku, g.ripening_start, g.status, g.id
             )
         },
     )

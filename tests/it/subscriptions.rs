@@ -1093,6 +1093,25 @@ on_both_backends! {
             let line = |status: &str| (sku.clone(), start.clone(), order_by.clone(), *qty, status.to_owned());
             assert_eq!(same, [line("sent"), line("sent")], "the sent line and its supplement: {orders}");
         }
+        // A walk one line a page lists every line once, twins included.
+        let mut walked = Vec::new();
+        let mut next = String::new();
+        loop {
+            let (status, page) = app.get(&format!("/api/v1/grower-orders?limit=1{next}"), Some(ADMIN_TOKEN)).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            walked.extend(page["items"].as_array().unwrap().iter().map(|o| str_of(&o["id"])));
+            match page["next"].as_str() {
+                Some(cursor) => {
+                    let query = reqwest::Url::parse_with_params("http://x", [("after", cursor)]).unwrap();
+                    next = format!("&{}", query.query().unwrap());
+                }
+                None => break,
+            }
+        }
+        let mut all: Vec<String> = orders["items"].as_array().unwrap().iter().map(|o| str_of(&o["id"])).collect();
+        assert_eq!(walked, all, "in the order of the whole list");
+        all.dedup();
+        assert_eq!(walked.len(), all.len());
         let after = grower_emails().await;
         assert_eq!(after.len(), before.len() + 1, "{after:?}");
         // Not yet due, the rest of the new box waits for its day.
