@@ -277,8 +277,11 @@ impl ServeArgs {
                 "only applies with POOLED_CLOCK=manual",
             ));
         }
-        if let Some(token) = &self.admin_token
-            && token.trim().len() < 16
+        // Trimmed as a bearer header is: a token read from a file with its newline still
+        // signs in.
+        let admin_token = self.admin_token.map(|t| t.trim().to_owned());
+        if let Some(token) = &admin_token
+            && token.len() < 16
         {
             return Err(ConfigError::new(
                 "POOLED_ADMIN_TOKEN",
@@ -327,7 +330,7 @@ impl ServeArgs {
             database,
             data_dir: self.database.data_dir,
             bind: self.bind,
-            admin_token: self.admin_token,
+            admin_token,
             clock,
             clock_start,
             time_zone,
@@ -400,6 +403,19 @@ mod tests {
         assert!(err.message.contains("'sundial'"), "{err}");
         let manual = args(&["--clock", "manual"]).into_settings().unwrap();
         assert_eq!(manual.clock, ClockMode::Manual);
+    }
+
+    #[test]
+    fn an_admin_token_is_trimmed_as_a_bearer_header_is() {
+        let token = "pld_admin_0123456789abcdef";
+        let s = args(&["--admin-token", &format!("{token}\n")])
+            .into_settings()
+            .unwrap();
+        assert_eq!(s.admin_token.as_deref(), Some(token));
+        let err = args(&["--admin-token", "  short         \n"])
+            .into_settings()
+            .unwrap_err();
+        assert_eq!(err.variable, "POOLED_ADMIN_TOKEN");
     }
 
     #[test]

@@ -65,12 +65,18 @@ pub struct RunCtx {
 /// A run as reported by [`Scheduler::advance_to`] and friends.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct RunReport {
+    /// A string in JSON, as every id the API shows (`/ops/runs` shows the same run).
+    #[serde(serialize_with = "id_as_string")]
     pub id: i64,
     pub job: String,
     pub scheduled_for: DateTime<Utc>,
     pub trigger: String,
     pub state: String,
     pub attempt: i64,
+}
+
+fn id_as_string<S: serde::Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
 }
 
 pub struct Scheduler {

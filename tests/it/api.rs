@@ -234,6 +234,11 @@ on_both_backends! {
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["now"], "2026-07-01T09:00:00Z");
+        // Its runs show their ids as strings, as `/ops/runs` shows the same runs.
+        let run = body["runs"].as_array().unwrap().last().unwrap();
+        let (_, listed) = app.get(&format!("/api/v1/ops/runs?job={}&limit=500", str_of(&run["job"])), Some(ADMIN_TOKEN)).await;
+        assert!(run["id"].is_string(), "{run}");
+        assert!(listed["items"].as_array().unwrap().iter().any(|r| r["id"] == run["id"]), "{listed}");
         let (status, body) = app
             .post("/api/v1/ops/clock/advance", Some(ADMIN_TOKEN), json!({"to": "2026-06-15T00:00:00Z"}))
             .await;
