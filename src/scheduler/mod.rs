@@ -142,6 +142,11 @@ impl Scheduler {
         self.jobs.iter().find(|j| j.name == name)
     }
 
+    /// The names of the jobs this instance runs.
+    fn job_names(&self) -> Vec<&str> {
+        self.jobs.iter().map(|j| j.name.as_str()).collect()
+    }
+
     async fn heartbeat(&self) -> StoreResult<()> {
         self.env
             .store
@@ -304,6 +309,7 @@ impl Scheduler {
             .store
             .claim_next(
                 &self.instance_id,
+                &self.job_names(),
                 now.timestamp_micros(),
                 self.env.clock.now().timestamp_micros(),
             )
@@ -315,8 +321,9 @@ impl Scheduler {
     }
 
     /// Runs a claimed attempt with a heartbeat, then records its outcome, guarded by attempt.
-    /// If the caller goes away meanwhile (an HTTP client hanging up on a manual-clock run),
-    /// the body and its heartbeat stop with it; the lease then lapses and a reaper retries.
+    /// If the caller's future is dropped meanwhile, the body and its heartbeat stop with it;
+    /// the lease then lapses and a reaper retries. (An HTTP client hanging up on a manual-clock
+    /// run does not drop it: write requests run to their end on a task of their own.)
     async fn execute(&self, claimed: Claimed) -> StoreResult<RunReport> {
         let run = claimed.run.clone();
         let started = std::time::Instant::now();
@@ -530,6 +537,7 @@ impl Scheduler {
             .store
             .claim_next(
                 &self.instance_id,
+                &self.job_names(),
                 now.timestamp_micros(),
                 now.timestamp_micros(),
             )

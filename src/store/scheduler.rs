@@ -5,7 +5,7 @@
 //! later write of an attempt is guarded by its `attempt` number (the fencing token), so a worker
 //! that lost its lease changes nothing. Leases are measured in database time.
 
-use super::{Db, NewEmail, Store, StoreResult};
+use super::{Db, NewEmail, Store, StoreResult, json_array};
 use serde::Serialize;
 
 /// A job definition as stored.
@@ -98,11 +98,16 @@ macro_rules! run_columns {
 }
 
 /// Candidate for a claim. PostgreSQL skips rows another instance is claiming right now; SQLite
-/// has one writer (`BEGIN IMMEDIATE`), so there is nothing to skip.
+/// has one writer (`BEGIN IMMEDIATE`), so there is nothing to skip. Only runs of the jobs the
+/// instance runs (`$2`, a JSON array of `[name]`), or due before `$3`: in a rolling deploy an
+/// older instance would otherwise claim a new job's runs and fail their attempts ("no job named
+/// …"), while one that knows the job stood by; a run no instance took by `$3` is failed with
+/// that reason rather than left pending for ever.
 const CLAIM_CANDIDATE_PG: &str =
     "SELECT r.id FROM job_runs r JOIN job_defs d ON d.name = r.job_name
     WHERE r.state IN ('pending', 'retrying') AND r.due_at <= $1
       AND (d.paused_at IS NULL OR r.trigger IN ('manual', 'backfill'))
+      AND (r.job_name IN (SELECT value->>0 FROM jsonb_array_elements($2::jsonb)) OR r.due_at <= $3)
       AND NOT (r.exclusive AND EXISTS (
           SELECT 1 FROM job_runs x WHERE x.job_name = r.job_name AND x.state = 'running'))
     ORDER BY r.due_at, r.id LIMIT 1
@@ -111,9 +116,13 @@ const CLAIM_CANDIDATE_SQLITE: &str =
     "SELECT r.id FROM job_runs r JOIN job_defs d ON d.name = r.job_name
     WHERE r.state IN ('pending', 'retrying') AND r.due_at <= $1
       AND (d.paused_at IS NULL OR r.trigger IN ('manual', 'backfill'))
+      AND (r.job_name IN (SELECT value->>0 FROM jsonb_each($2)) OR r.due_at <= $3)
       AND NOT (r.exclusive AND EXISTS (
           SELECT 1 FROM job_runs x WHERE x.job_name = r.job_name AND x.state = 'running'))
     ORDER BY r.due_at, r.id LIMIT 1";
+
+/// How long a run of a job this instance doesn't run waits for an instance that does.
+const UNKNOWN_JOB_GRACE: chrono::Duration = chrono::Duration::minutes(10);
 
 impl Store {
     /// The database's own clock in µs: leases use it so that instances agree on expiry.
@@ -261,15 +270,18 @@ impl Store {
         }))
     }
 
-    /// Claims the next due run for `owner`: `running`, `attempt + 1`, leased until database
-    /// time + the job's lease. `None` when nothing is claimable.
+    /// Claims the next due run for `owner`, which runs `jobs`: `running`, `attempt + 1`, leased
+    /// until database time + the job's lease. `None` when nothing is claimable.
     pub async fn claim_next(
         &self,
         owner: &str,
+        jobs: &[&str],
         now: i64,
         started_at: i64,
     ) -> StoreResult<Option<Claimed>> {
         let db_now = self.db_now().await?;
+        let jobs = json_array(jobs.iter().map(|name| (name,)));
+        let unknown_due_by = now - UNKNOWN_JOB_GRACE.num_microseconds().unwrap_or(0);
         let candidate_sql = match self.db {
             Db::Sqlite(_) => CLAIM_CANDIDATE_SQLITE,
             Db::Postgres(_) => CLAIM_CANDIDATE_PG,
@@ -285,6 +297,8 @@ impl Store {
         let result: Result<Option<JobRunRow>, sqlx::Error> = in_tx!(self, |tx| {
             let id: Option<i64> = sqlx::query_scalar(candidate_sql)
                 .bind(now)
+                .bind(&jobs)
+                .bind(unknown_due_by)
                 .fetch_optional(&mut *tx)
                 .await?;
             let Some(id) = id else {

@@ -20,9 +20,9 @@ on_both_backends! {
         let store = &app.state.store;
         let now = app.state.clock.now().timestamp_micros();
         let id = store.insert_requested_run("maintenance-prune", now, "manual", now).await.unwrap();
-        let first = store.claim_next("instance-that-dies", now, now).await.unwrap().expect("claimed");
+        let first = store.claim_next("instance-that-dies", &["maintenance-prune"], now, now).await.unwrap().expect("claimed");
         assert_eq!((first.run.id, first.run.attempt), (id, 1));
-        assert!(store.claim_next("another", now, now).await.unwrap().is_none(), "one attempt at a time");
+        assert!(store.claim_next("another", &["maintenance-prune"], now, now).await.unwrap().is_none(), "one attempt at a time");
 
         // The first worker goes silent; its lease (1 s of database time) runs out.
         tokio::time::sleep(Duration::from_millis(1500)).await;

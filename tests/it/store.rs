@@ -194,7 +194,7 @@ on_both_backends! {
         };
         let missed = vec![run(1, "catchup"), run(2, "catchup"), run(3, "catchup")];
         assert_eq!(store.plan_runs("hourly", true, &missed, None, s(3), s(10)).await.unwrap(), 3);
-        let claimed = store.claim_next("a", s(10), s(10)).await.unwrap().expect("the oldest slot");
+        let claimed = store.claim_next("a", &["hourly"], s(10), s(10)).await.unwrap().expect("the oldest slot");
         assert_eq!(claimed.run.scheduled_for, s(1));
         assert_eq!(store.skip_overlapping(s(10)).await.unwrap(), 0, "the missed slots wait");
         assert_eq!(store.plan_runs("hourly", true, &[run(11, "schedule")], Some(s(3)), s(11), s(11)).await.unwrap(), 1);
@@ -206,6 +206,33 @@ on_both_backends! {
         let mut states: Vec<(i64, String)> = runs.iter().map(|r| (r.scheduled_for / 1_000_000, r.state.clone())).collect();
         states.sort();
         assert_eq!(states, [(1, "running".into()), (2, "pending".into()), (3, "pending".into()), (11, "skipped".into())]);
+        store.close().await;
+    }
+}
+
+on_both_backends! {
+    /// An instance claims runs of the jobs it runs; a run of a job it doesn't know (a job
+    /// added by a newer version, in a rolling deploy) is left to an instance that does, and
+    /// taken (to be failed with its reason) only once no one has for ten minutes.
+    async fn an_instance_leaves_runs_of_jobs_it_does_not_know_to_those_that_do(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        store.sync_job_def(&job_def("new-job", "every 1h")).await.unwrap();
+        let s = |secs: i64| secs * 1_000_000;
+        let run = NewRun { scheduled_for: s(10), trigger: "timer", state: "pending", skip_reason: None, coalesced: 0 };
+        assert_eq!(store.plan_runs("new-job", true, &[run], None, s(10), s(10)).await.unwrap(), 1);
+        let old_version = ["hourly", "other"];
+        for at in [s(10), s(10 + 599)] {
+            assert!(store.claim_next("old", &old_version, at, at).await.unwrap().is_none(), "at {at}");
+        }
+        let claimed = store.claim_next("new", &["new-job"], s(11), s(11)).await.unwrap().expect("the job's own instance");
+        assert_eq!((claimed.run.job_name.as_str(), claimed.run.lease_owner.as_deref()), ("new-job", Some("new")));
+        // A second run that nobody who knows the job takes: the old instance takes it at last.
+        let late = NewRun { scheduled_for: s(20), trigger: "timer", state: "pending", skip_reason: None, coalesced: 0 };
+        assert_eq!(store.plan_runs("new-job", false, &[late], Some(s(10)), s(20), s(20)).await.unwrap(), 1);
+        assert!(store.claim_next("old", &old_version, s(619), s(619)).await.unwrap().is_none());
+        let taken = store.claim_next("old", &old_version, s(620), s(620)).await.unwrap().expect("overdue by ten minutes");
+        assert_eq!((taken.run.scheduled_for, taken.run.lease_owner.as_deref()), (s(20), Some("old")));
         store.close().await;
     }
 }
