@@ -222,9 +222,12 @@ pub fn apply_overrides(jobs: &mut [JobSpec], spec: &str) -> Result<(), String> {
                     .filter(|d| *d > Duration::zero())
                     .ok_or_else(|| bad("expected a duration above zero such as 3d"))?
             }
+            // The ticker plans a slot up to a few seconds after it falls, so a shorter grace
+            // would record on-time slots as late (and a `skip` job would never run).
             "grace" => {
-                spec.start_grace =
-                    parse_duration(value).ok_or_else(|| bad("expected a duration such as 5m"))?
+                spec.start_grace = parse_duration(value)
+                    .filter(|d| *d >= MIN_START_GRACE)
+                    .ok_or_else(|| bad("expected a duration of at least 10s such as 5m"))?
             }
             "lease" => {
                 spec.lease = parse_duration(value)
@@ -256,9 +259,13 @@ pub fn apply_overrides(jobs: &mut [JobSpec], spec: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The shortest start grace a job may be given.
+const MIN_START_GRACE: Duration = Duration::seconds(10);
+
 /// `90s`, `5m`, `2h`, `3d`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let (n, unit) = s.split_at(s.len().checked_sub(1)?);
+    // Split before the last character, whatever its width (`5µ` is refused, not a panic).
+    let (n, unit) = s.split_at(s.char_indices().last()?.0);
     let n: i64 = n.parse().ok().filter(|n| *n >= 0)?;
     match unit {
         "s" => Some(Duration::seconds(n)),
@@ -372,6 +379,10 @@ mod tests {
             ("grower-orders.lease=0m", "above zero"),
             ("grower-orders.window=-1h", "expected a duration"),
             ("grower-orders.grace=5y", "expected a duration"),
+            ("grower-orders.grace=0s", "at least 10s"),
+            ("grower-orders.grace=9s", "at least 10s"),
+            ("grower-orders.grace=5µ", "expected a duration"),
+            ("grower-orders.lease=µ", "expected a duration"),
             ("grower-orders.max_attempts=0", "≥ 1"),
             ("grower-orders.colour=red", "unknown key"),
             ("nope.window=1h", "no such job"),
