@@ -105,7 +105,7 @@ impl Schedule {
                     if !frequent
                         && let Some(gap_end) = first_gap_end(*zone, t, next.with_timezone(&Utc))
                         && gap_end < next
-                        && matched_in_gap(cron, gap_end.naive_local())
+                        && matched_in_gap(cron, gap_end)
                     {
                         return Some(gap_end.with_timezone(&Utc));
                     }
@@ -117,7 +117,7 @@ impl Schedule {
                             // croner also offers the end of every DST gap; that is an
                             // occurrence only if the pattern matched a time inside the gap.
                             || (!cron.is_time_matching(&next).unwrap_or(true)
-                                && !matched_in_gap(cron, next.naive_local()))
+                                && !matched_in_gap(cron, next))
                         );
                     if !spurious {
                         return Some(next.with_timezone(&Utc));
@@ -305,11 +305,21 @@ fn first_gap_end(zone: Tz, after: DateTime<Utc>, before: DateTime<Utc>) -> Optio
     None
 }
 
-/// Whether the pattern matches a wall-clock minute in the hour before `gap_end` (the minutes a
-/// DST gap skipped), read as naive time.
-fn matched_in_gap(cron: &Cron, gap_end: chrono::NaiveDateTime) -> bool {
-    (1..=60).any(|m| {
-        let naive = gap_end - Duration::minutes(m);
+/// Whether the pattern matches a wall-clock minute that the DST gap ending at `gap_end` skipped
+/// (read as naive time). Gaps are not always an hour: Lord Howe Island's is 30 minutes, Troll
+/// station's two hours. At an instant that ends no gap, none.
+fn matched_in_gap(cron: &Cron, gap_end: DateTime<Tz>) -> bool {
+    let zone = gap_end.timezone();
+    let offset = |t: DateTime<Utc>| {
+        zone.offset_from_utc_datetime(&t.naive_utc())
+            .fix()
+            .local_minus_utc()
+    };
+    let end = gap_end.with_timezone(&Utc);
+    let skipped_minutes = (offset(end) - offset(end - Duration::seconds(1))) / 60;
+    let wall = gap_end.naive_local();
+    (1..=i64::from(skipped_minutes)).any(|m| {
+        let naive = wall - Duration::minutes(m);
         cron.is_time_matching(&Utc.from_utc_datetime(&naive))
             .unwrap_or(false)
     })
@@ -495,6 +505,38 @@ mod tests {
             [false, true, false]
         );
         assert!(up[1].local.contains("CEST"), "{:?}", up[1]);
+    }
+
+    #[test]
+    fn gaps_other_than_an_hour_skip_only_their_own_minutes() {
+        // Lord Howe Island jumps 30 minutes (02:00 → 02:30) on 4 October 2026: 01:45 happens,
+        // and is the day's only slot (no extra one at the gap's end).
+        let lord_howe: Tz = "Australia/Lord_Howe".parse().unwrap();
+        let s = Schedule::parse("45 1 * * *", lord_howe).unwrap();
+        let day = lord_howe
+            .from_local_datetime(&"2026-10-04T00:00:00".parse().unwrap())
+            .unwrap()
+            .with_timezone(&Utc);
+        let (slots, _) = s.slots_in(day, day + Duration::hours(23));
+        let local: Vec<String> = slots
+            .iter()
+            .map(|t| t.with_timezone(&lord_howe).format("%H:%M").to_string())
+            .collect();
+        assert_eq!(local, ["01:45"]);
+        // Troll station jumps two hours (01:00 → 03:00) on 28 March 2027: a 01:30 slot written
+        // in a list runs once, at 03:00, and 13:30 as usual.
+        let troll: Tz = "Antarctica/Troll".parse().unwrap();
+        let s = Schedule::parse("30 1,13 * * *", troll).unwrap();
+        let day = troll
+            .from_local_datetime(&"2027-03-28T00:00:00".parse().unwrap())
+            .unwrap()
+            .with_timezone(&Utc);
+        let (slots, _) = s.slots_in(day, day + Duration::hours(22));
+        let local: Vec<String> = slots
+            .iter()
+            .map(|t| t.with_timezone(&troll).format("%H:%M").to_string())
+            .collect();
+        assert_eq!(local, ["03:00", "13:30"]);
     }
 
     #[test]
