@@ -209,10 +209,9 @@ pub(super) async fn job_views(state: &AppState) -> Result<Vec<JobOut>, ApiError>
             catchup_policy: j.def.catchup_policy.clone(),
             paused: j.def.paused_at.is_some(),
             paused_note: j.def.paused_note.clone(),
-            // The next slot, or a timer or retry due before it (a renewal's cutoff).
-            next_run_at: if j.def.paused_at.is_some() {
-                None
-            } else {
+            // The next slot, or a timer or retry due before it (a renewal's cutoff); while
+            // paused, only a run asked for by hand.
+            next_run_at: {
                 let slot = j.upcoming.first().map(|u| u.utc);
                 let waiting = j.next_due.map(instant);
                 slot.into_iter().chain(waiting).min()
@@ -225,7 +224,7 @@ pub(super) async fn job_views(state: &AppState) -> Result<Vec<JobOut>, ApiError>
 
 /// One job as ops see it: its definition, parsed schedule, next five slots, most recent
 /// runs (newest first, timers not yet due among them), the latest run that has begun, and
-/// when its earliest waiting run is due. The API's job list and the `/ops` page both render
+/// when its earliest waiting run that would be claimed is due. The API's job list and the `/ops` page both render
 /// this.
 pub(super) struct JobSnapshot {
     pub name: String,
@@ -268,7 +267,12 @@ pub(super) async fn job_snapshots(
             last_run,
             next_due,
             spec: spec.schedule.clone(),
-            upcoming: schedule.upcoming(now, 5),
+            // A paused job's slots don't run: none is shown as coming.
+            upcoming: if def.paused_at.is_some() {
+                Vec::new()
+            } else {
+                schedule.upcoming(now, 5)
+            },
             schedule,
             def: def.clone(),
             recent,

@@ -472,7 +472,12 @@ async fn ops_page(
             started_at: r.started_at.map_or("–".into(), |t| instant(t).to_rfc3339()),
             duration: r.duration_ms.map_or("–".into(), |d| format!("{d} ms")),
             instance: r.lease_owner.unwrap_or_default(),
-            note: r.last_error.or(r.skip_reason).unwrap_or_default(),
+            // A run that succeeded on a retry keeps its earlier error: said as such, not as
+            // the run's error.
+            note: match (r.state.as_str(), r.last_error) {
+                ("succeeded", Some(e)) => format!("attempt {} failed: {e}", r.attempt - 1),
+                (_, error) => error.or(r.skip_reason).unwrap_or_default(),
+            },
             job: r.job_name,
             trigger: r.trigger,
             state: r.state,

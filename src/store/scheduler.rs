@@ -570,9 +570,11 @@ impl Store {
         );
         Ok(on_pool!(self, |pool| {
             let last = sqlx::query_as(LAST).bind(name).fetch_optional(pool).await?;
+            // Only what would be claimed: while the job is paused, runs asked for by hand.
             let next = sqlx::query_scalar(
-                "SELECT MIN(due_at) FROM job_runs
-                 WHERE job_name = $1 AND state IN ('pending', 'retrying')",
+                "SELECT MIN(r.due_at) FROM job_runs r JOIN job_defs d ON d.name = r.job_name
+                 WHERE r.job_name = $1 AND r.state IN ('pending', 'retrying')
+                   AND (d.paused_at IS NULL OR r.trigger IN ('manual', 'backfill'))",
             )
             .bind(name)
             .fetch_one(pool)

@@ -301,6 +301,16 @@ on_both_backends! {
         let job = dunning().await;
         assert_eq!(job["last_run"]["scheduled_for"], "2026-06-01T02:20:00Z", "{job}");
         assert_eq!(job["next_run_at"], "2026-06-01T03:00:00Z", "{job}");
+        // Paused: no slot and no timer runs, so none is shown as next; a run asked for by hand
+        // still runs, and is.
+        let (status, _) = app.post("/api/v1/ops/jobs/billing-dunning/pause", Some(ADMIN_TOKEN), json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        app.state.store.add_timer("billing-dunning", at("2026-06-01T02:40:00Z").timestamp_micros(), at("2026-06-01T02:25:00Z").timestamp_micros()).await.unwrap();
+        let job = dunning().await;
+        assert_eq!((&job["next_run_at"], &job["upcoming"]), (&json!(null), &json!([])), "{job}");
+        let backfill = at("2026-06-01T01:00:00Z").timestamp_micros();
+        app.state.store.insert_requested_run("billing-dunning", backfill, "backfill", at("2026-06-01T02:25:00Z").timestamp_micros()).await.unwrap();
+        assert_eq!(dunning().await["next_run_at"], "2026-06-01T02:25:00Z", "due as soon as asked for");
         app.stop().await;
     }
 }
