@@ -240,6 +240,7 @@ async fn run_once(
             content_type,
             body: body.to_vec(),
         },
+        provisional: false,
     };
     state
         .idempotency

@@ -12,6 +12,14 @@ pub fn abandon_claims_after() -> chrono::Duration {
     chrono::Duration::minutes(5)
 }
 
+/// A provisional answer ([`IdempotencyDone::provisional`]) is replayed only once its claim is
+/// this old. Before, its request is likely still running (a join waiting on the gateway, and
+/// its quick retries), and a retry under the key is told so (409) rather than shown a pending
+/// pledge that the deposit's decline is about to take back.
+pub fn replay_provisional_answers_after() -> chrono::Duration {
+    chrono::Duration::seconds(30)
+}
+
 /// What a request carrying an `Idempotency-Key` should do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyBegin {
@@ -47,6 +55,9 @@ pub struct IdempotencyDone {
     pub scope: String,
     pub key: String,
     pub response: StoredResponse,
+    /// Remembered before the request ended, in case it never does (a join's pending pledge,
+    /// written with the pledge before its deposit is charged); replaced by the final answer.
+    pub provisional: bool,
 }
 
 /// A key's row as a later claim judges it.
@@ -56,19 +67,24 @@ pub(crate) struct KeyRow {
     status_code: Option<i64>,
     content_type: Option<String>,
     response_body: Option<Vec<u8>>,
+    provisional: bool,
     pub(crate) created_at: i64,
 }
 
 impl KeyRow {
     /// What a claim of this key with `request_hash` should do; `None` when the claim may take
-    /// the key over (still in flight, but claimed before `abandoned_before`).
+    /// the key over (still in flight, but claimed before `abandoned_before`). A provisional
+    /// answer claimed after `provisional_before` is still in flight.
     pub(crate) fn judge(
         self,
         request_hash: &str,
         abandoned_before: i64,
+        provisional_before: i64,
     ) -> Option<IdempotencyBegin> {
         if self.request_hash != request_hash {
             Some(IdempotencyBegin::Mismatch)
+        } else if self.provisional && self.created_at > provisional_before {
+            Some(IdempotencyBegin::InFlight)
         } else if let Some(status) = self.status_code {
             Some(IdempotencyBegin::Replay(StoredResponse {
                 status: u16::try_from(status).unwrap_or(500),

@@ -396,13 +396,14 @@ macro_rules! insert_begun_intents {
 macro_rules! remember_responses {
     ($exec:expr, $done:expr) => {{
         let done: &[$crate::store::IdempotencyDone] = $done;
-        for chunk in done.chunks($crate::store::rows_per_statement(5)) {
+        for chunk in done.chunks($crate::store::rows_per_statement(6)) {
             let sql = format!(
                 "UPDATE idempotency_keys
-                 SET status_code = v.column3, content_type = v.column4, response_body = v.column5
+                 SET status_code = v.column3, content_type = v.column4, response_body = v.column5,
+                     provisional = v.column6
                  FROM (VALUES {}) AS v
                  WHERE idempotency_keys.scope = v.column1 AND idempotency_keys.idem_key = v.column2",
-                $crate::store::value_rows(1, chunk.len(), 5, "")
+                $crate::store::value_rows(1, chunk.len(), 6, "")
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for d in chunk {
@@ -411,7 +412,8 @@ macro_rules! remember_responses {
                     .bind(&d.key)
                     .bind(i64::from(d.response.status))
                     .bind(&d.response.content_type)
-                    .bind(&d.response.body);
+                    .bind(&d.response.body)
+                    .bind(d.provisional);
             }
             q.execute($exec).await?;
         }
@@ -453,7 +455,8 @@ macro_rules! claim_keys {
                 continue;
             }
             let row: $crate::store::idempotency::KeyRow = sqlx::query_as(
-                "SELECT request_hash, status_code, content_type, response_body, created_at
+                "SELECT request_hash, status_code, content_type, response_body, provisional,
+                        created_at
                  FROM idempotency_keys WHERE scope = $1 AND idem_key = $2",
             )
             .bind(&claim.scope)
@@ -461,30 +464,35 @@ macro_rules! claim_keys {
             .fetch_one(&mut *$tx)
             .await?;
             let abandoned_before = $crate::store::micros(now - $abandon_after);
+            let provisional_before = $crate::store::micros(
+                now - $crate::store::idempotency::replay_provisional_answers_after(),
+            );
             let claimed_at = row.created_at;
-            outcomes.push(match row.judge(&claim.request_hash, abandoned_before) {
-                Some(outcome) => outcome,
-                None => {
-                    // Guarded on the old created_at: of two takers, one wins.
-                    let taken = sqlx::query(
-                        "UPDATE idempotency_keys SET created_at = $3
+            outcomes.push(
+                match row.judge(&claim.request_hash, abandoned_before, provisional_before) {
+                    Some(outcome) => outcome,
+                    None => {
+                        // Guarded on the old created_at: of two takers, one wins.
+                        let taken = sqlx::query(
+                            "UPDATE idempotency_keys SET created_at = $3
                          WHERE scope = $1 AND idem_key = $2 AND status_code IS NULL
                            AND created_at = $4",
-                    )
-                    .bind(&claim.scope)
-                    .bind(&claim.key)
-                    .bind($crate::store::micros(now))
-                    .bind(claimed_at)
-                    .execute(&mut *$tx)
-                    .await?
-                    .rows_affected();
-                    if taken == 1 {
-                        $crate::store::IdempotencyBegin::Run
-                    } else {
-                        $crate::store::IdempotencyBegin::InFlight
+                        )
+                        .bind(&claim.scope)
+                        .bind(&claim.key)
+                        .bind($crate::store::micros(now))
+                        .bind(claimed_at)
+                        .execute(&mut *$tx)
+                        .await?
+                        .rows_affected();
+                        if taken == 1 {
+                            $crate::store::IdempotencyBegin::Run
+                        } else {
+                            $crate::store::IdempotencyBegin::InFlight
+                        }
                     }
-                }
-            });
+                },
+            );
         }
         outcomes
     }};

@@ -164,6 +164,7 @@ impl KeyAnswer {
             scope: self.scope.clone(),
             key: self.key.clone(),
             response,
+            provisional: false,
         }
     }
 }

@@ -615,10 +615,13 @@ impl Store {
                     .iter()
                     .filter_map(|a| {
                         let claim = a.claim.as_ref()?;
+                        let join = a.join.as_ref()?;
                         Some(IdempotencyDone {
                             scope: claim.scope.clone(),
                             key: claim.key.clone(),
-                            response: a.join.as_ref()?.response.clone()?,
+                            response: join.response.clone()?,
+                            // With a deposit to charge, the answer is the pledge pending.
+                            provisional: join.deposit.is_some(),
                         })
                     })
                     .collect();

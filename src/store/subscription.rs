@@ -646,6 +646,7 @@ impl Store {
                     scope: claim.scope.clone(),
                     key: claim.key.clone(),
                     response: answer.clone(),
+                    provisional: false,
                 };
                 remember_responses!(&mut *tx, std::slice::from_ref(&done));
             }

@@ -442,8 +442,9 @@ async fn a_crash_between_charge_and_record_charges_once() {
 
 /// A join dies between its deposit's charge and the recording of the answer: the pledge and
 /// its units are committed, the request's own answer never is. The client's retries with the
-/// same `Idempotency-Key`, before and after the dead request's claim lapses, replay the pledge
-/// committed with the units; nothing joins or charges twice.
+/// same `Idempotency-Key` are told the request is in flight for half a minute, then, before and
+/// after the dead request's claim lapses, replay the pledge committed with the units; nothing
+/// joins or charges twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_that_crashes_mid_way_is_replayed_not_joined_twice() {
     for backend in crate::helpers::backends() {
@@ -492,7 +493,18 @@ async fn a_join_that_crashes_mid_way_is_replayed_not_joined_twice() {
             assert_eq!(res.headers()["idempotent-replayed"], "true");
             (res.status(), res.json::<Value>().await.unwrap())
         };
-        // At once: the answer committed with the pledge (its deposit was pending then).
+        // At once: the key is in flight (a live request would still be charging the deposit).
+        let res = join(&second.base).await.unwrap();
+        assert_eq!(res.status(), StatusCode::CONFLICT);
+        // Half a minute on: the answer committed with the pledge (its deposit was pending).
+        let (status, _) = second
+            .post(
+                "/api/v1/ops/clock/advance",
+                admin,
+                json!({"to": "2026-06-01T00:00:30Z"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
         let (status, pledge) = replayed(join(&second.base).await.unwrap()).await;
         assert_eq!(
             (status, pledge["status"].as_str(), pledge["qty"].as_i64()),

@@ -115,6 +115,7 @@ on_both_backends! {
                 content_type: Some("application/json".into()),
                 body: b"{}".to_vec(),
             },
+            provisional: false,
         };
         store.idempotency_complete(std::slice::from_ref(&done)).await.unwrap();
         assert_eq!(
@@ -126,6 +127,41 @@ on_both_backends! {
             store.idempotency_begin(&[claim("t", "other"), claim("t", "other")], later, five).await.unwrap(),
             vec![IdempotencyBegin::Run, IdempotencyBegin::InFlight]
         );
+        store.close().await;
+    }
+}
+
+on_both_backends! {
+    /// A provisional answer (a join's pending pledge, remembered before its deposit is
+    /// charged) is not replayed while its request is likely still running: a retry is told
+    /// the key is in flight, and sees the answer only once the claim is 30 s old (its request
+    /// died) or the final answer replaced it.
+    async fn a_provisional_answer_is_in_flight_until_its_request_has_surely_ended(backend) {
+        let db = TestDb::new(backend);
+        let store = open(&db).await;
+        let t0 = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+        let five = chrono::Duration::minutes(5);
+        let claim = IdempotencyClaim { scope: "s".into(), key: "k".into(), request_hash: "h".into() };
+        let begin = |at| {
+            let (store, claim) = (store.clone(), claim.clone());
+            async move { store.idempotency_begin(&[claim], at, five).await.unwrap().remove(0) }
+        };
+        assert_eq!(begin(t0).await, IdempotencyBegin::Run);
+        let answer = |status: u16, provisional: bool| IdempotencyDone {
+            scope: "s".into(),
+            key: "k".into(),
+            response: StoredResponse { status, content_type: None, body: status.to_string().into_bytes() },
+            provisional,
+        };
+        let pending = answer(202, true);
+        store.idempotency_complete(std::slice::from_ref(&pending)).await.unwrap();
+        let seconds = chrono::Duration::seconds;
+        assert_eq!(begin(t0 + seconds(29)).await, IdempotencyBegin::InFlight);
+        assert_eq!(begin(t0 + seconds(30)).await, IdempotencyBegin::Replay(pending.response.clone()));
+        assert_eq!(begin(t0 + seconds(600)).await, IdempotencyBegin::Replay(pending.response), "never taken over");
+        let paid = answer(201, false);
+        store.idempotency_complete(std::slice::from_ref(&paid)).await.unwrap();
+        assert_eq!(begin(t0 + seconds(1)).await, IdempotencyBegin::Replay(paid.response));
         store.close().await;
     }
 }
