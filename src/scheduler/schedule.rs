@@ -19,6 +19,8 @@ pub enum Schedule {
         cron: Box<Cron>,
         expr: String,
         zone: Tz,
+        /// The longest gap between two slots, worked out once ([`longest_gap`]).
+        period: Duration,
     },
     Every {
         period: Duration,
@@ -71,6 +73,7 @@ impl Schedule {
             .parse(spec)
             .map_err(|e| err(format!("not a cron expression ({e})")))?;
         Ok(Schedule::Cron {
+            period: longest_gap(&cron),
             cron: Box::new(cron),
             expr: spec.to_owned(),
             zone,
@@ -189,19 +192,11 @@ impl Schedule {
         (slots, false)
     }
 
-    /// The usual gap between two slots (measured at a fixed reference instant).
+    /// The longest gap between two slots: a schedule is only as frequent as its sparsest
+    /// stretch (`0,10 2 * * *` is daily, though two of its slots are 10 minutes apart).
     pub fn period(&self) -> Duration {
         match self {
-            Schedule::Every { period } => *period,
-            Schedule::Cron { cron, .. } => {
-                // Raw croner occurrences in UTC: no DST corrections needed for an estimate.
-                let reference = DateTime::from_timestamp(946_857_600, 0).unwrap_or_default();
-                let next = |t: &DateTime<Utc>| cron.find_next_occurrence(t, false).ok();
-                match next(&reference).and_then(|a| Some((a, next(&a)?))) {
-                    Some((a, b)) => b - a,
-                    None => Duration::days(366),
-                }
-            }
+            Schedule::Every { period } | Schedule::Cron { period, .. } => *period,
         }
     }
 
@@ -272,6 +267,32 @@ impl Schedule {
             t = next;
         }
         out
+    }
+}
+
+/// The longest gap between consecutive occurrences of `cron` over the week after a fixed
+/// reference instant (or the first gap, when that is longer than a week), read on raw UTC
+/// occurrences: no DST corrections are needed for an estimate. At most 20,000 occurrences are
+/// read (five and a half hours of an every-second pattern), so parsing stays quick.
+fn longest_gap(cron: &Cron) -> Duration {
+    let reference = DateTime::from_timestamp(946_857_600, 0).unwrap_or_default();
+    let next = |t: &DateTime<Utc>| cron.find_next_occurrence(t, false).ok();
+    let mut longest = Duration::zero();
+    let mut at = next(&reference);
+    for _ in 0..20_000 {
+        let (Some(a), Some(b)) = (at, at.as_ref().and_then(next)) else {
+            break;
+        };
+        longest = longest.max(b - a);
+        if b - reference > Duration::weeks(1) {
+            break;
+        }
+        at = Some(b);
+    }
+    if longest.is_zero() {
+        Duration::days(366)
+    } else {
+        longest
     }
 }
 
@@ -624,6 +645,24 @@ mod tests {
                 .unwrap()
                 .is_frequent()
         );
+        // As frequent as its longest gap: daily, though two slots are 10 minutes apart.
+        let daily_pair = Schedule::parse("0,10 2 * * *", Berlin).unwrap();
+        assert_eq!(
+            daily_pair.period(),
+            Duration::hours(23) + Duration::minutes(50)
+        );
+        assert!(!daily_pair.is_frequent() && daily_pair.stops_manual_clock());
+        for (expr, period) in [
+            ("0 6 * * 3", Duration::weeks(1)),
+            ("*/5 9-17 * * *", Duration::hours(15) + Duration::minutes(5)),
+            ("* * * * * *", Duration::seconds(1)),
+        ] {
+            assert_eq!(
+                Schedule::parse(expr, Berlin).unwrap().period(),
+                period,
+                "{expr}"
+            );
+        }
         assert_eq!(
             Schedule::parse("0 * * * *", Berlin).unwrap().period(),
             Duration::hours(1)
