@@ -530,34 +530,32 @@ mod tests {
 
     #[test]
     fn gaps_other_than_an_hour_skip_only_their_own_minutes() {
+        // The local times of `expr`'s slots in `zone` over `hours` from midnight of `day`.
+        let local_slots = |expr: &str, zone: &str, day: &str, hours: i64| {
+            let zone: Tz = zone.parse().unwrap();
+            let start = zone
+                .from_local_datetime(&format!("{day}T00:00:00").parse().unwrap())
+                .unwrap()
+                .with_timezone(&Utc);
+            let s = Schedule::parse(expr, zone).unwrap();
+            let (slots, _) = s.slots_in(start, start + Duration::hours(hours));
+            slots
+                .iter()
+                .map(|t| t.with_timezone(&zone).format("%H:%M").to_string())
+                .collect::<Vec<_>>()
+        };
         // Lord Howe Island jumps 30 minutes (02:00 → 02:30) on 4 October 2026: 01:45 happens,
         // and is the day's only slot (no extra one at the gap's end).
-        let lord_howe: Tz = "Australia/Lord_Howe".parse().unwrap();
-        let s = Schedule::parse("45 1 * * *", lord_howe).unwrap();
-        let day = lord_howe
-            .from_local_datetime(&"2026-10-04T00:00:00".parse().unwrap())
-            .unwrap()
-            .with_timezone(&Utc);
-        let (slots, _) = s.slots_in(day, day + Duration::hours(23));
-        let local: Vec<String> = slots
-            .iter()
-            .map(|t| t.with_timezone(&lord_howe).format("%H:%M").to_string())
-            .collect();
-        assert_eq!(local, ["01:45"]);
+        assert_eq!(
+            local_slots("45 1 * * *", "Australia/Lord_Howe", "2026-10-04", 23),
+            ["01:45"]
+        );
         // Troll station jumps two hours (01:00 → 03:00) on 28 March 2027: a 01:30 slot written
         // in a list runs once, at 03:00, and 13:30 as usual.
-        let troll: Tz = "Antarctica/Troll".parse().unwrap();
-        let s = Schedule::parse("30 1,13 * * *", troll).unwrap();
-        let day = troll
-            .from_local_datetime(&"2027-03-28T00:00:00".parse().unwrap())
-            .unwrap()
-            .with_timezone(&Utc);
-        let (slots, _) = s.slots_in(day, day + Duration::hours(22));
-        let local: Vec<String> = slots
-            .iter()
-            .map(|t| t.with_timezone(&troll).format("%H:%M").to_string())
-            .collect();
-        assert_eq!(local, ["03:00", "13:30"]);
+        assert_eq!(
+            local_slots("30 1,13 * * *", "Antarctica/Troll", "2027-03-28", 22),
+            ["03:00", "13:30"]
+        );
     }
 
     #[test]
