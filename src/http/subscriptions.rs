@@ -757,9 +757,12 @@ async fn skip(
         None => {
             let plan = plan_of(&state.store, &sub.plan_id).await?;
             let today = subscriptions::today(&plan, clock_now);
-            let live = !matches!(sub.status.as_str(), "cancelled" | "suspended");
+            // The bound first: a date near chrono's end would overflow the date arithmetic.
+            // A suspended subscription's dates count: reactivated, it must not bring them back.
+            if sub.status == "cancelled" || input.date > today + Duration::days(MAX_DAYS_AHEAD) {
+                return Err(not_a_delivery());
+            }
             let row = subscriptions::delivery_on(&sub, &plan, input.date, clock_now)?
-                .filter(|_| live && input.date <= today + Duration::days(MAX_DAYS_AHEAD))
                 .ok_or_else(not_a_delivery)?;
             // Skipped by the shopper even inside a pause, so a resume does not bring it back.
             let skipped = DeliveryRow {
@@ -774,9 +777,14 @@ async fn skip(
             of_date(state.store.deliveries_of(&id).await?).ok_or_else(not_a_delivery)?
         }
     };
-    // Skipped by the shopper already: nothing to do. Held by a pause: skipped for good, so
-    // the end of the pause does not bring it back.
-    if delivery.status == "skipped" && delivery.skip_reason.as_deref() != Some("paused") {
+    // Skipped by the shopper already: nothing to do. Held by a pause or a suspension: skipped
+    // for good, so the resume or reactivation does not bring it back (and bill it).
+    if delivery.status == "skipped"
+        && !matches!(
+            delivery.skip_reason.as_deref(),
+            Some("paused" | "suspended")
+        )
+    {
         return Ok(Json(subscription_out(&state, sub).await?));
     }
     if !state.store.skip_delivery(&id, &date, now).await? {

@@ -247,7 +247,9 @@ pub(super) fn insert_deliveries_sql(rows: &str, lock: &str) -> String {
             " THEN 'paused' END,
                  CAST(value->>6 AS BIGINT), value->>7
              FROM {} CROSS JOIN subscriptions s
-             WHERE s.id = value->>1 AND s.status IN ('active', 'past_due', 'paused') {}
+             WHERE s.id = value->>1
+               AND (s.status IN ('active', 'past_due', 'paused')
+                    OR (s.status = 'suspended' AND value->>4 = 'skipped')) {}
              ON CONFLICT (subscription_id, delivery_date) DO NOTHING
              RETURNING cutoff_at"
         ),
@@ -258,7 +260,8 @@ pub(super) fn insert_deliveries_sql(rows: &str, lock: &str) -> String {
 /// Inserts deliveries (`$rows`: `&[DeliveryRow]`; an existing date is kept) with one
 /// statement, and a timer at each new cutoff (one per distinct instant).
 ///
-/// A row is `scheduled`, or `skipped` (reason `paused`) inside a pause, as its subscription
+/// A suspended subscription takes only rows skipped by its shopper (a reactivation then
+/// leaves them skipped). A row is `scheduled`, or `skipped` (reason `paused`) inside a pause, as its subscription
 /// is when the row goes in, not as it was when the row was made: the renewal makes rows from
 /// subscriptions read before, and a resume, pause or cancel committed in between would
 /// otherwise leave a resumed delivery skipped (never billed) or a paused or cancelled one
@@ -880,7 +883,8 @@ impl Store {
             sqlx::query(
                 "UPDATE deliveries SET status = 'skipped', skip_reason = 'skipped', lines = NULL
                  WHERE subscription_id = $1 AND delivery_date = $2 AND cutoff_at > $3
-                   AND (status = 'scheduled' OR (status = 'skipped' AND skip_reason = 'paused'))",
+                   AND (status = 'scheduled'
+                        OR (status = 'skipped' AND skip_reason IN ('paused', 'suspended')))",
             )
             .bind(subscription_id)
             .bind(date)

@@ -327,6 +327,14 @@ on_both_backends! {
         let (status, _) = app.call(Method::PUT, &format!("/api/v1/subscriptions/{uma}/payment-method"), Some(uma_token),
             Some(json!({"payment_token": "pm_ok"}))).await;
         assert_eq!(status, StatusCode::OK);
+        // While suspended she skips 5 and 12 November (a week kept ahead, one beyond): the
+        // resume brings back the weeks that suspension held, not the ones she skipped.
+        for date in ["2026-11-05", "2026-11-12"] {
+            let (status, body) = app.post(&format!("/api/v1/subscriptions/{uma}/skip"), Some(uma_token), json!({"date": date})).await;
+            assert_eq!(status, StatusCode::OK, "{date}: {body}");
+        }
+        let (status, body) = app.post(&format!("/api/v1/subscriptions/{uma}/skip"), Some(uma_token), json!({"date": "+262142-12-31"})).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "a date at chrono's end is refused, not a panic: {body}");
         let (status, sub) = app.post(&format!("/api/v1/subscriptions/{uma}/resume"), Some(uma_token), json!({})).await;
         assert_eq!((status, sub["status"].as_str(), sub["next_delivery_date"].as_str()), (StatusCode::OK, Some("active"), Some("2026-10-29")), "{sub}");
         let (status, again) = app.post(&format!("/api/v1/subscriptions/{uma}/resume"), Some(uma_token), json!({})).await;
@@ -350,6 +358,17 @@ on_both_backends! {
         assert_eq!(app.items_of(&format!("/api/v1/subscriptions/{udo}/invoices"), udo_token).await.len(), 2);
         let weeks = app.items_of(&format!("/api/v1/subscriptions/{udo}/deliveries"), udo_token).await;
         assert!(weeks.iter().filter(|d| d["date"].as_str() > Some("2026-10-15")).all(|d| d["status"] == "skipped"), "{weeks:?}");
+        // Uma's weeks skipped while suspended stay skipped.
+        app.advance("2026-11-18T12:00:00Z").await;
+        let weeks = app.items_of(&format!("/api/v1/subscriptions/{uma}/deliveries"), uma_token).await;
+        for date in ["2026-11-05", "2026-11-12"] {
+            let week = weeks.iter().find(|d| d["date"] == date).expect("the skipped week");
+            assert_eq!(week["status"], "skipped", "{week}");
+        }
+        let billed: Vec<String> = app.items_of(&format!("/api/v1/subscriptions/{uma}/invoices"), uma_token).await
+            .iter().map(|i| str_of(&i["delivery_date"])).collect();
+        assert!(!billed.iter().any(|d| d == "2026-11-05" || d == "2026-11-12"), "skips never bill: {billed:?}");
+        assert!(billed.iter().any(|d| d == "2026-11-19"), "the week after is billed: {billed:?}");
         app.stop().await;
     }
 }
