@@ -839,6 +839,7 @@ pub async fn run_close(
                 .move_campaign(
                     &c.id,
                     &["open"],
+                    Some(c.pooled_qty),
                     "settling",
                     Some(locked.minor()),
                     Some(micros(due)),
@@ -854,13 +855,31 @@ pub async fn run_close(
                         .add_timer(BALANCES_JOB, micros(first_retry), now_us)
                         .await?;
                 }
+                continue;
             }
         } else if store
-            .move_campaign(&c.id, &["open"], "failed", None, None, None, now_us)
+            .move_campaign(
+                &c.id,
+                &["open"],
+                Some(c.pooled_qty),
+                "failed",
+                None,
+                None,
+                None,
+                now_us,
+            )
             .await?
         {
             failed += 1;
+            continue;
         }
+        // Not moved: a join or cancel that began before the deadline committed since the
+        // pool was read (or ops moved the campaign). Decided again in a second, on the pool
+        // as it is then; the guard, not this run's reading, decides.
+        waiting += 1;
+        store
+            .add_timer(CLOSE_JOB, micros(now + Duration::seconds(1)), now_us)
+            .await?;
     }
     // Refunds of failed or cancelled campaigns, and balances of settling ones, in chunks.
     let mut steps_applied = 0;
@@ -1207,7 +1226,16 @@ async fn settle(store: &Store, l: &Loaded, now: DateTime<Utc>) -> Result<bool> {
     let Some(award) = award else {
         // Nobody paid: nothing to order. The campaign fails; forfeits stay forfeited.
         return Ok(store
-            .move_campaign(&c.id, &["settling"], "failed", None, None, None, now_us)
+            .move_campaign(
+                &c.id,
+                &["settling"],
+                None,
+                "failed",
+                None,
+                None,
+                None,
+                now_us,
+            )
             .await?);
     };
     let zone = zone_of(c);
@@ -1339,7 +1367,16 @@ pub async fn cancel_campaign(
     // Deposits still being charged must be answered before the refunds can cover them.
     payments.sweep(now, true).await?;
     if !store
-        .move_campaign(id, &CANCELLABLE, "cancelled", None, None, None, micros(now))
+        .move_campaign(
+            id,
+            &CANCELLABLE,
+            None,
+            "cancelled",
+            None,
+            None,
+            None,
+            micros(now),
+        )
         .await?
     {
         let now_status = store.campaign(id).await?.map_or(c.status, |c| c.status);

@@ -834,12 +834,15 @@ impl Store {
     }
 
     /// Moves a campaign from `from` to `to` (with the close-time numbers), and schedules `job`
-    /// at `timer_at` if given. `false` when it was not in `from`.
+    /// at `timer_at` if given. `false` when it was not in `from`, or, with `as_pooled`, when its
+    /// pooled quantity is no longer the one the move was decided on (a join or a cancel
+    /// committed since it was read: the close must decide again).
     #[allow(clippy::too_many_arguments)]
     pub async fn move_campaign(
         &self,
         id: &str,
         from: &[&str],
+        as_pooled: Option<i64>,
         to: &str,
         locked_price_minor: Option<i64>,
         balance_due_at: Option<i64>,
@@ -857,7 +860,8 @@ impl Store {
                  SET status = $4, locked_price_minor = COALESCE($5, locked_price_minor),
                      balance_due_at = COALESCE($6, balance_due_at),
                      closed_at = COALESCE(closed_at, $7)
-                 WHERE id = $1 AND status IN ($2, $3)",
+                 WHERE id = $1 AND status IN ($2, $3)
+                   AND ($8 IS NULL OR pooled_qty = $8)",
             )
             .bind(id)
             .bind(a)
@@ -866,6 +870,7 @@ impl Store {
             .bind(locked_price_minor)
             .bind(balance_due_at)
             .bind(now)
+            .bind(as_pooled)
             .execute(&mut *tx)
             .await?
             .rows_affected();

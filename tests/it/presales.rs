@@ -1143,3 +1143,20 @@ on_both_backends! {
         app.stop().await;
     }
 }
+
+on_both_backends! {
+    async fn a_close_decided_on_a_pool_that_changed_since_is_not_applied(backend) {
+        let (app, id) = jacket_on_sale(backend).await;
+        let store = &app.state.store;
+        let now = "2026-06-10T00:00:00Z".parse::<chrono::DateTime<chrono::Utc>>().unwrap().timestamp_micros();
+        let pooled = app.admin_get(&format!("/api/v1/campaigns/{id}")).await["pooled_qty"].as_i64().unwrap();
+        // A close that read the pool before a join (or a cancel) committed: not applied.
+        assert!(!store.move_campaign(&id, &["open"], Some(pooled + 5), "failed", None, None, None, now).await.unwrap());
+        assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["status"], "open");
+        // Decided on the pool as it is: applied once.
+        assert!(store.move_campaign(&id, &["open"], Some(pooled), "failed", None, None, None, now).await.unwrap());
+        assert!(!store.move_campaign(&id, &["open"], Some(pooled), "failed", None, None, None, now).await.unwrap());
+        assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["status"], "failed");
+        app.stop().await;
+    }
+}
