@@ -320,6 +320,14 @@ async fn create_campaign(
             }
         }
     }
+    // Quotes can be added until the campaign opens; one open from the start without any
+    // could take no join and could only fail.
+    if input.quotes.is_empty() && input.opens_at <= now {
+        v.error(
+            "quotes",
+            "a campaign that opens at once needs at least one quote",
+        );
+    }
     v.finish()?;
     let (Some(title), Some(currency), Some(reference), Some(bps), Some(zone)) =
         (title, currency, reference, bps, zone)
@@ -328,6 +336,15 @@ async fn create_campaign(
     };
     let deposit_per_unit = presale::deposit_per_unit(reference, Decimal::new(bps, 2))
         .map_err(|e| ApiError::field("deposit_percent", e.to_string()))?;
+    // A deposit that rounds to nothing would make pledges that cost nothing to abandon.
+    if deposit_per_unit.minor() <= 0 {
+        return Err(ApiError::field(
+            "deposit_percent",
+            format!(
+                "makes a deposit of {deposit_per_unit} per unit: raise it or the reference price"
+            ),
+        ));
+    }
     let id = new_id("cmp");
     let now_us = micros(now);
     let quote_rows: Vec<QuoteRow> = quotes

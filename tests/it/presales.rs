@@ -666,6 +666,17 @@ on_both_backends! {
         refundless["deposit_percent"] = json!("25");
         let (status, problem) = app.post("/api/v1/campaigns", Some(ADMIN_TOKEN), refundless).await;
         assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("deposit_percent")), "{problem}");
+        // A deposit that rounds to nothing (10 % of 0.04 EUR), and a campaign open at once
+        // with no quote to join under.
+        let mut free = good.clone();
+        free["reference_price"] = json!("0.04");
+        let (status, problem) = app.post("/api/v1/campaigns", Some(ADMIN_TOKEN), free).await;
+        assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("deposit_percent")), "{problem}");
+        let mut unquoted = good.clone();
+        unquoted["opens_at"] = json!("2026-06-01T00:00:00Z");
+        unquoted["quotes"] = json!([]);
+        let (status, problem) = app.post("/api/v1/campaigns", Some(ADMIN_TOKEN), unquoted).await;
+        assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("quotes")), "{problem}");
         let (_, list) = app.get("/api/v1/campaigns", None).await;
         assert_eq!(list["items"], json!([]), "{list}");
         app.stop().await;
