@@ -904,24 +904,42 @@ async fn cancel(
         (&["paused"], ["scheduled", "skipped"]),
         (&["suspended"], ["skipped"; 2]),
     ];
-    for (from_status, from) in deliveries {
-        moved |= state
-            .store
-            .move_subscription(
-                &id,
-                from_status,
-                "cancelled",
-                None,
-                (from, None, "skipped", Some("cancelled")),
-                ("0000-00-00", "9999-99-99"),
-                now,
-            )
-            .await?;
+    // Each move is guarded by the status it starts from, one transaction each. A pause that
+    // ends (paused → active) between two of them leaves all three unmoved: then the status is
+    // read again, and the moves run again unless it is already cancelled.
+    let mut status = String::new();
+    for _round in 0..3 {
+        for (from_status, from) in deliveries {
+            moved |= state
+                .store
+                .move_subscription(
+                    &id,
+                    from_status,
+                    "cancelled",
+                    None,
+                    (from, None, "skipped", Some("cancelled")),
+                    ("0000-00-00", "9999-99-99"),
+                    now,
+                )
+                .await?;
+        }
+        if moved {
+            break;
+        }
+        status = visible(&state, &caller, &id).await?.status;
+        if status == "cancelled" {
+            return Err(ApiError::conflict(
+                "conflict",
+                "the subscription is already cancelled",
+            ));
+        }
     }
     if !moved {
         return Err(ApiError::conflict(
             "conflict",
-            "the subscription is already cancelled",
+            format!(
+                "the subscription kept changing while being cancelled (now {status}); try again"
+            ),
         ));
     }
     let sub = visible(&state, &caller, &id).await?;
