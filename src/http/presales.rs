@@ -336,15 +336,6 @@ async fn create_campaign(
     };
     let deposit_per_unit = presale::deposit_per_unit(reference, Decimal::new(bps, 2))
         .map_err(|e| ApiError::field("deposit_percent", e.to_string()))?;
-    // A deposit that rounds to nothing would make pledges that cost nothing to abandon.
-    if deposit_per_unit.minor() <= 0 {
-        return Err(ApiError::field(
-            "deposit_percent",
-            format!(
-                "makes a deposit of {deposit_per_unit} per unit: raise it or the reference price"
-            ),
-        ));
-    }
     let id = new_id("cmp");
     let now_us = micros(now);
     let quote_rows: Vec<QuoteRow> = quotes

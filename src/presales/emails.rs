@@ -206,6 +206,32 @@ pub fn defaulted(l: &Loaded, p: &PledgeContact, refunded: bool) -> NewEmail {
     n.render()
 }
 
+/// The pool reached a new price step: the price as it stands now, for everyone.
+pub fn tier_unlocked(l: &Loaded, p: &PledgeContact, step: i64, price: Money) -> NewEmail {
+    let c = &l.campaign;
+    let mut n = to_shopper(
+        "tier_unlocked",
+        &p.id,
+        &format!("step-{step}"),
+        &p.email,
+        &p.name,
+        format!("{} unlocked {price} {} per unit", c.title, l.currency),
+    );
+    n.paragraphs.push(format!(
+        "The pool reached {}, so the price as it stands is {price} {} per unit for everyone, \
+         you included. The final price is set when the campaign closes.",
+        count(step, "unit"),
+        l.currency
+    ));
+    n.facts = vec![
+        ("Pooled so far".into(), c.pooled_qty.to_string()),
+        ("Current price".into(), format!("{price} {}", l.currency)),
+        ("Your units".into(), p.qty.to_string()),
+        ("Closes".into(), local_time(l, instant(c.closes_at))),
+    ];
+    n.render()
+}
+
 pub fn deadline_reminder(l: &Loaded, p: &PledgeContact, progress: &Progress) -> NewEmail {
     let c = &l.campaign;
     let mut n = to_shopper(

@@ -1312,35 +1312,66 @@ async fn settle(store: &Store, l: &Loaded, now: DateTime<Utc>) -> Result<bool> {
     Ok(store.finish_settlement(&c.id, &settlement, now_us).await?)
 }
 
-/// `presale-reminders`: a day before each deadline, every pledger hears how far the pool is
-/// from the next tier (once per pledge).
+/// `presale-reminders`: every pledger hears when the pool reaches a new price step ("tier
+/// unlocked", once per step and pledge), and a day before each deadline how far the pool is
+/// from the next one (once per pledge).
 pub async fn run_reminders(store: &Store, now: DateTime<Utc>) -> Result<serde_json::Value> {
     let now_us = micros(now);
     let horizon = micros(now + reminder_lead());
-    let mut sent = 0;
+    let (mut sent, mut unlocked) = (0, 0);
     for c in store.campaigns_in("open", "open").await? {
-        if c.closes_at <= now_us || c.closes_at > horizon {
+        if c.closes_at <= now_us {
             continue;
         }
         let l = load_quotes(store, c).await?;
         let c = &l.campaign;
-        let progress = presale::progress(&l.rules(), c.pooled_qty, l.currency);
-        let mut after = 0;
-        loop {
-            let pledges = store.pledge_contacts(&c.id, "active", after, CHUNK).await?;
-            let Some(last) = pledges.last() else {
-                break;
-            };
-            after = last.seq;
-            let emails: Vec<_> = pledges
-                .iter()
-                .map(|p| emails::deadline_reminder(&l, p, &progress))
-                .collect();
-            sent += emails.len();
-            store.enqueue_emails(&emails, now_us).await?;
+        let rules = l.rules();
+        let progress = presale::progress(&rules, c.pooled_qty, l.currency);
+        // The last step reached, if not announced yet. Steps, not every change of the price:
+        // with several quotes the blended price moves by cents with each join.
+        let reached = presale::price_steps(&rules, l.currency)
+            .into_iter()
+            .rev()
+            .find(|s| s.min_qty <= c.pooled_qty);
+        if let (Some(step), Some(price)) = (reached, progress.current)
+            && step.min_qty > store.announced_step(&c.id).await?
+        {
+            // Emails first (keyed per step and pledge, so a rerun after a crash adds none),
+            // then the mark.
+            unlocked += to_every_pledger(store, &c.id, now_us, |p| {
+                emails::tier_unlocked(&l, p, step.min_qty, price)
+            })
+            .await?;
+            store.mark_step_announced(&c.id, step.min_qty).await?;
+        }
+        if c.closes_at <= horizon {
+            sent += to_every_pledger(store, &c.id, now_us, |p| {
+                emails::deadline_reminder(&l, p, &progress)
+            })
+            .await?;
         }
     }
-    Ok(json!({ "reminded": sent }))
+    Ok(json!({ "reminded": sent, "told_of_new_tier": unlocked }))
+}
+
+/// Enqueues `email` to every active pledger of campaign `id`, a chunk at a time; how many.
+async fn to_every_pledger(
+    store: &Store,
+    id: &str,
+    now_us: i64,
+    email: impl Fn(&PledgeContact) -> NewEmail,
+) -> Result<usize> {
+    let (mut after, mut sent) = (0, 0);
+    loop {
+        let pledges = store.pledge_contacts(id, "active", after, CHUNK).await?;
+        let Some(last) = pledges.last() else {
+            return Ok(sent);
+        };
+        after = last.seq;
+        let emails: Vec<_> = pledges.iter().map(&email).collect();
+        sent += emails.len();
+        store.enqueue_emails(&emails, now_us).await?;
+    }
 }
 
 /// Ops cancel a scheduled or open campaign: every deposit is refunded in full.

@@ -412,6 +412,33 @@ impl Store {
         }))
     }
 
+    /// The quantity of the last price step announced to campaign `id`'s pledgers (0: none).
+    pub async fn announced_step(&self, id: &str) -> StoreResult<i64> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT announced_step_qty FROM campaigns WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+                .unwrap_or(0)
+        }))
+    }
+
+    /// Records that the step at `min_qty` was announced (never moving back to a lower one).
+    pub async fn mark_step_announced(&self, id: &str, min_qty: i64) -> StoreResult<()> {
+        on_writer!(self, |pool| {
+            sqlx::query(
+                "UPDATE campaigns SET announced_step_qty = $2
+                 WHERE id = $1 AND announced_step_qty < $2",
+            )
+            .bind(id)
+            .bind(min_qty)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(())
+    }
+
     /// Campaigns in one of two statuses, by deadline.
     pub async fn campaigns_in(&self, a: &str, b: &str) -> StoreResult<Vec<CampaignRow>> {
         Ok(on_pool!(self, |pool| {

@@ -666,12 +666,7 @@ on_both_backends! {
         refundless["deposit_percent"] = json!("25");
         let (status, problem) = app.post("/api/v1/campaigns", Some(ADMIN_TOKEN), refundless).await;
         assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("deposit_percent")), "{problem}");
-        // A deposit that rounds to nothing (10 % of 0.04 EUR), and a campaign open at once
-        // with no quote to join under.
-        let mut free = good.clone();
-        free["reference_price"] = json!("0.04");
-        let (status, problem) = app.post("/api/v1/campaigns", Some(ADMIN_TOKEN), free).await;
-        assert_eq!((status, &problem["errors"][0]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("deposit_percent")), "{problem}");
+        // A campaign open at once with no quote to join under.
         let mut unquoted = good.clone();
         unquoted["opens_at"] = json!("2026-06-01T00:00:00Z");
         unquoted["quotes"] = json!([]);
@@ -1168,6 +1163,42 @@ on_both_backends! {
         assert!(store.move_campaign(&id, &["open"], Some(pooled), "failed", None, None, None, now).await.unwrap());
         assert!(!store.move_campaign(&id, &["open"], Some(pooled), "failed", None, None, None, now).await.unwrap());
         assert_eq!(app.admin_get(&format!("/api/v1/campaigns/{id}")).await["status"], "failed");
+        app.stop().await;
+    }
+}
+
+on_both_backends! {
+    async fn every_pledger_hears_once_of_each_price_step_the_pool_reaches(backend) {
+        let (app, id) = jacket_on_sale(backend).await;
+        let (_, ann) = app.shopper("Ann", "pm_ok").await;
+        let (_, bob) = app.shopper("Bob", "pm_ok").await;
+        let (status, body) = app.pledge(&id, &ann, json!({"qty": 60, "variant": "S"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        app.advance("2026-06-01T02:00:00Z").await;
+        let told = |who: &'static str| {
+            let app = &app;
+            async move {
+                let outbox = app.admin_get(&format!("/api/v1/ops/outbox?to={who}@example.com&limit=100")).await;
+                outbox["items"].as_array().unwrap().iter()
+                    .filter(|e| e["template"] == "tier_unlocked").map(|e| str_of(&e["subject"])).collect::<Vec<_>>()
+            }
+        };
+        assert!(told("ann").await.is_empty(), "below the minimum, nothing is unlocked");
+        // Bob's 40 reach the minimum of 100 (180.00); both hear it within the hour, once.
+        let (status, body) = app.pledge(&id, &bob, json!({"qty": 40, "variant": "M"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        app.advance("2026-06-01T05:00:00Z").await;
+        for who in ["ann", "bob"] {
+            assert_eq!(told(who).await, ["[pooled] Down jacket, winter 2026 unlocked 180.00 EUR per unit"], "{who}");
+        }
+        // 400 more reach the next step (160.00): one more email each, never the first again.
+        let (status, body) = app.pledge(&id, &bob, json!({"qty": 400, "variant": "L"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        app.advance("2026-06-01T08:00:00Z").await;
+        let mut ann_told = told("ann").await;
+        ann_told.sort();
+        assert_eq!(ann_told, ["[pooled] Down jacket, winter 2026 unlocked 160.00 EUR per unit", "[pooled] Down jacket, winter 2026 unlocked 180.00 EUR per unit"]);
+        assert_eq!(told("bob").await.len(), 3, "one per pledge of his and step reached");
         app.stop().await;
     }
 }
