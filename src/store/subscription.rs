@@ -260,13 +260,13 @@ pub(super) fn insert_deliveries_sql(rows: &str, lock: &str) -> String {
 /// Inserts deliveries (`$rows`: `&[DeliveryRow]`; an existing date is kept) with one
 /// statement, and a timer at each new cutoff (one per distinct instant).
 ///
-/// A suspended subscription takes only rows skipped by its shopper (a reactivation then
-/// leaves them skipped). A row is `scheduled`, or `skipped` (reason `paused`) inside a pause, as its subscription
+/// A row is `scheduled`, or `skipped` (reason `paused`) inside a pause, as its subscription
 /// is when the row goes in, not as it was when the row was made: the renewal makes rows from
 /// subscriptions read before, and a resume, pause or cancel committed in between would
 /// otherwise leave a resumed delivery skipped (never billed) or a paused or cancelled one
 /// scheduled (boxed and ordered from growers). Rows of a subscription that is no longer live
-/// are not inserted. A row made `skipped` (a shopper's skip) stays so. On PostgreSQL the
+/// are not inserted, except a suspended one's rows skipped by its shopper (a reactivation
+/// then leaves them skipped). A row made `skipped` (a shopper's skip) stays so. On PostgreSQL the
 /// subscriptions are read `FOR SHARE`: a move in flight is waited for and its result read,
 /// and a move after the read waits for this commit, so its deliveries update sees these rows.
 macro_rules! insert_deliveries {
